@@ -1,0 +1,93 @@
+//! `derm`: the command-line front of derm. One subcommand per pipeline stage, so each stage can be
+//! run (and swapped) alone; stages hand work to each other through folders.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cmd;
+mod progress;
+
+/// Options every subcommand shares.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GlobalOpts {
+    /// Compute device: cpu, cuda, cuda:N or metal (the last two need the matching cargo feature).
+    #[arg(long, global = true, default_value = "cpu")]
+    pub device: String,
+    /// Seed for every random draw (initialisation, shuffling, augmentation, sampling).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub seed: u64,
+    /// More logging (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors; no progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+}
+
+impl GlobalOpts {
+    /// Opens the device named by `--device`.
+    pub fn device(&self) -> anyhow::Result<derm_core::Device> {
+        Ok(derm_core::parse_device(&self.device)?)
+    }
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "derm", version, about = "Dermoscopy images to clean images, lesion masks, diagnoses and saliency maps")]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Version, enabled features and devices.
+    Info(cmd::info::InfoArgs),
+    /// Data sets: validate a folder against its manifest.
+    #[command(subcommand)]
+    Data(cmd::data::DataCommand),
+    /// Draw procedural dermoscopy phantoms with exact ground truth.
+    Phantom(cmd::phantom::PhantomArgs),
+    /// Find hairs and rulers, and remove them with classic inpainting.
+    Hair(cmd::hair::HairArgs),
+}
+
+fn init_logging(g: &GlobalOpts) {
+    let level = if g.quiet {
+        "error"
+    } else {
+        match g.verbose {
+            0 => "warn",
+            1 => "info",
+            2 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DERM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Info(a) => a.run(g),
+        Command::Data(a) => a.run(g),
+        Command::Phantom(a) => a.run(g),
+        Command::Hair(a) => a.run(g),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,654 @@
+//! Differentiable ops with correct gradients at every shape.
+//!
+//! candle 0.11 on CPU gets several gradients wrong or has none (../shared/CANDLE.md):
+//! `max_pool2d` backward is scaled by 1/(k*k), pooling with kernel != stride has no backward,
+//! nearest upsampling overwrites its accumulated gradient, fractional and bilinear resizing have no
+//! backward, conv2d with stride 2 fails in backward on non-square inputs, BCE with logits gives
+//! inf/NaN at large logits, and the fused softmax returns no gradient. The functions here replace
+//! those ops; every stage crate uses them. Pooling and resizing are custom ops whose backward is a
+//! second custom op (scatter-add), so gradients accumulate correctly whatever else consumes the
+//! input. Each op has a finite-difference gradient test in f64.
+//!
+//! Tensors are NCHW. The custom ops run on the CPU; on another device the input is moved to the
+//! CPU and back (differentiably), so results stay correct, if slower.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor,
+    WithDType, D,
+};
+use rayon::prelude::*;
+
+type CResult<T> = candle_core::Result<T>;
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("derm op: input must be contiguous".into()))?;
+    Ok(&T::cpu_storage_as_slice(s)?[a..b])
+}
+
+/// Runs `f` on the CPU: a CPU tensor is passed through, another is moved there and back.
+fn on_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
+    if x.device().is_cpu() {
+        f(&x.contiguous()?)
+    } else {
+        let dev = x.device().clone();
+        f(&x.to_device(&candle_core::Device::Cpu)?.contiguous()?)?.to_device(&dev)
+    }
+}
+
+macro_rules! dispatch_float {
+    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            other => Err(candle_core::Error::Msg(format!(
+                "{}: unsupported dtype {:?} (f32 and f64 only)",
+                $name,
+                other.dtype()
+            ))),
+        }
+    };
+}
+
+/// Geometry of a 2-D pooling window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pool2d {
+    /// Window height and width.
+    pub kernel: (usize, usize),
+    /// Step between windows.
+    pub stride: (usize, usize),
+    /// Implicit padding on each side.
+    pub padding: (usize, usize),
+}
+
+impl Pool2d {
+    /// A square window `k` with stride `s` and padding `p`.
+    pub fn square(k: usize, s: usize, p: usize) -> Self {
+        Pool2d { kernel: (k, k), stride: (s, s), padding: (p, p) }
+    }
+    /// Output height and width for an input of `h` x `w`.
+    pub fn out_size(&self, h: usize, w: usize) -> CResult<(usize, usize)> {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.padding;
+        if kh == 0 || kw == 0 || sh == 0 || sw == 0 {
+            candle_core::bail!("pool2d: kernel and stride must be positive")
+        }
+        if ph * 2 > kh || pw * 2 > kw {
+            candle_core::bail!("pool2d: padding must be at most half the kernel")
+        }
+        if h + 2 * ph < kh || w + 2 * pw < kw {
+            candle_core::bail!("pool2d: input {h}x{w} is smaller than the window {kh}x{kw}")
+        }
+        Ok(((h + 2 * ph - kh) / sh + 1, (w + 2 * pw - kw) / sw + 1))
+    }
+    /// Input rows/cols covered by output (oy, ox), clipped to the input.
+    #[inline]
+    fn window(&self, oy: usize, ox: usize, h: usize, w: usize) -> (usize, usize, usize, usize) {
+        let y0 = (oy * self.stride.0) as isize - self.padding.0 as isize;
+        let x0 = (ox * self.stride.1) as isize - self.padding.1 as isize;
+        let y1 = (y0 + self.kernel.0 as isize).min(h as isize);
+        let x1 = (x0 + self.kernel.1 as isize).min(w as isize);
+        (y0.max(0) as usize, y1 as usize, x0.max(0) as usize, x1 as usize)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PoolKind {
+    Max,
+    Avg,
+}
+
+struct PoolFwd {
+    geo: Pool2d,
+    kind: PoolKind,
+}
+
+fn pool_fwd<T: WithDType>(
+    x: &[T],
+    dims: (usize, usize, usize, usize),
+    geo: Pool2d,
+    kind: PoolKind,
+) -> CResult<(Vec<T>, Shape)> {
+    let (n, c, h, w) = dims;
+    let (oh, ow) = geo.out_size(h, w)?;
+    let mut out = vec![T::zero(); n * c * oh * ow];
+    let area = T::from_f64((geo.kernel.0 * geo.kernel.1) as f64);
+    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
+        let xs = &x[plane * h * w..(plane + 1) * h * w];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (y0, y1, x0, x1) = geo.window(oy, ox, h, w);
+                let v = match kind {
+                    PoolKind::Max => {
+                        let mut m = xs[y0 * w + x0];
+                        for yy in y0..y1 {
+                            for &v in &xs[yy * w + x0..yy * w + x1] {
+                                if v > m {
+                                    m = v;
+                                }
+                            }
+                        }
+                        m
+                    }
+                    PoolKind::Avg => {
+                        let mut s = T::zero();
+                        for yy in y0..y1 {
+                            for &v in &xs[yy * w + x0..yy * w + x1] {
+                                s += v;
+                            }
+                        }
+                        s / area
+                    }
+                };
+                o[oy * ow + ox] = v;
+            }
+        }
+    });
+    Ok((out, Shape::from((n, c, oh, ow))))
+}
+
+impl CustomOp1 for PoolFwd {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            PoolKind::Max => "derm-max-pool2d",
+            PoolKind::Avg => "derm-avg-pool2d",
+        }
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        dispatch_float!(s, self.name(), |T| {
+            let (v, sh) = pool_fwd::<T>(contiguous(s, l)?, dims, self.geo, self.kind)?;
+            Ok((T::to_cpu_storage_owned(v), sh))
+        })
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        let g = arg.apply_op2_no_bwd(&grad.contiguous()?, &PoolBwd { geo: self.geo, kind: self.kind })?;
+        Ok(Some(g))
+    }
+}
+
+struct PoolBwd {
+    geo: Pool2d,
+    kind: PoolKind,
+}
+
+fn pool_bwd<T: WithDType>(
+    x: &[T],
+    g: &[T],
+    dims: (usize, usize, usize, usize),
+    geo: Pool2d,
+    kind: PoolKind,
+) -> CResult<Vec<T>> {
+    let (n, c, h, w) = dims;
+    let (oh, ow) = geo.out_size(h, w)?;
+    let mut gx = vec![T::zero(); n * c * h * w];
+    let area = T::from_f64((geo.kernel.0 * geo.kernel.1) as f64);
+    gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, gxp)| {
+        let xs = &x[plane * h * w..(plane + 1) * h * w];
+        let gs = &g[plane * oh * ow..(plane + 1) * oh * ow];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let (y0, y1, x0, x1) = geo.window(oy, ox, h, w);
+                let gv = gs[oy * ow + ox];
+                match kind {
+                    PoolKind::Max => {
+                        // The gradient goes to the first maximum, as in the forward pass.
+                        let mut best = y0 * w + x0;
+                        for yy in y0..y1 {
+                            for xx in x0..x1 {
+                                if xs[yy * w + xx] > xs[best] {
+                                    best = yy * w + xx;
+                                }
+                            }
+                        }
+                        gxp[best] += gv;
+                    }
+                    PoolKind::Avg => {
+                        let share = gv / area;
+                        for yy in y0..y1 {
+                            for v in &mut gxp[yy * w + x0..yy * w + x1] {
+                                *v += share;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(gx)
+}
+
+impl CustomOp2 for PoolBwd {
+    fn name(&self) -> &'static str {
+        "derm-pool2d-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = l1.shape().dims4()?;
+        dispatch_float!(s1, self.name(), |T| {
+            let v = pool_bwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, dims, self.geo, self.kind)?;
+            Ok((T::to_cpu_storage_owned(v), l1.shape().clone()))
+        })
+    }
+}
+
+/// Max pooling of an (N, C, H, W) tensor with any kernel, stride and padding (padding acts as
+/// -inf). The gradient goes in full to the first maximum of each window.
+pub fn max_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
+    on_cpu(x, |x| x.apply_op1(PoolFwd { geo, kind: PoolKind::Max }))
+}
+
+/// Average pooling of an (N, C, H, W) tensor with any kernel, stride and padding (zero padding,
+/// counted in the divisor as PyTorch's default `count_include_pad=True`).
+pub fn avg_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
+    on_cpu(x, |x| x.apply_op1(PoolFwd { geo, kind: PoolKind::Avg }))
+}
+
+/// Resizing modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeMode {
+    /// Nearest neighbour (PyTorch's `nearest`: source index floor(dst * in / out)).
+    Nearest,
+    /// Bilinear with half-pixel centres (PyTorch's `bilinear`, `align_corners=False`).
+    Bilinear,
+}
+
+/// Per-output taps along one axis: (i0, i1, weight of i1).
+fn resize_taps(src: usize, dst: usize, mode: ResizeMode) -> Vec<(usize, usize, f64)> {
+    let scale = src as f64 / dst as f64;
+    (0..dst)
+        .map(|o| match mode {
+            ResizeMode::Nearest => {
+                let i = ((o as f64 * scale).floor() as usize).min(src - 1);
+                (i, i, 0.0)
+            }
+            ResizeMode::Bilinear => {
+                let c = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+                let i0 = (c.floor() as usize).min(src - 1);
+                let i1 = (i0 + 1).min(src - 1);
+                let t = if i1 == i0 { 0.0 } else { c - i0 as f64 };
+                (i0, i1, t)
+            }
+        })
+        .collect()
+}
+
+struct ResizeFwd {
+    out: (usize, usize),
+    mode: ResizeMode,
+}
+
+fn resize_fwd<T: WithDType>(x: &[T], dims: (usize, usize, usize, usize), out: (usize, usize), mode: ResizeMode) -> Vec<T> {
+    let (n, c, h, w) = dims;
+    let (oh, ow) = out;
+    let ty = resize_taps(h, oh, mode);
+    let tx = resize_taps(w, ow, mode);
+    let mut o = vec![T::zero(); n * c * oh * ow];
+    o.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, op)| {
+        let xs = &x[plane * h * w..(plane + 1) * h * w];
+        for (oy, &(y0, y1, ty1)) in ty.iter().enumerate() {
+            let (a0, a1) = (T::from_f64(1.0 - ty1), T::from_f64(ty1));
+            for (ox, &(x0, x1, tx1)) in tx.iter().enumerate() {
+                let (b0, b1) = (T::from_f64(1.0 - tx1), T::from_f64(tx1));
+                let v = a0 * (b0 * xs[y0 * w + x0] + b1 * xs[y0 * w + x1])
+                    + a1 * (b0 * xs[y1 * w + x0] + b1 * xs[y1 * w + x1]);
+                op[oy * ow + ox] = v;
+            }
+        }
+    });
+    o
+}
+
+impl CustomOp1 for ResizeFwd {
+    fn name(&self) -> &'static str {
+        "derm-resize2d"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let dims = l.shape().dims4()?;
+        let (n, c, _, _) = dims;
+        dispatch_float!(s, self.name(), |T| {
+            let v = resize_fwd::<T>(contiguous(s, l)?, dims, self.out, self.mode);
+            Ok((T::to_cpu_storage_owned(v), Shape::from((n, c, self.out.0, self.out.1))))
+        })
+    }
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &ResizeBwd { mode: self.mode })?))
+    }
+}
+
+struct ResizeBwd {
+    mode: ResizeMode,
+}
+
+impl CustomOp2 for ResizeBwd {
+    fn name(&self) -> &'static str {
+        "derm-resize2d-bwd"
+    }
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l1.shape().dims4()?;
+        let (_, _, oh, ow) = l2.shape().dims4()?;
+        let ty = resize_taps(h, oh, self.mode);
+        let tx = resize_taps(w, ow, self.mode);
+        dispatch_float!(s1, self.name(), |T| {
+            let g: &[T] = contiguous(s2, l2)?;
+            let mut gx = vec![T::from_f64(0.0); n * c * h * w];
+            gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, gp)| {
+                let gs = &g[plane * oh * ow..(plane + 1) * oh * ow];
+                for (oy, &(y0, y1, ty1)) in ty.iter().enumerate() {
+                    let (a0, a1) = (T::from_f64(1.0 - ty1), T::from_f64(ty1));
+                    for (ox, &(x0, x1, tx1)) in tx.iter().enumerate() {
+                        let (b0, b1) = (T::from_f64(1.0 - tx1), T::from_f64(tx1));
+                        let gv = gs[oy * ow + ox];
+                        gp[y0 * w + x0] += a0 * b0 * gv;
+                        gp[y0 * w + x1] += a0 * b1 * gv;
+                        gp[y1 * w + x0] += a1 * b0 * gv;
+                        gp[y1 * w + x1] += a1 * b1 * gv;
+                    }
+                }
+            });
+            Ok((T::to_cpu_storage_owned(gx), l1.shape().clone()))
+        })
+    }
+}
+
+/// Resizes an (N, C, H, W) tensor to (N, C, out_h, out_w), any factor, with a gradient that
+/// accumulates correctly.
+pub fn resize2d(x: &Tensor, out_h: usize, out_w: usize, mode: ResizeMode) -> CResult<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if out_h == 0 || out_w == 0 || h == 0 || w == 0 {
+        candle_core::bail!("resize2d: sizes must be positive ({h}x{w} to {out_h}x{out_w})")
+    }
+    if (h, w) == (out_h, out_w) {
+        return Ok(x.clone());
+    }
+    on_cpu(x, |x| x.apply_op1(ResizeFwd { out: (out_h, out_w), mode }))
+}
+
+/// Nearest upsampling by an integer factor.
+pub fn upsample_nearest(x: &Tensor, factor: usize) -> CResult<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    resize2d(x, h * factor, w * factor, ResizeMode::Nearest)
+}
+
+/// Convolution parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConvParams {
+    /// Zero padding on each side.
+    pub padding: usize,
+    /// Stride.
+    pub stride: usize,
+    /// Dilation.
+    pub dilation: usize,
+    /// Groups.
+    pub groups: usize,
+}
+
+impl Default for ConvParams {
+    fn default() -> Self {
+        ConvParams { padding: 0, stride: 1, dilation: 1, groups: 1 }
+    }
+}
+
+/// 2-D convolution of (N, C, H, W) by (O, C/groups, KH, KW) whose backward works at every
+/// shape. candle derives the backward's output padding from the height alone, which breaks
+/// strided convolutions on inputs whose height and width leave different remainders. Here the
+/// input is padded explicitly and trimmed to exactly the rows and columns the windows read, so no
+/// output padding is ever needed; the result is identical to the plain convolution.
+pub fn conv2d(x: &Tensor, w: &Tensor, p: ConvParams) -> CResult<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let (_, _, kh, kw) = w.dims4()?;
+    let span_h = p.dilation * (kh - 1) + 1;
+    let span_w = p.dilation * (kw - 1) + 1;
+    let (hp, wp) = (h + 2 * p.padding, wd + 2 * p.padding);
+    if hp < span_h || wp < span_w {
+        candle_core::bail!("conv2d: input {h}x{wd} (padding {}) is smaller than the kernel span", p.padding)
+    }
+    let oh = (hp - span_h) / p.stride + 1;
+    let ow = (wp - span_w) / p.stride + 1;
+    let (uh, uw) = ((oh - 1) * p.stride + span_h, (ow - 1) * p.stride + span_w);
+    if p.stride == 1 || (uh == hp && uw == wp) {
+        return x.conv2d(w, p.padding, p.stride, p.dilation, p.groups);
+    }
+    let mut xp = x.clone();
+    if p.padding > 0 {
+        xp = xp.pad_with_zeros(2, p.padding, p.padding)?.pad_with_zeros(3, p.padding, p.padding)?;
+    }
+    let xp = xp.narrow(2, 0, uh)?.narrow(3, 0, uw)?;
+    xp.conv2d(w, 0, p.stride, p.dilation, p.groups)
+}
+
+/// Numerically stable binary cross-entropy with logits, averaged over all elements:
+/// `max(x, 0) - x * t + log(1 + exp(-|x|))`. Finite for every finite logit, in f32 too.
+pub fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    bce_with_logits_elementwise(logits, targets)?.mean_all()
+}
+
+/// The per-element stable binary cross-entropy with logits (no reduction).
+pub fn bce_with_logits_elementwise(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let targets = targets.to_dtype(logits.dtype())?;
+    let softplus_neg_abs = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    (logits.relu()? - (logits * targets)?)? + softplus_neg_abs
+}
+
+/// Log-softmax along `dim`, stable (the maximum is subtracted as a constant).
+pub fn log_softmax<Dm: candle_core::shape::Dim + Copy>(x: &Tensor, dim: Dm) -> CResult<Tensor> {
+    let m = x.max_keepdim(dim)?.detach();
+    let z = x.broadcast_sub(&m)?;
+    let lse = z.exp()?.sum_keepdim(dim)?.log()?;
+    z.broadcast_sub(&lse)
+}
+
+/// Softmax along `dim`, with a gradient (unlike candle's fused `softmax_last_dim`).
+pub fn softmax<Dm: candle_core::shape::Dim + Copy>(x: &Tensor, dim: Dm) -> CResult<Tensor> {
+    log_softmax(x, dim)?.exp()
+}
+
+/// Mean cross-entropy of (N, K) logits against (N,) class indices (u32), optionally weighted per
+/// class (weights of shape (K,)); the weighted mean divides by the sum of the targets' weights.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&Tensor>) -> CResult<Tensor> {
+    let lsm = log_softmax(logits, D::Minus1)?;
+    let t = targets.to_dtype(DType::U32)?.unsqueeze(1)?;
+    let nll = lsm.gather(&t, 1)?.squeeze(1)?.neg()?;
+    match class_weights {
+        None => nll.mean_all(),
+        Some(w) => {
+            let wt = w.to_dtype(logits.dtype())?.gather(&t.squeeze(1)?, 0)?;
+            (nll * &wt)?.sum_all()? / wt.sum_all()?.to_scalar::<f64>()?
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::Rng;
+    use candle_core::{Device, Var};
+
+    /// Checks the gradient of `f` at a random f64 input of `shape` against central finite
+    /// differences of `sum(f(x) * R)`. Returns the relative error (max abs difference over the
+    /// largest numeric gradient).
+    pub(crate) fn grad_error(shape: &[usize], seed: u64, f: impl Fn(&Tensor) -> CResult<Tensor>) -> f64 {
+        let mut rng = Rng::new(seed);
+        let n: usize = shape.iter().product();
+        let x0: Vec<f64> = (0..n).map(|_| rng.normal()).collect();
+        let x = Var::from_vec(x0.clone(), shape, &Device::Cpu).unwrap();
+        let y = f(x.as_tensor()).unwrap();
+        let r: Vec<f64> = (0..y.elem_count()).map(|_| rng.normal()).collect();
+        let r = Tensor::from_vec(r, y.shape(), &Device::Cpu).unwrap();
+        let loss = (y * &r).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g: Vec<f64> = grads
+            .get(x.as_tensor())
+            .map(|g| g.flatten_all().unwrap().to_vec1().unwrap())
+            .unwrap_or_else(|| vec![0.0; n]);
+        let eval = |v: &[f64]| -> f64 {
+            let t = Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap();
+            (f(&t).unwrap() * &r).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+        };
+        let eps = 1e-6;
+        let mut num = vec![0.0; n];
+        let mut xv = x0.clone();
+        for i in 0..n {
+            xv[i] = x0[i] + eps;
+            let a = eval(&xv);
+            xv[i] = x0[i] - eps;
+            let b = eval(&xv);
+            xv[i] = x0[i];
+            num[i] = (a - b) / (2.0 * eps);
+        }
+        let scale = num.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+        let diff = g.iter().zip(&num).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        diff / scale
+    }
+
+    #[test]
+    fn max_pool_gradient_is_not_scaled_and_handles_any_window() {
+        // candle: [[1,2],[3,4]] gives [0,0,0,0.25]; the right answer is [0,0,0,1].
+        let x = Var::from_vec(vec![1f64, 2., 3., 4.], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let y = max_pool2d(x.as_tensor(), Pool2d::square(2, 2, 0)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f64> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![0., 0., 0., 1.]);
+        for (geo, shape) in [
+            (Pool2d::square(2, 2, 0), [2, 3, 8, 9]),
+            (Pool2d::square(3, 2, 1), [1, 2, 9, 8]), // the ResNet stem pool
+            (Pool2d::square(3, 1, 1), [1, 2, 5, 7]),
+            (Pool2d { kernel: (2, 3), stride: (1, 2), padding: (0, 1) }, [1, 1, 6, 7]),
+        ] {
+            let e = grad_error(&shape, 1, |x| max_pool2d(x, geo));
+            assert!(e < 1e-6, "{geo:?} {shape:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn max_pool_forward_matches_candle_where_candle_is_right() {
+        let mut rng = Rng::new(2);
+        let x = Tensor::from_vec(rng.normal_vec(2 * 3 * 8 * 10, 0.0, 1.0), (2, 3, 8, 10), &Device::Cpu).unwrap();
+        let a = max_pool2d(&x, Pool2d::square(2, 2, 0)).unwrap();
+        let b = x.max_pool2d(2).unwrap();
+        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let a = avg_pool2d(&x, Pool2d::square(2, 2, 0)).unwrap();
+        let b = x.avg_pool2d(2).unwrap();
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(d < 1e-6);
+    }
+
+    #[test]
+    fn avg_pool_gradient_with_overlapping_windows() {
+        for (geo, shape) in [(Pool2d::square(3, 1, 1), [1, 2, 5, 6]), (Pool2d::square(3, 2, 0), [2, 1, 7, 9])] {
+            let e = grad_error(&shape, 3, |x| avg_pool2d(x, geo));
+            assert!(e < 1e-6, "{geo:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn resize_gradients_accumulate_and_allow_any_factor() {
+        for (oh, ow, mode) in [
+            (6, 6, ResizeMode::Nearest),
+            (8, 12, ResizeMode::Nearest),
+            (3, 5, ResizeMode::Nearest),
+            (7, 11, ResizeMode::Bilinear),
+            (3, 2, ResizeMode::Bilinear),
+        ] {
+            let e = grad_error(&[1, 2, 4, 5], 4, |x| resize2d(x, oh, ow, mode));
+            assert!(e < 1e-6, "{oh}x{ow} {mode:?}: {e}");
+        }
+        // The input also feeds another consumer: candle overwrites, we accumulate (gradient 2).
+        let x = Var::from_vec(vec![1f64, 2., 3., 4.], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let up = upsample_nearest(x.as_tensor(), 2).unwrap();
+        let y = (avg_pool2d(&up, Pool2d::square(2, 2, 0)).unwrap() + x.as_tensor()).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f64> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(g, vec![2.0; 4]);
+    }
+
+    #[test]
+    fn bilinear_matches_pytorch_values() {
+        // torch.nn.functional.interpolate(torch.tensor([[[[0.,1.],[2.,3.]]]]), size=(3,3),
+        //   mode='bilinear', align_corners=False)
+        //   -> [[0.0000, 0.5000, 1.0000], [1.0000, 1.5000, 2.0000], [2.0000, 2.5000, 3.0000]]
+        let x = Tensor::from_vec(vec![0f64, 1., 2., 3.], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let y: Vec<f64> = resize2d(&x, 3, 3, ResizeMode::Bilinear).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want = [0.0, 0.5, 1.0, 1.0, 1.5, 2.0, 2.0, 2.5, 3.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-12, "{y:?}");
+        }
+    }
+
+    #[test]
+    fn conv2d_backward_at_odd_non_square_shapes() {
+        let mut rng = Rng::new(5);
+        for (shape, k, p) in [
+            ([1, 2, 8, 9], 3, ConvParams { padding: 1, stride: 2, ..Default::default() }),
+            ([1, 2, 9, 8], 3, ConvParams { padding: 1, stride: 2, ..Default::default() }),
+            ([2, 2, 7, 10], 4, ConvParams { padding: 1, stride: 2, ..Default::default() }),
+            ([1, 2, 11, 9], 7, ConvParams { padding: 3, stride: 2, ..Default::default() }),
+            ([1, 2, 9, 10], 3, ConvParams { padding: 2, stride: 1, dilation: 2, groups: 1 }),
+        ] {
+            let w = Tensor::from_vec(rng.normal_vec(3 * 2 * k * k, 0.0, 1.0), (3, 2, k, k), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let e = grad_error(&shape, 6, |x| conv2d(x, &w, p));
+            assert!(e < 1e-6, "{shape:?} k{k} {p:?}: {e}");
+            // Same values as the plain convolution.
+            let x = Tensor::ones(&shape[..], DType::F64, &Device::Cpu).unwrap();
+            let a = conv2d(&x, &w, p).unwrap();
+            let b = x.conv2d(&w, p.padding, p.stride, p.dilation, p.groups).unwrap();
+            assert_eq!(a.dims(), b.dims());
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+            assert!(d < 1e-12);
+        }
+        // Weight gradient as well.
+        let x = Tensor::from_vec(rng.normal_vec(2 * 9 * 8, 0.0, 1.0), (1, 2, 9, 8), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let p = ConvParams { padding: 1, stride: 2, ..Default::default() };
+        let e = grad_error(&[3, 2, 3, 3], 7, |w| conv2d(&x, w, p));
+        assert!(e < 1e-6, "weight grad {e}");
+    }
+
+    #[test]
+    fn bce_is_finite_at_extreme_logits_and_has_the_right_gradient() {
+        let logits = Tensor::new(&[17f32, 20., -110., 0.5, 1e4, -1e4], &Device::Cpu).unwrap();
+        let t = Tensor::new(&[0f32, 1., 1., 0., 0., 1.], &Device::Cpu).unwrap();
+        let v: Vec<f32> = bce_with_logits_elementwise(&logits, &t).unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{v:?}");
+        assert!((v[0] - 17.0).abs() < 1e-4 && v[1] < 1e-7 && (v[2] - 110.0).abs() < 1e-3);
+        let lv = Var::from_vec(vec![17f32, 20., -110., 0.5], 4, &Device::Cpu).unwrap();
+        let t4 = t.narrow(0, 0, 4).unwrap();
+        let g = bce_with_logits(lv.as_tensor(), &t4).unwrap().backward().unwrap();
+        let g: Vec<f32> = g.get(lv.as_tensor()).unwrap().to_vec1().unwrap();
+        assert!(g.iter().all(|x| x.is_finite()), "{g:?}");
+        // d/dx = (sigmoid(x) - t) / n.
+        assert!((g[0] - 0.25).abs() < 1e-6 && (g[2] + 0.25).abs() < 1e-6, "{g:?}");
+        let tt = Tensor::new(&[0f64, 1., 1., 0., 0.3, 1.], &Device::Cpu).unwrap();
+        let e = grad_error(&[6], 8, |x| bce_with_logits_elementwise(&(x * 5.0)?, &tt));
+        assert!(e < 1e-6, "{e}");
+    }
+
+    #[test]
+    fn softmax_and_cross_entropy_have_gradients() {
+        let e = grad_error(&[3, 5], 9, |x| softmax(x, D::Minus1));
+        assert!(e < 1e-6, "softmax {e}");
+        let e = grad_error(&[2, 3, 4], 10, |x| log_softmax(x, 1));
+        assert!(e < 1e-6, "log_softmax {e}");
+        let t = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f64, 2., 0.5], &Device::Cpu).unwrap();
+        let e = grad_error(&[3, 3], 11, |x| cross_entropy(x, &t, Some(&w)));
+        assert!(e < 1e-6, "ce {e}");
+        // Value check against a hand computation: logits [0, 0] target 0 -> ln 2.
+        let l = Tensor::new(&[[0f64, 0.]], &Device::Cpu).unwrap();
+        let v = cross_entropy(&l, &Tensor::new(&[0u32], &Device::Cpu).unwrap(), None).unwrap();
+        assert!((v.to_scalar::<f64>().unwrap() - 2f64.ln()).abs() < 1e-12);
+    }
+}
