@@ -25,17 +25,17 @@
 //! **Consumes:** image files, safetensors files, JSON configs. **Produces:** tensors, checkpoints,
 //! metric values.
 
-// pub mod checkpoint;
+pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod fsutil;
 pub mod image_io;
-// pub mod metrics;
-// pub mod nn;
+pub mod metrics;
+pub mod nn;
 pub mod ops;
-// pub mod optim;
+pub mod optim;
 pub mod rng;
-// pub mod train;
+pub mod train;
 
 pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};
 pub use candle_nn::{VarBuilder, VarMap};

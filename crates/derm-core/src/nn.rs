@@ -1,0 +1,190 @@
+//! Seeded parameter creation and the layers every stage builds on.
+//!
+//! candle-nn initialises variables from its own generator, which the user cannot seed on the CPU.
+//! [`seeded_var_builder`] gives a `VarBuilder` whose new variables are drawn from derm's
+//! [`Rng`], each from a stream derived from the seed and the variable's name, so a model's
+//! initial weights depend only on the seed and not on construction order. Layers follow candle's
+//! triple (config, struct, constructor function) and use derm's corrected ops.
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
+use candle_nn::{Init, VarBuilder, VarMap};
+
+use crate::ops::{self, ConvParams};
+use crate::Rng;
+
+/// FNV-1a hash of a variable name, for per-name random streams.
+fn name_hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// Draws a tensor for `init` from `rng`.
+pub fn init_tensor(init: Init, shape: &Shape, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
+    let n = shape.elem_count();
+    let data: Vec<f32> = match init {
+        Init::Const(c) => vec![c as f32; n],
+        Init::Randn { mean, stdev } => rng.normal_vec(n, mean as f32, stdev as f32),
+        Init::Uniform { lo, up } => rng.uniform_vec(n, lo as f32, up as f32),
+        Init::Kaiming { dist, fan, non_linearity } => {
+            let std = non_linearity.gain() / (fan.for_shape(shape) as f64).sqrt();
+            match dist {
+                candle_nn::init::NormalOrUniform::Normal => rng.normal_vec(n, 0.0, std as f32),
+                candle_nn::init::NormalOrUniform::Uniform => {
+                    let b = (3f64.sqrt() * std) as f32;
+                    rng.uniform_vec(n, -b, b)
+                }
+            }
+        }
+    };
+    Tensor::from_vec(data, shape.clone(), device)?.to_dtype(dtype)
+}
+
+struct SeededBackend {
+    varmap: VarMap,
+    seed: u64,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededBackend {
+    fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut data = self.varmap.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("shape mismatch on {name}: asked {s:?}, have {:?}", v.shape())
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let mut rng = Rng::new(self.seed).fork(name_hash(name));
+        let var = Var::from_tensor(&init_tensor(h, &s, dtype, dev, &mut rng)?)?;
+        let t = var.as_tensor().clone();
+        data.insert(name.to_string(), var);
+        Ok(t)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        candle_core::bail!("variable `{name}` must be created with a shape")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.data().lock().map(|d| d.contains_key(name)).unwrap_or(false)
+    }
+}
+
+/// A VarBuilder that creates missing variables in `varmap` from `seed`.
+pub fn seeded_var_builder(varmap: &VarMap, seed: u64, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(SeededBackend { varmap: varmap.clone(), seed }), dtype, device.clone())
+}
+
+/// PyTorch's default convolution/linear initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+pub fn torch_default_init(fan_in: usize) -> Init {
+    let b = 1.0 / (fan_in.max(1) as f64).sqrt();
+    Init::Uniform { lo: -b, up: b }
+}
+
+/// Configuration of a [`Conv2d`].
+#[derive(Debug, Clone, Copy)]
+pub struct Conv2dConfig {
+    /// Padding, stride, dilation and groups.
+    pub params: ConvParams,
+    /// Whether the layer has a bias.
+    pub bias: bool,
+    /// Weight initialisation (None: PyTorch's default).
+    pub init: Option<Init>,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Conv2dConfig { params: ConvParams::default(), bias: true, init: None }
+    }
+}
+
+impl Conv2dConfig {
+    /// "Same" padding for an odd kernel `k` with dilation `d`.
+    pub fn same(k: usize, d: usize) -> Self {
+        Conv2dConfig { params: ConvParams { padding: d * (k - 1) / 2, dilation: d, ..Default::default() }, ..Default::default() }
+    }
+}
+
+/// A 2-D convolution whose backward works at every shape ([`ops::conv2d`]).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    /// Weight, (out, in/groups, kh, kw).
+    pub weight: Tensor,
+    /// Bias, (out,).
+    pub bias: Option<Tensor>,
+    /// Geometry.
+    pub params: ConvParams,
+}
+
+/// Builds a [`Conv2d`] with weight `weight` and bias `bias` under `vb`.
+pub fn conv2d(c_in: usize, c_out: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Conv2d> {
+    let fan_in = c_in / cfg.params.groups * k * k;
+    let init = cfg.init.unwrap_or_else(|| torch_default_init(fan_in));
+    let weight = vb.get_with_hints((c_out, c_in / cfg.params.groups, k, k), "weight", init)?;
+    let bias = if cfg.bias { Some(vb.get_with_hints(c_out, "bias", torch_default_init(fan_in))?) } else { None };
+    Ok(Conv2d { weight, bias, params: cfg.params })
+}
+
+impl Module for Conv2d {
+    /// (N, C_in, H, W) -> (N, C_out, H', W').
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::conv2d(x, &self.weight, self.params)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    }
+}
+
+/// Batch normalisation over channels (train mode uses batch statistics and updates the running
+/// ones; eval mode uses the running ones). Names follow PyTorch: weight, bias, running_mean,
+/// running_var.
+pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<candle_nn::BatchNorm> {
+    let cfg = candle_nn::BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
+    candle_nn::batch_norm(c, cfg, vb)
+}
+
+/// Batch norm with weights initialised N(1, 0.02) and zero bias (DCGAN).
+pub fn batch_norm_dcgan(c: usize, vb: VarBuilder) -> Result<candle_nn::BatchNorm> {
+    let w = vb.get_with_hints(c, "weight", Init::Randn { mean: 1.0, stdev: 0.02 })?;
+    let b = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+    let _ = (w, b);
+    batch_norm(c, vb)
+}
+
+/// Applies a batch norm in train or eval mode.
+pub fn bn(bn: &candle_nn::BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    bn.forward_t(x, train)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_weights_whatever_the_order() {
+        let a = VarMap::new();
+        let vb = seeded_var_builder(&a, 3, DType::F32, &Device::Cpu);
+        let x1 = vb.get_with_hints((4, 2), "x", Init::Randn { mean: 0.0, stdev: 1.0 }).unwrap();
+        let y1 = vb.get_with_hints(5, "y", Init::Uniform { lo: 0.0, up: 1.0 }).unwrap();
+        let b = VarMap::new();
+        let vb = seeded_var_builder(&b, 3, DType::F32, &Device::Cpu);
+        let y2 = vb.get_with_hints(5, "y", Init::Uniform { lo: 0.0, up: 1.0 }).unwrap();
+        let x2 = vb.get_with_hints((4, 2), "x", Init::Randn { mean: 0.0, stdev: 1.0 }).unwrap();
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(v(&x1), v(&x2));
+        assert_eq!(v(&y1), v(&y2));
+        let c = VarMap::new();
+        let vb = seeded_var_builder(&c, 4, DType::F32, &Device::Cpu);
+        let x3 = vb.get_with_hints((4, 2), "x", Init::Randn { mean: 0.0, stdev: 1.0 }).unwrap();
+        assert_ne!(v(&x1), v(&x3));
+    }
+
+    #[test]
+    fn conv_layer_shapes_at_odd_sizes() {
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+        let c = conv2d(3, 8, 3, Conv2dConfig::same(3, 2), vb.pp("c")).unwrap();
+        let x = Tensor::zeros((2, 3, 17, 23), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(c.forward(&x).unwrap().dims(), &[2, 8, 17, 23]);
+        let s = conv2d(3, 4, 3, Conv2dConfig { params: ConvParams { padding: 1, stride: 2, ..Default::default() }, ..Default::default() }, vb.pp("s")).unwrap();
+        assert_eq!(s.forward(&x).unwrap().dims(), &[2, 4, 9, 12]);
+        assert!(vm.data().lock().unwrap().contains_key("c.weight"));
+    }
+}

@@ -1,0 +1,346 @@
+//! The one training loop every stage uses.
+//!
+//! A stage implements [`Task`] (one optimiser step on one batch, an evaluation, a checkpoint
+//! write) and [`fit`] drives it: epochs and batches, evaluation every N steps or each epoch,
+//! keeping the best model (`<out>/best`), a checkpoint every N steps and at the end
+//! (`<out>/last`, with optimiser and training state), resuming from `<out>/last`, a time budget,
+//! and a stop with [`Error::NonFiniteLoss`] on a NaN or infinite loss, in which case nothing is
+//! written after the last good checkpoint.
+//!
+//! Batch order is a function of (seed, epoch), and each step draws from a generator derived from
+//! (seed, step), so a resumed run continues exactly as an uninterrupted one would.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, Rng};
+
+/// Loop settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoopConfig {
+    /// Passes over the training data.
+    pub epochs: usize,
+    /// Stop after this many optimiser steps in all (none: no limit).
+    pub max_steps: Option<usize>,
+    /// Stop after this many minutes of training in all, resumed runs included (none: no limit).
+    pub minutes: Option<f64>,
+    /// Evaluate every this many steps (none: at the end of each epoch).
+    pub eval_every: Option<usize>,
+    /// Write `<out>/last` every this many steps (none: at the end of each epoch).
+    pub checkpoint_every: Option<usize>,
+    /// Seed of the run's random draws.
+    pub seed: u64,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig { epochs: 10, max_steps: None, minutes: None, eval_every: None, checkpoint_every: None, seed: 0 }
+    }
+}
+
+/// One row of the training history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPoint {
+    /// Global step after which this was recorded.
+    pub step: usize,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Mean training loss since the previous row.
+    pub loss: f64,
+    /// Validation metric, when evaluated here.
+    pub metric: Option<f64>,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+}
+
+/// What a resumed run needs to continue.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Batches of the current epoch already done.
+    pub batch_in_epoch: usize,
+    /// Optimiser steps done.
+    pub step: usize,
+    /// Best validation metric so far (higher is better).
+    pub best_metric: Option<f64>,
+    /// Step of the best metric.
+    pub best_step: Option<usize>,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+    /// History rows.
+    pub history: Vec<HistoryPoint>,
+    /// True once the loop ended normally.
+    pub finished: bool,
+    /// Why it stopped (`epochs`, `max_steps`, `time_budget`).
+    pub stop_reason: Option<String>,
+}
+
+/// What [`fit`] needs from a stage.
+pub trait Task {
+    /// Batches per epoch.
+    fn batches_per_epoch(&self) -> usize;
+    /// One optimiser step on batch `batch` of epoch `epoch`; returns the loss. `rng` is derived
+    /// from (seed, step) for augmentation and sampling.
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64>;
+    /// Validation metric (higher is better), or `None` when there is no validation data.
+    fn evaluate(&mut self) -> Result<Option<f64>>;
+    /// Writes a checkpoint folder (weights, config, meta, optimiser state, `state`).
+    fn save(&self, dir: &Path, state: &TrainState) -> Result<()>;
+}
+
+/// Progress reports from [`fit`].
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A step finished.
+    Step {
+        /// Global step.
+        step: usize,
+        /// Epoch.
+        epoch: usize,
+        /// Its loss.
+        loss: f64,
+        /// Steps the run will take at most (for a progress bar).
+        total: usize,
+    },
+    /// An evaluation finished.
+    Eval {
+        /// Global step.
+        step: usize,
+        /// The metric.
+        metric: f64,
+        /// Whether it is the best so far.
+        best: bool,
+    },
+    /// A checkpoint was written.
+    Saved(PathBuf),
+}
+
+/// `<out>/last`: the latest checkpoint, for resuming.
+pub fn last_dir(out: &Path) -> PathBuf {
+    out.join("last")
+}
+
+/// `<out>/best`: the checkpoint with the best validation metric.
+pub fn best_dir(out: &Path) -> PathBuf {
+    out.join("best")
+}
+
+/// Runs the loop from `state` (default for a new run, or the state read from `<out>/last`).
+pub fn fit(task: &mut dyn Task, cfg: &LoopConfig, out: &Path, mut state: TrainState, on_event: &mut dyn FnMut(&Event)) -> Result<TrainState> {
+    crate::fsutil::create_dir_all(out)?;
+    let per_epoch = task.batches_per_epoch();
+    if per_epoch == 0 {
+        return Err(Error::invalid("training set gives no batches (is it empty, or smaller than one batch?)"));
+    }
+    let total = cfg.max_steps.unwrap_or(usize::MAX).min(cfg.epochs * per_epoch);
+    let start = Instant::now();
+    let elapsed0 = state.elapsed_s;
+    let elapsed = |s: &Instant| elapsed0 + s.elapsed().as_secs_f64();
+    let base = Rng::new(cfg.seed);
+    let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+    state.finished = false;
+
+    let evaluate = |task: &mut dyn Task, state: &mut TrainState, on_event: &mut dyn FnMut(&Event), loss: f64| -> Result<()> {
+        let el = state.elapsed_s;
+        let metric = task.evaluate()?;
+        let best = match (metric, state.best_metric) {
+            (Some(m), Some(b)) => m > b,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        state.history.push(HistoryPoint { step: state.step, epoch: state.epoch, loss, metric, elapsed_s: el });
+        if let Some(m) = metric {
+            if best {
+                state.best_metric = Some(m);
+                state.best_step = Some(state.step);
+            }
+            on_event(&Event::Eval { step: state.step, metric: m, best });
+        }
+        if best || (metric.is_none() && state.best_step.is_none()) {
+            task.save(&best_dir(out), state)?;
+        }
+        Ok(())
+    };
+
+    'outer: while state.epoch < cfg.epochs {
+        while state.batch_in_epoch < per_epoch {
+            if state.step >= total {
+                state.stop_reason = Some("max_steps".into());
+                break 'outer;
+            }
+            if let Some(m) = cfg.minutes {
+                if elapsed(&start) >= m * 60.0 {
+                    state.stop_reason = Some("time_budget".into());
+                    break 'outer;
+                }
+            }
+            let mut rng = base.fork(state.step as u64);
+            let loss = task.train_batch(state.epoch, state.batch_in_epoch, &mut rng)?;
+            if !loss.is_finite() {
+                return Err(Error::NonFiniteLoss { value: loss, epoch: state.epoch, step: state.step });
+            }
+            state.step += 1;
+            state.batch_in_epoch += 1;
+            loss_sum += loss;
+            loss_n += 1;
+            on_event(&Event::Step { step: state.step, epoch: state.epoch, loss, total });
+            let end_of_epoch = state.batch_in_epoch == per_epoch;
+            if end_of_epoch {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+            }
+            let eval_now = match cfg.eval_every {
+                Some(n) => state.step % n.max(1) == 0,
+                None => end_of_epoch,
+            };
+            if eval_now {
+                let l = loss_sum / loss_n.max(1) as f64;
+                (loss_sum, loss_n) = (0.0, 0);
+                state.elapsed_s = elapsed(&start);
+                evaluate(task, &mut state, on_event, l)?;
+            }
+            let save_now = match cfg.checkpoint_every {
+                Some(n) => state.step % n.max(1) == 0,
+                None => end_of_epoch,
+            };
+            if save_now {
+                state.elapsed_s = elapsed(&start);
+                task.save(&last_dir(out), &state)?;
+                on_event(&Event::Saved(last_dir(out)));
+            }
+        }
+    }
+    if state.stop_reason.is_none() {
+        state.stop_reason = Some("epochs".into());
+    }
+    if loss_n > 0 {
+        let l = loss_sum / loss_n as f64;
+        state.elapsed_s = elapsed(&start);
+        evaluate(task, &mut state, on_event, l)?;
+    }
+    state.finished = true;
+    state.elapsed_s = elapsed(&start);
+    task.save(&last_dir(out), &state)?;
+    on_event(&Event::Saved(last_dir(out)));
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::{self, CheckpointData, Meta};
+    use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+    use candle_core::{Device, Tensor, Var};
+    use candle_nn::VarMap;
+
+    /// Linear regression on fixed data, with an optional step at which the loss becomes NaN.
+    struct Toy {
+        vm: VarMap,
+        w: Var,
+        opt: Optimizer,
+        x: Tensor,
+        y: Tensor,
+        nan_at: Option<usize>,
+        steps: usize,
+    }
+
+    impl Toy {
+        fn new(nan_at: Option<usize>) -> Self {
+            let vm = VarMap::new();
+            let vb = crate::nn::seeded_var_builder(&vm, 1, candle_core::DType::F32, &Device::Cpu);
+            vb.get_with_hints((3, 1), "w", candle_nn::Init::Const(0.0)).unwrap();
+            let w = vm.data().lock().unwrap().get("w").unwrap().clone();
+            let opt = Optimizer::from_varmap(&vm, OptimConfig { optimizer: OptimizerKind::adam(0.2), ..Default::default() }, |_| true);
+            let mut r = Rng::new(2);
+            let x = Tensor::from_vec(r.normal_vec(16 * 3, 0.0, 1.0), (16, 3), &Device::Cpu).unwrap();
+            let y = x.matmul(&Tensor::new(&[[1f32], [-2.0], [0.5]], &Device::Cpu).unwrap()).unwrap();
+            Toy { vm, w, opt, x, y, nan_at, steps: 0 }
+        }
+        fn loss(&self, b: usize) -> Tensor {
+            let xb = self.x.narrow(0, b * 4, 4).unwrap();
+            let yb = self.y.narrow(0, b * 4, 4).unwrap();
+            (xb.matmul(self.w.as_tensor()).unwrap() - yb).unwrap().sqr().unwrap().mean_all().unwrap()
+        }
+    }
+
+    impl Task for Toy {
+        fn batches_per_epoch(&self) -> usize {
+            4
+        }
+        fn train_batch(&mut self, _e: usize, b: usize, _rng: &mut Rng) -> Result<f64> {
+            self.steps += 1;
+            if Some(self.steps) == self.nan_at {
+                return Ok(f64::NAN);
+            }
+            let l = self.loss(b);
+            let v = l.to_scalar::<f32>()? as f64;
+            self.opt.backward_step(&l)?;
+            Ok(v)
+        }
+        fn evaluate(&mut self) -> Result<Option<f64>> {
+            let l = (self.x.matmul(self.w.as_tensor())? - &self.y)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+            Ok(Some(-l))
+        }
+        fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
+            checkpoint::save(dir, &CheckpointData { varmap: &self.vm, config: &0, meta: &Meta::new("toy", "linear"), optimizer: Some(&self.opt), state: Some(state) })
+        }
+    }
+
+    fn weights(t: &Toy) -> Vec<f32> {
+        t.w.as_tensor().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn loop_trains_keeps_best_and_resumes_exactly() {
+        let d = tempfile::tempdir().unwrap();
+        let cfg = LoopConfig { epochs: 6, ..Default::default() };
+        let mut straight = Toy::new(None);
+        let st = fit(&mut straight, &cfg, &d.path().join("a"), TrainState::default(), &mut |_| {}).unwrap();
+        assert_eq!(st.step, 24);
+        let h = &st.history;
+        assert!(h.last().unwrap().loss < 0.2 * h[0].loss, "{h:?}");
+        assert!(best_dir(&d.path().join("a")).join("model.safetensors").exists());
+
+        // Stop after 9 steps, then resume from <out>/last in a "new process".
+        let out = d.path().join("b");
+        let mut first = Toy::new(None);
+        let cfg9 = LoopConfig { max_steps: Some(9), checkpoint_every: Some(1), ..cfg.clone() };
+        fit(&mut first, &cfg9, &out, TrainState::default(), &mut |_| {}).unwrap();
+        let mut resumed = Toy::new(None);
+        let last = last_dir(&out);
+        checkpoint::load_varmap(&resumed.vm, &last.join("model.safetensors"), checkpoint::Strictness::Exact, |_| false).unwrap();
+        resumed.opt.load(&last.join("optim.safetensors")).unwrap();
+        let state: TrainState = checkpoint::read_state(&last).unwrap().unwrap();
+        assert_eq!((state.step, state.epoch, state.batch_in_epoch), (9, 2, 1));
+        let st2 = fit(&mut resumed, &cfg, &out, state, &mut |_| {}).unwrap();
+        assert_eq!(st2.step, 24);
+        assert_eq!(weights(&straight), weights(&resumed));
+    }
+
+    #[test]
+    fn nan_loss_stops_and_keeps_last_good_checkpoint() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("run");
+        let mut t = Toy::new(Some(7));
+        let cfg = LoopConfig { epochs: 5, checkpoint_every: Some(2), ..Default::default() };
+        let e = fit(&mut t, &cfg, &out, TrainState::default(), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, Error::NonFiniteLoss { step: 6, .. }), "{e}");
+        assert!(e.to_string().contains("last good checkpoint"));
+        let state: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
+        assert_eq!(state.step, 6);
+    }
+
+    #[test]
+    fn time_budget_stops_the_run() {
+        let d = tempfile::tempdir().unwrap();
+        let mut t = Toy::new(None);
+        let cfg = LoopConfig { epochs: 1000, minutes: Some(0.0), ..Default::default() };
+        let st = fit(&mut t, &cfg, d.path(), TrainState::default(), &mut |_| {}).unwrap();
+        assert_eq!(st.stop_reason.as_deref(), Some("time_budget"));
+        assert_eq!(st.step, 0);
+    }
+}
