@@ -25,7 +25,9 @@
 //! **Consumes:** image files, safetensors files, JSON configs. **Produces:** tensors, checkpoints,
 //! metric values.
 
+pub mod binary;
 pub mod checkpoint;
+pub mod conv;
 pub mod device;
 pub mod error;
 pub mod fsutil;

@@ -1,0 +1,473 @@
+//! # derm-segment: lesion segmentation with a dilated U-Net
+//!
+//! Trains and runs the segmentation stage of derm (Bisla et al.): a U-Net whose bottleneck uses
+//! dilated convolutions (dilation 2 and 4) to widen its view, trained with binary cross-entropy
+//! (numerically stable, with logits) and Adam (lr 1e-4, betas 0.9/0.999, step decay), with random
+//! flips, rotations and crops. Inference: sigmoid, threshold (default 0.5), binary hole filling,
+//! optionally only the largest connected component, and masks returned at the image's own size.
+//! Scoring: per-image Jaccard averaged, ISIC 2018's thresholded Jaccard, Dice, pixel sensitivity
+//! and specificity, and the worst images.
+//!
+//! **Consumes:** a data set with lesion masks (any manifest of derm-data, phantoms included):
+//! RGB images of any size, masks 0/255 of the same size. **Produces:** a checkpoint folder
+//! (`model.safetensors`, `config.json` = [`SegmentConfig`], `meta.json`), masks (0/255 PNG at the
+//! input's size), probability maps, and metrics.
+
+pub mod model;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
+use derm_core::image_io::{self, Normalize};
+use derm_core::metrics::SegmentationScores;
+use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
+use derm_core::train::{self, LoopConfig, Task, TrainState};
+use derm_core::{binary, Error, Result, Rng};
+use derm_data::augment::{augment_item, AugmentConfig};
+use derm_data::cache::{ImageCache, Item};
+use derm_data::dataset::Dataset;
+use image::{GrayImage, RgbImage};
+use serde::{Deserialize, Serialize};
+
+pub use model::{UNet, UNetConfig};
+
+/// Everything a segmentation run is made of; saved as the checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// Network shape.
+    pub model: UNetConfig,
+    /// Working size: images are resized to `size` x `size` for training and inference.
+    pub size: u32,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Optimiser (the paper: Adam 1e-4 with step decay).
+    pub optim: OptimConfig,
+    /// Epochs, step and time budget, evaluation and checkpoint cadence, seed.
+    pub train: LoopConfig,
+    /// Fraction of the training split held out for validation (by id hash).
+    pub val_fraction: f64,
+    /// Training augmentation.
+    pub augment: AugmentConfig,
+    /// Input normalisation (mean and std 0.5).
+    pub normalize: Normalize,
+    /// Probability threshold for the mask (the authors used 0.4).
+    pub threshold: f32,
+    /// Fill holes in the thresholded mask.
+    pub fill_holes: bool,
+    /// Keep only the largest connected component.
+    pub largest_component: bool,
+    /// Bytes of decoded images kept in memory.
+    pub cache_bytes: usize,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig {
+            model: UNetConfig::small(),
+            size: 128,
+            batch_size: 8,
+            optim: OptimConfig {
+                optimizer: OptimizerKind::adam(1e-4),
+                schedule: LrSchedule::Step { every: 2000, gamma: 0.5 },
+                clip_grad_norm: None,
+            },
+            train: LoopConfig { epochs: 20, ..Default::default() },
+            val_fraction: 0.1,
+            augment: AugmentConfig { crop_scale: [0.85, 1.0], ..AugmentConfig::geometric() },
+            normalize: Normalize::HALF,
+            threshold: 0.5,
+            fill_holes: true,
+            largest_component: false,
+            cache_bytes: 1 << 30,
+        }
+    }
+}
+
+fn meta(cfg: &SegmentConfig) -> Meta {
+    let mut m = Meta::new("segment", "unet-dilated");
+    m.inputs.push(TensorSpec {
+        name: "image".into(),
+        shape: vec![None, Some(3), None, None],
+        dtype: "f32".into(),
+        range: Some((-1.0, 1.0)),
+        description: format!("RGB normalised with mean {:?} std {:?}", cfg.normalize.mean, cfg.normalize.std),
+    });
+    m.outputs.push(TensorSpec {
+        name: "logits".into(),
+        shape: vec![None, Some(1), None, None],
+        dtype: "f32".into(),
+        range: None,
+        description: "lesion logit per pixel; sigmoid gives the probability".into(),
+    });
+    m.extra = serde_json::json!({ "size": cfg.size, "threshold": cfg.threshold });
+    m
+}
+
+/// A built network with its weights.
+pub struct Segmenter {
+    /// The configuration it was trained with.
+    pub cfg: SegmentConfig,
+    /// The network.
+    pub net: UNet,
+    /// Its variables.
+    pub varmap: VarMap,
+    /// Where it runs.
+    pub device: Device,
+}
+
+/// One image's segmentation.
+pub struct Prediction {
+    /// Binary mask (0/255) at the image's size.
+    pub mask: GrayImage,
+    /// Lesion probability (0..255) at the image's size.
+    pub probability: GrayImage,
+}
+
+impl Segmenter {
+    /// A freshly initialised network.
+    pub fn new(cfg: SegmentConfig, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = derm_core::nn::seeded_var_builder(&varmap, cfg.train.seed, DType::F32, device);
+        let net = UNet::new(&cfg.model, vb)?;
+        Ok(Segmenter { cfg, net, varmap, device: device.clone() })
+    }
+
+    /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
+    /// is used).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let dir = resolve_model_dir(dir);
+        checkpoint::read_meta(&dir, "segment")?;
+        let cfg: SegmentConfig = checkpoint::read_config(&dir)?;
+        let s = Segmenter::new(cfg, device)?;
+        let dir = checkpoint::resolve(&dir)?;
+        checkpoint::load_varmap(&s.varmap, &dir.join(checkpoint::WEIGHTS), checkpoint::Strictness::Exact, |_| false)?;
+        Ok(s)
+    }
+
+    /// Probabilities (N, 1, size, size) for images already at the working size.
+    pub fn probabilities(&self, imgs: &[&RgbImage]) -> Result<Tensor> {
+        let x = image_io::images_to_tensor(imgs, self.cfg.normalize, &self.device)?;
+        Ok(candle_nn::ops::sigmoid(&self.net.forward_t(&x, false)?)?)
+    }
+
+    /// Segments images of any size: resize to the working size, predict, resize the probability
+    /// back, threshold, post-process.
+    pub fn predict(&self, imgs: &[&RgbImage]) -> Result<Vec<Prediction>> {
+        let s = self.cfg.size;
+        let mut out = Vec::with_capacity(imgs.len());
+        for chunk in imgs.chunks(self.cfg.batch_size.max(1)) {
+            let small: Vec<RgbImage> = chunk.iter().map(|i| image_io::resize_rgb(i, s, s)).collect();
+            let refs: Vec<&RgbImage> = small.iter().collect();
+            let probs = self.probabilities(&refs)?.to_device(&Device::Cpu)?;
+            for (k, img) in chunk.iter().enumerate() {
+                let (w, h) = img.dimensions();
+                let p = probs.get(k)?.unsqueeze(0)?;
+                let p = derm_core::ops::resize2d(&p, h as usize, w as usize, derm_core::ops::ResizeMode::Bilinear)?;
+                let v = p.flatten_all()?.to_vec1::<f32>()?;
+                out.push(self.postprocess(&v, w, h));
+            }
+        }
+        Ok(out)
+    }
+
+    fn postprocess(&self, probs: &[f32], w: u32, h: u32) -> Prediction {
+        let mut mask = binary::threshold(probs, w, h, self.cfg.threshold);
+        if self.cfg.largest_component {
+            mask = binary::largest_component(&mask);
+        }
+        if self.cfg.fill_holes {
+            mask = binary::fill_holes(&mask);
+        }
+        let probability =
+            GrayImage::from_fn(w, h, |x, y| image::Luma([(probs[(y * w + x) as usize] * 255.0).round().clamp(0.0, 255.0) as u8]));
+        Prediction { mask, probability }
+    }
+}
+
+/// A run folder resolves to its `best` checkpoint; a checkpoint folder to itself.
+pub fn resolve_model_dir(dir: &Path) -> PathBuf {
+    if dir.join(checkpoint::WEIGHTS).exists() || dir.with_extension("old").exists() {
+        dir.to_path_buf()
+    } else if train::best_dir(dir).join(checkpoint::WEIGHTS).exists() {
+        train::best_dir(dir)
+    } else {
+        train::last_dir(dir)
+    }
+}
+
+/// Scores a segmenter on a data set at each image's own resolution.
+pub fn evaluate(seg: &Segmenter, data: &Dataset, on_image: &mut dyn FnMut(usize)) -> Result<SegmentationScores> {
+    let cache = ImageCache::new(0);
+    let mut scores = SegmentationScores::default();
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(seg.cfg.batch_size.max(1)) {
+        let items = data.load_items(chunk, None, &cache)?;
+        for it in &items {
+            if it.mask.is_none() {
+                return Err(Error::invalid(format!("{}: sample {} has no lesion mask to score against", data.name, it.id)));
+            }
+        }
+        let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
+        let preds = seg.predict(&imgs)?;
+        for (it, p) in items.iter().zip(preds) {
+            if let Some(m) = &it.mask {
+                scores.add(it.id.clone(), p.mask.as_raw(), m.as_raw());
+            }
+            on_image(1);
+        }
+    }
+    Ok(scores)
+}
+
+/// The training task for [`derm_core::train::fit`].
+pub struct SegmentTask {
+    seg: Segmenter,
+    opt: Optimizer,
+    train: Dataset,
+    val: Dataset,
+    cache: ImageCache,
+    /// Validation Jaccard of the latest evaluation.
+    pub last_val: Option<f64>,
+}
+
+impl SegmentTask {
+    /// Sets up training on `data` (split into train and validation parts by id).
+    pub fn new(cfg: SegmentConfig, data: &Dataset, device: &Device) -> Result<Self> {
+        let with_masks = data.filter(|s| s.mask.is_some());
+        if with_masks.is_empty() {
+            return Err(Error::invalid(format!("{} split {}: no sample has a lesion mask", data.name, data.split)));
+        }
+        let (train, val) = with_masks.split_by_id(cfg.val_fraction, cfg.train.seed);
+        if train.len() < cfg.batch_size {
+            return Err(Error::invalid(format!(
+                "{} training samples, fewer than one batch of {}",
+                train.len(),
+                cfg.batch_size
+            )));
+        }
+        tracing::info!(train = train.len(), val = val.len(), "segmentation data");
+        let seg = Segmenter::new(cfg.clone(), device)?;
+        let opt = Optimizer::from_varmap(&seg.varmap, cfg.optim, |_| true);
+        let cache = ImageCache::new(cfg.cache_bytes);
+        Ok(SegmentTask { seg, opt, train, val, cache, last_val: None })
+    }
+
+    /// Loads weights and optimiser state from a checkpoint folder (for `--resume`).
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let dir = checkpoint::resolve(dir)?;
+        checkpoint::load_varmap(&self.seg.varmap, &dir.join(checkpoint::WEIGHTS), checkpoint::Strictness::Exact, |_| false)?;
+        let o = dir.join(checkpoint::OPTIM);
+        if o.exists() {
+            self.opt.load(&o)?;
+        }
+        Ok(())
+    }
+
+    /// The segmenter being trained.
+    pub fn segmenter(&self) -> &Segmenter {
+        &self.seg
+    }
+
+    /// Sizes of the training and validation parts.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+
+    fn batch_items(&self, indices: &[usize], rng: &mut Rng) -> Result<Vec<Item>> {
+        let s = self.seg.cfg.size;
+        let mut items = self.train.load_items(indices, Some((s, s)), &self.cache)?;
+        for it in &mut items {
+            augment_item(&self.seg.cfg.augment, it, Some((s, s)), rng);
+        }
+        Ok(items)
+    }
+
+    /// Mean loss of one forward pass over the validation part (no update).
+    pub fn val_loss(&self) -> Result<f64> {
+        let s = self.seg.cfg.size;
+        let idx: Vec<usize> = (0..self.val.len()).collect();
+        let (mut sum, mut n) = (0.0, 0usize);
+        for chunk in idx.chunks(self.seg.cfg.batch_size.max(1)) {
+            let items = self.val.load_items(chunk, Some((s, s)), &self.cache)?;
+            let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;
+            let Some(m) = b.masks else { continue };
+            let l = derm_core::ops::bce_with_logits(&self.seg.net.forward_t(&b.images, false)?, &m)?;
+            sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
+            n += chunk.len();
+        }
+        Ok(sum / n.max(1) as f64)
+    }
+}
+
+impl Task for SegmentTask {
+    fn batches_per_epoch(&self) -> usize {
+        self.train.len() / self.seg.cfg.batch_size.max(1)
+    }
+
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+        let bs = self.seg.cfg.batch_size;
+        let order = Rng::new(self.seg.cfg.train.seed).fork(0x5e9 + epoch as u64).permutation(self.train.len());
+        let indices = &order[batch * bs..(batch + 1) * bs];
+        let items = self.batch_items(indices, rng)?;
+        let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;
+        let masks = b.masks.ok_or_else(|| Error::invalid("training batch without masks"))?;
+        let logits = self.seg.net.forward_t(&b.images, true)?;
+        let loss = derm_core::ops::bce_with_logits(&logits, &masks)?;
+        let v = loss.to_scalar::<f32>()? as f64;
+        if v.is_finite() {
+            self.opt.backward_step(&loss)?;
+        }
+        Ok(v)
+    }
+
+    /// Mean per-image Jaccard on the validation part, at the working size.
+    fn evaluate(&mut self) -> Result<Option<f64>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let s = self.seg.cfg.size;
+        let mut scores = SegmentationScores::default();
+        let idx: Vec<usize> = (0..self.val.len()).collect();
+        for chunk in idx.chunks(self.seg.cfg.batch_size.max(1)) {
+            let items = self.val.load_items(chunk, Some((s, s)), &self.cache)?;
+            let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
+            let probs = self.seg.probabilities(&imgs)?.to_device(&Device::Cpu)?;
+            for (k, it) in items.iter().enumerate() {
+                let v = probs.get(k)?.flatten_all()?.to_vec1::<f32>()?;
+                let p = self.seg.postprocess(&v, s, s);
+                if let Some(m) = &it.mask {
+                    scores.add(it.id.clone(), p.mask.as_raw(), m.as_raw());
+                }
+            }
+        }
+        let j = scores.summary().jaccard_mean;
+        self.last_val = Some(j);
+        Ok(Some(j))
+    }
+
+    fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
+        let mut m = meta(&self.seg.cfg);
+        m.extra["val_jaccard"] = serde_json::json!(self.last_val);
+        m.extra["step"] = serde_json::json!(state.step);
+        checkpoint::save(
+            dir,
+            &CheckpointData { varmap: &self.seg.varmap, config: &self.seg.cfg, meta: &m, optimizer: Some(&self.opt), state: Some(state) },
+        )
+    }
+}
+
+/// Trains from scratch, or resumes from `<out>/last` when `resume` is set and it exists.
+pub fn train(
+    cfg: SegmentConfig,
+    data: &Dataset,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(&train::Event),
+) -> Result<(SegmentTask, TrainState)> {
+    let mut task = SegmentTask::new(cfg.clone(), data, device)?;
+    let mut state = TrainState::default();
+    let last = train::last_dir(out);
+    if resume && checkpoint::resolve(&last).is_ok() {
+        let saved: SegmentConfig = checkpoint::read_config(&last)?;
+        if saved.model != cfg.model || saved.size != cfg.size {
+            return Err(Error::Checkpoint {
+                path: last,
+                msg: "cannot resume: the saved run has another model shape or size".into(),
+            });
+        }
+        task.restore(&last)?;
+        state = checkpoint::read_state(&last)?.unwrap_or_default();
+        tracing::info!(step = state.step, "resuming");
+    }
+    let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
+    Ok((task, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use derm_data::phantom::{write_phantom_set, PhantomConfig};
+
+    fn tiny_cfg() -> SegmentConfig {
+        SegmentConfig {
+            model: UNetConfig { in_channels: 3, widths: vec![8, 16], bottleneck: vec![(16, 2), (16, 4)], batch_norm: true },
+            size: 32,
+            batch_size: 4,
+            optim: OptimConfig { optimizer: OptimizerKind::adam(3e-3), ..Default::default() },
+            train: LoopConfig { epochs: 4, ..Default::default() },
+            val_fraction: 0.25,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn training_lowers_the_loss_and_checkpoint_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let pc = PhantomConfig { size: 64, ..Default::default() };
+        write_phantom_set(&d.path().join("ph"), &pc, 1, 24).unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let out = d.path().join("run");
+        let task0 = SegmentTask::new(tiny_cfg(), &data, &Device::Cpu).unwrap();
+        let before = task0.val_loss().unwrap();
+        let (task, state) = train(tiny_cfg(), &data, &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let after = task.val_loss().unwrap();
+        assert!(after < before, "validation loss {before} -> {after}");
+        let per_epoch = task.sizes().0 / 4;
+        assert_eq!(state.step, 4 * per_epoch);
+        // The saved best model loads and predicts masks at the input's size.
+        let seg = Segmenter::load(&out, &Device::Cpu).unwrap();
+        let img = RgbImage::new(45, 37);
+        let p = seg.predict(&[&img]).unwrap();
+        assert_eq!(p[0].mask.dimensions(), (45, 37));
+        // Loading into another architecture names the tensor.
+        let mut other = tiny_cfg();
+        other.model.widths = vec![8, 24];
+        let s2 = Segmenter::new(other, &Device::Cpu).unwrap();
+        let e = checkpoint::load_varmap(&s2.varmap, &train::last_dir(&out).join("model.safetensors"), checkpoint::Strictness::Exact, |_| false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
+        // Resume continues to more epochs.
+        let mut more = tiny_cfg();
+        more.train.epochs = 5;
+        let (_, st) = train(more, &data, &Device::Cpu, &out, true, &mut |_| {}).unwrap();
+        assert_eq!(st.step, 5 * per_epoch);
+    }
+
+    #[test]
+    fn evaluation_scores_and_missing_masks_error() {
+        let d = tempfile::tempdir().unwrap();
+        let pc = PhantomConfig { size: 48, ..Default::default() };
+        write_phantom_set(&d.path().join("ph"), &pc, 2, 6).unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let seg = Segmenter::new(tiny_cfg(), &Device::Cpu).unwrap();
+        let s = evaluate(&seg, &data, &mut |_| {}).unwrap();
+        assert_eq!(s.per_image.len(), 6);
+        let sum = s.summary();
+        assert!((0.0..=1.0).contains(&sum.jaccard_mean));
+        let mut nomask = data.clone();
+        nomask.samples[0].mask = None;
+        assert!(SegmentTask::new(tiny_cfg(), &nomask.filter(|s| s.mask.is_none()), &Device::Cpu).is_err());
+        std::fs::remove_file(data.samples[1].mask.as_ref().unwrap()).unwrap();
+        let e = evaluate(&seg, &data, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("segmentation"), "{e}");
+    }
+
+    #[test]
+    fn postprocess_fills_holes() {
+        let seg = Segmenter::new(tiny_cfg(), &Device::Cpu).unwrap();
+        let mut probs = vec![0f32; 25];
+        for y in 1..4 {
+            for x in 1..4 {
+                probs[y * 5 + x] = if (x, y) == (2, 2) { 0.1 } else { 0.9 };
+            }
+        }
+        let p = seg.postprocess(&probs, 5, 5);
+        assert_eq!(p.mask.get_pixel(2, 2).0[0], 255);
+        assert_eq!(p.mask.get_pixel(0, 0).0[0], 0);
+    }
+}
