@@ -1,1 +1,49 @@
-fn main() {}
+//! `cargo xtask`: developer tasks for derm (the cargo-xtask pattern).
+//!
+//! - `cargo xtask pipeline`: every stage end to end on phantoms (or a real data set), with a run
+//!   folder and `report.html`.
+//! - `cargo xtask bench`: benchmarks with the peer's shapes; `--peer` runs the PyTorch peer
+//!   interleaved and prints the ratio ours/peer.
+
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod peer_models;
+mod pipeline;
+
+#[derive(Debug, Parser)]
+#[command(name = "xtask", about = "derm developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every stage end to end and write a report.
+    Pipeline(pipeline::PipelineArgs),
+    /// Benchmarks with the peer's shapes.
+    Bench(bench::BenchArgs),
+}
+
+/// The workspace root (the parent of this crate's folder).
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).ancestors().nth(1).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Pipeline(a) => a.run(),
+        Cmd::Bench(a) => a.run(),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
