@@ -1,0 +1,46 @@
+//! # derm-data: data sets, phantoms, augmentation and batching for derm
+//!
+//! derm turns dermoscopic skin-lesion images into clean images, lesion masks, diagnoses and
+//! saliency maps (after Bisla et al., "Skin Lesion Segmentation and Classification with Deep
+//! Learning System"). This crate is how every stage gets its data.
+//!
+//! - [`manifest`]: one TOML per public data set (ISIC 2017, ISIC 2018 tasks 1 and 3, PH2,
+//!   Dermofit, phantoms), embedded in the crate, describing the official download layout;
+//!   users write their own in the same format (`data-manifests/README.md`).
+//! - [`dataset`]: a split as a list of [`Sample`]s (image, mask, extra files, label), with
+//!   deterministic id-hash splitting.
+//! - [`check`]: validates a folder against its manifest (counts per class and split, missing
+//!   masks, unlabelled images, orphan labels, corrupt files, wrong-size masks, duplicate ids,
+//!   missing columns), naming the files.
+//! - [`cache`]: lazy, parallel decoding through a byte-bounded LRU cache of resized images.
+//! - [`phantom`]: procedural dermoscopy with exact ground truth (clean image, lesion mask,
+//!   occlusion mask, class), the default data of every stage.
+//! - [`augment`]: flips, quarter turns, random crops with rescaling and colour jitter, applied
+//!   alike to an image and its masks and paired images.
+//! - [`sampler`]: seeded, epoch-based shuffle and class-balanced samplers.
+//! - [`loader`]: mini-batches assembled into tensors in a background thread.
+//!
+//! **Consumes:** data-set folders in their official layout (JPEG, PNG, BMP, TIFF images; binary
+//! masks; CSV or `||` label tables), or nothing at all (phantoms). **Produces:** [`Dataset`]s of
+//! file paths, decoded RGB8 images and 0/255 masks, phantom folders (PNG + `labels.csv` +
+//! `manifest.toml`), check reports (text or JSON), and batches: images (N, 3, H, W) f32
+//! normalised, masks (N, 1, H, W) f32 in {0, 1}, labels (N,) u32.
+
+pub mod augment;
+pub mod cache;
+pub mod check;
+pub mod dataset;
+pub mod loader;
+pub mod manifest;
+pub mod phantom;
+pub mod sampler;
+pub mod table;
+
+pub use augment::{augment_item, AugmentConfig};
+pub use cache::{ImageCache, Item};
+pub use check::{check, CheckOptions, CheckReport};
+pub use dataset::{Dataset, Sample};
+pub use loader::{collate, Batch, BatchLoader, LoaderConfig};
+pub use manifest::Manifest;
+pub use phantom::{draw_phantom, draw_phantoms, write_phantom_set, Phantom, PhantomConfig, PHANTOM_CLASSES};
+pub use sampler::{BalancedSampler, Sampler, ShuffleSampler};

@@ -1,0 +1,124 @@
+//! A small reader for label tables: CSV with quotes, or cells split by another delimiter
+//! (PH2's `||` table).
+
+use std::path::{Path, PathBuf};
+
+use derm_core::{Error, Result};
+
+/// A label table: its header and rows, every row as long as the header.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// Column names, trimmed.
+    pub header: Vec<String>,
+    /// Rows (1-based line number, trimmed cells).
+    pub rows: Vec<(usize, Vec<String>)>,
+    /// Lines whose cell count differs from the header's (1-based line numbers).
+    pub malformed: Vec<usize>,
+}
+
+impl Table {
+    /// Reads `path`. With the comma delimiter, quoted cells (`"a,b"`, `""` for a quote) are
+    /// honoured. With another delimiter, lines without it are not table rows and are skipped.
+    pub fn read(path: &Path, delimiter: &str) -> Result<Table> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let csv = delimiter == ",";
+        let mut lines = text
+            .lines()
+            .enumerate()
+            .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
+            .filter(|(_, l)| !l.trim().is_empty())
+            .filter(|(_, l)| csv || l.contains(delimiter));
+        let Some((_, head)) = lines.next() else {
+            return Err(Error::Parse { path: path.into(), msg: "empty table, no header".into() });
+        };
+        let split = |l: &str| if csv { split_csv(l) } else { split_delim(l, delimiter) };
+        let header = split(head);
+        let mut rows = Vec::new();
+        let mut malformed = Vec::new();
+        for (no, line) in lines {
+            let cells = split(line);
+            if cells.len() == header.len() {
+                rows.push((no, cells));
+            } else {
+                malformed.push(no);
+            }
+        }
+        Ok(Table { path: path.into(), header, rows, malformed })
+    }
+
+    /// The index of column `name`, or an error naming the file, the column and the columns
+    /// there are.
+    pub fn column(&self, name: &str) -> Result<usize> {
+        self.header.iter().position(|h| h == name).ok_or_else(|| Error::Parse {
+            path: self.path.clone(),
+            msg: format!("missing column {name:?} (columns: {})", self.header.join(", ")),
+        })
+    }
+}
+
+fn split_delim(line: &str, delimiter: &str) -> Vec<String> {
+    line.split(delimiter).map(|c| c.trim().to_string()).collect()
+}
+
+fn split_csv(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cell = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cell.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cell).trim().to_string()),
+            _ => cell.push(c),
+        }
+    }
+    out.push(cell.trim().to_string());
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_with_quotes_bom_and_crlf() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l.csv");
+        std::fs::write(&p, "\u{feff}image_id,dx\r\nA,\"x, \"\"y\"\"\"\r\n\r\nB,z\r\nC\r\n").unwrap();
+        let t = Table::read(&p, ",").unwrap();
+        assert_eq!(t.header, ["image_id", "dx"]);
+        assert_eq!(t.rows[0].1, ["A", "x, \"y\""]);
+        assert_eq!(t.rows[1], (4, vec!["B".to_string(), "z".to_string()]));
+        assert_eq!(t.malformed, [5]);
+        let e = t.column("label").unwrap_err().to_string();
+        assert!(e.contains("l.csv") && e.contains("\"label\"") && e.contains("image_id, dx"), "{e}");
+    }
+
+    #[test]
+    fn ph2_pipe_table_skips_the_legend() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("PH2_dataset.txt");
+        std::fs::write(
+            &p,
+            "||   Name || Histological Diagnosis || Clinical Diagnosis || Asymmetry | Streaks ||   Colors ||\n\
+             || IMD003 ||                        ||                  0 ||   0 | A ||  4 ||\n\
+             || IMD009 ||               Melanoma ||                  2 ||   2 | P ||  3 4 ||\n\
+             \n\
+             Legend:\n\
+             Clinical Diagnosis: 0 - Common Nevus; 1 - Atypical Nevus; 2 - Melanoma\n",
+        )
+        .unwrap();
+        let t = Table::read(&p, "||").unwrap();
+        let (name, dx) = (t.column("Name").unwrap(), t.column("Clinical Diagnosis").unwrap());
+        let got: Vec<(&str, &str)> = t.rows.iter().map(|(_, r)| (r[name].as_str(), r[dx].as_str())).collect();
+        assert_eq!(got, [("IMD003", "0"), ("IMD009", "2")]);
+    }
+}
