@@ -12,6 +12,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod peer_models;
 mod pipeline;
+mod report;
 
 #[derive(Debug, Parser)]
 #[command(name = "xtask", about = "derm developer tasks")]

@@ -1,12 +1,545 @@
-//! `cargo xtask pipeline`: placeholder while the stages land.
+//! `cargo xtask pipeline`: the paper's whole system, end to end, through the `derm` binary.
+//!
+//! Stages run in order, each in its own folder of the run directory with a `record.json`
+//! (commands, config, metrics, seconds): data (phantoms, or a manifest data set split by id),
+//! hair masks and classic cleaning, segmentation training and scoring, purification training
+//! (its training pairs use hole masks that derm-hair found with the segmenter's lesion masks, as
+//! the paper does) and purification of the train and test images, synthesis of the rare classes
+//! with the novelty check, classification in four variants (baseline, +purified, +synthetic,
+//! +both) each scored with test-time purification off and on, VisualBackProp of the baseline and
+//! the full model, and `report.html`. With `--resume`, a stage whose record exists with the same
+//! commands and inputs is skipped.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::report;
 
 /// Arguments of `cargo xtask pipeline`.
-#[derive(Debug, clap::Args)]
-pub struct PipelineArgs {}
+#[derive(Debug, Clone, clap::Args)]
+pub struct PipelineArgs {
+    /// `phantom` (default: procedural data, no download) or a manifest name/path of a real data
+    /// set (then `--root` is needed); a real set's training split is divided by id into train and
+    /// test parts.
+    #[arg(long, default_value = "phantom")]
+    pub data: String,
+    /// Folder of the real data set.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Split of the real data set to use.
+    #[arg(long)]
+    pub split: Option<String>,
+    /// quick (about 10 minutes on 2 cores) or full (longer training, larger images).
+    #[arg(long, default_value = "quick")]
+    pub budget: String,
+    /// Run folder.
+    #[arg(long, default_value = "runs/pipeline")]
+    pub out: PathBuf,
+    /// Compute device for every stage.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Seed of every stage.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Skip stages whose record exists with the same commands and inputs.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+/// Sizes and time budgets of one budget level.
+#[derive(Debug, Clone, Serialize)]
+struct Budget {
+    train_count: usize,
+    test_count: usize,
+    image_size: u32,
+    seg_size: u32,
+    seg_minutes: f64,
+    purify_size: u32,
+    purify_minutes: f64,
+    synth_minutes: f64,
+    synth_count: usize,
+    cls_size: u32,
+    cls_minutes: f64,
+}
+
+impl Budget {
+    fn of(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "quick" => Budget {
+                train_count: 240,
+                test_count: 90,
+                image_size: 128,
+                seg_size: 64,
+                seg_minutes: 1.5,
+                purify_size: 64,
+                purify_minutes: 1.5,
+                synth_minutes: 1.0,
+                synth_count: 40,
+                cls_size: 64,
+                cls_minutes: 0.75,
+            },
+            "full" => Budget {
+                train_count: 1200,
+                test_count: 300,
+                image_size: 256,
+                seg_size: 128,
+                seg_minutes: 15.0,
+                purify_size: 128,
+                purify_minutes: 15.0,
+                synth_minutes: 15.0,
+                synth_count: 300,
+                cls_size: 128,
+                cls_minutes: 10.0,
+            },
+            other => bail!("unknown budget {other:?}: use quick or full"),
+        })
+    }
+}
+
+/// What a stage leaves in its folder.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Stage name.
+    pub stage: String,
+    /// The commands it ran (the key for `--resume`, with the inputs' records).
+    pub commands: Vec<Vec<String>>,
+    /// Digest of the commands and of the records of the stages it used.
+    pub key: String,
+    /// Metrics it measured.
+    pub metrics: Value,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+/// The state of a pipeline run.
+pub struct Run {
+    args: PipelineArgs,
+    derm: PathBuf,
+    out: PathBuf,
+    /// Records by stage, in order.
+    pub records: BTreeMap<String, Record>,
+    /// Stage order.
+    pub order: Vec<String>,
+}
+
+fn digest(s: &str) -> String {
+    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    format!("{h:016x}")
+}
+
+impl Run {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.out.join(rel)
+    }
+
+    fn p(&self, rel: &str) -> String {
+        self.path(rel).display().to_string()
+    }
+
+    /// Runs `derm` with global options and `args`; returns stdout.
+    fn derm(&self, args: &[String]) -> anyhow::Result<String> {
+        let mut cmd = Command::new(&self.derm);
+        cmd.args(["--device", &self.args.device, "--seed", &self.args.seed.to_string(), "-q"]).args(args);
+        eprintln!("  $ derm {}", args.join(" "));
+        let out = cmd.output().with_context(|| format!("running {}", self.derm.display()))?;
+        if !out.status.success() {
+            bail!("derm {} failed:\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a stage: skipped under `--resume` when its record matches, else `body` runs the
+    /// commands and returns metrics.
+    fn stage(
+        &mut self,
+        name: &str,
+        deps: &[&str],
+        commands: Vec<Vec<String>>,
+        body: impl FnOnce(&Run, &[Vec<String>]) -> anyhow::Result<Value>,
+    ) -> anyhow::Result<()> {
+        let dep_keys: Vec<String> = deps.iter().filter_map(|d| self.records.get(*d).map(|r| r.key.clone())).collect();
+        let key = digest(&format!("{commands:?}{dep_keys:?}"));
+        let dir = self.path(name);
+        let rec_path = dir.join("record.json");
+        self.order.push(name.to_string());
+        if self.args.resume {
+            if let Ok(r) = derm_core::fsutil::read_json::<Record>(&rec_path) {
+                if r.key == key {
+                    eprintln!("[{name}] unchanged, skipped (--resume)");
+                    self.records.insert(name.to_string(), r);
+                    return Ok(());
+                }
+            }
+        }
+        eprintln!("[{name}]");
+        derm_core::fsutil::create_dir_all(&dir)?;
+        let t = Instant::now();
+        let metrics = body(self, &commands).with_context(|| format!("stage {name}"))?;
+        let rec = Record { stage: name.to_string(), commands, key, metrics, seconds: t.elapsed().as_secs_f64() };
+        derm_core::fsutil::write_json(&rec_path, &rec)?;
+        eprintln!("[{name}] done in {:.1} s", rec.seconds);
+        self.records.insert(name.to_string(), rec);
+        Ok(())
+    }
+}
+
+fn s<T: ToString>(v: T) -> String {
+    v.to_string()
+}
+
+fn run_all(run: &Run, cmds: &[Vec<String>]) -> anyhow::Result<Vec<String>> {
+    cmds.iter().map(|c| run.derm(c)).collect()
+}
+
+fn parse_json(text: &str) -> anyhow::Result<Value> {
+    let start = text.find(['{', '[']).context("no JSON in the output")?;
+    Ok(serde_json::from_str(&text[start..])?)
+}
+
+/// Pixel recall and precision of predicted occlusion masks against drawn ones, and the share of
+/// lesion pixels wrongly marked.
+fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::Result<Value> {
+    let (mut tp, mut fp, mut fneg, mut leak, mut lesion) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let mut n = 0;
+    for e in std::fs::read_dir(truth_dir)? {
+        let p = e?.path();
+        let Some(id) = p.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix("_occlusion.png")) else {
+            continue;
+        };
+        let pred = pred_dir.join(format!("{id}_occlusion.png"));
+        if !pred.exists() {
+            continue;
+        }
+        let t = derm_core::image_io::load_mask(&p, None)?;
+        let q = derm_core::image_io::load_mask(&pred, Some(t.dimensions()))?;
+        let l = derm_core::image_io::load_mask(&lesion_dir.join(format!("{id}_segmentation.png")), Some(t.dimensions()))?;
+        for ((a, b), c) in q.as_raw().iter().zip(t.as_raw()).zip(l.as_raw()) {
+            match (*a > 0, *b > 0) {
+                (true, true) => tp += 1,
+                (true, false) => fp += 1,
+                (false, true) => fneg += 1,
+                _ => {}
+            }
+            if *c > 0 {
+                lesion += 1;
+                if *a > 0 && *b == 0 {
+                    leak += 1;
+                }
+            }
+        }
+        n += 1;
+    }
+    let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    Ok(json!({ "images": n, "recall": r(tp, tp + fneg), "precision": r(tp, tp + fp), "lesion_pixels_wrongly_marked": r(leak, lesion) }))
+}
 
 impl PipelineArgs {
     /// Runs the pipeline.
     pub fn run(&self) -> anyhow::Result<()> {
-        anyhow::bail!("the pipeline is being assembled")
+        let budget = Budget::of(&self.budget)?;
+        let t0 = Instant::now();
+        let root = crate::project_root();
+        eprintln!("building derm ...");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(&cargo).current_dir(&root).args(["build", "-q", "-p", "derm-cli"]).status()?;
+        if !st.success() {
+            bail!("cargo build -p derm-cli failed");
+        }
+        let derm = root.join("target/debug/derm");
+        let out = if self.out.is_absolute() { self.out.clone() } else { root.join(&self.out) };
+        derm_core::fsutil::create_dir_all(&out)?;
+        let mut run = Run { args: self.clone(), derm, out: out.clone(), records: BTreeMap::new(), order: Vec::new() };
+        let seed = self.seed;
+
+        // Data: a train and a test folder, each loadable with its own manifest.
+        let (train, test, data_cmds) = if self.data == "phantom" {
+            let cmds = vec![
+                vec![s("phantom"), s("--count"), s(budget.train_count), s("--size"), s(budget.image_size), s("--out"), run.p("data/train")],
+                vec![
+                    s("--seed"),
+                    s(seed + 1_000_003),
+                    s("phantom"),
+                    s("--count"),
+                    s(budget.test_count),
+                    s("--size"),
+                    s(budget.image_size),
+                    s("--out"),
+                    run.p("data/test"),
+                ],
+            ];
+            (run.p("data/train"), run.p("data/test"), cmds)
+        } else {
+            bail!("real data sets in the pipeline: use the stage commands (derm segment/classify ... --manifest {} --root DIR); the pipeline runs on phantoms", self.data);
+        };
+        run.stage("data", &[], data_cmds, |r, c| {
+            run_all(r, c)?;
+            let check = parse_json(&r.derm(&[s("data"), s("check"), s("--root"), train.clone(), s("--json"), s("--no-decode")])?)?;
+            Ok(json!({ "budget": budget, "train": train, "test": test, "check": check }))
+        })?;
+
+        // Hair: occlusion masks and classic cleaning on the test set with true lesion masks
+        // (scored against the drawn occlusion masks).
+        let hair_cmds = vec![vec![
+            s("hair"),
+            s("--input"),
+            format!("{test}/images"),
+            s("--lesion-masks"),
+            format!("{test}/masks"),
+            s("--out"),
+            run.p("hair/test"),
+            s("--json"),
+        ]];
+        run.stage("hair", &["data"], hair_cmds, |r, c| {
+            run_all(r, c)?;
+            hair_scores(&r.path("hair/test"), &PathBuf::from(format!("{test}/occlusion")), &PathBuf::from(format!("{test}/masks")))
+        })?;
+
+        // Segmentation: train, score on the test set, predict lesion masks for train and test.
+        let seg = run.p("segment/model");
+        let seg_cmds = vec![
+            vec![
+                s("segment"),
+                s("train"),
+                s("--root"),
+                train.clone(),
+                s("--size"),
+                s(budget.seg_size),
+                s("--epochs"),
+                s(1000),
+                s("--minutes"),
+                s(budget.seg_minutes),
+                s("--lr"),
+                s(1e-3),
+                s("--out"),
+                seg.clone(),
+            ],
+            vec![s("segment"), s("eval"), s("--model"), seg.clone(), s("--root"), test.clone(), s("--json"), s("--out"), run.p("segment/eval")],
+            vec![s("segment"), s("predict"), s("--model"), seg.clone(), s("--input"), format!("{train}/images"), s("--out"), run.p("segment/train_masks")],
+            vec![s("segment"), s("predict"), s("--model"), seg.clone(), s("--input"), format!("{test}/images"), s("--out"), run.p("segment/test_masks")],
+        ];
+        run.stage("segment", &["data"], seg_cmds, |r, c| {
+            let outs = run_all(r, c)?;
+            let eval = parse_json(&outs[1])?;
+            let hist: Value = derm_core::fsutil::read_json(&r.path("segment/model/history.json")).unwrap_or(Value::Null);
+            Ok(json!({ "eval": eval, "train_seconds": hist.get("elapsed_s"), "steps": hist.get("step") }))
+        })?;
+
+        // Occlusion masks of the training images, found with the segmenter's lesion masks: the
+        // hole shapes for purification training (the paper's way).
+        let hair_train = vec![vec![
+            s("hair"),
+            s("--input"),
+            format!("{train}/images"),
+            s("--lesion-masks"),
+            run.p("segment/train_masks"),
+            s("--out"),
+            run.p("hair/train"),
+            s("--json"),
+        ]];
+        run.stage("hair_train", &["segment"], hair_train, |r, c| {
+            run_all(r, c)?;
+            hair_scores(&r.path("hair/train"), &PathBuf::from(format!("{train}/occlusion")), &PathBuf::from(format!("{train}/masks")))
+        })?;
+
+        // Purification: train the partial-convolution U-Net, then purify train and test images.
+        let pur = run.p("purify/model");
+        let pur_cmds = vec![
+            vec![
+                s("purify"),
+                s("train"),
+                s("--root"),
+                train.clone(),
+                s("--hole-masks"),
+                run.p("hair/train"),
+                s("--size"),
+                s(budget.purify_size),
+                s("--epochs"),
+                s(1000),
+                s("--minutes"),
+                s(budget.purify_minutes),
+                s("--out"),
+                pur.clone(),
+            ],
+            vec![s("purify"), s("eval"), s("--model"), pur.clone(), s("--root"), test.clone(), s("--json")],
+            vec![
+                s("purify"),
+                s("run"),
+                s("--model"),
+                pur.clone(),
+                s("--input"),
+                format!("{train}/images"),
+                s("--lesion-masks"),
+                run.p("segment/train_masks"),
+                s("--out"),
+                run.p("purify/train"),
+            ],
+            vec![
+                s("purify"),
+                s("run"),
+                s("--model"),
+                pur.clone(),
+                s("--input"),
+                format!("{test}/images"),
+                s("--lesion-masks"),
+                run.p("segment/test_masks"),
+                s("--out"),
+                run.p("purify/test"),
+            ],
+        ];
+        run.stage("purify", &["hair_train"], pur_cmds, |r, c| {
+            let outs = run_all(r, c)?;
+            Ok(json!({ "eval": parse_json(&outs[1]).unwrap_or(Value::Null) }))
+        })?;
+
+        // Synthesis of the rare classes, with the novelty check.
+        let syn = run.p("synth/model");
+        let syn_cmds = vec![
+            vec![
+                s("synth"),
+                s("train"),
+                s("--root"),
+                train.clone(),
+                s("--classes"),
+                s("melanoma,seborrheic_keratosis"),
+                s("--preset"),
+                s("small"),
+                s("--epochs"),
+                s(1000),
+                s("--minutes"),
+                s(budget.synth_minutes),
+                s("--out"),
+                syn.clone(),
+            ],
+            vec![
+                s("synth"),
+                s("sample"),
+                s("--model"),
+                syn.clone(),
+                s("--class"),
+                s("melanoma"),
+                s("--class"),
+                s("seborrheic_keratosis"),
+                s("--count"),
+                s(budget.synth_count),
+                s("--root"),
+                train.clone(),
+                s("--real-vs-fake"),
+                s("--out"),
+                run.p("synth/samples"),
+            ],
+        ];
+        run.stage("synth", &["data"], syn_cmds, |r, c| {
+            run_all(r, c)?;
+            let novelty: Value = derm_core::fsutil::read_json(&r.path("synth/samples/novelty.json")).unwrap_or(Value::Null);
+            Ok(json!({ "novelty": novelty }))
+        })?;
+
+        // Classification: four variants, each scored with test-time purification off and on.
+        let variants: [(&str, bool, bool); 4] =
+            [("baseline", false, false), ("purified", true, false), ("synthetic", false, true), ("both", true, true)];
+        let mut cls_cmds = Vec::new();
+        for (name, pur_on, syn_on) in variants {
+            let model = run.p(&format!("classify/{name}"));
+            let mut t = vec![
+                s("classify"),
+                s("train"),
+                s("--root"),
+                train.clone(),
+                s("--arch"),
+                s("resnet18"),
+                s("--width"),
+                s(16),
+                s("--size"),
+                s(budget.cls_size),
+                s("--epochs"),
+                s(1000),
+                s("--minutes"),
+                s(budget.cls_minutes),
+                s("--optimizer"),
+                s("adam"),
+                s("--lr"),
+                s(1e-3),
+                s("--balanced"),
+                s("--out"),
+                model.clone(),
+            ];
+            if pur_on {
+                t.extend([s("--purified"), run.p("purify/train")]);
+            }
+            if syn_on {
+                t.extend([s("--synthetic"), run.p("synth/samples")]);
+            }
+            cls_cmds.push(t);
+            for (tag, extra) in [("plain", None), ("ttp", Some(run.p("purify/test")))] {
+                let mut e = vec![
+                    s("classify"),
+                    s("eval"),
+                    s("--model"),
+                    model.clone(),
+                    s("--root"),
+                    test.clone(),
+                    s("--json"),
+                    s("--out"),
+                    run.p(&format!("classify/{name}/eval_{tag}")),
+                ];
+                if let Some(x) = extra {
+                    e.extend([s("--purified-input"), x]);
+                }
+                cls_cmds.push(e);
+            }
+        }
+        run.stage("classify", &["purify", "synth"], cls_cmds, |r, c| {
+            let outs = run_all(r, c)?;
+            let mut m = serde_json::Map::new();
+            for (i, (name, _, _)) in variants.iter().enumerate() {
+                let plain = parse_json(&outs[3 * i + 1])?;
+                let ttp = parse_json(&outs[3 * i + 2])?;
+                m.insert(name.to_string(), json!({ "plain": plain, "test_time_purification": ttp }));
+            }
+            Ok(Value::Object(m))
+        })?;
+
+        // VisualBackProp of the baseline and the full model on the same test images.
+        let vbp_cmds: Vec<Vec<String>> = ["baseline", "both"]
+            .iter()
+            .map(|name| {
+                vec![
+                    s("vbp"),
+                    s("--model"),
+                    run.p(&format!("classify/{name}")),
+                    s("--input"),
+                    format!("{test}/images"),
+                    s("--lesion-masks"),
+                    format!("{test}/masks"),
+                    s("--limit"),
+                    s(24),
+                    s("--json"),
+                    s("--out"),
+                    run.p(&format!("vbp/{name}")),
+                ]
+            })
+            .collect();
+        run.stage("vbp", &["classify"], vbp_cmds, |r, c| {
+            let outs = run_all(r, c)?;
+            Ok(json!({ "baseline": parse_json(&outs[0])?, "both": parse_json(&outs[1])? }))
+        })?;
+
+        let report = report::write(&run, &out)?;
+        eprintln!("pipeline finished in {:.1} min; report: {}", t0.elapsed().as_secs_f64() / 60.0, report.display());
+        println!("{}", report.display());
+        Ok(())
+    }
+}
+
+impl Run {
+    /// The record of a stage.
+    pub fn record(&self, stage: &str) -> Option<&Record> {
+        self.records.get(stage)
     }
 }

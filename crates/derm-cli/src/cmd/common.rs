@@ -1,0 +1,119 @@
+//! Pieces the subcommands share: data-set arguments, image listing, progress from training
+//! events, and the run folder's history files.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use derm_core::plot::{self, PlotOptions, Series};
+use derm_core::train::{Event, TrainState};
+use derm_data::dataset::Dataset;
+use image::{GrayImage, RgbImage};
+use indicatif::ProgressBar;
+
+/// Where a data set is and how it is laid out.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DataArgs {
+    /// Manifest name (isic2017, isic2018-task1, isic2018-task3, ph2, dermofit) or a manifest
+    /// file; default: the folder's own manifest.toml (as phantom folders have).
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// The unpacked data set folder.
+    #[arg(long)]
+    pub root: PathBuf,
+    /// Split to use (default: the first split present).
+    #[arg(long)]
+    pub split: Option<String>,
+}
+
+impl DataArgs {
+    /// Opens the data set.
+    pub fn open(&self) -> anyhow::Result<Dataset> {
+        Dataset::open_dir(&self.root, self.manifest.as_deref(), self.split.as_deref())
+            .with_context(|| format!("opening the data set at {}", self.root.display()))
+    }
+}
+
+/// An image file, or the image files of a folder (sorted; not recursive).
+pub fn collect_images(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if input.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    if !input.is_dir() {
+        bail!("{}: no such file or folder", input.display());
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+        .with_context(|| format!("reading {}", input.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file() && derm_core::image_io::is_image_path(p))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!("{}: no images (png, jpg, bmp, tif) in this folder", input.display());
+    }
+    Ok(v)
+}
+
+/// The id of an image file: its stem.
+pub fn file_id(p: &Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into())
+}
+
+/// A lesion mask drawn as a green contour (and an optional second mask in red).
+pub fn mask_overlay(img: &RgbImage, mask: &GrayImage, truth: Option<&GrayImage>) -> RgbImage {
+    let mut out = plot::mask_overlay(img, mask, [40, 230, 60], true);
+    if let Some(t) = truth {
+        out = plot::mask_overlay(&out, t, [230, 40, 40], true);
+    }
+    out
+}
+
+/// A progress bar driven by training events.
+pub struct StageProgress {
+    bar: ProgressBar,
+    last_metric: Option<f64>,
+}
+
+impl StageProgress {
+    /// A bar for `stage`, hidden under `--quiet`.
+    pub fn new(stage: &str, quiet: bool) -> Self {
+        StageProgress { bar: crate::progress::bar(0, stage, quiet), last_metric: None }
+    }
+    /// Updates the bar.
+    pub fn event(&mut self, e: &Event) {
+        match e {
+            Event::Step { step, loss, total, epoch } => {
+                if *total != usize::MAX && self.bar.length() != Some(*total as u64) {
+                    self.bar.set_length(*total as u64);
+                }
+                self.bar.set_position(*step as u64);
+                let m = self.last_metric.map(|m| format!(" val {m:.4}")).unwrap_or_default();
+                self.bar.set_message(format!("epoch {} loss {loss:.4}{m}", epoch + 1));
+            }
+            Event::Eval { metric, step, best } => {
+                self.last_metric = Some(*metric);
+                tracing::info!(step, metric, best, "evaluation");
+            }
+            Event::Saved(p) => tracing::debug!(path = %p.display(), "checkpoint"),
+        }
+    }
+    /// Clears the bar.
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Writes `history.json` and `loss_curve.png` (training loss and validation metric by step).
+pub fn write_history(out: &Path, state: &TrainState) -> anyhow::Result<()> {
+    derm_core::fsutil::write_json(&out.join("history.json"), state)?;
+    let loss: Vec<(f64, f64)> = state.history.iter().map(|h| (h.step as f64, h.loss)).collect();
+    let metric: Vec<(f64, f64)> = state.history.iter().filter_map(|h| h.metric.map(|m| (h.step as f64, m))).collect();
+    if loss.len() >= 2 {
+        let mut series = vec![Series { name: "training loss".into(), points: loss, color: None }];
+        if !metric.is_empty() {
+            series.push(Series { name: "validation metric".into(), points: metric, color: None });
+        }
+        let img = plot::line_plot("training", "step", "value", &series, &PlotOptions::default());
+        derm_core::image_io::save_png(&out.join("loss_curve.png"), &img)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! `derm segment train|predict|eval`: the dilated U-Net lesion segmenter.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use derm_core::image_io;
+use derm_data::dataset::Dataset;
+use derm_segment::{SegmentConfig, Segmenter, UNetConfig};
+
+use crate::cmd::common::{self, collect_images, StageProgress};
+use crate::GlobalOpts;
+
+/// The segmentation subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum SegmentCommand {
+    /// Train the segmenter on a data set with lesion masks.
+    Train(TrainArgs),
+    /// Segment images: masks (0/255 PNG at the input's size) and overlays.
+    Predict(PredictArgs),
+    /// Score a trained segmenter against ground-truth masks.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `derm segment train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// Fraction of the split held out for validation (by id).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    /// Network preset: small (CPU) or paper.
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Working size in pixels (images are resized to SIZE x SIZE).
+    #[arg(long, default_value_t = 128)]
+    pub size: u32,
+    /// Epochs.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Stop after this many minutes of training.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Learning rate (Adam).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Evaluate on the validation part every N steps (default: each epoch).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Probability threshold of the saved model.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// A JSON file with a full SegmentConfig (the flags above are then ignored, except the seed).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in OUT from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl TrainArgs {
+    fn config(&self, g: &GlobalOpts) -> anyhow::Result<SegmentConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => derm_core::fsutil::read_json(p)?,
+            None => {
+                let mut c = SegmentConfig::default();
+                c.model = UNetConfig::preset(&self.preset)
+                    .with_context(|| format!("unknown preset {:?}: use small or paper", self.preset))?;
+                c.size = self.size;
+                c.batch_size = self.batch;
+                c.val_fraction = self.val_fraction;
+                c.threshold = self.threshold;
+                c.train.epochs = self.epochs;
+                c.train.minutes = self.minutes;
+                c.train.eval_every = self.eval_every;
+                c.optim.optimizer = derm_core::optim::OptimizerKind::adam(self.lr);
+                c
+            }
+        };
+        cfg.train.seed = g.seed;
+        Ok(cfg)
+    }
+
+    /// Trains and writes the run folder.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let cfg = self.config(g)?;
+        let device = g.device()?;
+        let data = self.data.open()?;
+        let mut progress = StageProgress::new("segment", g.quiet);
+        let (task, state) = derm_segment::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
+            .with_context(|| format!("training the segmenter into {}", self.out.display()))?;
+        progress.finish();
+        common::write_history(&self.out, &state)?;
+        let (ntrain, nval) = task.sizes();
+        println!(
+            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation Jaccard {} at step {}; run folder {}",
+            state.step,
+            state.elapsed_s / 60.0,
+            state.stop_reason.as_deref().unwrap_or("done"),
+            state.best_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
+            state.best_step.unwrap_or(0),
+            self.out.display()
+        );
+        let _ = nval;
+        Ok(())
+    }
+}
+
+/// Arguments of `derm segment predict`.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image or a folder of images.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder: <id>_segmentation.png (0/255), <id>_overlay.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl PredictArgs {
+    /// Segments every image.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let seg = Segmenter::load(&self.model, &device)?;
+        let files = collect_images(&self.input)?;
+        let pb = crate::progress::bar(files.len() as u64, "segment", g.quiet);
+        for f in &files {
+            let img = image_io::load_rgb(f)?;
+            let p = seg.predict(&[&img])?.remove(0);
+            let id = common::file_id(f);
+            image_io::save_png(&self.out.join(format!("{id}_segmentation.png")), &p.mask)?;
+            image_io::save_png(&self.out.join(format!("{id}_overlay.png")), &common::mask_overlay(&img, &p.mask, None))?;
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        println!("segmented {} images into {}", files.len(), self.out.display());
+        Ok(())
+    }
+}
+
+/// Arguments of `derm segment eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write metrics.json, per_image.csv and overlays (prediction green, truth red) here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// How many overlays to write with --out.
+    #[arg(long, default_value_t = 8)]
+    pub overlays: usize,
+}
+
+impl EvalArgs {
+    /// Scores the model.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let seg = Segmenter::load(&self.model, &device)?;
+        let data: Dataset = self.data.open()?;
+        if data.samples.iter().all(|s| s.mask.is_none()) {
+            bail!("{} split {} has no lesion masks to score against", data.name, data.split);
+        }
+        let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet);
+        let scores = derm_segment::evaluate(&seg, &data, &mut |n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        let s = scores.summary();
+        let worst = scores.worst(10);
+        if let Some(out) = &self.out {
+            derm_core::fsutil::write_json(&out.join("metrics.json"), &serde_json::json!({ "summary": s, "worst": worst }))?;
+            let mut csv = String::from("id,jaccard,dice\n");
+            for (id, c) in scores.ids.iter().zip(&scores.per_image) {
+                csv.push_str(&format!("{id},{:.6},{:.6}\n", c.jaccard(), c.dice()));
+            }
+            derm_core::fsutil::write_atomic(&out.join("per_image.csv"), csv.as_bytes())?;
+            let cache = derm_data::cache::ImageCache::new(0);
+            for (i, (id, c)) in scores.ids.iter().zip(&scores.per_image).enumerate().take(self.overlays) {
+                let item = data.load_item(i, None, &cache)?;
+                let p = seg.predict(&[&item.image])?.remove(0);
+                let mut img = common::mask_overlay(&item.image, &p.mask, item.mask.as_ref());
+                let label = format!("J = {:.3}", c.jaccard());
+                let px = (img.height() as f32 / 12.0).max(10.0);
+                derm_core::plot::draw_text(&mut img, 4, 4, px, &label, [255, 255, 255]);
+                image_io::save_png(&out.join(format!("overlay_{id}.png")), &img)?;
+            }
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "summary": s, "worst": worst }))?);
+        } else {
+            println!("{} images of {} ({})", s.images, data.name, data.split);
+            println!("jaccard (per-image mean)  {:.4}", s.jaccard_mean);
+            println!("jaccard (ISIC 2018, <0.65 = 0) {:.4}", s.jaccard_thresholded);
+            println!("jaccard (global)          {:.4}", s.jaccard_global);
+            println!("dice (mean)               {:.4}", s.dice_mean);
+            println!("sensitivity / specificity {:.4} / {:.4}", s.sensitivity, s.specificity);
+            println!("worst ten:");
+            for (id, j) in worst {
+                println!("  {id}  {j:.4}");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Dispatches the subcommand.
+impl SegmentCommand {
+    /// Runs it.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        match self {
+            SegmentCommand::Train(a) => a.run(g),
+            SegmentCommand::Predict(a) => a.run(g),
+            SegmentCommand::Eval(a) => a.run(g),
+        }
+    }
+}
+
