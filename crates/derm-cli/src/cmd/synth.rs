@@ -1,0 +1,257 @@
+//! `derm synth train|sample`: GANs that make new images of the rare classes, and their sampling
+//! with a novelty check.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use derm_synth::sample::{sample_run, SampleRequest};
+use derm_synth::train::{train_run, SynthEvent};
+use derm_synth::{DataSource, GanConfig, RealFakeConfig, RunKind, SynthConfig};
+
+use crate::cmd::common;
+use crate::GlobalOpts;
+
+/// The synthesis subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum SynthCommand {
+    /// Train one DCGAN per class (or one coupled GAN for all classes) on a labelled data set.
+    Train(TrainArgs),
+    /// Generate images of a class from a trained run, drop near-copies of training images, and
+    /// write them as a data set folder with a novelty report.
+    Sample(SampleArgs),
+}
+
+/// Arguments of `derm synth train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// Classes to generate, comma separated (names of the data set's classes).
+    #[arg(long, value_delimiter = ',', default_value = "melanoma,seborrheic_keratosis")]
+    pub classes: Vec<String>,
+    /// One GAN for all classes, sharing its first layers (the paper's ISIC 2018 model), instead
+    /// of one GAN per class.
+    #[arg(long)]
+    pub coupled: bool,
+    /// Network preset: small (CPU, 64 px), paper (the authors' 256 px DCGAN) or peer64 (the peer
+    /// reference's 64 px DCGAN).
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Working size in pixels, 4 * 2^k (default: the preset's); layers are added or removed.
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Epochs (passes over the largest class).
+    #[arg(long, default_value_t = 200)]
+    pub epochs: usize,
+    /// Stop each model after this many minutes.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Stop each model after this many steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Real images per class per step.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Generator updates per discriminator update.
+    #[arg(long, default_value_t = 2)]
+    pub g_steps: usize,
+    /// Feature matching as the generator's loss.
+    #[arg(long)]
+    pub feature_matching: bool,
+    /// Target of real images in the discriminator's loss (one-sided label smoothing).
+    #[arg(long, default_value_t = 0.9)]
+    pub real_label: f64,
+    /// Check quality (and early stopping) every N steps.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// Write a sample grid every N steps.
+    #[arg(long, default_value_t = 200)]
+    pub sample_every: usize,
+    /// A JSON file with a full SynthConfig (the flags above are then ignored, except the seed
+    /// and the time and step budgets).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue each model from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder (decoupled: one sub-folder per class).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl TrainArgs {
+    fn config(&self, g: &GlobalOpts) -> anyhow::Result<SynthConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => derm_core::fsutil::read_json(p)?,
+            None => {
+                let mut c = SynthConfig::default();
+                c.model = GanConfig::preset(&self.preset)
+                    .with_context(|| format!("unknown preset {:?}: use small, paper or peer64", self.preset))?;
+                if let Some(s) = self.size {
+                    c.model.size = s;
+                }
+                c.batch_size = self.batch;
+                c.g_steps = self.g_steps;
+                c.feature_matching = self.feature_matching;
+                c.real_label = self.real_label;
+                c.sample_every = self.sample_every;
+                c.train.epochs = self.epochs;
+                c.train.eval_every = Some(self.eval_every);
+                c
+            }
+        };
+        cfg.train.seed = g.seed;
+        if self.minutes.is_some() {
+            cfg.train.minutes = self.minutes;
+        }
+        if self.max_steps.is_some() {
+            cfg.train.max_steps = self.max_steps;
+        }
+        Ok(cfg)
+    }
+
+    /// Trains and writes the run folder.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let cfg = self.config(g)?;
+        let device = g.device()?;
+        let data = self.data.open()?;
+        let source = DataSource {
+            manifest: self.data.manifest.clone(),
+            root: self.data.root.clone(),
+            split: self.data.split.clone(),
+        };
+        let kind = if self.coupled { RunKind::Coupled } else { RunKind::Decoupled };
+        let bar = crate::progress::bar(0, "synth", g.quiet);
+        let mut on_event = |name: &str, e: &SynthEvent| match e {
+            SynthEvent::Step { step, total, losses } => {
+                if *total != usize::MAX && bar.length() != Some(*total as u64) {
+                    bar.set_length(*total as u64);
+                }
+                bar.set_position(*step as u64);
+                bar.set_message(format!("{name} D {:.3} G {:.3}", losses.d_real + losses.d_fake, losses.g));
+            }
+            SynthEvent::Check(h) => {
+                tracing::info!(
+                    model = name,
+                    step = h.step,
+                    d_loss = h.d_loss,
+                    g_loss = h.g_loss,
+                    quality = h.quality,
+                    "check"
+                )
+            }
+            SynthEvent::Grid(p) => tracing::debug!(path = %p.display(), "sample grid"),
+            SynthEvent::Saved(p) => tracing::debug!(path = %p.display(), "checkpoint"),
+        };
+        let results =
+            train_run(&cfg, kind, &self.classes, &data, Some(source), &device, &self.out, self.resume, &mut on_event)
+                .with_context(|| format!("training the GAN run {}", self.out.display()))?;
+        bar.finish_and_clear();
+        for (name, st) in &results {
+            println!(
+                "{name}: {} steps in {:.1} min ({}); best quality proxy {} at step {}",
+                st.step,
+                st.elapsed_s / 60.0,
+                st.stop_reason.as_deref().unwrap_or("done"),
+                st.best_quality.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a".into()),
+                st.best_step.unwrap_or(0)
+            );
+        }
+        println!("run folder {}", self.out.display());
+        Ok(())
+    }
+}
+
+/// Arguments of `derm synth sample`.
+#[derive(Debug, clap::Args)]
+pub struct SampleArgs {
+    /// A run folder written by `derm synth train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Class(es) to generate, comma separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub class: Vec<String>,
+    /// Images to write per class.
+    #[arg(long, default_value_t = 100)]
+    pub count: usize,
+    /// Drop generated images whose MSE (pixels in [0, 1]) to some training image is below this.
+    #[arg(long, default_value_t = 1e-3)]
+    pub min_mse: f64,
+    /// Also train a small real-versus-generated classifier per class and report its held-out
+    /// accuracy in novelty.json (0.5 = the generated images cannot be told apart).
+    #[arg(long)]
+    pub real_vs_fake: bool,
+    /// The training data set folder, when it moved since training (default: the run's record).
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Its manifest (with --root).
+    #[arg(long)]
+    pub manifest: Option<String>,
+    /// Its split (with --root).
+    #[arg(long)]
+    pub split: Option<String>,
+    /// Output folder: images/, labels.csv, manifest.toml, novelty.json, novelty_hist.png,
+    /// novelty_pairs.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl SampleArgs {
+    /// Generates, checks and writes the images.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let req = SampleRequest {
+            run: self.model.clone(),
+            classes: self.class.clone(),
+            count: self.count,
+            min_mse: self.min_mse,
+            seed: g.seed,
+            data: self.root.as_ref().map(|r| DataSource {
+                manifest: self.manifest.clone(),
+                root: r.clone(),
+                split: self.split.clone(),
+            }),
+            max_factor: 4,
+            real_vs_fake: self.real_vs_fake.then(|| RealFakeConfig { seed: g.seed, ..Default::default() }),
+            out: self.out.clone(),
+        };
+        let bar = crate::progress::bar((self.count * self.class.len()) as u64, "sample", g.quiet);
+        let mut done = std::collections::BTreeMap::new();
+        let summary = sample_run(&req, &device, &mut |class, kept| {
+            done.insert(class.to_string(), kept);
+            bar.set_position(done.values().sum::<usize>() as u64);
+        })
+        .with_context(|| format!("sampling {} into {}", self.model.display(), self.out.display()))?;
+        bar.finish_and_clear();
+        for c in &summary.classes {
+            let n = &c.novelty;
+            print!(
+                "{}: wrote {} of {} generated (dropped {} with MSE < {}); nearest-real MSE min {:.5} median {:.5} max {:.5}",
+                c.class,
+                c.written,
+                n.generated,
+                n.generated - n.kept,
+                n.min_mse,
+                n.mse_min,
+                n.mse_median,
+                n.mse_max
+            );
+            match &c.real_vs_fake {
+                Some(r) => println!("; real-vs-generated held-out accuracy {:.3} (0.5 = chance)", r.test_accuracy),
+                None => println!(),
+            }
+        }
+        println!("data set folder {}", self.out.display());
+        Ok(())
+    }
+}
+
+impl SynthCommand {
+    /// Runs it.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        match self {
+            SynthCommand::Train(a) => a.run(g),
+            SynthCommand::Sample(a) => a.run(g),
+        }
+    }
+}

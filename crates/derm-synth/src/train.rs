@@ -1,0 +1,774 @@
+//! GAN training: the joint step, the stabilisers, checks, sample grids, checkpoints and resume.
+//!
+//! One *step* is one discriminator update followed by `g_steps` generator updates:
+//!
+//! 1. a batch of real images per class (random flips), one latent batch through the generator
+//!    (all heads); the discriminator's loss is `BCE(D(real), real_label) + BCE(D(fake), 0)`,
+//!    averaged over the classes, with the generated images detached;
+//! 2. the generator's loss is `BCE(D(fake), 1)` (the non-saturating loss), or with feature
+//!    matching the squared distance between the mean features (the activations entering the
+//!    discriminator's last layer) of the real batch and of the generated one; the first
+//!    generator update reuses step 1's images, the others draw new latents.
+//!
+//! Every loss is the stable binary cross-entropy with logits (`derm_core::ops`), so a confident
+//! discriminator gives large but finite losses. Every `eval_every` steps a *check* computes a
+//! cheap quality proxy on a fixed latent batch (a diagonal Fréchet distance between real and
+//! generated images' 8x8 colour layouts, see [`quality_distance`]), keeps `best/` at its lowest,
+//! and stops the run when the discriminator has won `d_win_checks` checks in a row or the proxy
+//! has not improved for `patience` checks. `last/` (both networks, both optimisers, config,
+//! [`GanState`]) is written every `checkpoint_every` steps and at the end; a run resumes from it
+//! exactly, because each step's random draws depend only on (seed, step).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use derm_core::checkpoint::{self, Strictness};
+use derm_core::image_io::{self, Normalize};
+use derm_core::optim::Optimizer;
+use derm_core::{Error, Result, Rng};
+use derm_data::cache::ImageCache;
+use derm_data::dataset::Dataset;
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::sample::{Synthesizer, OPTIM_G};
+use crate::{DataSource, RunInfo, RunKind, SynthConfig};
+
+/// One row of the training history (means over the steps since the previous row).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GanHistoryPoint {
+    /// Step after which this was recorded.
+    pub step: usize,
+    /// Epoch (0-based).
+    pub epoch: usize,
+    /// Discriminator loss (real + fake).
+    pub d_loss: f64,
+    /// Its part on real images.
+    pub d_real_loss: f64,
+    /// Its part on generated images.
+    pub d_fake_loss: f64,
+    /// Generator loss (adversarial or feature matching).
+    pub g_loss: f64,
+    /// Quality proxy (lower is better).
+    pub quality: f64,
+    /// Whether the discriminator won this check.
+    pub d_won: bool,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+}
+
+/// What a resumed run needs to continue; the checkpoint's `state.json`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GanState {
+    /// Steps done.
+    pub step: usize,
+    /// Current epoch (0-based).
+    pub epoch: usize,
+    /// Steps of the current epoch already done.
+    pub batch_in_epoch: usize,
+    /// Seconds of training so far.
+    pub elapsed_s: f64,
+    /// Lowest quality proxy so far.
+    pub best_quality: Option<f64>,
+    /// Its step.
+    pub best_step: Option<usize>,
+    /// Checks since the proxy last improved.
+    pub checks_since_best: usize,
+    /// Consecutive checks the discriminator won.
+    pub d_win_streak: usize,
+    /// One row per check.
+    pub history: Vec<GanHistoryPoint>,
+    /// True once the loop ended normally.
+    pub finished: bool,
+    /// Why it stopped: `epochs`, `max_steps`, `time_budget`, `discriminator_won`,
+    /// `quality_plateau`.
+    pub stop_reason: Option<String>,
+}
+
+/// Losses of one step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StepLosses {
+    /// Discriminator loss on real images.
+    pub d_real: f64,
+    /// Discriminator loss on generated images.
+    pub d_fake: f64,
+    /// Generator loss of the last generator update.
+    pub g: f64,
+}
+
+/// Progress reports from [`GanTrainer::run`].
+#[derive(Debug, Clone)]
+pub enum SynthEvent {
+    /// A step finished.
+    Step {
+        /// Steps done.
+        step: usize,
+        /// Steps the run takes at most.
+        total: usize,
+        /// Its losses.
+        losses: StepLosses,
+    },
+    /// A check finished.
+    Check(GanHistoryPoint),
+    /// A sample grid was written.
+    Grid(PathBuf),
+    /// A checkpoint was written.
+    Saved(PathBuf),
+}
+
+/// Summary statistics of a batch's 8x8 colour layouts, for [`quality_distance`].
+#[derive(Debug, Clone)]
+pub struct LayoutStats {
+    mean: Vec<f32>,
+    std: Vec<f32>,
+}
+
+/// Mean and standard deviation over the batch of each value of the images' 8x8 average-pooled
+/// colour layouts (images (N, C, S, S), S a multiple of 8).
+pub fn layout_stats(x: &Tensor) -> Result<LayoutStats> {
+    let (n, c, h, w) = x.dims4()?;
+    let (fh, fw) = (h / 8, w / 8);
+    if fh == 0 || fw == 0 || h % 8 != 0 || w % 8 != 0 {
+        return Err(Error::invalid(format!("layout_stats: {h}x{w} images are not a multiple of 8")));
+    }
+    let f = x.reshape((n, c, 8, fh, 8, fw))?.mean(5)?.mean(3)?.reshape((n, c * 64))?;
+    let mean = f.mean(0)?;
+    let var = f.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+    Ok(LayoutStats { mean: mean.to_vec1()?, std: var.sqrt()?.to_vec1()? })
+}
+
+/// The quality proxy: a diagonal Fréchet distance between two sets of layout statistics,
+/// `mean((mu_a - mu_b)^2 + (sd_a - sd_b)^2)`. Zero for identical statistics; it grows as the
+/// generated images' colours, layout or variety drift from the real ones (collapse to a few
+/// images shrinks the standard deviations). Cheap, and blind to fine texture.
+pub fn quality_distance(a: &LayoutStats, b: &LayoutStats) -> f64 {
+    let n = a.mean.len().max(1) as f64;
+    let m: f64 = a.mean.iter().zip(&b.mean).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let s: f64 = a.std.iter().zip(&b.std).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    (m + s) / n
+}
+
+/// The real images of each class `classes` (names of `data.classes`), resized to `size`, as
+/// normalised tensors (N_c, 3, size, size).
+pub fn load_class_images(
+    data: &Dataset,
+    classes: &[String],
+    size: u32,
+    norm: Normalize,
+    device: &Device,
+) -> Result<Vec<Tensor>> {
+    let cache = ImageCache::new(0);
+    let mut out = Vec::new();
+    for name in classes {
+        let idx = data.classes.iter().position(|c| c == name).ok_or_else(|| {
+            Error::invalid(format!("{} has no class {name:?}; its classes are {}", data.name, data.classes.join(", ")))
+        })?;
+        let sub = data.filter(|s| s.label == Some(idx));
+        if sub.len() < 2 {
+            return Err(Error::invalid(format!(
+                "{} split {}: {} image(s) of class {name}, at least 2 are needed",
+                data.name,
+                data.split,
+                sub.len()
+            )));
+        }
+        let mut parts = Vec::new();
+        let all: Vec<usize> = (0..sub.len()).collect();
+        for chunk in all.chunks(256) {
+            let items = sub.load_items(chunk, Some((size, size)), &cache)?;
+            let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
+            parts.push(image_io::images_to_tensor(&imgs, norm, device)?);
+        }
+        out.push(Tensor::cat(&parts, 0)?);
+    }
+    Ok(out)
+}
+
+/// A GAN being trained.
+pub struct GanTrainer {
+    /// The networks.
+    pub synth: Synthesizer,
+    opt_g: Optimizer,
+    opt_d: Optimizer,
+    reals: Vec<Tensor>,
+    real_stats: Vec<LayoutStats>,
+    fixed_z: Tensor,
+}
+
+impl GanTrainer {
+    /// Sets up training of `cfg` on real images per class (`reals[c]`: (N_c, C, S, S),
+    /// normalised).
+    pub fn new(cfg: SynthConfig, reals: Vec<Tensor>, device: &Device) -> Result<Self> {
+        if reals.len() != cfg.classes.len() {
+            return Err(Error::invalid(format!("{} classes but real images for {}", cfg.classes.len(), reals.len())));
+        }
+        let s = cfg.model.size;
+        for (r, name) in reals.iter().zip(&cfg.classes) {
+            let d = r.dims();
+            if d.len() != 4 || d[1] != cfg.model.channels || d[2] != s || d[3] != s || d[0] < 2 {
+                return Err(Error::invalid(format!(
+                    "real images of {name}: shape {d:?}, expected (>=2, {}, {s}, {s})",
+                    cfg.model.channels
+                )));
+            }
+        }
+        let synth = Synthesizer::new(cfg.clone(), device)?;
+        let opt_g = Optimizer::from_varmap(&synth.varmap, cfg.optim_g, |n| n.starts_with("g."));
+        let opt_d = Optimizer::from_varmap(&synth.varmap, cfg.optim_d, |n| n.starts_with("d."));
+        let real_stats = reals.iter().map(layout_stats).collect::<Result<_>>()?;
+        let nz = cfg.grid_images.max(cfg.quality_samples).max(2);
+        let fixed_z = synth.latents(nz, cfg.train.seed ^ 0xf1ed)?;
+        Ok(GanTrainer { synth, opt_g, opt_d, reals, real_stats, fixed_z })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SynthConfig {
+        &self.synth.cfg
+    }
+
+    /// Steps per epoch: one pass over the largest class.
+    pub fn steps_per_epoch(&self) -> usize {
+        let bs = self.config().batch_size.max(1);
+        self.reals.iter().map(|r| r.dim(0).unwrap_or(0) / bs).max().unwrap_or(0).max(1)
+    }
+
+    /// Loads weights and both optimisers' states from a checkpoint folder.
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let dir = checkpoint::resolve(dir)?;
+        checkpoint::load_varmap(&self.synth.varmap, &dir.join(checkpoint::WEIGHTS), Strictness::Exact, |_| false)?;
+        let (od, og) = (dir.join(checkpoint::OPTIM), dir.join(OPTIM_G));
+        if od.exists() {
+            self.opt_d.load(&od)?;
+        }
+        if og.exists() {
+            self.opt_g.load(&og)?;
+        }
+        Ok(())
+    }
+
+    /// The real batch of class `head` for (epoch, batch): a seeded permutation per epoch and
+    /// class, taken cyclically, with random flips.
+    fn real_batch(&self, head: usize, epoch: usize, batch: usize, rng: &mut Rng) -> Result<Tensor> {
+        let cfg = self.config();
+        let r = &self.reals[head];
+        let n = r.dim(0)?;
+        let bs = cfg.batch_size;
+        let perm = Rng::new(cfg.train.seed).fork(0x5e9 ^ ((epoch as u64) << 8) ^ ((head as u64) << 40)).permutation(n);
+        let idx: Vec<u32> = (0..bs).map(|j| perm[(batch * bs + j) % n] as u32).collect();
+        let mut x = r.index_select(&Tensor::new(idx, r.device())?, 0)?;
+        if cfg.flip {
+            for dim in [3usize, 2] {
+                let m: Vec<f32> = (0..bs).map(|_| if rng.bernoulli(0.5) { 1.0 } else { 0.0 }).collect();
+                let m = Tensor::from_vec(m, (bs, 1, 1, 1), r.device())?;
+                let flipped = x.flip(&[dim])?;
+                x = (x.broadcast_mul(&m.affine(-1.0, 1.0)?)? + flipped.broadcast_mul(&m)?)?;
+            }
+        }
+        Ok(x)
+    }
+
+    fn latent_batch(&self, rng: &mut Rng) -> Result<Tensor> {
+        let (bs, l) = (self.config().batch_size, self.config().model.latent);
+        Ok(Tensor::from_vec(rng.normal_vec(bs * l, 0.0, 1.0), (bs, l), &self.synth.device)?)
+    }
+
+    /// One step (a discriminator update and `g_steps` generator updates) on batch `batch` of
+    /// epoch `epoch`.
+    pub fn step(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLosses> {
+        let cfg = self.synth.cfg.clone();
+        let heads = cfg.classes.len();
+        let reals: Vec<Tensor> = (0..heads).map(|h| self.real_batch(h, epoch, batch, rng)).collect::<Result<_>>()?;
+        let z = self.latent_batch(rng)?;
+        let fakes = self.synth.generator.forward_all(&z, true)?;
+        let detached: Vec<Tensor> = fakes.iter().map(|f| f.detach()).collect();
+        let d_real = self.synth.discriminator.forward_heads(&reals, true, None)?;
+        let d_fake = self.synth.discriminator.forward_heads(&detached, true, None)?;
+        let (mut lr, mut lf) = (Vec::new(), Vec::new());
+        for (r, f) in d_real.iter().zip(&d_fake) {
+            lr.push(derm_core::ops::bce_with_logits(&r.logits, &r.logits.ones_like()?.affine(cfg.real_label, 0.0)?)?);
+            lf.push(derm_core::ops::bce_with_logits(&f.logits, &f.logits.zeros_like()?)?);
+        }
+        let loss_real = (Tensor::stack(&lr, 0)?.mean_all()?).detach();
+        let loss_fake = (Tensor::stack(&lf, 0)?.mean_all()?).detach();
+        let loss_d = (Tensor::stack(&lr, 0)?.mean_all()? + Tensor::stack(&lf, 0)?.mean_all()?)?;
+        let ld = loss_d.to_scalar::<f32>()? as f64;
+        if !ld.is_finite() {
+            return Ok(StepLosses { d_real: f64::NAN, d_fake: f64::NAN, g: f64::NAN });
+        }
+        self.opt_d.backward_step(&loss_d)?;
+        let real_feats: Vec<Tensor> = if cfg.feature_matching {
+            d_real.iter().map(|o| o.features.detach().mean(0)).collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let mut lg = 0.0;
+        let mut fakes = Some(fakes);
+        for _ in 0..cfg.g_steps {
+            let xs = match fakes.take() {
+                Some(f) => f,
+                None => self.synth.generator.forward_all(&self.latent_batch(rng)?, true)?,
+            };
+            let out = self.synth.discriminator.forward_heads(&xs, true, None)?;
+            let mut terms = Vec::new();
+            for (c, o) in out.iter().enumerate() {
+                terms.push(if cfg.feature_matching {
+                    (o.features.mean(0)? - &real_feats[c])?.sqr()?.mean_all()?
+                } else {
+                    derm_core::ops::bce_with_logits(&o.logits, &o.logits.ones_like()?)?
+                });
+            }
+            let loss_g = Tensor::stack(&terms, 0)?.mean_all()?;
+            lg = loss_g.to_scalar::<f32>()? as f64;
+            if !lg.is_finite() {
+                break;
+            }
+            self.opt_g.backward_step(&loss_g)?;
+        }
+        Ok(StepLosses {
+            d_real: loss_real.to_scalar::<f32>()? as f64,
+            d_fake: loss_fake.to_scalar::<f32>()? as f64,
+            g: lg,
+        })
+    }
+
+    /// The quality proxy averaged over the classes (lower is better).
+    pub fn quality(&self) -> Result<f64> {
+        let q = self.config().quality_samples.max(2);
+        let z = self.fixed_z.narrow(0, 0, q.min(self.fixed_z.dim(0)?))?;
+        let mut sum = 0.0;
+        for (h, rs) in self.real_stats.iter().enumerate() {
+            let x = self.synth.generate_tensor(h, &z)?;
+            sum += quality_distance(rs, &layout_stats(&x)?);
+        }
+        Ok(sum / self.real_stats.len().max(1) as f64)
+    }
+
+    /// A grid of the fixed latents' images: one row block per class.
+    pub fn grid(&self) -> Result<RgbImage> {
+        let n = self.config().grid_images.max(1).min(self.fixed_z.dim(0)?);
+        let z = self.fixed_z.narrow(0, 0, n)?;
+        let cols = (n as f64).sqrt().ceil() as usize;
+        let mut blocks = Vec::new();
+        for h in 0..self.reals.len() {
+            let x = self.synth.generate_tensor(h, &z)?;
+            blocks.push(tile(
+                &image_io::tensor_to_images(&x.to_device(&Device::Cpu)?, self.config().normalize)?,
+                cols,
+                2,
+            ));
+        }
+        Ok(tile(&blocks, 1, 6))
+    }
+
+    /// Writes a checkpoint folder (both networks, both optimisers, config, meta, `state`)
+    /// atomically: into a temporary sibling first, then swapped in with the previous one kept
+    /// at `<dir>.old` until the new one is in place (as `derm_core::checkpoint::save` does).
+    pub fn save(&self, dir: &Path, state: &GanState) -> Result<()> {
+        let tmp = derm_core::fsutil::temp_sibling(dir);
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        derm_core::fsutil::create_dir_all(&tmp)?;
+        checkpoint::save_varmap(&self.synth.varmap, &tmp.join(checkpoint::WEIGHTS))?;
+        derm_core::fsutil::write_json(&tmp.join(checkpoint::CONFIG), &self.synth.cfg)?;
+        let mut meta = self.synth.meta();
+        meta.extra["step"] = serde_json::json!(state.step);
+        meta.extra["quality"] = serde_json::json!(state.history.last().map(|h| h.quality));
+        derm_core::fsutil::write_json(&tmp.join(checkpoint::META), &meta)?;
+        self.opt_d.save(&tmp.join(checkpoint::OPTIM))?;
+        self.opt_g.save(&tmp.join(OPTIM_G))?;
+        derm_core::fsutil::write_json(&tmp.join(checkpoint::STATE), state)?;
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let old = dir.with_file_name(format!("{name}.old"));
+        if dir.exists() {
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
+        Ok(())
+    }
+
+    /// Trains from `state` (default for a new run) into the model folder `out`: `last/`,
+    /// `best/`, `samples/step_*.png`, `history.json`.
+    pub fn run(&mut self, out: &Path, mut state: GanState, on_event: &mut dyn FnMut(&SynthEvent)) -> Result<GanState> {
+        derm_core::fsutil::create_dir_all(out)?;
+        let cfg = self.synth.cfg.clone();
+        let lc = &cfg.train;
+        let per_epoch = self.steps_per_epoch();
+        let total = lc.max_steps.unwrap_or(usize::MAX).min(lc.epochs.saturating_mul(per_epoch));
+        let start = Instant::now();
+        let elapsed0 = state.elapsed_s;
+        let elapsed = |s: &Instant| elapsed0 + s.elapsed().as_secs_f64();
+        let base = Rng::new(lc.seed);
+        let mut acc = (0.0, 0.0, 0.0, 0usize);
+        state.finished = false;
+        state.stop_reason = None;
+        while state.step < total {
+            if lc.minutes.is_some_and(|m| elapsed(&start) >= m * 60.0) {
+                state.stop_reason = Some("time_budget".into());
+                break;
+            }
+            let mut rng = base.fork(state.step as u64);
+            let l = self.step(state.epoch, state.batch_in_epoch, &mut rng)?;
+            for v in [l.d_real, l.d_fake, l.g] {
+                if !v.is_finite() {
+                    return Err(Error::NonFiniteLoss { value: v, epoch: state.epoch, step: state.step });
+                }
+            }
+            state.step += 1;
+            state.batch_in_epoch += 1;
+            acc = (acc.0 + l.d_real, acc.1 + l.d_fake, acc.2 + l.g, acc.3 + 1);
+            on_event(&SynthEvent::Step { step: state.step, total, losses: l });
+            let end_of_epoch = state.batch_in_epoch == per_epoch;
+            if end_of_epoch {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+            }
+            if cfg.sample_every > 0 && state.step % cfg.sample_every == 0 {
+                self.write_grid(out, state.step, on_event)?;
+            }
+            let check_now = lc.eval_every.map_or(end_of_epoch, |n| state.step % n.max(1) == 0);
+            if check_now {
+                state.elapsed_s = elapsed(&start);
+                self.check(out, &mut state, &mut acc, on_event)?;
+            }
+            let save_now = lc.checkpoint_every.map_or(end_of_epoch, |n| state.step % n.max(1) == 0);
+            if save_now {
+                state.elapsed_s = elapsed(&start);
+                self.save(&out.join("last"), &state)?;
+                on_event(&SynthEvent::Saved(out.join("last")));
+            }
+            if state.stop_reason.is_some() {
+                break;
+            }
+        }
+        if state.stop_reason.is_none() {
+            state.stop_reason =
+                Some(if state.step >= lc.epochs.saturating_mul(per_epoch) { "epochs" } else { "max_steps" }.into());
+        }
+        if acc.3 > 0 {
+            state.elapsed_s = elapsed(&start);
+            self.check(out, &mut state, &mut acc, on_event)?;
+        }
+        if state.best_step.is_none() {
+            self.save(&out.join("best"), &state)?;
+        }
+        self.write_grid(out, state.step, on_event)?;
+        state.finished = true;
+        state.elapsed_s = elapsed(&start);
+        self.save(&out.join("last"), &state)?;
+        on_event(&SynthEvent::Saved(out.join("last")));
+        derm_core::fsutil::write_json(&out.join("history.json"), &state)?;
+        Ok(state)
+    }
+
+    fn write_grid(&self, out: &Path, step: usize, on_event: &mut dyn FnMut(&SynthEvent)) -> Result<()> {
+        let p = out.join("samples").join(format!("step_{step:06}.png"));
+        image_io::save_png(&p, &self.grid()?)?;
+        on_event(&SynthEvent::Grid(p));
+        Ok(())
+    }
+
+    /// A check: quality proxy, best model, early-stopping counters.
+    fn check(
+        &self,
+        out: &Path,
+        state: &mut GanState,
+        acc: &mut (f64, f64, f64, usize),
+        on_event: &mut dyn FnMut(&SynthEvent),
+    ) -> Result<()> {
+        let es = &self.config().early_stop;
+        let n = acc.3.max(1) as f64;
+        let (d_real, d_fake, g) = (acc.0 / n, acc.1 / n, acc.2 / n);
+        *acc = (0.0, 0.0, 0.0, 0);
+        let quality = self.quality()?;
+        let d_won = d_fake < es.d_fake_loss_below && g > es.g_loss_above;
+        state.d_win_streak = if d_won { state.d_win_streak + 1 } else { 0 };
+        let improved = state.best_quality.is_none_or(|b| quality < b);
+        if improved {
+            state.best_quality = Some(quality);
+            state.best_step = Some(state.step);
+            state.checks_since_best = 0;
+        } else {
+            state.checks_since_best += 1;
+        }
+        let point = GanHistoryPoint {
+            step: state.step,
+            epoch: state.epoch,
+            d_loss: d_real + d_fake,
+            d_real_loss: d_real,
+            d_fake_loss: d_fake,
+            g_loss: g,
+            quality,
+            d_won,
+            elapsed_s: state.elapsed_s,
+        };
+        state.history.push(point.clone());
+        on_event(&SynthEvent::Check(point));
+        if improved {
+            self.save(&out.join("best"), state)?;
+        }
+        if es.d_win_checks > 0 && state.d_win_streak >= es.d_win_checks {
+            state.stop_reason = Some("discriminator_won".into());
+            tracing::warn!(step = state.step, "the discriminator won {} checks in a row; stopping", state.d_win_streak);
+        } else if es.patience > 0 && state.checks_since_best >= es.patience {
+            state.stop_reason = Some("quality_plateau".into());
+            tracing::info!(step = state.step, best_step = ?state.best_step, "sample quality stopped improving; stopping");
+        }
+        Ok(())
+    }
+}
+
+/// Images side by side in a grid of `cols` columns with `pad` pixels of white between them
+/// (cells as large as the largest image).
+pub fn tile(images: &[RgbImage], cols: usize, pad: u32) -> RgbImage {
+    let cols = cols.max(1);
+    let rows = images.len().div_ceil(cols).max(1);
+    let cw = images.iter().map(|i| i.width()).max().unwrap_or(1);
+    let ch = images.iter().map(|i| i.height()).max().unwrap_or(1);
+    let (w, h) = (cols as u32 * (cw + pad) + pad, rows as u32 * (ch + pad) + pad);
+    let mut out = RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (k, img) in images.iter().enumerate() {
+        let (x, y) = ((k % cols) as u32 * (cw + pad) + pad, (k / cols) as u32 * (ch + pad) + pad);
+        image::imageops::replace(&mut out, img, x as i64, y as i64);
+    }
+    out
+}
+
+/// Trains a GAN for `cfg.classes` of `data` into the model folder `out` (resuming from
+/// `<out>/last` when `resume` is set and it exists).
+pub fn train(
+    cfg: SynthConfig,
+    data: &Dataset,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(&SynthEvent),
+) -> Result<(GanTrainer, GanState)> {
+    cfg.validate()?;
+    let reals = load_class_images(data, &cfg.classes, cfg.model.size as u32, cfg.normalize, device)?;
+    for (c, r) in cfg.classes.iter().zip(&reals) {
+        tracing::info!(class = %c, images = r.dim(0)?, "gan training data");
+    }
+    let mut trainer = GanTrainer::new(cfg.clone(), reals, device)?;
+    let mut state = GanState::default();
+    let last = out.join("last");
+    if resume && checkpoint::resolve(&last).is_ok() {
+        let saved: SynthConfig = checkpoint::read_config(&last)?;
+        if saved.model != cfg.model || saved.classes != cfg.classes {
+            return Err(Error::Checkpoint {
+                path: last,
+                msg: "cannot resume: the saved run has another model shape or classes".into(),
+            });
+        }
+        trainer.restore(&last)?;
+        state = checkpoint::read_state(&last)?.unwrap_or_default();
+        tracing::info!(step = state.step, "resuming");
+    }
+    let state = trainer.run(out, state, on_event)?;
+    Ok((trainer, state))
+}
+
+/// Trains a whole run into `out`: one GAN per class in `out/<class>` (decoupled) or one GAN with
+/// a head per class in `out` (coupled), after writing `out/synth.json`. `cfg` gives everything
+/// but the heads and classes, which follow from `kind` and `classes`. Returns each model's
+/// final state.
+#[allow(clippy::too_many_arguments)]
+pub fn train_run(
+    cfg: &SynthConfig,
+    kind: RunKind,
+    classes: &[String],
+    data: &Dataset,
+    source: Option<DataSource>,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(&str, &SynthEvent),
+) -> Result<Vec<(String, GanState)>> {
+    if classes.is_empty() {
+        return Err(Error::invalid("synth: no class to train on"));
+    }
+    for c in classes {
+        if !data.classes.contains(c) {
+            return Err(Error::invalid(format!(
+                "{} has no class {c:?}; its classes are {}",
+                data.name,
+                data.classes.join(", ")
+            )));
+        }
+    }
+    derm_core::fsutil::create_dir_all(out)?;
+    let info = RunInfo { kind, classes: classes.to_vec(), dataset_classes: data.classes.clone(), data: source };
+    info.write(out)?;
+    let mut results = Vec::new();
+    match kind {
+        RunKind::Decoupled => {
+            for class in classes {
+                let mut c = cfg.clone();
+                c.model.heads = 1;
+                c.classes = vec![class.clone()];
+                c.dataset_classes = data.classes.clone();
+                let (_, st) = train(c, data, device, &out.join(class), resume, &mut |e| on_event(class, e))?;
+                results.push((class.clone(), st));
+            }
+        }
+        RunKind::Coupled => {
+            let mut c = cfg.clone();
+            c.model.heads = classes.len();
+            c.classes = classes.to_vec();
+            c.dataset_classes = data.classes.clone();
+            let name = classes.join("+");
+            let (_, st) = train(c, data, device, out, resume, &mut |e| on_event(&name, e))?;
+            results.push((name, st));
+        }
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::model::GanConfig;
+    use derm_data::phantom::{write_phantom_set, PhantomConfig};
+
+    pub(crate) fn tiny_cfg(classes: &[&str]) -> SynthConfig {
+        let mut c = SynthConfig {
+            model: GanConfig {
+                latent: 8,
+                size: 16,
+                g_widths: vec![16, 8],
+                d_widths: vec![8, 16],
+                heads: classes.len(),
+                ..GanConfig::small()
+            },
+            batch_size: 4,
+            sample_every: 3,
+            grid_images: 4,
+            quality_samples: 8,
+            classes: classes.iter().map(|s| s.to_string()).collect(),
+            dataset_classes: derm_data::PHANTOM_CLASSES.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        };
+        c.train.epochs = 3;
+        c.train.eval_every = Some(2);
+        c.train.checkpoint_every = Some(2);
+        c
+    }
+
+    #[test]
+    fn losses_stay_finite_at_extreme_logits() {
+        let dev = Device::Cpu;
+        let logits = Tensor::new(&[-1e4f32, -110.0, -20.0, 0.0, 17.0, 20.0, 110.0, 1e4], &dev).unwrap();
+        for t in [0.0f32, 0.9, 1.0] {
+            let target = logits.ones_like().unwrap().affine(t as f64, 0.0).unwrap();
+            let v = derm_core::ops::bce_with_logits_elementwise(&logits, &target).unwrap().to_vec1::<f32>().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "target {t}: {v:?}");
+            // A confident wrong answer costs about |logit|.
+            if t == 0.0 {
+                assert!((v[7] - 1e4).abs() < 1.0 && v[0] < 1e-6);
+            }
+            let x = candle_core::Var::from_tensor(&logits).unwrap();
+            let l = derm_core::ops::bce_with_logits(x.as_tensor(), &target).unwrap();
+            let g = l.backward().unwrap().get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+            assert!(g.iter().all(|x| x.is_finite()), "target {t}: {g:?}");
+        }
+    }
+
+    #[test]
+    fn quality_proxy_is_zero_for_the_same_images_and_grows_with_collapse() {
+        let mut r = Rng::new(1);
+        let x = Tensor::from_vec(r.normal_vec(16 * 3 * 16 * 16, 0.0, 0.5), (16, 3, 16, 16), &Device::Cpu).unwrap();
+        let a = layout_stats(&x).unwrap();
+        assert!(quality_distance(&a, &a) < 1e-12);
+        let collapsed = x.narrow(0, 0, 1).unwrap().repeat((16, 1, 1, 1)).unwrap();
+        assert!(quality_distance(&a, &layout_stats(&collapsed).unwrap()) > 1e-3);
+    }
+
+    #[test]
+    fn joint_steps_on_phantoms_change_the_generator_save_and_resume() {
+        let d = tempfile::tempdir().unwrap();
+        write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 32, ..PhantomConfig::balanced() }, 3, 18)
+            .unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let out = d.path().join("run");
+        let cfg = tiny_cfg(&["melanoma"]);
+        let reals = load_class_images(&data, &cfg.classes, 16, cfg.normalize, &Device::Cpu).unwrap();
+        let t0 = GanTrainer::new(cfg.clone(), reals, &Device::Cpu).unwrap();
+        let w = |t: &GanTrainer, n: &str| {
+            t.synth
+                .varmap
+                .data()
+                .lock()
+                .unwrap()
+                .get(n)
+                .unwrap()
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let g0 = w(&t0, "g.0.conv.weight");
+        let (t, state) = train(cfg.clone(), &data, &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        assert_eq!(state.step, 3 * t.steps_per_epoch());
+        assert_ne!(w(&t, "g.0.conv.weight"), g0, "the generator did not change");
+        assert!(state.history.iter().all(|h| h.d_loss.is_finite() && h.g_loss.is_finite() && h.quality.is_finite()));
+        assert!(out.join("samples").join("step_000003.png").exists());
+        assert!(out.join("best/model.safetensors").exists() && out.join("last/optim_g.safetensors").exists());
+        // Resuming to more epochs continues from the saved step; the result equals a straight run.
+        let mut more = cfg.clone();
+        more.train.epochs = 4;
+        let (t2, s2) = train(more.clone(), &data, &Device::Cpu, &out, true, &mut |_| {}).unwrap();
+        assert_eq!(s2.step, 4 * t.steps_per_epoch());
+        let (t3, _) = train(more, &data, &Device::Cpu, &d.path().join("straight"), false, &mut |_| {}).unwrap();
+        assert_eq!(w(&t2, "g.1.conv.weight"), w(&t3, "g.1.conv.weight"));
+        // The saved model loads and generates.
+        let s = Synthesizer::load(&out, &Device::Cpu).unwrap();
+        let imgs = s.generate(0, 3, 7).unwrap();
+        assert_eq!(imgs.len(), 3);
+        assert_eq!(imgs[0].dimensions(), (16, 16));
+    }
+
+    #[test]
+    fn coupled_training_with_feature_matching_and_early_stop() {
+        let d = tempfile::tempdir().unwrap();
+        write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 32, ..PhantomConfig::balanced() }, 4, 18)
+            .unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let mut cfg = tiny_cfg(&["melanoma", "seborrheic_keratosis"]);
+        cfg.feature_matching = true;
+        cfg.train.epochs = 2;
+        let (t, state) = train(cfg, &data, &Device::Cpu, &d.path().join("run"), false, &mut |_| {}).unwrap();
+        assert_eq!(state.stop_reason.as_deref(), Some("epochs"));
+        assert!(state.history.iter().all(|h| h.g_loss.is_finite() && h.g_loss >= 0.0));
+        let grid = image::open(d.path().join("run/samples").join(format!("step_{:06}.png", state.step))).unwrap();
+        assert!(grid.height() > grid.width(), "two class blocks stacked");
+        // A proxy that does not beat the best for `patience` checks stops the run.
+        let mut st = GanState { best_quality: Some(0.0), ..Default::default() };
+        let mut t = t;
+        t.synth.cfg.early_stop.patience = 2;
+        for k in 0..2 {
+            assert!(st.stop_reason.is_none(), "stopped after {k} checks");
+            let mut acc = (0.5, 0.5, 1.0, 1);
+            t.check(&d.path().join("run3"), &mut st, &mut acc, &mut |_| {}).unwrap();
+        }
+        assert_eq!(st.stop_reason.as_deref(), Some("quality_plateau"));
+        // A discriminator that always wins stops the run too.
+        let mut st = GanState::default();
+        let mut cfg2 = t.config().clone();
+        cfg2.early_stop.d_win_checks = 2;
+        let mut t2 = t;
+        t2.synth.cfg = cfg2;
+        for _ in 0..2 {
+            let mut acc = (0.3, 0.001, 9.0, 1);
+            t2.check(&d.path().join("run2"), &mut st, &mut acc, &mut |_| {}).unwrap();
+        }
+        assert_eq!(st.stop_reason.as_deref(), Some("discriminator_won"));
+    }
+}
