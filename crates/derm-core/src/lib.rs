@@ -36,6 +36,8 @@ pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod optim;
+pub mod plot;
+pub mod report;
 pub mod rng;
 pub mod train;
 

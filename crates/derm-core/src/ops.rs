@@ -402,7 +402,14 @@ impl Default for ConvParams {
 /// strided convolutions on inputs whose height and width leave different remainders. Here the
 /// input is padded explicitly and trimmed to exactly the rows and columns the windows read, so no
 /// output padding is ever needed; the result is identical to the plain convolution.
+///
+/// Ungrouped convolutions of CPU f32/f64 tensors go to [`crate::conv::conv2d`], whose forward and
+/// both gradients are GEMMs (several times faster than candle's backward); the rest use candle.
 pub fn conv2d(x: &Tensor, w: &Tensor, p: ConvParams) -> CResult<Tensor> {
+    if p.groups == 1 && crate::conv::supports(x, w) {
+        let spec = crate::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
+        return crate::conv::conv2d(x, w, spec);
+    }
     let (_, _, h, wd) = x.dims4()?;
     let (_, _, kh, kw) = w.dims4()?;
     let span_h = p.dilation * (kh - 1) + 1;

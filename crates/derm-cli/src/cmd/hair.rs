@@ -1,0 +1,211 @@
+//! `derm hair`: find hairs, rulers and ink marks, and remove them with classic inpainting.
+//!
+//! For each input image `<id>.<ext>` writes `<id>_occlusion.png` (0/255) and `<id>_clean.png`
+//! into `--out`, and `summary.json` with the masked fraction of every image.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use derm_core::image_io::{is_image_path, load_mask, load_rgb, save_png};
+use derm_hair::{HairConfig, HairSummary, InpaintMethod};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::GlobalOpts;
+
+/// Arguments of `derm hair`.
+#[derive(Debug, clap::Args)]
+pub struct HairArgs {
+    /// An image, or a folder of images (not searched recursively).
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder for `<id>_occlusion.png`, `<id>_clean.png` and `summary.json`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder of lesion masks, matched by id: `<id>_segmentation.png`, `<id>.png` or
+    /// `<id>_lesion.png`. Dark lesion texture is then kept out of the occlusion mask.
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
+    /// Short side (px) at which the detection sizes are defined (default 256).
+    #[arg(long)]
+    pub size_ref: Option<u32>,
+    /// A JSON file with a `HairConfig` (unknown fields are errors); flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Inpainting method: telea or harmonic.
+    #[arg(long, value_parser = ["telea", "harmonic"])]
+    pub inpaint: Option<String>,
+    /// Do not look for rulers.
+    #[arg(long)]
+    pub no_rulers: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Per-image entry of `summary.json`.
+#[derive(Debug, Serialize)]
+struct Entry {
+    #[serde(flatten)]
+    summary: HairSummary,
+    occlusion: String,
+    clean: String,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Serialize)]
+struct Summary {
+    config: HairConfig,
+    images: usize,
+    failed: BTreeMap<String, String>,
+    mean_masked_fraction: f64,
+    results: BTreeMap<String, Entry>,
+}
+
+impl HairArgs {
+    fn config(&self) -> anyhow::Result<HairConfig> {
+        let mut cfg: HairConfig = match &self.config {
+            Some(p) => derm_core::fsutil::read_json(p)?,
+            None => HairConfig::default(),
+        };
+        if let Some(s) = self.size_ref {
+            cfg.size_ref = s;
+        }
+        if let Some(m) = &self.inpaint {
+            cfg.inpaint = if m == "harmonic" { InpaintMethod::Harmonic } else { InpaintMethod::Telea };
+        }
+        if self.no_rulers {
+            cfg.rulers = false;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn inputs(&self) -> anyhow::Result<Vec<PathBuf>> {
+        if self.input.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(&self.input)
+                .with_context(|| format!("reading {}", self.input.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_file() && is_image_path(p))
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                bail!("no images (png, jpg, bmp, tif) in {}", self.input.display());
+            }
+            Ok(v)
+        } else if self.input.is_file() {
+            Ok(vec![self.input.clone()])
+        } else {
+            bail!("{}: no such file or folder", self.input.display())
+        }
+    }
+
+    /// Runs detection and inpainting on every input, in parallel.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let cfg = self.config()?;
+        let inputs = self.inputs()?;
+        if let Some(d) = &self.lesion_masks {
+            if !d.is_dir() {
+                bail!("--lesion-masks {}: not a folder", d.display());
+            }
+        }
+        derm_core::fsutil::create_dir_all(&self.out)?;
+        let pb = crate::progress::bar(inputs.len() as u64, "hair", g.quiet);
+        let results: Vec<(String, anyhow::Result<Entry>)> = inputs
+            .par_iter()
+            .map(|p| {
+                let id = image_id(p);
+                let r = self.one(p, &id, &cfg);
+                pb.inc(1);
+                (id, r)
+            })
+            .collect();
+        pb.finish_and_clear();
+        let mut ok = BTreeMap::new();
+        let mut failed = BTreeMap::new();
+        for (id, r) in results {
+            match r {
+                Ok(e) => {
+                    ok.insert(id, e);
+                }
+                Err(e) => {
+                    tracing::error!("{id}: {e:#}");
+                    failed.insert(id, format!("{e:#}"));
+                }
+            }
+        }
+        let mean = if ok.is_empty() {
+            0.0
+        } else {
+            ok.values().map(|e| e.summary.masked_fraction).sum::<f64>() / ok.len() as f64
+        };
+        let summary =
+            Summary { config: cfg, images: ok.len(), failed, mean_masked_fraction: mean, results: ok };
+        derm_core::fsutil::write_json(&self.out.join("summary.json"), &summary)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        } else if !g.quiet {
+            println!(
+                "{} image(s) cleaned into {}, mean masked fraction {:.4}{}",
+                summary.images,
+                self.out.display(),
+                mean,
+                if summary.failed.is_empty() { String::new() } else { format!(", {} failed", summary.failed.len()) }
+            );
+        }
+        if summary.images == 0 {
+            bail!("every image failed; see {}", self.out.join("summary.json").display());
+        }
+        Ok(())
+    }
+
+    fn one(&self, path: &Path, id: &str, cfg: &HairConfig) -> anyhow::Result<Entry> {
+        let img = load_rgb(path)?;
+        let lesion = match &self.lesion_masks {
+            Some(dir) => match find_mask(dir, id) {
+                Some(mp) => Some(load_mask(&mp, Some(img.dimensions()))?),
+                None => {
+                    tracing::warn!("{id}: no lesion mask in {}; lesion texture may be called hair", dir.display());
+                    None
+                }
+            },
+            None => None,
+        };
+        let res = derm_hair::clean(&img, lesion.as_ref(), cfg).with_context(|| path.display().to_string())?;
+        let occlusion = format!("{id}_occlusion.png");
+        let clean = format!("{id}_clean.png");
+        save_png(&self.out.join(&occlusion), &res.occlusion)?;
+        save_png(&self.out.join(&clean), &res.clean)?;
+        Ok(Entry { summary: res.summary(lesion.is_some()), occlusion, clean })
+    }
+}
+
+/// The file stem of an image.
+fn image_id(p: &Path) -> String {
+    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The lesion mask of image `id` in `dir`, by the names ISIC and derm use.
+fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
+    [format!("{id}_segmentation.png"), format!("{id}.png"), format!("{id}_lesion.png")]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_are_found_by_id() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("a_segmentation.png"), b"x").unwrap();
+        std::fs::write(d.path().join("b_lesion.png"), b"x").unwrap();
+        assert!(find_mask(d.path(), "a").unwrap().ends_with("a_segmentation.png"));
+        assert!(find_mask(d.path(), "b").unwrap().ends_with("b_lesion.png"));
+        assert!(find_mask(d.path(), "c").is_none());
+        assert_eq!(image_id(Path::new("/x/ISIC_1.jpg")), "ISIC_1");
+    }
+}

@@ -1,0 +1,153 @@
+//! [`HairConfig`]: every size is given for an image whose short side is [`HairConfig::size_ref`]
+//! pixels and scaled with the image, so a 6000x4000 photograph and its 256 px thumbnail give
+//! the same mask relative to their size.
+
+use serde::{Deserialize, Serialize};
+
+/// How masked pixels are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InpaintMethod {
+    /// Telea's fast marching method (Telea 2004): pixels are filled from the outside in, each as
+    /// a weighted first-order extrapolation of the known pixels within a small radius.
+    Telea,
+    /// Telea's fill followed by relaxation towards the harmonic (Laplace) solution, which is
+    /// smoother across wide gaps.
+    Harmonic,
+}
+
+/// Settings of hair, ruler and ink-mark detection and of inpainting.
+///
+/// Lengths and radii are in pixels of an image whose short side is `size_ref`, areas in square
+/// pixels of that image; both are scaled by `min(w, h) / size_ref`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HairConfig {
+    /// Short side (px) at which the sizes below are given.
+    pub size_ref: u32,
+    /// Length (px) of the line structuring elements of the closing; dark structures narrower
+    /// than this across are found.
+    pub line_length: f32,
+    /// Black-hat threshold in CIE L* units (0-100): how much darker than its closed
+    /// surroundings a pixel must be to be occlusion.
+    pub threshold: f32,
+    /// Connected pieces of the thresholded mask smaller than this (px²) are dropped as noise.
+    pub min_area: f32,
+    /// Radius (px) of the disc the occlusion mask is dilated by; 0 disables the dilation. The
+    /// thresholded black-hat already covers anti-aliased edges that differ visibly.
+    pub dilate_radius: f32,
+    /// Radius (px) of the disc the occlusion mask is dilated by for inpainting only (so that
+    /// faint edges are filled too); 0 inpaints exactly the mask.
+    pub inpaint_margin: f32,
+    /// Holes in the final mask up to this area (px²) are filled.
+    pub max_hole_area: f32,
+    /// With a lesion mask: a piece that reaches into the lesion is kept there only when it also
+    /// has at least this many pixels (px) outside the lesion, i.e. when it crosses the border.
+    pub crossing_min_outside: f32,
+    /// With a lesion mask: a pixel inside the lesion is on a thin elongated structure when the
+    /// mask runs at most this wide (px) across it...
+    pub crossing_max_width: f32,
+    /// ...and at least this long (px) along it, straight.
+    pub crossing_min_length: f32,
+    /// Whether violet ink marks are looked for.
+    pub ink: bool,
+    /// Ink: red and blue must both exceed green by this much (0-255).
+    pub ink_chroma: f32,
+    /// Whether rulers (long straight dark lines with regular tick marks) are looked for.
+    pub rulers: bool,
+    /// Shortest ruler line (px) that counts.
+    pub ruler_min_length: f32,
+    /// How filled-in masked pixels are computed.
+    pub inpaint: InpaintMethod,
+    /// Radius (px) of the neighbourhood each filled pixel is computed from (Telea's epsilon).
+    pub inpaint_radius: f32,
+    /// Relaxation sweeps of [`InpaintMethod::Harmonic`] after the Telea fill.
+    pub harmonic_iterations: usize,
+}
+
+impl Default for HairConfig {
+    fn default() -> Self {
+        HairConfig {
+            size_ref: 256,
+            line_length: 11.0,
+            threshold: 6.0,
+            min_area: 10.0,
+            dilate_radius: 0.0,
+            inpaint_margin: 1.0,
+            max_hole_area: 12.0,
+            crossing_min_outside: 12.0,
+            crossing_max_width: 4.0,
+            crossing_min_length: 12.0,
+            ink: true,
+            ink_chroma: 20.0,
+            rulers: true,
+            ruler_min_length: 96.0,
+            inpaint: InpaintMethod::Telea,
+            inpaint_radius: 3.0,
+            harmonic_iterations: 60,
+        }
+    }
+}
+
+impl HairConfig {
+    /// The factor from `size_ref` pixels to the pixels of a `w` x `h` image.
+    pub fn scale(&self, w: u32, h: u32) -> f32 {
+        w.min(h) as f32 / self.size_ref.max(1) as f32
+    }
+
+    /// Checks that every setting is in range.
+    pub fn validate(&self) -> derm_core::Result<()> {
+        let fields = [
+            ("line_length", self.line_length),
+            ("threshold", self.threshold),
+            ("min_area", self.min_area),
+            ("dilate_radius", self.dilate_radius),
+            ("inpaint_margin", self.inpaint_margin),
+            ("max_hole_area", self.max_hole_area),
+            ("crossing_min_outside", self.crossing_min_outside),
+            ("crossing_max_width", self.crossing_max_width),
+            ("crossing_min_length", self.crossing_min_length),
+            ("ruler_min_length", self.ruler_min_length),
+            ("ink_chroma", self.ink_chroma),
+            ("inpaint_radius", self.inpaint_radius),
+        ];
+        for (name, v) in fields {
+            if !v.is_finite() || v < 0.0 {
+                derm_core::bail!("hair config: {name} must be finite and non-negative, got {v}");
+            }
+        }
+        if self.size_ref == 0 {
+            derm_core::bail!("hair config: size_ref must be positive");
+        }
+        if self.line_length < 3.0 {
+            derm_core::bail!("hair config: line_length must be at least 3, got {}", self.line_length);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_partial_json_and_rejects_unknown_fields() {
+        let c: HairConfig = serde_json::from_str(r#"{"threshold": 4.5, "inpaint": "harmonic"}"#).unwrap();
+        assert_eq!(c.threshold, 4.5);
+        assert_eq!(c.inpaint, InpaintMethod::Harmonic);
+        assert_eq!(c.line_length, HairConfig::default().line_length);
+        assert!(serde_json::from_str::<HairConfig>(r#"{"treshold": 4}"#).is_err());
+        let back: HairConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn validate_rejects_bad_values() {
+        assert!(HairConfig::default().validate().is_ok());
+        let c = HairConfig { threshold: f32::NAN, ..HairConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("threshold"));
+        let c = HairConfig { line_length: 1.0, ..HairConfig::default() };
+        assert!(c.validate().is_err());
+        assert_eq!(HairConfig::default().scale(512, 1024), 2.0);
+    }
+}
