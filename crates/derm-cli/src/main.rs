@@ -52,6 +52,22 @@ enum Command {
     Phantom(cmd::phantom::PhantomArgs),
     /// Find hairs and rulers, and remove them with classic inpainting.
     Hair(cmd::hair::HairArgs),
+    /// Lesion segmentation with the dilated U-Net.
+    #[command(subcommand)]
+    Segment(cmd::segment::SegmentCommand),
+    /// Occlusion removal: derm-hair finds hairs and rulers, a partial-convolution U-Net fills them.
+    #[command(subcommand)]
+    Purify(cmd::purify::PurifyCommand),
+    /// DCGAN virtual patients for the rare classes, with the novelty check.
+    #[command(subcommand)]
+    Synth(cmd::synth::SynthCommand),
+    /// ResNet lesion classification, scored as the ISIC challenges do.
+    #[command(subcommand)]
+    Classify(cmd::classify::ClassifyCommand),
+    /// VisualBackProp: where a trained classifier or segmenter looks.
+    Vbp(cmd::vbp::VbpArgs),
+    /// One image through every stage with the models of a pipeline run.
+    Analyze(cmd::analyze::AnalyzeArgs),
 }
 
 fn init_logging(g: &GlobalOpts) {
@@ -77,6 +93,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Data(a) => a.run(g),
         Command::Phantom(a) => a.run(g),
         Command::Hair(a) => a.run(g),
+        Command::Segment(a) => a.run(g),
+        Command::Purify(a) => a.run(g),
+        Command::Synth(a) => a.run(g),
+        Command::Classify(a) => a.run(g),
+        Command::Vbp(a) => a.run(g),
+        Command::Analyze(a) => a.run(g),
     }
 }
 

@@ -468,7 +468,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&T
         None => nll.mean_all(),
         Some(w) => {
             let wt = w.to_dtype(logits.dtype())?.gather(&t.squeeze(1)?, 0)?;
-            (nll * &wt)?.sum_all()? / wt.sum_all()?.to_scalar::<f64>()?
+            (nll * &wt)?.sum_all()? / wt.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
         }
     }
 }
@@ -653,6 +653,13 @@ pub(crate) mod tests {
         let w = Tensor::new(&[1f64, 2., 0.5], &Device::Cpu).unwrap();
         let e = grad_error(&[3, 3], 11, |x| cross_entropy(x, &t, Some(&w)));
         assert!(e < 1e-6, "ce {e}");
+        // Weighted cross-entropy in f32 as well.
+        let l32 = Tensor::new(&[[0f32, 1.], [2., 0.]], &Device::Cpu).unwrap();
+        let w32 = Tensor::new(&[1f32, 3.], &Device::Cpu).unwrap();
+        let t2 = Tensor::new(&[0u32, 1], &Device::Cpu).unwrap();
+        let v = cross_entropy(&l32, &t2, Some(&w32)).unwrap().to_scalar::<f32>().unwrap();
+        let want = (1.0 * (1.0 + 1f32.exp()).ln() + 3.0 * (1.0 + 2f32.exp()).ln()) / 4.0;
+        assert!((v - want).abs() < 1e-5, "{v} {want}");
         // Value check against a hand computation: logits [0, 0] target 0 -> ln 2.
         let l = Tensor::new(&[[0f64, 0.]], &Device::Cpu).unwrap();
         let v = cross_entropy(&l, &Tensor::new(&[0u32], &Device::Cpu).unwrap(), None).unwrap();

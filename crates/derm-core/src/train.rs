@@ -212,6 +212,9 @@ pub fn fit(task: &mut dyn Task, cfg: &LoopConfig, out: &Path, mut state: TrainSt
                 task.save(&last_dir(out), &state)?;
                 on_event(&Event::Saved(last_dir(out)));
             }
+            if end_of_epoch {
+                break;
+            }
         }
     }
     if state.stop_reason.is_none() {
@@ -301,6 +304,7 @@ mod tests {
         let mut straight = Toy::new(None);
         let st = fit(&mut straight, &cfg, &d.path().join("a"), TrainState::default(), &mut |_| {}).unwrap();
         assert_eq!(st.step, 24);
+        assert_eq!(st.stop_reason.as_deref(), Some("epochs"));
         let h = &st.history;
         assert!(h.last().unwrap().loss < 0.2 * h[0].loss, "{h:?}");
         assert!(best_dir(&d.path().join("a")).join("model.safetensors").exists());

@@ -1,6 +1,13 @@
 //! One module per subcommand, each an `Args` struct with `run(&self, &GlobalOpts)`.
 
+pub mod analyze;
+pub mod classify;
+pub mod common;
 pub mod data;
 pub mod hair;
 pub mod info;
 pub mod phantom;
+pub mod purify;
+pub mod segment;
+pub mod synth;
+pub mod vbp;

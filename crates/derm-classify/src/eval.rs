@@ -1,0 +1,182 @@
+//! Scoring as the ISIC challenges do: ROC AUC per class one-vs-rest and their mean (ISIC 2017
+//! ranks by the mean over melanoma and seborrheic keratosis), specificity at 82, 89 and 95%
+//! sensitivity for melanoma, the confusion matrix, balanced accuracy (ISIC 2018 task 3),
+//! accuracy, and per-class sensitivity and specificity.
+
+use derm_core::metrics::{self, ConfusionMatrix, RocPoint};
+use serde::{Deserialize, Serialize};
+
+/// The sensitivities at which ISIC 2017 reports melanoma specificity.
+pub const ISIC2017_SENSITIVITIES: [f64; 3] = [0.82, 0.89, 0.95];
+
+/// Specificity at one required sensitivity.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SpecificityAt {
+    /// The required sensitivity.
+    pub sensitivity: f64,
+    /// The best specificity reaching it (`None` when a class is absent).
+    pub specificity: Option<f64>,
+}
+
+/// Everything the classifier is scored on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassificationReport {
+    /// Class names, in label order.
+    pub classes: Vec<String>,
+    /// Images scored.
+    pub images: usize,
+    /// Images per true class.
+    pub class_counts: Vec<usize>,
+    /// ROC AUC of each class one-vs-rest (`None` when the class or its complement is absent).
+    pub auc: Vec<Option<f64>>,
+    /// The classes whose AUCs make the mean: melanoma and seborrheic keratosis for the ISIC 2017
+    /// classes (as its scorer), every class otherwise.
+    pub scored_classes: Vec<usize>,
+    /// Mean AUC over `scored_classes` (those with a value).
+    pub mean_auc: Option<f64>,
+    /// The class taken as melanoma (the class named `melanoma`, else 0).
+    pub melanoma_class: usize,
+    /// Melanoma specificity at 82, 89 and 95% sensitivity.
+    pub melanoma_specificity: Vec<SpecificityAt>,
+    /// Confusion matrix of the arg-max predictions, rows true, columns predicted.
+    pub confusion: ConfusionMatrix,
+    /// Plain accuracy of the arg-max.
+    pub accuracy: f64,
+    /// Mean per-class sensitivity (ISIC 2018 task 3's balanced multi-class accuracy).
+    pub balanced_accuracy: f64,
+    /// Per-class sensitivity (recall).
+    pub sensitivity: Vec<Option<f64>>,
+    /// Per-class specificity.
+    pub specificity: Vec<Option<f64>>,
+}
+
+/// The classes ISIC 2017's mean AUC is taken over: melanoma and seborrheic keratosis when both
+/// are among three classes; otherwise every class.
+pub fn scored_classes(classes: &[String]) -> Vec<usize> {
+    let m = classes.iter().position(|c| c == "melanoma");
+    let sk = classes.iter().position(|c| c == "seborrheic_keratosis");
+    match (m, sk) {
+        (Some(m), Some(sk)) if classes.len() == 3 => vec![m, sk],
+        _ => (0..classes.len()).collect(),
+    }
+}
+
+fn one_vs_rest(probs: &[Vec<f64>], labels: &[usize], k: usize) -> (Vec<f64>, Vec<bool>) {
+    (probs.iter().map(|p| p.get(k).copied().unwrap_or(0.0)).collect(), labels.iter().map(|&l| l == k).collect())
+}
+
+/// Scores class probabilities (one row per image, summing to 1) against true labels.
+pub fn score(probs: &[Vec<f64>], labels: &[usize], classes: &[String]) -> ClassificationReport {
+    let k = classes.len();
+    let mut class_counts = vec![0; k];
+    for &l in labels {
+        if l < k {
+            class_counts[l] += 1;
+        }
+    }
+    let auc: Vec<Option<f64>> = (0..k)
+        .map(|c| {
+            let (s, y) = one_vs_rest(probs, labels, c);
+            metrics::roc_auc(&s, &y)
+        })
+        .collect();
+    let scored = scored_classes(classes);
+    let vals: Vec<f64> = scored.iter().filter_map(|&c| auc[c]).collect();
+    let mean_auc = (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64);
+    let melanoma_class = classes.iter().position(|c| c == "melanoma").unwrap_or(0);
+    let (s, y) = one_vs_rest(probs, labels, melanoma_class);
+    let melanoma_specificity = ISIC2017_SENSITIVITIES
+        .iter()
+        .map(|&t| SpecificityAt { sensitivity: t, specificity: metrics::specificity_at_sensitivity(&s, &y, t) })
+        .collect();
+    let pred = metrics::argmax_rows(probs);
+    let confusion = ConfusionMatrix::new(labels, &pred, k);
+    ClassificationReport {
+        classes: classes.to_vec(),
+        images: labels.len(),
+        class_counts,
+        auc,
+        scored_classes: scored,
+        mean_auc,
+        melanoma_class,
+        melanoma_specificity,
+        accuracy: confusion.accuracy(),
+        balanced_accuracy: confusion.balanced_accuracy(),
+        sensitivity: confusion.per_class_sensitivity(),
+        specificity: confusion.per_class_specificity(),
+        confusion,
+    }
+}
+
+/// The one-vs-rest ROC curve of each class (empty for a class that is absent).
+pub fn roc_curves(probs: &[Vec<f64>], labels: &[usize], k: usize) -> Vec<Vec<RocPoint>> {
+    (0..k)
+        .map(|c| {
+            let (s, y) = one_vs_rest(probs, labels, c);
+            metrics::roc_curve(&s, &y)
+        })
+        .collect()
+}
+
+impl ClassificationReport {
+    /// The value training keeps the best checkpoint by: the mean AUC, or the balanced accuracy
+    /// when no AUC can be computed.
+    pub fn selection_metric(&self) -> f64 {
+        self.mean_auc.unwrap_or(self.balanced_accuracy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn classes() -> Vec<String> {
+        ["melanoma", "seborrheic_keratosis", "nevus"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn isic2017_scores_on_hand_made_probabilities() {
+        // Six images, two per class.
+        let labels = vec![0, 0, 1, 1, 2, 2];
+        let probs = vec![
+            vec![0.8, 0.1, 0.1],
+            vec![0.3, 0.3, 0.4], // melanoma called nevus
+            vec![0.1, 0.7, 0.2],
+            vec![0.2, 0.5, 0.3],
+            vec![0.4, 0.1, 0.5], // nevus with a higher melanoma score than the second melanoma
+            vec![0.1, 0.2, 0.7],
+        ];
+        let r = score(&probs, &labels, &classes());
+        // Melanoma scores: positives 0.8, 0.3; negatives 0.1, 0.2, 0.4, 0.1. Pairs won: 0.8 beats
+        // all 4; 0.3 beats 3 of 4: AUC 7/8.
+        assert_eq!(r.auc[0], Some(7.0 / 8.0));
+        // Seborrheic keratosis: positives 0.7, 0.5 beat all four negatives (0.1, 0.3, 0.1, 0.2).
+        assert_eq!(r.auc[1], Some(1.0));
+        assert_eq!(r.scored_classes, vec![0, 1]);
+        assert_eq!(r.mean_auc, Some((7.0 / 8.0 + 1.0) / 2.0));
+        assert_eq!(r.confusion.counts, vec![vec![1, 0, 1], vec![0, 2, 0], vec![0, 0, 2]]);
+        assert!((r.accuracy - 5.0 / 6.0).abs() < 1e-12);
+        assert!((r.balanced_accuracy - (0.5 + 1.0 + 1.0) / 3.0).abs() < 1e-12);
+        assert_eq!(r.sensitivity, vec![Some(0.5), Some(1.0), Some(1.0)]);
+        // Nevus specificity: 4 non-nevus images, one (the missed melanoma) called nevus.
+        assert_eq!(r.specificity[2], Some(0.75));
+        // 82% (and 89, 95) melanoma sensitivity needs both melanomas: threshold 0.3 lets in the
+        // 0.4 nevus, so specificity is 3/4.
+        let s: Vec<Option<f64>> = r.melanoma_specificity.iter().map(|s| s.specificity).collect();
+        assert_eq!(s, vec![Some(0.75); 3]);
+        assert_eq!(r.selection_metric(), r.mean_auc.unwrap());
+        let curves = roc_curves(&probs, &labels, 3);
+        assert_eq!(curves[1].last().map(|p| (p.fpr, p.tpr)), Some((1.0, 1.0)));
+    }
+
+    #[test]
+    fn other_class_sets_average_every_class_and_absent_classes_are_none() {
+        let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+        assert_eq!(scored_classes(&names), vec![0, 1]);
+        let r = score(&[vec![0.9, 0.1], vec![0.6, 0.4]], &[0, 0], &names);
+        assert_eq!(r.auc, vec![None, None]);
+        assert_eq!(r.mean_auc, None);
+        assert_eq!(r.selection_metric(), r.balanced_accuracy);
+        assert_eq!(r.melanoma_specificity[0].specificity, None);
+    }
+}

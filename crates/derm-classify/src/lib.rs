@@ -1,0 +1,869 @@
+//! # derm-classify: lesion classification with a trainable ResNet
+//!
+//! The classification stage of derm (Bisla et al., "Skin Lesion Segmentation and Classification
+//! with Deep Learning System"): a ResNet-50 (He et al. 2016; ResNet-18/34/101 from the same code)
+//! trained on original images, optionally with the purify stage's cleaned versions and the synth
+//! stage's generated images added, with flips and random crops (short side scaled to `resize`,
+//! random `input_size` crop), class-balanced mini-batches or a class-weighted loss, SGD (lr 1e-3,
+//! momentum 0.9, as the authors) or Adam, and ImageNet normalisation. On a CPU, the backbone can
+//! be frozen (pooled features computed once per image and flip, only `fc` trained) or trained from
+//! a given stage on (`trainable_from`). Scoring follows the ISIC 2017 scorer (AUC per class and
+//! their mean, melanoma specificity at 82/89/95% sensitivity) and ISIC 2018 (balanced accuracy).
+//!
+//! - [`model`]: the ResNet with torchvision's variable names and every stage's feature map.
+//! - [`data`]: purified and synthetic sources, scaled-image cache, training and test views.
+//! - [`eval`]: the challenge metrics.
+//!
+//! **Consumes:** a labelled data set of derm-data (RGB images of any size; ISIC 2017 classes
+//! melanoma, seborrheic keratosis, nevus, or any manifest's classes), optionally a folder of
+//! `<id>_purified.png` and a synthetic data-set folder, optionally ImageNet weights as a
+//! torchvision-named safetensors file. **Produces:** a checkpoint folder (`model.safetensors`,
+//! `config.json` = [`ClassifyConfig`], `meta.json`), class probabilities (N, K) summing to 1,
+//! and a [`ClassificationReport`].
+
+pub mod data;
+pub mod eval;
+pub mod model;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
+use derm_core::image_io::{self, Normalize};
+use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
+use derm_core::train::{self, LoopConfig, Task, TrainState};
+use derm_core::{Error, Result, Rng};
+use derm_data::augment::AugmentConfig;
+use derm_data::dataset::Dataset;
+use derm_data::sampler::{BalancedSampler, Sampler, ShuffleSampler};
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+pub use data::ExtraSources;
+pub use eval::{score, ClassificationReport};
+pub use model::{load_torchvision, parameter_count, BlockKind, ResNet, ResNetConfig, ResNetFeatures, Stage};
+
+/// Everything a classification run is made of; saved as the checkpoint's `config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifyConfig {
+    /// Network shape (`num_classes` is set from the data set's classes when training).
+    pub model: ResNetConfig,
+    /// Class names in label order (filled from the data set when training).
+    pub classes: Vec<String>,
+    /// Side of the square network input (224 for ImageNet weights; 96-128 on a CPU).
+    pub input_size: u32,
+    /// Images are scaled so their short side is this before cropping `input_size` (256 for 224).
+    pub resize: u32,
+    /// Images per batch.
+    pub batch_size: usize,
+    /// Optimiser (the authors: SGD, lr 1e-3, momentum 0.9).
+    pub optim: OptimConfig,
+    /// Epochs, step and time budget, evaluation and checkpoint cadence, seed.
+    pub train: LoopConfig,
+    /// Fraction of the training split held out for validation (by id hash).
+    pub val_fraction: f64,
+    /// Class-balanced mini-batches (each batch holds the classes equally); otherwise a shuffle.
+    pub balanced: bool,
+    /// Weight the loss by inverse class frequency.
+    pub class_weighted_loss: bool,
+    /// Random `input_size` crops in training (centred crops otherwise).
+    pub random_crop: bool,
+    /// Flips, quarter turns, extra crop-and-rescale and colour jitter after the crop (the
+    /// authors: flips only).
+    pub augment: AugmentConfig,
+    /// Input normalisation (ImageNet statistics, as the pretrained weights expect).
+    pub normalize: Normalize,
+    /// Train only `fc` on pooled features computed once per image and flip, with the backbone
+    /// in eval mode (much faster on a CPU; meant for pretrained weights).
+    pub freeze_backbone: bool,
+    /// Flipped views per image whose features are cached when `freeze_backbone` (1 to 4: none,
+    /// left-right, top-bottom, both).
+    pub feature_views: usize,
+    /// First stage trained when the backbone is not frozen (`conv1` trains everything; `layer4`
+    /// trains layer4 and fc); earlier stages run in eval mode without gradients.
+    pub trainable_from: Stage,
+    /// ImageNet weights (torchvision names, safetensors) loaded before training, head replaced.
+    pub pretrained: Option<PathBuf>,
+    /// Bytes of scaled images kept in memory.
+    pub cache_bytes: usize,
+}
+
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        ClassifyConfig {
+            model: ResNetConfig::resnet50(3),
+            classes: Vec::new(),
+            input_size: 224,
+            resize: 256,
+            batch_size: 16,
+            optim: OptimConfig {
+                optimizer: OptimizerKind::sgd(1e-3, 0.9),
+                schedule: LrSchedule::Constant,
+                clip_grad_norm: None,
+            },
+            train: LoopConfig { epochs: 30, ..Default::default() },
+            val_fraction: 0.15,
+            balanced: false,
+            class_weighted_loss: false,
+            random_crop: true,
+            augment: AugmentConfig {
+                hflip: true,
+                vflip: true,
+                rot90: false,
+                crop_scale: [1.0, 1.0],
+                ..AugmentConfig::geometric()
+            },
+            normalize: Normalize::IMAGENET,
+            freeze_backbone: false,
+            feature_views: 4,
+            trainable_from: Stage::Conv1,
+            pretrained: None,
+            cache_bytes: 1 << 30,
+        }
+    }
+}
+
+impl ClassifyConfig {
+    /// Checks sizes and settings that do not fit together.
+    pub fn validate(&self) -> Result<()> {
+        if self.input_size < 32 || self.resize < self.input_size {
+            return Err(Error::invalid(format!(
+                "classify: input_size {} must be at least 32 and resize {} at least input_size",
+                self.input_size, self.resize
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid("classify: batch_size must be at least 1"));
+        }
+        if !(1..=4).contains(&self.feature_views) {
+            return Err(Error::invalid(format!("classify: feature_views {} is not in 1..=4", self.feature_views)));
+        }
+        if !self.classes.is_empty() && self.classes.len() != self.model.num_classes {
+            return Err(Error::invalid(format!(
+                "classify: {} class names but the model has {} outputs",
+                self.classes.len(),
+                self.model.num_classes
+            )));
+        }
+        Ok(())
+    }
+
+    /// The first stage the optimiser updates.
+    pub fn first_trained_stage(&self) -> Stage {
+        if self.freeze_backbone {
+            Stage::Fc
+        } else {
+            self.trainable_from
+        }
+    }
+}
+
+fn meta(cfg: &ClassifyConfig) -> Meta {
+    let mut m = Meta::new("classify", &cfg.model.name());
+    let n = cfg.normalize;
+    m.inputs.push(TensorSpec {
+        name: "image".into(),
+        shape: vec![None, Some(3), Some(cfg.input_size as usize), Some(cfg.input_size as usize)],
+        dtype: "f32".into(),
+        range: None,
+        description: format!(
+            "RGB, short side scaled to {} then centre-cropped to {}, normalised with mean {:?} std {:?}",
+            cfg.resize, cfg.input_size, n.mean, n.std
+        ),
+    });
+    m.outputs.push(TensorSpec {
+        name: "logits".into(),
+        shape: vec![None, Some(cfg.model.num_classes)],
+        dtype: "f32".into(),
+        range: None,
+        description: format!("class logits for {:?}; softmax gives the probabilities", cfg.classes),
+    });
+    m.extra = serde_json::json!({ "classes": cfg.classes, "input_size": cfg.input_size, "resize": cfg.resize });
+    m
+}
+
+/// A built network with its weights.
+pub struct Classifier {
+    /// The configuration it was trained with.
+    pub cfg: ClassifyConfig,
+    /// The network.
+    pub net: ResNet,
+    /// Its variables.
+    pub varmap: VarMap,
+    /// Where it runs.
+    pub device: Device,
+}
+
+impl Classifier {
+    /// A freshly initialised network (seeded by `cfg.train.seed`); no pretrained weights loaded.
+    pub fn new(cfg: ClassifyConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        let varmap = VarMap::new();
+        let vb = derm_core::nn::seeded_var_builder(&varmap, cfg.train.seed, DType::F32, device);
+        let net = ResNet::new(&cfg.model, vb)?;
+        Ok(Classifier { cfg, net, varmap, device: device.clone() })
+    }
+
+    /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
+    /// is used).
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let dir = resolve_model_dir(dir);
+        checkpoint::read_meta(&dir, "classify")?;
+        let cfg: ClassifyConfig = checkpoint::read_config(&dir)?;
+        let c = Classifier::new(ClassifyConfig { pretrained: None, ..cfg }, device)?;
+        let dir = checkpoint::resolve(&dir)?;
+        checkpoint::load_varmap(&c.varmap, &dir.join(checkpoint::WEIGHTS), checkpoint::Strictness::Exact, |_| false)?;
+        Ok(c)
+    }
+
+    /// Class names (or `class0`, `class1`, ... when the config has none).
+    pub fn class_names(&self) -> Vec<String> {
+        if self.cfg.classes.len() == self.cfg.model.num_classes {
+            self.cfg.classes.clone()
+        } else {
+            (0..self.cfg.model.num_classes).map(|k| format!("class{k}")).collect()
+        }
+    }
+
+    /// The evaluation view of an image of any size (short side to `resize`, centre crop).
+    pub fn view(&self, img: &RgbImage) -> RgbImage {
+        data::center_view(img, self.cfg.resize, self.cfg.input_size)
+    }
+
+    /// Logits (N, K) of views already at `input_size`, batch norm in eval mode.
+    pub fn logits(&self, views: &[&RgbImage]) -> Result<Tensor> {
+        let x = image_io::images_to_tensor(views, self.cfg.normalize, &self.device)?;
+        Ok(self.net.forward_t(&x, false)?)
+    }
+
+    /// Class probabilities (one row per image, summing to 1) of images of any size; with `tta`
+    /// the mean over the four flips.
+    pub fn probabilities(&self, imgs: &[&RgbImage], tta: bool) -> Result<Vec<Vec<f64>>> {
+        let views: Vec<RgbImage> = imgs.iter().map(|i| self.view(i)).collect();
+        self.view_probabilities(&views, tta)
+    }
+
+    /// [`Classifier::probabilities`] of views already at `input_size`.
+    pub fn view_probabilities(&self, views: &[RgbImage], tta: bool) -> Result<Vec<Vec<f64>>> {
+        let flips = if tta { 4 } else { 1 };
+        let k = self.cfg.model.num_classes;
+        let mut out = vec![vec![0f64; k]; views.len()];
+        let bs = self.cfg.batch_size.max(1);
+        for f in 0..flips {
+            for (c, chunk) in views.chunks(bs).enumerate() {
+                let flipped: Vec<RgbImage> = chunk.iter().map(|v| data::flip_view(v, f)).collect();
+                let refs: Vec<&RgbImage> = flipped.iter().collect();
+                let p = derm_core::ops::softmax(&self.logits(&refs)?, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+                for (i, row) in p.iter().enumerate() {
+                    for (o, v) in out[c * bs + i].iter_mut().zip(row) {
+                        *o += *v as f64 / flips as f64;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A run folder resolves to its `best` checkpoint; a checkpoint folder to itself.
+pub fn resolve_model_dir(dir: &Path) -> PathBuf {
+    if dir.join(checkpoint::WEIGHTS).exists() || dir.with_extension("old").exists() {
+        dir.to_path_buf()
+    } else if train::best_dir(dir).join(checkpoint::WEIGHTS).exists() {
+        train::best_dir(dir)
+    } else {
+        train::last_dir(dir)
+    }
+}
+
+/// A preprocessing step applied to each image before classification (test-time purification).
+pub type Preprocess<'a> = &'a dyn Fn(&RgbImage) -> Result<RgbImage>;
+
+/// Per-image results of an evaluation, with the scores.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    /// Image ids, in data-set order (unlabelled samples are left out).
+    pub ids: Vec<String>,
+    /// True labels.
+    pub labels: Vec<usize>,
+    /// Class probabilities.
+    pub probs: Vec<Vec<f64>>,
+    /// The scores.
+    pub report: ClassificationReport,
+}
+
+impl Evaluation {
+    /// The one-vs-rest ROC curve of each class.
+    pub fn roc_curves(&self) -> Vec<Vec<derm_core::metrics::RocPoint>> {
+        eval::roc_curves(&self.probs, &self.labels, self.report.classes.len())
+    }
+}
+
+/// Classifies every labelled image of `data` (after `preprocess`, for example test-time
+/// purification; with `tta` averaging the four flips) and scores the result. The data set's
+/// classes must be the model's.
+pub fn evaluate(
+    clf: &Classifier,
+    data: &Dataset,
+    preprocess: Option<Preprocess>,
+    tta: bool,
+    on_image: &mut dyn FnMut(usize),
+) -> Result<Evaluation> {
+    let classes = clf.class_names();
+    if data.classes != classes {
+        return Err(Error::invalid(format!(
+            "{}: classes {:?} differ from the model's {:?}",
+            data.name, data.classes, classes
+        )));
+    }
+    let labelled: Vec<usize> = (0..data.len()).filter(|&i| data.samples[i].label.is_some()).collect();
+    if labelled.is_empty() {
+        return Err(Error::invalid(format!("{} split {}: no labelled image to score", data.name, data.split)));
+    }
+    let cache = data::ScaledCache::new(clf.cfg.resize, 0);
+    let (mut ids, mut labels, mut probs) = (Vec::new(), Vec::new(), Vec::new());
+    for chunk in labelled.chunks(clf.cfg.batch_size.max(1)) {
+        let views: Vec<RgbImage> = match preprocess {
+            // The preprocessing step sees each image at its own size.
+            Some(f) => chunk
+                .iter()
+                .map(|&i| Ok(clf.view(&f(&image_io::load_rgb(&data.samples[i].image)?)?)))
+                .collect::<Result<_>>()?,
+            None => cache.load(data, chunk)?.iter().map(|img| clf.view(img)).collect(),
+        };
+        probs.extend(clf.view_probabilities(&views, tta)?);
+        for &i in chunk {
+            ids.push(data.samples[i].id.clone());
+            labels.push(data.samples[i].label.unwrap_or(0));
+        }
+        on_image(chunk.len());
+    }
+    let report = score(&probs, &labels, &classes);
+    Ok(Evaluation { ids, labels, probs, report })
+}
+
+/// Mean cross-entropy of (N, K) logits against (N,) u32 labels, optionally weighted per class
+/// (the weighted mean divides by the sum of the targets' weights, as PyTorch).
+pub fn loss(logits: &Tensor, y: &Tensor, class_weights: Option<&Tensor>) -> Result<Tensor> {
+    let Some(w) = class_weights else {
+        return Ok(derm_core::ops::cross_entropy(logits, y, None)?);
+    };
+    // derm_core::ops::cross_entropy reads the weight sum as f64, which fails for f32 logits.
+    let lsm = derm_core::ops::log_softmax(logits, 1)?;
+    let t = y.to_dtype(DType::U32)?;
+    let nll = lsm.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
+    let wt = w.to_dtype(logits.dtype())?.gather(&t, 0)?;
+    Ok((nll * &wt)?.sum_all()?.broadcast_div(&wt.sum_all()?)?)
+}
+
+/// One optimiser step of cross-entropy on a batch: `x` (N, 3, H, W) normalised, `y` (N,) u32.
+/// Stages before `trainable_from` stay fixed. Returns the loss before the step (the step is
+/// skipped when it is not finite). This is what a benchmark times.
+pub fn train_step(
+    net: &ResNet,
+    opt: &mut Optimizer,
+    x: &Tensor,
+    y: &Tensor,
+    class_weights: Option<&Tensor>,
+    trainable_from: Stage,
+) -> Result<f64> {
+    let logits = net.forward_from(x, true, trainable_from)?;
+    let loss = loss(&logits, y, class_weights)?;
+    let v = loss.to_scalar::<f32>()? as f64;
+    if v.is_finite() {
+        opt.backward_step(&loss)?;
+    }
+    Ok(v)
+}
+
+/// An optimiser over the variables a config trains (`fc` only with a frozen backbone).
+pub fn optimizer_for(clf: &Classifier) -> Optimizer {
+    let from = clf.cfg.first_trained_stage();
+    Optimizer::from_varmap(&clf.varmap, clf.cfg.optim, |n| model::is_trainable(n, from))
+}
+
+/// Pooled features of every image of a data set under each flip view, computed once.
+struct FeatureBank {
+    /// (views * N, C), view-major.
+    train: Tensor,
+    n: usize,
+    views: usize,
+    /// (N_val, C), centre view.
+    val: Tensor,
+}
+
+/// The training task for [`derm_core::train::fit`].
+pub struct ClassifyTask {
+    clf: Classifier,
+    opt: Optimizer,
+    train: Dataset,
+    val: Dataset,
+    cache: data::ScaledCache,
+    sampler: Box<dyn Sampler>,
+    per_epoch: usize,
+    order: Option<(usize, Vec<usize>)>,
+    class_weights: Option<Tensor>,
+    bank: Option<FeatureBank>,
+    /// The validation report of the latest evaluation.
+    pub last_report: Option<ClassificationReport>,
+}
+
+impl ClassifyTask {
+    /// Sets up training on the labelled samples of `data` (split into train and validation
+    /// parts by id), with `extra` added to the training part only. Sets `cfg.classes` and
+    /// `cfg.model.num_classes` from the data set and loads `cfg.pretrained` if given.
+    pub fn new(mut cfg: ClassifyConfig, data: &Dataset, extra: &ExtraSources, device: &Device) -> Result<Self> {
+        cfg.classes = data.classes.clone();
+        cfg.model.num_classes = data.classes.len();
+        cfg.validate()?;
+        let labelled = data.filter(|s| s.label.is_some());
+        if labelled.is_empty() {
+            return Err(Error::invalid(format!("{} split {}: no sample has a class label", data.name, data.split)));
+        }
+        let (mut train, val) = labelled.split_by_id(cfg.val_fraction, cfg.train.seed);
+        let (np, ns) = data::add_sources(&mut train, extra)?;
+        if train.len() < cfg.batch_size {
+            return Err(Error::invalid(format!(
+                "{} training samples, fewer than one batch of {}",
+                train.len(),
+                cfg.batch_size
+            )));
+        }
+        tracing::info!(train = train.len(), purified = np, synthetic = ns, val = val.len(), "classification data");
+        let counts = train.class_counts();
+        let class_weights = if cfg.class_weighted_loss {
+            let n: usize = counts.iter().sum();
+            let k = counts.len() as f64;
+            let w: Vec<f32> =
+                counts.iter().map(|&c| if c == 0 { 0.0 } else { (n as f64 / (k * c as f64)) as f32 }).collect();
+            Some(Tensor::new(w, device)?)
+        } else {
+            None
+        };
+        let (sampler, per_epoch): (Box<dyn Sampler>, usize) = if cfg.balanced {
+            let s = BalancedSampler::new(&train.labels(), cfg.batch_size, cfg.train.seed)?;
+            let b = s.batches();
+            (Box::new(s), b)
+        } else {
+            (Box::new(ShuffleSampler::new(train.len(), cfg.train.seed)), train.len() / cfg.batch_size)
+        };
+        let clf = Classifier::new(cfg.clone(), device)?;
+        if let Some(p) = &cfg.pretrained {
+            load_torchvision(&clf.varmap, p, true)?;
+            tracing::info!(path = %p.display(), "pretrained weights loaded, head replaced");
+        } else if cfg.freeze_backbone {
+            tracing::warn!("freeze_backbone without pretrained weights: the head is trained on random features");
+        }
+        let opt = optimizer_for(&clf);
+        let cache = data::ScaledCache::new(cfg.resize, cfg.cache_bytes);
+        Ok(ClassifyTask {
+            clf,
+            opt,
+            train,
+            val,
+            cache,
+            sampler,
+            per_epoch,
+            order: None,
+            class_weights,
+            bank: None,
+            last_report: None,
+        })
+    }
+
+    /// Loads weights and optimiser state from a checkpoint folder (for `--resume`).
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let dir = checkpoint::resolve(dir)?;
+        checkpoint::load_varmap(
+            &self.clf.varmap,
+            &dir.join(checkpoint::WEIGHTS),
+            checkpoint::Strictness::Exact,
+            |_| false,
+        )?;
+        let o = dir.join(checkpoint::OPTIM);
+        if o.exists() {
+            self.opt.load(&o)?;
+        }
+        self.bank = None;
+        Ok(())
+    }
+
+    /// The classifier being trained.
+    pub fn classifier(&self) -> &Classifier {
+        &self.clf
+    }
+
+    /// Sizes of the training part (extra sources included) and the validation part.
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.train.len(), self.val.len())
+    }
+
+    fn epoch_order(&mut self, epoch: usize) -> &[usize] {
+        if self.order.as_ref().map(|o| o.0) != Some(epoch) {
+            self.order = Some((epoch, self.sampler.epoch_indices(epoch as u64)));
+        }
+        self.order.as_ref().map(|o| o.1.as_slice()).unwrap_or(&[])
+    }
+
+    fn pooled_of(&self, views: &[RgbImage]) -> Result<Tensor> {
+        let refs: Vec<&RgbImage> = views.iter().collect();
+        let x = image_io::images_to_tensor(&refs, self.clf.cfg.normalize, &self.clf.device)?;
+        Ok(self.clf.net.pooled(&x, false, Stage::Fc)?)
+    }
+
+    fn features(&self, data: &Dataset, flip: usize) -> Result<Tensor> {
+        let idx: Vec<usize> = (0..data.len()).collect();
+        let mut parts = Vec::new();
+        for chunk in idx.chunks(self.clf.cfg.batch_size.max(1)) {
+            let imgs = self.cache.load(data, chunk)?;
+            let views: Vec<RgbImage> = imgs.iter().map(|i| data::flip_view(&self.clf.view(i), flip)).collect();
+            parts.push(self.pooled_of(&views)?);
+        }
+        if parts.is_empty() {
+            return Ok(Tensor::zeros((0, self.clf.cfg.model.feature_dim()), DType::F32, &self.clf.device)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Computes the frozen backbone's features once (train: every flip view; val: centre).
+    fn ensure_bank(&mut self) -> Result<()> {
+        if !self.clf.cfg.freeze_backbone || self.bank.is_some() {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let views = self.clf.cfg.feature_views;
+        let mut parts = Vec::with_capacity(views);
+        for v in 0..views {
+            parts.push(self.features(&self.train, v)?);
+        }
+        let train = Tensor::cat(&parts, 0)?;
+        let val = self.features(&self.val, 0)?;
+        tracing::info!(
+            images = self.train.len(),
+            views,
+            seconds = t0.elapsed().as_secs_f64(),
+            "backbone features cached"
+        );
+        self.bank = Some(FeatureBank { train, n: self.train.len(), views, val });
+        Ok(())
+    }
+
+    /// Validation probabilities under the current weights.
+    pub fn val_probabilities(&mut self) -> Result<Vec<Vec<f64>>> {
+        self.ensure_bank()?;
+        if let Some(b) = &self.bank {
+            let logits = self.clf.net.head().forward(&b.val)?;
+            let p = derm_core::ops::softmax(&logits, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            return Ok(p.into_iter().map(|r| r.into_iter().map(f64::from).collect()).collect());
+        }
+        let idx: Vec<usize> = (0..self.val.len()).collect();
+        let mut out = Vec::new();
+        for chunk in idx.chunks(self.clf.cfg.batch_size.max(1)) {
+            let imgs = self.cache.load(&self.val, chunk)?;
+            let views: Vec<RgbImage> = imgs.iter().map(|i| self.clf.view(i)).collect();
+            out.extend(self.clf.view_probabilities(&views, false)?);
+        }
+        Ok(out)
+    }
+
+    /// Mean cross-entropy over the validation part (no update).
+    pub fn val_loss(&mut self) -> Result<f64> {
+        let p = self.val_probabilities()?;
+        let labels: Vec<usize> = self.val.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
+        let n = p.len().max(1) as f64;
+        Ok(p.iter().zip(&labels).map(|(r, &l)| -(r[l].max(1e-12)).ln()).sum::<f64>() / n)
+    }
+
+    /// The validation report under the current weights.
+    pub fn val_report(&mut self) -> Result<ClassificationReport> {
+        let p = self.val_probabilities()?;
+        let labels: Vec<usize> = self.val.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
+        Ok(score(&p, &labels, &self.clf.cfg.classes))
+    }
+
+    fn image_batch(&self, indices: &[usize], rng: &mut Rng) -> Result<(Tensor, Tensor)> {
+        let cfg = &self.clf.cfg;
+        let imgs = self.cache.load(&self.train, indices)?;
+        let mut rngs: Vec<Rng> = (0..indices.len()).map(|k| rng.fork(k as u64)).collect();
+        let views: Vec<RgbImage> = imgs
+            .iter()
+            .zip(rngs.iter_mut())
+            .map(|(img, r)| data::train_view(img, cfg.input_size, cfg.random_crop, &cfg.augment, r))
+            .collect();
+        let refs: Vec<&RgbImage> = views.iter().collect();
+        let x = image_io::images_to_tensor(&refs, cfg.normalize, &self.clf.device)?;
+        let y = self.labels_of(indices)?;
+        Ok((x, y))
+    }
+
+    fn labels_of(&self, indices: &[usize]) -> Result<Tensor> {
+        let y: Vec<u32> = indices.iter().map(|&i| self.train.samples[i].label.unwrap_or(0) as u32).collect();
+        Ok(Tensor::new(y, &self.clf.device)?)
+    }
+}
+
+impl Task for ClassifyTask {
+    fn batches_per_epoch(&self) -> usize {
+        self.per_epoch
+    }
+
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+        let bs = self.clf.cfg.batch_size;
+        let indices: Vec<usize> = self.epoch_order(epoch).iter().skip(batch * bs).take(bs).copied().collect();
+        if indices.is_empty() {
+            return Err(Error::invalid(format!("batch {batch} of epoch {epoch} is past the epoch's end")));
+        }
+        self.ensure_bank()?;
+        if let Some(b) = &self.bank {
+            let rows: Vec<u32> = indices.iter().map(|&i| (rng.below(b.views) * b.n + i) as u32).collect();
+            let x = b.train.index_select(&Tensor::new(rows, &self.clf.device)?, 0)?;
+            let y = self.labels_of(&indices)?;
+            let logits = self.clf.net.head().forward(&x)?;
+            let loss = loss(&logits, &y, self.class_weights.as_ref())?;
+            let v = loss.to_scalar::<f32>()? as f64;
+            if v.is_finite() {
+                self.opt.backward_step(&loss)?;
+            }
+            return Ok(v);
+        }
+        let (x, y) = self.image_batch(&indices, rng)?;
+        let from = self.clf.cfg.first_trained_stage();
+        train_step(&self.clf.net, &mut self.opt, &x, &y, self.class_weights.as_ref(), from)
+    }
+
+    /// Mean validation AUC over the scored classes (balanced accuracy when no AUC exists).
+    fn evaluate(&mut self) -> Result<Option<f64>> {
+        if self.val.is_empty() {
+            return Ok(None);
+        }
+        let r = self.val_report()?;
+        let m = r.selection_metric();
+        self.last_report = Some(r);
+        Ok(Some(m))
+    }
+
+    fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
+        let mut m = meta(&self.clf.cfg);
+        m.extra["val_mean_auc"] = serde_json::json!(self.last_report.as_ref().and_then(|r| r.mean_auc));
+        m.extra["val_auc"] = serde_json::json!(self.last_report.as_ref().map(|r| r.auc.clone()));
+        m.extra["step"] = serde_json::json!(state.step);
+        checkpoint::save(
+            dir,
+            &CheckpointData {
+                varmap: &self.clf.varmap,
+                config: &self.clf.cfg,
+                meta: &m,
+                optimizer: Some(&self.opt),
+                state: Some(state),
+            },
+        )
+    }
+}
+
+/// Trains from scratch (or from `cfg.pretrained`), or resumes from `<out>/last` when `resume` is
+/// set and it exists.
+pub fn train(
+    cfg: ClassifyConfig,
+    data: &Dataset,
+    extra: &ExtraSources,
+    device: &Device,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(&train::Event),
+) -> Result<(ClassifyTask, TrainState)> {
+    let mut task = ClassifyTask::new(cfg.clone(), data, extra, device)?;
+    let mut state = TrainState::default();
+    let last = train::last_dir(out);
+    if resume && checkpoint::resolve(&last).is_ok() {
+        let saved: ClassifyConfig = checkpoint::read_config(&last)?;
+        let now = &task.clf.cfg;
+        if saved.model != now.model || saved.input_size != now.input_size || saved.classes != now.classes {
+            return Err(Error::Checkpoint {
+                path: last,
+                msg: "cannot resume: the saved run has another model shape, input size or class list".into(),
+            });
+        }
+        task.restore(&last)?;
+        state = checkpoint::read_state(&last)?.unwrap_or_default();
+        tracing::info!(step = state.step, "resuming");
+    }
+    let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
+    Ok((task, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use derm_data::phantom::{write_phantom_set, PhantomConfig};
+
+    fn tiny_cfg() -> ClassifyConfig {
+        ClassifyConfig {
+            model: ResNetConfig { base_width: 8, zero_init_residual: true, ..ResNetConfig::resnet18(3) },
+            input_size: 48,
+            resize: 56,
+            batch_size: 6,
+            optim: OptimConfig { optimizer: OptimizerKind::adam(3e-3), ..Default::default() },
+            train: LoopConfig { epochs: 2, ..Default::default() },
+            val_fraction: 0.25,
+            balanced: true,
+            ..Default::default()
+        }
+    }
+
+    fn phantoms(dir: &Path, n: usize, size: u32) -> Dataset {
+        write_phantom_set(&dir.join("ph"), &PhantomConfig { size, ..Default::default() }, 1, n).unwrap();
+        Dataset::open_dir(&dir.join("ph"), None, None).unwrap()
+    }
+
+    #[test]
+    fn a_few_steps_lower_the_loss_on_phantoms() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 56);
+        let mut task = ClassifyTask::new(tiny_cfg(), &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        // One fixed batch, loss in training mode before and after ten steps on it.
+        let idx: Vec<usize> = (0..12).collect();
+        let (x, y) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let loss = |t: &ClassifyTask| {
+            derm_core::ops::cross_entropy(&t.clf.net.forward_t(&x, true).unwrap(), &y, None)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let before = loss(&task);
+        let mut first = None;
+        for _ in 0..10 {
+            let l = train_step(&task.clf.net, &mut task.opt, &x, &y, None, Stage::Conv1).unwrap();
+            first.get_or_insert(l);
+        }
+        let after = loss(&task);
+        assert!(after < 0.5 * before, "loss {before} -> {after}");
+    }
+
+    #[test]
+    fn weighted_loss_matches_the_hand_computed_value() {
+        let logits = Tensor::new(&[[2f32, 0.0, 0.0], [0.0, 1.0, 0.0]], &Device::Cpu).unwrap();
+        let y = Tensor::new(&[0u32, 2], &Device::Cpu).unwrap();
+        let w = Tensor::new(&[1f32, 1.0, 3.0], &Device::Cpu).unwrap();
+        let l0 = -(2f64.exp() / (2f64.exp() + 2.0)).ln();
+        let l1 = -(1.0 / (1f64.exp() + 2.0)).ln();
+        let v = loss(&logits, &y, Some(&w)).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((v - (l0 + 3.0 * l1) / 4.0).abs() < 1e-5, "{v}");
+        let v = loss(&logits, &y, None).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((v - (l0 + l1) / 2.0).abs() < 1e-5, "{v}");
+    }
+
+    #[test]
+    fn balanced_batches_hold_every_class() {
+        let d = tempfile::tempdir().unwrap();
+        // The default phantom mix is ISIC 2017's (19% melanoma, 13% SK, 69% nevus).
+        let data = phantoms(d.path(), 40, 32);
+        let mut cfg = tiny_cfg();
+        cfg.input_size = 32;
+        cfg.resize = 32;
+        let mut task = ClassifyTask::new(cfg, &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        let counts = task.train.class_counts();
+        assert!(counts[2] > 2 * counts[1], "{counts:?}");
+        for b in 0..task.batches_per_epoch() {
+            let idx: Vec<usize> = task.epoch_order(0).iter().skip(b * 6).take(6).copied().collect();
+            let mut per = [0; 3];
+            for i in idx {
+                per[task.train.samples[i].label.unwrap()] += 1;
+            }
+            assert_eq!(per, [2, 2, 2], "batch {b}");
+        }
+    }
+
+    #[test]
+    fn training_checkpoints_resume_and_evaluate() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 48);
+        let out = d.path().join("run");
+        let mut cfg = tiny_cfg();
+        cfg.class_weighted_loss = true;
+        cfg.balanced = false;
+        let (task, state) =
+            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let per_epoch = task.sizes().0 / 6;
+        assert_eq!(state.step, 2 * per_epoch);
+        assert!(state.best_metric.is_some());
+        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(clf.class_names(), vec!["melanoma", "seborrheic_keratosis", "nevus"]);
+        // Any image size; probabilities sum to one, with and without flips.
+        let img = RgbImage::from_pixel(61, 45, image::Rgb([120, 80, 60]));
+        for tta in [false, true] {
+            let p = clf.probabilities(&[&img, &img], tta).unwrap();
+            assert_eq!(p.len(), 2);
+            assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        }
+        // Evaluation with a preprocessing step (here: inverting the image).
+        let mut calls = 0usize;
+        let inv = |i: &RgbImage| -> Result<RgbImage> {
+            let mut o = i.clone();
+            image::imageops::invert(&mut o);
+            Ok(o)
+        };
+        let e = evaluate(&clf, &data, Some(&inv), true, &mut |n| calls += n).unwrap();
+        assert_eq!(e.ids.len(), 24);
+        assert_eq!(calls, 24);
+        assert_eq!(e.report.confusion.counts.iter().flatten().sum::<u64>(), 24);
+        // Resume runs to three epochs.
+        let mut more = cfg;
+        more.train.epochs = 3;
+        let (_, st) =
+            train(more.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).unwrap();
+        assert_eq!(st.step, 3 * per_epoch);
+        // Another shape cannot resume.
+        more.model.base_width = 4;
+        more.train.epochs = 4;
+        assert!(train(more, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).is_err());
+    }
+
+    #[test]
+    fn frozen_backbone_trains_only_the_head() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 48);
+        let mut cfg = tiny_cfg();
+        cfg.freeze_backbone = true;
+        cfg.feature_views = 2;
+        cfg.train.epochs = 3;
+        // A "pretrained" file: another model's weights with a 1000-class head.
+        let donor_cfg = ClassifyConfig {
+            model: ResNetConfig { num_classes: 1000, ..cfg.model.clone() },
+            train: LoopConfig { seed: 7, ..Default::default() },
+            ..tiny_cfg()
+        };
+        let donor = Classifier::new(donor_cfg, &Device::Cpu).unwrap();
+        let pre = d.path().join("imagenet.safetensors");
+        checkpoint::save_varmap(&donor.varmap, &pre).unwrap();
+        cfg.pretrained = Some(pre);
+        let out = d.path().join("run");
+        let (mut task, state) =
+            train(cfg, &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        assert!(state.step > 0);
+        assert_eq!(task.opt.param_names(), vec!["fc.bias", "fc.weight"]);
+        let w = |vm: &VarMap, n: &str| -> Vec<f32> {
+            checkpoint::sorted_vars(vm)
+                .into_iter()
+                .find(|(k, _)| k == n)
+                .unwrap()
+                .1
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        assert_eq!(w(&task.clf.varmap, "layer2.0.conv1.weight"), w(&donor.varmap, "layer2.0.conv1.weight"));
+        assert_eq!(w(&task.clf.varmap, "layer2.0.bn1.running_mean"), w(&donor.varmap, "layer2.0.bn1.running_mean"));
+        // The cached-feature validation equals a full forward pass.
+        let from_bank = task.val_probabilities().unwrap();
+        task.bank = None;
+        task.clf.cfg.freeze_backbone = false;
+        let full = task.val_probabilities().unwrap();
+        for (a, b) in from_bank.iter().flatten().zip(full.iter().flatten()) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! `derm classify train|predict|eval`: the ResNet lesion classifier.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use derm_classify::{ClassificationReport, Classifier, ClassifyConfig, ExtraSources, ResNetConfig, Stage};
+use derm_core::image_io;
+use derm_core::optim::OptimizerKind;
+use derm_core::plot::{self, PlotOptions, Series};
+use derm_data::dataset::Dataset;
+
+use crate::cmd::common::{self, collect_images, StageProgress};
+use crate::GlobalOpts;
+
+/// The classification subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClassifyCommand {
+    /// Train the classifier on a labelled data set (plus purified and synthetic images).
+    Train(TrainArgs),
+    /// Class probabilities of images.
+    Predict(PredictArgs),
+    /// Score a trained classifier as the ISIC 2017/2018 scorers: AUC, specificity at fixed
+    /// sensitivity, confusion matrix, balanced accuracy.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `derm classify train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// A folder of <id>_purified.png (the purify stage's output) added to training.
+    #[arg(long)]
+    pub purified: Option<PathBuf>,
+    /// A synthetic data-set folder (the synth stage's output, with its manifest) added to
+    /// training.
+    #[arg(long)]
+    pub synthetic: Option<PathBuf>,
+    /// Architecture: resnet18, resnet34, resnet50 or resnet101.
+    #[arg(long, default_value = "resnet50")]
+    pub arch: String,
+    /// Base width (64 = torchvision; smaller for CPU-sized networks trained from scratch).
+    #[arg(long, default_value_t = 64)]
+    pub width: usize,
+    /// ImageNet weights with torchvision names (safetensors); the head is replaced.
+    #[arg(long)]
+    pub pretrained: Option<PathBuf>,
+    /// Train only the final layer on features computed once (fast on a CPU).
+    #[arg(long)]
+    pub freeze_backbone: bool,
+    /// First stage trained (conv1, layer1..layer4, fc); earlier ones stay fixed.
+    #[arg(long, default_value = "conv1")]
+    pub trainable_from: String,
+    /// Network input size in pixels (square crop).
+    #[arg(long, default_value_t = 224)]
+    pub size: u32,
+    /// Short side images are scaled to before cropping (default: size * 256 / 224).
+    #[arg(long)]
+    pub resize: Option<u32>,
+    /// Epochs.
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    /// Stop after this many minutes of training.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Optimiser: sgd (momentum 0.9, as the authors) or adam.
+    #[arg(long, default_value = "sgd")]
+    pub optimizer: String,
+    /// Class-balanced mini-batches.
+    #[arg(long)]
+    pub balanced: bool,
+    /// Weight the loss by inverse class frequency.
+    #[arg(long)]
+    pub weighted_loss: bool,
+    /// Fraction of the split held out for validation (by id).
+    #[arg(long, default_value_t = 0.15)]
+    pub val_fraction: f64,
+    /// Evaluate on the validation part every N steps (default: each epoch).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// A JSON file with a full ClassifyConfig (the flags above are then ignored, except the seed).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in OUT from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png, validation.json.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl TrainArgs {
+    fn config(&self, g: &GlobalOpts) -> anyhow::Result<ClassifyConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => derm_core::fsutil::read_json(p)?,
+            None => {
+                let mut c = ClassifyConfig::default();
+                let model = ResNetConfig::by_name(&self.arch, 3).with_context(|| {
+                    format!("unknown architecture {:?}: use resnet18, resnet34, resnet50 or resnet101", self.arch)
+                })?;
+                c.model =
+                    ResNetConfig { base_width: self.width, zero_init_residual: self.pretrained.is_none(), ..model };
+                c.input_size = self.size;
+                c.resize = self.resize.unwrap_or((self.size as f64 * 256.0 / 224.0).round() as u32);
+                c.batch_size = self.batch;
+                c.train.epochs = self.epochs;
+                c.train.minutes = self.minutes;
+                c.train.eval_every = self.eval_every;
+                c.val_fraction = self.val_fraction;
+                c.balanced = self.balanced;
+                c.class_weighted_loss = self.weighted_loss;
+                c.freeze_backbone = self.freeze_backbone;
+                c.trainable_from = Stage::parse(&self.trainable_from).with_context(|| {
+                    format!("unknown stage {:?}: use conv1, layer1..layer4 or fc", self.trainable_from)
+                })?;
+                c.pretrained = self.pretrained.clone();
+                c.optim.optimizer = match self.optimizer.as_str() {
+                    "sgd" => OptimizerKind::sgd(self.lr, 0.9),
+                    "adam" => OptimizerKind::adam(self.lr),
+                    o => bail!("unknown optimizer {o:?}: use sgd or adam"),
+                };
+                c
+            }
+        };
+        cfg.train.seed = g.seed;
+        Ok(cfg)
+    }
+
+    /// Trains and writes the run folder.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let cfg = self.config(g)?;
+        let device = g.device()?;
+        let data = self.data.open()?;
+        let extra = ExtraSources { purified: self.purified.clone(), synthetic: self.synthetic.clone() };
+        let mut progress = StageProgress::new("classify", g.quiet);
+        let (mut task, state) =
+            derm_classify::train(cfg, &data, &extra, &device, &self.out, self.resume, &mut |e| progress.event(e))
+                .with_context(|| format!("training the classifier into {}", self.out.display()))?;
+        progress.finish();
+        common::write_history(&self.out, &state)?;
+        let report = task.val_report()?;
+        derm_core::fsutil::write_json(&self.out.join("validation.json"), &report)?;
+        let (ntrain, nval) = task.sizes();
+        println!(
+            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; last: {}; run folder {}",
+            state.step,
+            state.elapsed_s / 60.0,
+            state.stop_reason.as_deref().unwrap_or("done"),
+            state.best_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
+            state.best_step.unwrap_or(0),
+            summary_line(&report),
+            self.out.display()
+        );
+        let _ = nval;
+        Ok(())
+    }
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into())
+}
+
+fn summary_line(r: &ClassificationReport) -> String {
+    format!("mean AUC {} balanced accuracy {:.4} on {} images", fmt_opt(r.mean_auc), r.balanced_accuracy, r.images)
+}
+
+/// Arguments of `derm classify predict`.
+#[derive(Debug, clap::Args)]
+pub struct PredictArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image or a folder of images.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Average the probabilities over the four flips.
+    #[arg(long)]
+    pub tta: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PredictArgs {
+    /// Prints the class probabilities of every image.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let clf = Classifier::load(&self.model, &device)?;
+        let classes = clf.class_names();
+        let files = collect_images(&self.input)?;
+        let pb = crate::progress::bar(files.len() as u64, "classify", g.quiet || self.json);
+        let mut rows = Vec::with_capacity(files.len());
+        for f in &files {
+            let img = image_io::load_rgb(f)?;
+            let p = clf.probabilities(&[&img], self.tta)?.remove(0);
+            rows.push((common::file_id(f), f.clone(), p));
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        if self.json {
+            let v: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(id, f, p)| {
+                    let best = derm_core::metrics::argmax_rows(std::slice::from_ref(p))[0];
+                    let probs: serde_json::Map<String, serde_json::Value> =
+                        classes.iter().zip(p).map(|(c, v)| (c.clone(), serde_json::json!(v))).collect();
+                    serde_json::json!({ "id": id, "file": f, "class": classes[best], "probabilities": probs })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            println!("id,{},predicted", classes.join(","));
+            for (id, _, p) in &rows {
+                let best = derm_core::metrics::argmax_rows(std::slice::from_ref(p))[0];
+                let vals: Vec<String> = p.iter().map(|v| format!("{v:.4}")).collect();
+                println!("{id},{},{}", vals.join(","), classes[best]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Arguments of `derm classify eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// Classify <id>_purified.png from this folder instead of each original image (test-time
+    /// purification done beforehand by the purify stage).
+    #[arg(long)]
+    pub purified_input: Option<PathBuf>,
+    /// Average the probabilities over the four flips.
+    #[arg(long)]
+    pub tta: bool,
+    /// Output folder for roc.png, confusion.png, metrics.json, predictions.csv (default: the
+    /// run folder's eval/).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Replaces each sample's image by `<dir>/<id>_purified.png`, which must exist.
+fn with_purified_images(mut data: Dataset, dir: &Path) -> anyhow::Result<Dataset> {
+    for s in &mut data.samples {
+        let p = dir.join(format!("{}_purified.png", s.id));
+        if !p.is_file() {
+            bail!("{}: no purified image for {} (expected {})", dir.display(), s.id, p.display());
+        }
+        s.image = p;
+    }
+    Ok(data)
+}
+
+/// The run folder of a model argument (a run folder, or one of its checkpoint folders).
+fn run_folder(model: &Path) -> PathBuf {
+    if model.join(derm_core::checkpoint::WEIGHTS).exists() {
+        model.parent().map(Path::to_path_buf).unwrap_or_else(|| model.to_path_buf())
+    } else {
+        model.to_path_buf()
+    }
+}
+
+impl EvalArgs {
+    /// Scores the model and writes the plots and metrics.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let clf = Classifier::load(&self.model, &device)?;
+        let mut data: Dataset = self.data.open()?;
+        if let Some(dir) = &self.purified_input {
+            data = with_purified_images(data, dir)?;
+        }
+        let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet || self.json);
+        let e = derm_classify::evaluate(&clf, &data, None, self.tta, &mut |n| pb.inc(n as u64))?;
+        pb.finish_and_clear();
+        let out = self.out.clone().unwrap_or_else(|| run_folder(&self.model).join("eval"));
+        derm_core::fsutil::create_dir_all(&out)?;
+        let r = &e.report;
+        // ROC curves, one per class.
+        let series: Vec<Series> = e
+            .roc_curves()
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| !c.is_empty())
+            .map(|(k, c)| {
+                Series::new(
+                    format!("{} (AUC {})", r.classes[k], fmt_opt(r.auc[k])),
+                    c.iter().map(|p| (p.fpr, p.tpr)).collect(),
+                )
+            })
+            .collect();
+        let title = format!("ROC, {} {} (mean AUC {})", data.name, data.split, fmt_opt(r.mean_auc));
+        image_io::save_png(
+            &out.join("roc.png"),
+            &plot::line_plot(&title, "false positive rate", "true positive rate", &series, &PlotOptions::roc()),
+        )?;
+        let cm = plot::confusion_matrix_image(
+            &format!("confusion, {} {}", data.name, data.split),
+            &r.classes,
+            &r.confusion.counts,
+        );
+        image_io::save_png(&out.join("confusion.png"), &cm)?;
+        let doc = serde_json::json!({
+            "model": self.model,
+            "data": { "name": data.name, "split": data.split, "root": data.root },
+            "tta": self.tta,
+            "purified_input": self.purified_input,
+            "report": r,
+        });
+        derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
+        let mut csv = format!("id,label,{}\n", r.classes.join(","));
+        for ((id, l), p) in e.ids.iter().zip(&e.labels).zip(&e.probs) {
+            let vals: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
+            csv.push_str(&format!("{id},{},{}\n", r.classes[*l], vals.join(",")));
+        }
+        derm_core::fsutil::write_atomic(&out.join("predictions.csv"), csv.as_bytes())?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        } else {
+            println!(
+                "{} images of {} ({}){}",
+                r.images,
+                data.name,
+                data.split,
+                if self.tta { ", flip TTA" } else { "" }
+            );
+            for (k, c) in r.classes.iter().enumerate() {
+                println!(
+                    "  {c:<22} n {:>5}  AUC {}  sensitivity {}  specificity {}",
+                    r.class_counts[k],
+                    fmt_opt(r.auc[k]),
+                    fmt_opt(r.sensitivity[k]),
+                    fmt_opt(r.specificity[k])
+                );
+            }
+            let scored: Vec<&str> = r.scored_classes.iter().map(|&k| r.classes[k].as_str()).collect();
+            println!("mean AUC ({})  {}", scored.join(", "), fmt_opt(r.mean_auc));
+            for s in &r.melanoma_specificity {
+                println!(
+                    "{} specificity at {:.0}% sensitivity  {}",
+                    r.classes[r.melanoma_class],
+                    s.sensitivity * 100.0,
+                    fmt_opt(s.specificity)
+                );
+            }
+            println!("accuracy {:.4}  balanced accuracy {:.4}", r.accuracy, r.balanced_accuracy);
+            println!("wrote roc.png, confusion.png, metrics.json, predictions.csv to {}", out.display());
+        }
+        Ok(())
+    }
+}
+
+/// Dispatches the subcommand.
+impl ClassifyCommand {
+    /// Runs it.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        match self {
+            ClassifyCommand::Train(a) => a.run(g),
+            ClassifyCommand::Predict(a) => a.run(g),
+            ClassifyCommand::Eval(a) => a.run(g),
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! `derm purify train|run|eval`: occlusion removal with the partial-convolution U-Net.
+//!
+//! `run` finds the occlusions with derm-hair and fills them with the network; `eval` compares no
+//! inpainting, derm-hair's classic inpainting and the network inside the occluded region of
+//! phantoms (PSNR and SSIM against the clean phantom).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use derm_core::image_io;
+use derm_hair::HairConfig;
+use derm_purify::{purify_image, PConvUNetConfig, Purifier, PurifyConfig};
+
+use crate::cmd::common::{self, collect_images, StageProgress};
+use crate::GlobalOpts;
+
+/// The purification subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum PurifyCommand {
+    /// Train the inpainting network on clean images with random holes.
+    Train(TrainArgs),
+    /// Remove hairs and rulers: find them with derm-hair, fill them with the network.
+    Run(RunArgs),
+    /// Hole PSNR and SSIM on phantoms: no inpainting, classic inpainting, the network.
+    Eval(EvalArgs),
+}
+
+/// Arguments of `derm purify train`.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// VGG16 ImageNet weights (safetensors with torchvision names `features.N.weight/bias`) for
+    /// the perceptual and style losses; without them only the L1 and TV terms are used.
+    #[arg(long)]
+    pub vgg: Option<PathBuf>,
+    /// Network preset: small (CPU), peer (5 layers) or paper (7 layers).
+    #[arg(long, default_value = "small")]
+    pub preset: String,
+    /// Working size in pixels (images are resized to SIZE x SIZE).
+    #[arg(long, default_value_t = 128)]
+    pub size: u32,
+    /// Epochs.
+    #[arg(long, default_value_t = 20)]
+    pub epochs: usize,
+    /// Stop after this many minutes of training.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Images per batch.
+    #[arg(long, default_value_t = 6)]
+    pub batch: usize,
+    /// Learning rate of the Adam phase.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Share of the run after which SGD fine-tuning (encoder batch norm frozen) starts; 1 = never.
+    #[arg(long, default_value_t = 0.8)]
+    pub finetune_after: f64,
+    /// Learning rate of the fine-tuning phase.
+    #[arg(long, default_value_t = 5e-5)]
+    pub finetune_lr: f64,
+    /// Folder of `*_occlusion.png` masks (from `derm hair` on other images) used as training holes.
+    #[arg(long)]
+    pub hole_masks: Option<PathBuf>,
+    /// Folder of `<id>_clean.png` (from `derm hair`) used as targets for real images.
+    #[arg(long)]
+    pub clean_dir: Option<PathBuf>,
+    /// Evaluate on the validation part every N steps (default: each epoch).
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// A JSON file with a full PurifyConfig (the flags above are then ignored, except the seed).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in OUT from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl TrainArgs {
+    fn config(&self, g: &GlobalOpts) -> anyhow::Result<PurifyConfig> {
+        let mut cfg = match &self.config {
+            Some(p) => derm_core::fsutil::read_json(p)?,
+            None => {
+                let mut c = PurifyConfig::default();
+                c.model = PConvUNetConfig::preset(&self.preset)
+                    .with_context(|| format!("unknown preset {:?}: use small, peer or paper", self.preset))?;
+                c.size = self.size;
+                c.batch_size = self.batch;
+                c.train.epochs = self.epochs;
+                c.train.minutes = self.minutes;
+                c.train.eval_every = self.eval_every;
+                if let derm_core::optim::OptimizerKind::Adam { lr, .. } = &mut c.optim.optimizer {
+                    *lr = self.lr;
+                }
+                c.finetune_after_fraction = self.finetune_after;
+                c.finetune_lr = self.finetune_lr;
+                c.vgg_weights = self.vgg.clone();
+                c.hole_masks = self.hole_masks.clone();
+                c.clean_dir = self.clean_dir.clone();
+                c
+            }
+        };
+        cfg.train.seed = g.seed;
+        Ok(cfg)
+    }
+
+    /// Trains and writes the run folder.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let cfg = self.config(g)?;
+        let device = g.device()?;
+        let data = self.data.open()?;
+        let mut progress = StageProgress::new("purify", g.quiet);
+        let (task, state) = derm_purify::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
+            .with_context(|| format!("training the purifier into {}", self.out.display()))?;
+        progress.finish();
+        common::write_history(&self.out, &state)?;
+        let (ntrain, _) = task.sizes();
+        println!(
+            "trained {} steps in {:.1} min on {ntrain} images ({}{}); best validation hole PSNR {} dB at step {}; run folder {}",
+            state.step,
+            state.elapsed_s / 60.0,
+            state.stop_reason.as_deref().unwrap_or("done"),
+            if task.finetuning() { ", fine-tuned" } else { "" },
+            state.best_metric.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into()),
+            state.best_step.unwrap_or(0),
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+/// Arguments of `derm purify run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image or a folder of images.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder: `<id>_purified.png` and `<id>_occlusion.png`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder of lesion masks (`<id>_segmentation.png`, `<id>.png` or `<id>_lesion.png`) that keep
+    /// the lesion's own dark texture out of the occlusion mask.
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
+    /// A JSON file with derm-hair's `HairConfig` for the occlusion finder.
+    #[arg(long)]
+    pub hair_config: Option<PathBuf>,
+}
+
+/// The lesion mask of image `id` in `dir`, by the names ISIC and derm use.
+fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
+    [format!("{id}_segmentation.png"), format!("{id}.png"), format!("{id}_lesion.png")]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.is_file())
+}
+
+fn hair_config(p: Option<&Path>) -> anyhow::Result<HairConfig> {
+    let cfg: HairConfig = match p {
+        Some(p) => derm_core::fsutil::read_json(p)?,
+        None => HairConfig::default(),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+impl RunArgs {
+    /// Purifies every image.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let model =
+            Purifier::load(&self.model, &device).with_context(|| format!("loading {}", self.model.display()))?;
+        let hcfg = hair_config(self.hair_config.as_deref())?;
+        let files = collect_images(&self.input)?;
+        derm_core::fsutil::create_dir_all(&self.out)?;
+        let pb = crate::progress::bar(files.len() as u64, "purify", g.quiet);
+        let (mut t_hair, mut t_net, mut frac) = (0f64, 0f64, 0f64);
+        for f in &files {
+            let img = image_io::load_rgb(f)?;
+            let id = common::file_id(f);
+            let lesion = match &self.lesion_masks {
+                Some(dir) => match find_mask(dir, &id) {
+                    Some(p) => Some(image_io::load_mask(&p, Some(img.dimensions()))?),
+                    None => {
+                        tracing::warn!("{id}: no lesion mask in {}", dir.display());
+                        None
+                    }
+                },
+                None => None,
+            };
+            let t0 = Instant::now();
+            let hole = derm_hair::hair_mask(&img, lesion.as_ref(), &hcfg).with_context(|| f.display().to_string())?;
+            t_hair += t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            let out = purify_image(&model, &img, &hole)?;
+            t_net += t1.elapsed().as_secs_f64();
+            frac += derm_purify::masks::hole_fraction(&hole);
+            image_io::save_png(&self.out.join(format!("{id}_purified.png")), &out)?;
+            image_io::save_png(&self.out.join(format!("{id}_occlusion.png")), &hole)?;
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let n = files.len() as f64;
+        println!(
+            "purified {} images into {} (mean occluded share {:.4}; {:.0} ms per image finding occlusions, {:.0} ms inpainting)",
+            files.len(),
+            self.out.display(),
+            frac / n,
+            1e3 * t_hair / n,
+            1e3 * t_net / n
+        );
+        Ok(())
+    }
+}
+
+/// Arguments of `derm purify eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// A trained run folder or checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Phantoms (or any set whose samples have `clean` images and `occlusion` masks).
+    #[command(flatten)]
+    pub data: common::DataArgs,
+    /// Score at SIZE x SIZE (default: the model's working size).
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Score at each image's own size instead.
+    #[arg(long)]
+    pub native: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EvalArgs {
+    /// Scores the three methods.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let model = Purifier::load(&self.model, &device)?;
+        let data = self.data.open()?;
+        if data.samples.iter().all(|s| s.extra("clean").is_none() || s.extra("occlusion").is_none()) {
+            bail!("{} split {} has no clean images with occlusion masks (use a phantom set)", data.name, data.split);
+        }
+        let size = if self.native { None } else { Some(self.size.unwrap_or(model.cfg.size)) };
+        let hcfg = HairConfig::default();
+        let mut rows = Vec::new();
+        for name in ["none", "classic", "network"] {
+            let t0 = Instant::now();
+            let mut n = 0usize;
+            let scores = derm_purify::evaluate_holes(&data, size, &mut |img, hole| {
+                n += 1;
+                match name {
+                    "none" => Ok(img.clone()),
+                    "classic" => derm_hair::inpaint(img, hole, &hcfg),
+                    _ => purify_image(&model, img, hole),
+                }
+            })?;
+            let ms = 1e3 * t0.elapsed().as_secs_f64() / n.max(1) as f64;
+            let (psnr, ssim) = scores.means();
+            rows.push(serde_json::json!({ "method": name, "images": scores.per_image.len(), "hole_psnr": psnr, "hole_ssim": ssim, "ms_per_image": ms }));
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        } else {
+            println!(
+                "{} of {} at {}: PSNR and SSIM inside the occlusion mask against the clean image",
+                data.split,
+                data.name,
+                size.map(|s| format!("{s}x{s}")).unwrap_or_else(|| "native size".into())
+            );
+            println!("{:<10} {:>7} {:>10} {:>10} {:>12}", "method", "images", "PSNR dB", "SSIM", "ms/image");
+            for r in &rows {
+                println!(
+                    "{:<10} {:>7} {:>10.2} {:>10.4} {:>12.1}",
+                    r["method"].as_str().unwrap_or(""),
+                    r["images"],
+                    r["hole_psnr"].as_f64().unwrap_or(f64::NAN),
+                    r["hole_ssim"].as_f64().unwrap_or(f64::NAN),
+                    r["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PurifyCommand {
+    /// Runs it.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        match self {
+            PurifyCommand::Train(a) => a.run(g),
+            PurifyCommand::Run(a) => a.run(g),
+            PurifyCommand::Eval(a) => a.run(g),
+        }
+    }
+}

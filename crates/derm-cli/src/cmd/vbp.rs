@@ -1,0 +1,163 @@
+//! `derm vbp`: VisualBackProp saliency of a trained classifier or segmenter.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use derm_core::image_io;
+use image::{GrayImage, RgbImage};
+use serde::Serialize;
+
+use crate::cmd::common::{self, collect_images};
+use crate::GlobalOpts;
+
+/// Arguments of `derm vbp`.
+#[derive(Debug, clap::Args)]
+pub struct VbpArgs {
+    /// A trained classifier or segmenter (run folder or checkpoint folder).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// An image or a folder of images.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output folder: <id>_saliency.png (gray) and <id>_overlay.png (heat map on the image).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Folder of lesion masks (<id>_segmentation.png, <id>.png, <id>_mask.png): report the share
+    /// of saliency inside the lesion against the lesion's area.
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
+    /// At most this many images (the first, sorted by name).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print a JSON summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One image's numbers.
+#[derive(Debug, Serialize)]
+struct Row {
+    id: String,
+    mass_inside: Option<f64>,
+    area_fraction: Option<f64>,
+}
+
+/// A model VisualBackProp can read.
+pub enum Saliency {
+    /// The classifier's ResNet.
+    Classifier(Box<derm_classify::Classifier>),
+    /// The segmentation U-Net.
+    Segmenter(Box<derm_segment::Segmenter>),
+}
+
+impl Saliency {
+    /// Loads whichever stage wrote the checkpoint.
+    pub fn load(dir: &Path, device: &derm_core::Device) -> anyhow::Result<Self> {
+        if let Ok(c) = derm_classify::Classifier::load(dir, device) {
+            return Ok(Saliency::Classifier(Box::new(c)));
+        }
+        let s = derm_segment::Segmenter::load(dir, device)
+            .with_context(|| format!("{}: neither a classifier nor a segmenter checkpoint", dir.display()))?;
+        Ok(Saliency::Segmenter(Box::new(s)))
+    }
+
+    /// The view of `img` the model sees, and its saliency map (row-major, view size).
+    pub fn map(&self, img: &RgbImage) -> anyhow::Result<(RgbImage, Vec<f32>)> {
+        match self {
+            Saliency::Classifier(c) => {
+                let view = c.view(img);
+                let x = image_io::images_to_tensor(&[&view], c.cfg.normalize, &c.device)?;
+                let f = c.net.forward_features(&x, false)?;
+                let mut stages = vec![f.stem];
+                stages.extend(f.layers);
+                let m = derm_vbp::visual_backprop(&stages, &derm_vbp::resnet_steps(), (view.height() as usize, view.width() as usize))?;
+                Ok((view, m.into_iter().next().unwrap_or_default()))
+            }
+            Saliency::Segmenter(s) => {
+                let n = s.cfg.size;
+                let view = image_io::resize_rgb(img, n, n);
+                let x = image_io::images_to_tensor(&[&view], s.cfg.normalize, &s.device)?;
+                let f = s.net.forward_features(&x, false)?;
+                let levels = s.cfg.model.widths.len();
+                let stages: Vec<_> = f.stages.into_iter().take(levels + 1).collect();
+                let m = derm_vbp::visual_backprop(&stages, &derm_vbp::unet_steps(levels), (n as usize, n as usize))?;
+                Ok((view, m.into_iter().next().unwrap_or_default()))
+            }
+        }
+    }
+
+    /// The mask brought to the view's geometry.
+    pub fn mask_view(&self, mask: &GrayImage) -> GrayImage {
+        let rgb = RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
+            let v = mask.get_pixel(x, y).0[0];
+            image::Rgb([v, v, v])
+        });
+        let v = match self {
+            Saliency::Classifier(c) => c.view(&rgb),
+            Saliency::Segmenter(s) => image_io::resize_rgb(&rgb, s.cfg.size, s.cfg.size),
+        };
+        GrayImage::from_fn(v.width(), v.height(), |x, y| image::Luma([if v.get_pixel(x, y).0[0] >= 128 { 255 } else { 0 }]))
+    }
+}
+
+/// Finds `<id>_segmentation.png`, `<id>.png` or `<id>_mask.png` in `dir`.
+pub fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
+    ["_segmentation.png", ".png", "_mask.png", "_lesion.png"].iter().map(|s| dir.join(format!("{id}{s}"))).find(|p| p.exists())
+}
+
+impl VbpArgs {
+    /// Writes the maps and prints the summary.
+    pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        let device = g.device()?;
+        let model = Saliency::load(&self.model, &device)?;
+        let mut files = collect_images(&self.input)?;
+        if let Some(n) = self.limit {
+            files.truncate(n);
+        }
+        let pb = crate::progress::bar(files.len() as u64, "vbp", g.quiet || self.json);
+        let mut rows = Vec::new();
+        for f in &files {
+            let img = image_io::load_rgb(f)?;
+            let id = common::file_id(f);
+            let (view, map) = model.map(&img)?;
+            let (w, h) = view.dimensions();
+            image_io::save_png(&self.out.join(format!("{id}_saliency.png")), &derm_vbp::to_gray(&map, w, h))?;
+            let mut over = derm_vbp::overlay(&view, &map);
+            let mut row = Row { id: id.clone(), mass_inside: None, area_fraction: None };
+            if let Some(dir) = &self.lesion_masks {
+                let Some(mp) = find_mask(dir, &id) else {
+                    bail!("no lesion mask for {id} in {}", dir.display());
+                };
+                let mask = model.mask_view(&image_io::load_mask(&mp, Some(img.dimensions()))?);
+                let (inside, area) = derm_vbp::mass_inside(&map, &mask);
+                row.mass_inside = Some(inside);
+                row.area_fraction = Some(area);
+                over = derm_core::plot::mask_overlay(&over, &mask, [40, 230, 60], true);
+            }
+            image_io::save_png(&self.out.join(format!("{id}_overlay.png")), &over)?;
+            rows.push(row);
+            pb.inc(1);
+        }
+        pb.finish_and_clear();
+        let mean = |f: &dyn Fn(&Row) -> Option<f64>| {
+            let v: Vec<f64> = rows.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        let doc = serde_json::json!({
+            "images": rows.len(),
+            "mean_mass_inside": mean(&|r| r.mass_inside),
+            "mean_area_fraction": mean(&|r| r.area_fraction),
+            "per_image": rows,
+        });
+        derm_core::fsutil::write_json(&self.out.join("vbp.json"), &doc)?;
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+        } else {
+            println!("wrote saliency maps of {} images to {}", rows.len(), self.out.display());
+            if let (Some(m), Some(a)) = (doc["mean_mass_inside"].as_f64(), doc["mean_area_fraction"].as_f64()) {
+                println!("saliency inside the lesion: {m:.3} of the total, for a lesion area fraction of {a:.3}");
+            }
+        }
+        Ok(())
+    }
+}
