@@ -6,6 +6,21 @@ use candle_nn::{BatchNorm, ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
 use derm_core::nn::{batch_norm, bn, conv2d, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, Pool2d};
 
+/// A k2/s2 transposed convolution through derm-core's GEMM kernel where it applies (CPU f32),
+/// else candle's.
+fn transposed(up: &ConvTranspose2d, x: &Tensor) -> Result<Tensor> {
+    if derm_core::conv::supports(x, up.weight()) {
+        let spec = derm_core::conv::ConvSpec { padding: 0, stride: 2, dilation: 1 };
+        let y = derm_core::conv::conv_transpose2d(x, up.weight(), spec, 0)?;
+        match up.bias() {
+            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            None => Ok(y),
+        }
+    } else {
+        up.forward(x)
+    }
+}
+
 /// conv3x3 (bias) -> ReLU -> BN, as the peer writes it.
 struct ConvReluBn {
     conv: Conv2d,
@@ -73,7 +88,7 @@ impl PeerUNet {
             x = m.forward(&x, train)?;
         }
         for ((up, (a, b)), s) in self.up.iter().zip(&self.dec).zip(skips.iter().rev()) {
-            x = up.forward(&x)?;
+            x = transposed(up, &x)?;
             x = Tensor::cat(&[&x, s], 1)?;
             x = b.forward(&a.forward(&x, train)?, train)?;
         }
