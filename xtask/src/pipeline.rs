@@ -145,7 +145,11 @@ impl Run {
     /// Runs `derm` with global options and `args`; returns stdout.
     fn derm(&self, args: &[String]) -> anyhow::Result<String> {
         let mut cmd = Command::new(&self.derm);
-        cmd.args(["--device", &self.args.device, "--seed", &self.args.seed.to_string(), "-q"]).args(args);
+        cmd.args(["--device", &self.args.device, "-q"]);
+        if !args.iter().any(|a| a == "--seed") {
+            cmd.args(["--seed", &self.args.seed.to_string()]);
+        }
+        cmd.args(args);
         eprintln!("  $ derm {}", args.join(" "));
         let out = cmd.output().with_context(|| format!("running {}", self.derm.display()))?;
         if !out.status.success() {
