@@ -4,7 +4,8 @@
 //! A phantom is drawn in layers: skin (tone, low-frequency shading, texture, furrows), a lesion
 //! (irregular border from radial harmonics, pigment pattern and colours by class), the round dark
 //! vignette of a dermoscope, and then occluders: sometimes a ruler with tick marks, occasionally a
-//! violet ink mark, and hairs (thin dark curves 1 to 4 px wide at 256 px, of varying colour).
+//! violet ink mark, and hairs (thin dark curves 1 to 4 px wide at 256 px, black, brown or grey,
+//! and always clearly darker than the skin or lesion they cross).
 //! The image before the occluders is the clean image.
 //!
 //! Classes differ in ways a classifier can learn. Melanoma: large, asymmetric, irregular border,
@@ -170,6 +171,11 @@ impl Canvas {
     /// Draws an anti-aliased polyline of points (x, y, width); pixels covered less than
     /// [`MIN_COVERAGE`] are left alone.
     fn stroke(&mut self, pts: &[(f32, f32, f32)], colour: [f32; 3], opacity: f32) {
+        self.stroke_with(pts, |_| colour, opacity);
+    }
+
+    /// [`Canvas::stroke`] with the colour of each pixel a function of what lies under it.
+    fn stroke_with(&mut self, pts: &[(f32, f32, f32)], colour_over: impl Fn([f32; 3]) -> [f32; 3], opacity: f32) {
         if pts.len() < 2 {
             return;
         }
@@ -217,6 +223,7 @@ impl Canvas {
             }
             let a = c * opacity;
             let p = &mut self.px[(y0 + k / bw) * self.w + x0 + k % bw];
+            let colour = colour_over(*p);
             for ch in 0..3 {
                 p[ch] += (colour[ch] - p[ch]) * a;
             }
@@ -648,7 +655,26 @@ fn draw_hair(canvas: &mut Canvas, rng: &mut Rng, n: usize, s: f32) {
     }
     let l = if rng.bernoulli(0.8) { rng.uniform(12.0, 60.0) } else { rng.uniform(60.0, 115.0) } as f32;
     let colour = [l * rng.uniform(1.0, 1.25) as f32, l, l * rng.uniform(0.75, 1.0) as f32];
-    canvas.stroke(&pts, colour, rng.uniform(0.85, 1.0) as f32);
+    // A hair absorbs light: it is never lighter than what it lies on. Where its own colour is
+    // not clearly darker than the skin or lesion under it (a grey hair over a dark lesion), it
+    // is that background darkened by `k`; over the black corners of the field of view it all but
+    // vanishes, as it does in a dermoscope.
+    let k = rng.uniform(0.45, 0.7) as f32;
+    let lc = luma(colour).max(1e-3);
+    let over = move |under: [f32; 3]| {
+        let limit = k * luma(under);
+        if lc <= limit {
+            colour
+        } else {
+            scale(colour, limit / lc)
+        }
+    };
+    canvas.stroke_with(&pts, over, rng.uniform(0.85, 1.0) as f32);
+}
+
+/// Luma (Rec. 709 weights on the sRGB values).
+fn luma(c: [f32; 3]) -> f32 {
+    0.2126 * c[0] + 0.7152 * c[1] + 0.0722 * c[2]
 }
 
 fn draw_ruler(canvas: &mut Canvas, rng: &mut Rng, s: f32) {
@@ -673,7 +699,9 @@ fn draw_ruler(canvas: &mut Canvas, rng: &mut Rng, s: f32) {
         let (a, b) = (place(t0, 0.5 * band * inward), place(t1, 0.5 * band * inward));
         let pale =
             [rng.uniform(225.0, 245.0) as f32, rng.uniform(225.0, 240.0) as f32, rng.uniform(210.0, 230.0) as f32];
-        canvas.stroke(&[(a.0, a.1, band), (b.0, b.1, band)], pale, rng.uniform(0.45, 0.7) as f32);
+        // A translucent body that clearly lightens what it covers (a tint too faint to see is
+        // no occlusion).
+        canvas.stroke(&[(a.0, a.1, band), (b.0, b.1, band)], pale, rng.uniform(0.6, 0.85) as f32);
     }
     let ink = rng.uniform(15.0, 50.0) as f32;
     let colour = [ink, ink, ink * 1.1];

@@ -77,7 +77,7 @@ impl Default for HairConfig {
             max_hole_area: 12.0,
             crossing_min_outside: 12.0,
             crossing_max_width: 4.0,
-            crossing_min_length: 12.0,
+            crossing_min_length: 16.0,
             ink: true,
             ink_chroma: 20.0,
             rulers: true,

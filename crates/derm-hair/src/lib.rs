@@ -133,11 +133,9 @@ mod tests {
         }
         let leak = leak_px / lesion_px;
         let n = phantoms.len() as f64;
-        // FIXME: the target is recall >= 0.95. Measured 0.755 here (seed 11; 0.947 on 16 phantoms
-        // of seed 7): the misses are translucent ruler bands whose side or extent is not found,
-        // hairs over the black corners of the field of view, and hairs lighter than the lesion
-        // they cross, none of which a black-hat can see. This asserts the current behaviour.
-        assert!(pooled.recall >= 0.74, "{pooled:?}");
+        // Measured: recall 0.959, precision 0.919, leak 0.002 (seeds 1 to 6 with 16 phantoms
+        // each: recall 0.954 to 0.980, precision 0.878 to 0.932, leak at most 0.009).
+        assert!(pooled.recall >= 0.95, "{pooled:?}");
         assert!(pooled.precision >= 0.70, "{pooled:?}");
         assert!(leak <= 0.01, "lesion leak {leak}");
         assert!(after / n > before / n + 5.0, "psnr {} -> {}", before / n, after / n);

@@ -100,13 +100,13 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
-    let (lum, raw) = raw_parts(img, cfg);
+    let (_, raw) = raw_parts(img, cfg);
     let mut m = raw.clone();
     if let Some(l) = lesion {
         keep_lesion_out(&mut m, l.as_raw(), w, h, cfg, s);
     }
     if cfg.rulers {
-        let ruler = crate::ruler::ruler_mask(&raw, &lum, w, h, cfg);
+        let ruler = crate::ruler::ruler_mask(&raw, img, w, h, cfg);
         for (a, &b) in m.iter_mut().zip(&ruler) {
             *a |= b;
         }
@@ -181,14 +181,16 @@ fn keep_lesion_out(m: &mut [u8], lesion: &[u8], w: usize, h: usize, cfg: &HairCo
             keep[i] = 255;
         }
     }
-    // Crossing is judged on the pieces of the whole mask, so a hair stays connected to its
-    // outside part even where a few of its pixels fail the line test at the border. Only pixels
-    // well away from the lesion count as outside: the dark rim of the lesion's own border is
-    // often just outside its mask.
+    // Crossing is judged on the pieces of what is kept, grown by a pixel so that a hair stays
+    // connected to its outside part where a pixel or two fails the line test at the border, but
+    // the lesion's own texture does not ride on a hair that merely touches it. Only pixels well
+    // away from the lesion count as outside: the dark rim of the lesion's own border is often
+    // just outside its mask.
     let min_out = (cfg.crossing_min_outside * s).round().max(1.0) as usize;
     let near = dilate_disc(lesion, w, h, (cfg.line_length * s / 2.0).max(2.0));
-    for c in components(m, w, h, true) {
-        let outside = c.pixels(w).filter(|&p| near[p] == 0).count();
+    let joined = dilate_disc(&keep, w, h, 1.0);
+    for c in components(&joined, w, h, true) {
+        let outside = c.pixels(w).filter(|&p| keep[p] != 0 && near[p] == 0).count();
         if outside < min_out {
             for p in c.pixels(w) {
                 if lesion[p] != 0 {

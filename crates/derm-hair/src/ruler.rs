@@ -9,7 +9,8 @@
 //! least half of the line's chord through the image (a ruler crosses the image). A straight hair has a long run but no periodic
 //! profile, so it is left to the hair mask. Up to [`MAX_RULERS`] rulers are found; each adds its
 //! line across the whole image, the mask pixels of its ticks, and, when the tick side is clearly
-//! brighter up to a sharp edge (a translucent ruler body), that band.
+//! paler (smallest channel) up to a sharp edge parallel to the line (a translucent ruler body),
+//! that band.
 
 use derm_core::Result;
 use image::{GrayImage, RgbImage};
@@ -27,8 +28,8 @@ const ANGLES: usize = 180;
 pub fn detect_ruler(img: &RgbImage, cfg: &HairConfig) -> Result<GrayImage> {
     crate::mask::check_inputs(img, None, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let (lum, raw) = raw_parts(img, cfg);
-    let m = ruler_mask(&raw, &lum, w, h, cfg);
+    let (_, raw) = raw_parts(img, cfg);
+    let m = ruler_mask(&raw, img, w, h, cfg);
     GrayImage::from_raw(w as u32, h as u32, m).ok_or_else(|| derm_core::Error::invalid("ruler mask buffer size"))
 }
 
@@ -45,8 +46,8 @@ struct Ruler {
 }
 
 /// Ruler pixels among the non-zero pixels of the thin-dark-structure mask `raw`, plus the pale
-/// band of the ruler when `lum` (`L* * 2.55`) shows one.
-pub(crate) fn ruler_mask(raw: &[u8], lum: &[u8], w: usize, h: usize, cfg: &HairConfig) -> Vec<u8> {
+/// band of the ruler when `img` shows one.
+pub(crate) fn ruler_mask(raw: &[u8], img: &RgbImage, w: usize, h: usize, cfg: &HairConfig) -> Vec<u8> {
     let f = ((w.min(h) as f32 / cfg.size_ref.max(1) as f32).floor() as usize).max(1);
     let (pw, ph) = (w.div_ceil(f), h.div_ceil(f));
     let mut pooled = vec![0u8; pw * ph];
@@ -72,6 +73,9 @@ pub(crate) fn ruler_mask(raw: &[u8], lum: &[u8], w: usize, h: usize, cfg: &HairC
     let mut out = vec![0u8; w * h];
     let mut work = pooled.clone();
     let sf = cfg.scale(w as u32, h as u32);
+    // Paleness (the smallest channel): a translucent white ruler body raises it over skin,
+    // lesion and the black corners alike, even where it hardly changes the luminance.
+    let mut pale: Vec<u8> = Vec::new();
     for _ in 0..MAX_RULERS {
         let Some(r) = strongest_ruler(&work, pw, ph, min_len, s) else {
             break;
@@ -80,7 +84,10 @@ pub(crate) fn ruler_mask(raw: &[u8], lum: &[u8], w: usize, h: usize, cfg: &HairC
         paint(&mut work, &pooled, pw, ph, &r, 0, 1.0);
         let mut full =
             Ruler { rho: r.rho * f as f32 + (f as f32 - 1.0) / 2.0 * (r.cos + r.sin), tick: r.tick * f as f32, ..r };
-        full.band = find_band(lum, raw, w, h, &full, sf);
+        if pale.is_empty() {
+            pale = img.as_raw().chunks_exact(3).map(|p| p[0].min(p[1]).min(p[2])).collect();
+        }
+        full.band = find_band(&pale, raw, w, h, &full, sf);
         tracing::debug!(
             rho = full.rho,
             angle = full.sin.atan2(full.cos).to_degrees(),
@@ -92,7 +99,7 @@ pub(crate) fn ruler_mask(raw: &[u8], lum: &[u8], w: usize, h: usize, cfg: &HairC
     out
 }
 
-/// Upper quartile of `L* * 2.55` over the pixels at signed offset `o` (px, along the normal) from the ruler
+/// Upper quartile of `lum` over the pixels at signed offset `o` (px, along the normal) from the ruler
 /// line, ignoring dark-structure pixels; NaN where too few are in the image.
 fn offset_profile(
     lum: &[u8],
@@ -131,47 +138,102 @@ fn offset_profile(
         .collect()
 }
 
-/// A pale (translucent) ruler body along the line: on one side, the image is clearly brighter
-/// than on the other, up to a sharp edge or the image border. Returns the side (±1) and the
-/// extent (px).
-fn find_band(lum: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, s: f32) -> Option<(f32, f32)> {
+/// Median over the ruler line of the drop of `pale` from offset `o - 1` to `o + 2` (px, along
+/// the normal), ignoring dark-structure pixels: large where an edge runs parallel to the line
+/// there (the far edge of a ruler body), small for edges that cross the line at an angle (the
+/// lesion, the round field of view). NaN where too few samples are in the image.
+fn edge_profile(pale: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, offsets: impl Iterator<Item = f32>) -> Vec<f32> {
+    let tmax = ((w * w + h * h) as f32).sqrt();
+    let at = |t: f32, o: f32| -> Option<f32> {
+        let x = r.rho * r.cos - t * r.sin + o * r.cos;
+        let y = r.rho * r.sin + t * r.cos + o * r.sin;
+        let (xi, yi) = (x.round() as isize, y.round() as isize);
+        if xi >= 0 && yi >= 0 && (xi as usize) < w && (yi as usize) < h {
+            let i = yi as usize * w + xi as usize;
+            (raw[i] == 0).then_some(pale[i] as f32)
+        } else {
+            None
+        }
+    };
+    let mut vals = Vec::new();
+    offsets
+        .map(|o| {
+            vals.clear();
+            let sgn = o.signum();
+            let mut t = -tmax;
+            while t <= tmax {
+                if let (Some(a), Some(b)) = (at(t, o - sgn), at(t, o + 2.0 * sgn)) {
+                    vals.push(a - b);
+                }
+                t += 2.0;
+            }
+            if vals.len() < 8 {
+                return f32::NAN;
+            }
+            vals.sort_unstable_by(f32::total_cmp);
+            vals[vals.len() / 2]
+        })
+        .collect()
+}
+
+/// A pale (translucent) ruler body along the line: on one side, the image is clearly paler
+/// than on the other, up to a sharp edge parallel to the line or the image border. Returns the
+/// side (±1) and the extent (px).
+fn find_band(pale: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, s: f32) -> Option<(f32, f32)> {
     let n = w.min(h) as f32;
     let omax = (0.16 * n) as usize;
     let wide = ((0.04 * n) as usize).max(4);
-    let mut best: Option<(f32, f32, f32)> = None; // (contrast, side, extent)
+    let lo = ((0.03 * n) as usize).max(4);
+    let mean = |v: &[f32], a: usize, b: usize| -> f32 {
+        let x: Vec<f32> = v[a.min(v.len())..b.min(v.len())].iter().copied().filter(|v| v.is_finite()).collect();
+        if x.len() * 2 < b.saturating_sub(a).max(1) {
+            f32::NAN
+        } else {
+            x.iter().sum::<f32>() / x.len() as f32
+        }
+    };
+    let mut best: Option<(f32, f32, f32)> = None; // (score, side, extent)
     for side in [-1.0f32, 1.0] {
-        let p = offset_profile(lum, raw, w, h, r, (0..=omax + wide + 6).map(|o| side * o as f32));
-        let q = offset_profile(lum, raw, w, h, r, (0..=omax + wide + 6).map(|o| -side * o as f32));
-        let mean = |v: &[f32], a: usize, b: usize| -> f32 {
-            let x: Vec<f32> = v[a.min(v.len())..b.min(v.len())].iter().copied().filter(|v| v.is_finite()).collect();
-            if x.len() * 2 < b.saturating_sub(a).max(1) {
-                f32::NAN
-            } else {
-                x.iter().sum::<f32>() / x.len() as f32
-            }
-        };
-        let lo = ((0.03 * n) as usize).max(4);
-        // The band ends where the profile drops sharply, or where it leaves the image.
-        let mut end = None;
-        for e in lo..=omax {
-            if !p[e + 1].is_finite() {
-                end = Some((e, true));
+        let p = offset_profile(pale, raw, w, h, r, (0..=omax + wide + 6).map(|o| side * o as f32));
+        let q = offset_profile(pale, raw, w, h, r, (0..=omax + wide + 6).map(|o| -side * o as f32));
+        let edge = edge_profile(pale, raw, w, h, r, (lo..=omax).map(|o| side * o as f32));
+        // The strongest parallel edge, or the image border when the profile runs out first.
+        let mut end: Option<(usize, f32)> = None;
+        for (k, &d) in edge.iter().enumerate() {
+            let e = lo + k;
+            if !p.get(e + 2).is_some_and(|v| v.is_finite()) {
+                if end.is_none_or(|(_, s)| s < 12.0) {
+                    end = Some((usize::MAX, 0.0));
+                }
                 break;
             }
-            let step = mean(&p, e - 3, e) - mean(&p, e + 2, e + 5);
-            if step >= 10.0 {
-                end = Some((e, false));
-                break;
+            // A body's edge is sharp; the soft rim of the field of view falls on over many
+            // pixels (the profile keeps dropping past it).
+            let around = |j: Option<usize>| j.and_then(|j| edge.get(j)).copied().filter(|v| v.is_finite());
+            let sharp = around(k.checked_sub(3)).is_none_or(|v| v < 0.35 * d)
+                && around(Some(k + 3)).is_some_and(|v| v < 0.35 * d);
+            if d.is_finite() && d >= 12.0 && sharp && end.is_none_or(|(_, s)| d > s) {
+                end = Some((e, d));
             }
         }
-        let Some((e, border)) = end else { continue };
-        let inside = mean(&p, 3, e - 1);
-        // Compare with the other side of the line, and with beyond the edge when there is one.
+        let Some((e, step)) = end else { continue };
+        let border = e == usize::MAX;
+        let e = if border { p.iter().rposition(|v| v.is_finite()).unwrap_or(0) } else { e };
+        if e < 5 {
+            continue;
+        }
+        let inside = mean(&p, 2, e - 1);
         let other = mean(&q, 3, 3 + wide);
-        let beyond = if border { other } else { mean(&p, e + 2, e + 2 + wide) };
-        let contrast = (inside - other).min(inside - beyond);
-        if contrast.is_finite() && contrast >= 10.0 && best.is_none_or(|(c, _, _)| contrast > c) {
-            best = Some((contrast, side, if border { n } else { e as f32 + 1.0 + s }));
+        let contrast = inside - other;
+        // A clear edge parallel to the line all along it is a ruler body by itself, even where
+        // the body is hardly paler than pale skin beside the ruler.
+        let enough = if !border && step >= 24.0 { f32::NEG_INFINITY } else { 10.0 };
+        if !contrast.is_finite() || contrast < enough {
+            continue;
+        }
+        let score = if border { contrast } else { contrast.max(0.0) + step };
+        if best.is_none_or(|(c, _, _)| score > c) {
+            best = Some((score, side, if border { n } else { e as f32 + 1.0 + s }));
         }
     }
     best.map(|(_, side, ext)| (side, ext))
