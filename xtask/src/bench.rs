@@ -87,6 +87,11 @@ fn groups(a: &BenchArgs) -> Vec<Group> {
         Group { name: "metrics", peer_args: vec![], run: bench_metrics },
         Group { name: "unet_infer", peer_args: vec![], run: bench_unet_infer },
         Group { name: "unet_train", peer_args: vec!["--sizes".into(), sizes.into()], run: bench_unet_train },
+        Group { name: "resnet50", peer_args: vec![], run: bench_resnet50 },
+        Group { name: "vbp", peer_args: vec![], run: bench_vbp },
+        Group { name: "pconv_train", peer_args: vec!["--mask-impls".into(), "fast".into()], run: bench_pconv },
+        Group { name: "dcgan_train", peer_args: vec!["--resolutions".into(), "64".into()], run: bench_dcgan },
+        Group { name: "hair", peer_args: vec![], run: bench_hair },
     ]
 }
 
@@ -172,6 +177,123 @@ fn bench_metrics(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         Ok(())
     })?;
     Ok(vec![glob, per, auc])
+}
+
+fn resnet50() -> anyhow::Result<(candle_nn::VarMap, derm_classify::model::ResNet)> {
+    let vm = candle_nn::VarMap::new();
+    let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let net = derm_classify::model::ResNet::new(&derm_classify::model::ResNetConfig::resnet50(3), vb)?;
+    Ok((vm, net))
+}
+
+fn bench_resnet50(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    let (vm, net) = resnet50()?;
+    let mut r = derm_core::Rng::new(0);
+    let x = Tensor::from_vec(r.normal_vec(8 * 3 * 224 * 224, 0.0, 1.0), (8, 3, 224, 224), &Device::Cpu)?;
+    let y = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1], &Device::Cpu)?;
+    let infer = time("resnet50_infer b8 224x224", a.warmup, a.repeats, || {
+        net.forward_t(&x, false)?;
+        Ok(())
+    })?;
+    let cfg = derm_core::optim::OptimConfig {
+        optimizer: derm_core::optim::OptimizerKind::sgd(1e-3, 0.9),
+        ..Default::default()
+    };
+    let mut opt = derm_core::optim::Optimizer::from_varmap(&vm, cfg, |_| true);
+    let train = time("resnet50_train_step b8 224x224 SGD m0.9", a.warmup, a.repeats, || {
+        derm_classify::train_step(&net, &mut opt, &x, &y, None, derm_classify::model::Stage::Conv1)?;
+        Ok(())
+    })?;
+    Ok(vec![infer, train])
+}
+
+fn bench_vbp(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    let (_vm, net) = resnet50()?;
+    let mut r = derm_core::Rng::new(0);
+    let x = Tensor::from_vec(r.normal_vec(3 * 224 * 224, 0.0, 1.0), (1, 3, 224, 224), &Device::Cpu)?;
+    let full = time("vbp_resnet50 1x3x224x224 (forward + VBP)", a.warmup, a.repeats.max(5), || {
+        let f = net.forward_features(&x, false)?;
+        let mut st = vec![f.stem];
+        st.extend(f.layers);
+        derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
+        Ok(())
+    })?;
+    let f = net.forward_features(&x, false)?;
+    let mut st = vec![f.stem];
+    st.extend(f.layers);
+    let post = time("vbp_postprocess_only (channel means + ConvT-of-ones chain + normalise)", a.warmup, a.repeats.max(5), || {
+        derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
+        Ok(())
+    })?;
+    Ok(vec![full, post])
+}
+
+fn bench_pconv(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    use derm_purify::{inpainting_loss, LossWeights, MaskConfig, MaskGenerator, MaskLibrary, PConvUNetConfig, Purifier, PurifyConfig};
+    let cfg = PurifyConfig { model: PConvUNetConfig::peer(), size: 256, batch_size: 4, ..Default::default() };
+    let p = Purifier::new(cfg.clone(), &Device::Cpu)?;
+    let mut opt = derm_core::optim::Optimizer::from_varmap(&p.varmap, cfg.optim, |_| true);
+    let mut rng = derm_core::Rng::new(0);
+    let gen = MaskGenerator::new(MaskConfig::default(), MaskLibrary::default())?;
+    let holes: Vec<image::GrayImage> = (0..4).map(|_| gen.generate(256, 256, &mut rng)).collect();
+    let hrefs: Vec<&image::GrayImage> = holes.iter().collect();
+    let t = Tensor::from_vec(rng.uniform_vec(4 * 3 * 256 * 256, -1.0, 1.0), (4, 3, 256, 256), &Device::Cpu)?;
+    let valid = derm_core::image_io::masks_to_tensor(&hrefs, &Device::Cpu)?.affine(-1.0, 1.0)?;
+    Ok(vec![time("pconv_train_step b4 256x256 L5 mask=fast", a.warmup, a.repeats, || {
+        let out = p.net.forward_t(&t.broadcast_mul(&valid)?, &valid, true)?;
+        let (loss, _) = inpainting_loss(&out, &t, &valid, &LossWeights::default(), None, derm_core::image_io::Normalize::HALF)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?])
+}
+
+fn bench_dcgan(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    use derm_synth::{GanConfig, GanTrainer, SynthConfig};
+    let mut cfg = SynthConfig { model: GanConfig::peer64(), batch_size: 64, g_steps: 1, classes: vec!["x".into()], ..Default::default() };
+    cfg.flip = false;
+    let mut r = derm_core::Rng::new(0);
+    let real = Tensor::from_vec(r.uniform_vec(64 * 3 * 64 * 64, -1.0, 1.0), (64, 3, 64, 64), &Device::Cpu)?;
+    let mut t = GanTrainer::new(cfg, vec![real], &Device::Cpu)?;
+    let mut rng = derm_core::Rng::new(1);
+    Ok(vec![time("dcgan_joint_step b64 64x64", a.warmup, a.repeats, || {
+        t.step(0, 0, &mut rng)?;
+        Ok(())
+    })?])
+}
+
+fn bench_hair(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    // A 512x512 skin-like image with 30 dark curved hairs, as the peer draws.
+    let mut r = derm_core::Rng::new(0);
+    let mut img = image::RgbImage::from_fn(512, 512, |x, y| {
+        let v = (8.0 * ((x as f64 / 40.0).sin() + (y as f64 / 55.0).cos())) as i32;
+        image::Rgb([(205 + v) as u8, (150 + v) as u8, (130 + v) as u8])
+    });
+    for _ in 0..30 {
+        let (mut x, mut y) = (r.uniform(0.0, 512.0), r.uniform(0.0, 512.0));
+        let mut ang = r.uniform(0.0, std::f64::consts::TAU);
+        for _ in 0..400 {
+            ang += r.uniform(-0.05, 0.05);
+            x += ang.cos();
+            y += ang.sin();
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
+                let (px, py) = (x as i64 + dx, y as i64 + dy);
+                if (0..512).contains(&px) && (0..512).contains(&py) {
+                    img.put_pixel(px as u32, py as u32, image::Rgb([30, 20, 15]));
+                }
+            }
+        }
+    }
+    let cfg = derm_hair::HairConfig::default();
+    let mask = derm_hair::hair_mask(&img, None, &cfg)?;
+    let m = time("hair_mask (Luv->L, blackhat, thresh, dilate)", a.warmup.max(2), a.repeats.max(10), || {
+        derm_hair::hair_mask(&img, None, &cfg)?;
+        Ok(())
+    })?;
+    let i = time("hair_inpaint (cv2.inpaint TELEA)", a.warmup.max(2), a.repeats.max(10), || {
+        derm_hair::inpaint(&img, &mask, &cfg)?;
+        Ok(())
+    })?;
+    Ok(vec![m, i])
 }
 
 #[derive(Deserialize)]
