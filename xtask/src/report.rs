@@ -46,8 +46,8 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let seg = m("segment");
     let cls = m("classify");
     let sec = rep.section("Results next to the paper");
-    let both = &cls["both"]["test_time_purification"];
-    let base = &cls["baseline"]["plain"];
+    let both = &cls["both"]["test_time_purification"]["report"];
+    let base = &cls["baseline"]["plain"]["report"];
     sec.paragraph(
         "Phantom data by default: these numbers show that every stage trains and that its metric moves; they are not \
          comparable to ISIC results. The reference column is the ISIC 2017 challenge winners as cited by Bisla et al.",
@@ -57,9 +57,9 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
         vec![
             vec!["segmentation Jaccard (per-image mean)".into(), num(seg["eval"]["summary"].get("jaccard_mean")), format!("{REF_JACCARD}")],
             vec!["segmentation Jaccard (ISIC 2018 thresholded)".into(), num(seg["eval"]["summary"].get("jaccard_thresholded")), "".into()],
-            vec!["melanoma AUC, baseline".into(), num(base["auc"].get("melanoma")), format!("{REF_MEL_AUC}")],
+            vec!["melanoma AUC, baseline".into(), num(base["auc"].get(0)), format!("{REF_MEL_AUC}")],
             vec!["mean AUC, baseline".into(), num(base.get("mean_auc")), format!("{REF_MEAN_AUC}")],
-            vec!["melanoma AUC, full system".into(), num(both["auc"].get("melanoma")), format!("{REF_MEL_AUC}")],
+            vec!["melanoma AUC, full system".into(), num(both["auc"].get(0)), format!("{REF_MEL_AUC}")],
             vec!["mean AUC, full system".into(), num(both.get("mean_auc")), format!("{REF_MEAN_AUC}")],
         ],
     );
@@ -70,11 +70,22 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     sec.kv(vec![
         ("training set", data["train"].as_str().unwrap_or("").to_string()),
         ("test set", data["test"].as_str().unwrap_or("").to_string()),
-        ("budget", data["budget"].to_string()),
     ]);
-    if let Some(t) = data["check"].as_object() {
-        sec.preformatted(serde_json::to_string_pretty(t).unwrap_or_default());
+    if let Some(b) = data["budget"].as_object() {
+        sec.kv(b.iter().map(|(k, v)| (k.replace('_', " "), v.to_string())).collect());
     }
+    let mut rows = Vec::new();
+    for split in data["check"]["splits"].as_array().into_iter().flatten() {
+        for c in split["classes"].as_array().into_iter().flatten() {
+            rows.push(vec![
+                split["split"].as_str().unwrap_or("").to_string(),
+                c["class"].as_str().unwrap_or("").to_string(),
+                c["found"].to_string(),
+                c["expected"].to_string(),
+            ]);
+        }
+    }
+    sec.table(&["split", "class", "images", "expected"], rows);
 
     // Hair.
     let sec = rep.section("Hair and ruler masks, classic cleaning");
@@ -112,8 +123,21 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     // Purification.
     let sec = rep.section("Purification (partial-convolution inpainting)");
     let p = m("purify");
-    if !p["eval"].is_null() {
-        sec.preformatted(serde_json::to_string_pretty(&p["eval"]).unwrap_or_default());
+    if let Some(rows) = p["eval"].as_array() {
+        sec.paragraph("Inside the true occlusion mask, against the clean phantom:");
+        sec.table(
+            &["method", "hole PSNR (dB)", "hole SSIM", "ms per image"],
+            rows.iter()
+                .map(|r| {
+                    vec![
+                        r["method"].as_str().unwrap_or("").to_string(),
+                        num(r.get("hole_psnr")),
+                        num(r.get("hole_ssim")),
+                        num(r.get("ms_per_image")),
+                    ]
+                })
+                .collect(),
+        );
     }
     if exists(out, "purify/model/loss_curve.png") {
         sec.image("purify/model/loss_curve.png", "training loss");
@@ -132,13 +156,39 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     // Synthesis.
     let sec = rep.section("Synthesis (DCGAN virtual patients) and novelty check");
     let sy = m("synth");
-    if !sy["novelty"].is_null() {
-        sec.preformatted(serde_json::to_string_pretty(&sy["novelty"]).unwrap_or_default());
+    if let Some(classes) = sy["novelty"]["classes"].as_array() {
+        sec.table(
+            &["class", "generated", "kept (novel)", "min MSE", "median MSE", "max MSE", "real-vs-fake accuracy"],
+            classes
+                .iter()
+                .map(|c| {
+                    let n = &c["novelty"];
+                    vec![
+                        c["class"].as_str().unwrap_or("").to_string(),
+                        n["generated"].to_string(),
+                        n["kept"].to_string(),
+                        format!("{:.4}", n["mse_min"].as_f64().unwrap_or(f64::NAN)),
+                        format!("{:.4}", n["mse_median"].as_f64().unwrap_or(f64::NAN)),
+                        format!("{:.4}", n["mse_max"].as_f64().unwrap_or(f64::NAN)),
+                        num(c["real_vs_fake"].get("test_accuracy")),
+                    ]
+                })
+                .collect(),
+        );
+        sec.paragraph("Real-vs-fake accuracy near 0.5 means a small CNN cannot tell generated from real images of the class.");
     }
     let mut row = Vec::new();
-    for f in files(out, "synth/samples", ".png", 64) {
-        if f.contains("grid") || f.contains("novelty") {
-            row.push((f, String::new()));
+    for class in ["melanoma", "seborrheic_keratosis"] {
+        if let Some(last) = files(out, &format!("synth/model/{class}/samples"), ".png", 10_000).pop() {
+            row.push((last, format!("{class}: samples at the end of training")));
+        }
+    }
+    for (f, cap) in [
+        ("synth/samples/novelty_hist.png", "nearest-training-image MSE of each generated image"),
+        ("synth/samples/novelty_pairs.png", "generated (left) and nearest real image at low, median and high MSE"),
+    ] {
+        if exists(out, f) {
+            row.push((f.to_string(), cap.to_string()));
         }
     }
     sec.images_row(row);
@@ -148,12 +198,12 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let mut rows = Vec::new();
     for v in ["baseline", "purified", "synthetic", "both"] {
         for (tag, key) in [("off", "plain"), ("on", "test_time_purification")] {
-            let e = &cls[v][key];
+            let e = &cls[v][key]["report"];
             rows.push(vec![
                 v.to_string(),
                 tag.to_string(),
-                num(e["auc"].get("melanoma")),
-                num(e["auc"].get("seborrheic_keratosis")),
+                num(e["auc"].get(0)),
+                num(e["auc"].get(1)),
                 num(e.get("mean_auc")),
                 num(e.get("balanced_accuracy")),
                 num(e.get("accuracy")),
