@@ -56,7 +56,12 @@ pub struct Row {
 }
 
 /// Times `f` after `warmup` untimed runs.
-pub fn time(name: &str, warmup: usize, repeats: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Row> {
+pub fn time(
+    name: &str,
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Row> {
     for _ in 0..warmup {
         f()?;
     }
@@ -144,12 +149,20 @@ fn bench_metrics(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     use derm_core::rng::splitmix_counter as u;
     // The peer's inputs (RESULTS.md): 1000 masks of 256x256 from the counter SplitMix64.
     let words = 256 * 256 / 64;
-    let bits = |stream: u64, img: usize| -> Vec<u64> { (0..words).map(|w| u(0, stream, (img * words + w) as u64)).collect() };
-    let unpack = |ws: &[u64]| -> Vec<u8> { ws.iter().flat_map(|w| (0..64).map(move |b| ((w >> b) & 1) as u8)).collect() };
+    let bits =
+        |stream: u64, img: usize| -> Vec<u64> { (0..words).map(|w| u(0, stream, (img * words + w) as u64)).collect() };
+    let unpack =
+        |ws: &[u64]| -> Vec<u8> { ws.iter().flat_map(|w| (0..64).map(move |b| ((w >> b) & 1) as u8)).collect() };
     let (mut ma, mut mb) = (Vec::new(), Vec::new());
     for img in 0..1000 {
         let a1 = bits(1, img);
-        let b1: Vec<u64> = a1.iter().zip(bits(2, img)).zip(bits(3, img)).zip(bits(4, img)).map(|(((a, b), c), d)| a ^ (b & c & d)).collect();
+        let b1: Vec<u64> = a1
+            .iter()
+            .zip(bits(2, img))
+            .zip(bits(3, img))
+            .zip(bits(4, img))
+            .map(|(((a, b), c), d)| a ^ (b & c & d))
+            .collect();
         ma.push(unpack(&a1));
         mb.push(unpack(&b1));
     }
@@ -170,8 +183,9 @@ fn bench_metrics(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         Ok(())
     })?;
     let labels: Vec<bool> = (0..10000).map(|i| u(0, 10, i) >> 63 == 1).collect();
-    let scores: Vec<f64> =
-        (0..10000u64).map(|i| (u(0, 11, i) >> 11) as f64 * 2f64.powi(-53) + if labels[i as usize] { 0.35 } else { 0.0 }).collect();
+    let scores: Vec<f64> = (0..10000u64)
+        .map(|i| (u(0, 11, i) >> 11) as f64 * 2f64.powi(-53) + if labels[i as usize] { 0.35 } else { 0.0 })
+        .collect();
     let auc = time("roc_auc_sklearn n=10000", a.warmup, a.repeats.max(5), || {
         std::hint::black_box(roc_auc(&scores, &labels));
         Ok(())
@@ -221,15 +235,22 @@ fn bench_vbp(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     let f = net.forward_features(&x, false)?;
     let mut st = vec![f.stem];
     st.extend(f.layers);
-    let post = time("vbp_postprocess_only (channel means + ConvT-of-ones chain + normalise)", a.warmup, a.repeats.max(5), || {
-        derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
-        Ok(())
-    })?;
+    let post = time(
+        "vbp_postprocess_only (channel means + ConvT-of-ones chain + normalise)",
+        a.warmup,
+        a.repeats.max(5),
+        || {
+            derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
+            Ok(())
+        },
+    )?;
     Ok(vec![full, post])
 }
 
 fn bench_pconv(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
-    use derm_purify::{inpainting_loss, LossWeights, MaskConfig, MaskGenerator, MaskLibrary, PConvUNetConfig, Purifier, PurifyConfig};
+    use derm_purify::{
+        inpainting_loss, LossWeights, MaskConfig, MaskGenerator, MaskLibrary, PConvUNetConfig, Purifier, PurifyConfig,
+    };
     let cfg = PurifyConfig { model: PConvUNetConfig::peer(), size: 256, batch_size: 4, ..Default::default() };
     let p = Purifier::new(cfg.clone(), &Device::Cpu)?;
     let mut opt = derm_core::optim::Optimizer::from_varmap(&p.varmap, cfg.optim, |_| true);
@@ -241,7 +262,8 @@ fn bench_pconv(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     let valid = derm_core::image_io::masks_to_tensor(&hrefs, &Device::Cpu)?.affine(-1.0, 1.0)?;
     Ok(vec![time("pconv_train_step b4 256x256 L5 mask=fast", a.warmup, a.repeats, || {
         let out = p.net.forward_t(&t.broadcast_mul(&valid)?, &valid, true)?;
-        let (loss, _) = inpainting_loss(&out, &t, &valid, &LossWeights::default(), None, derm_core::image_io::Normalize::HALF)?;
+        let (loss, _) =
+            inpainting_loss(&out, &t, &valid, &LossWeights::default(), None, derm_core::image_io::Normalize::HALF)?;
         opt.backward_step(&loss)?;
         Ok(())
     })?])
@@ -249,7 +271,13 @@ fn bench_pconv(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
 
 fn bench_dcgan(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     use derm_synth::{GanConfig, GanTrainer, SynthConfig};
-    let mut cfg = SynthConfig { model: GanConfig::peer64(), batch_size: 64, g_steps: 1, classes: vec!["x".into()], ..Default::default() };
+    let mut cfg = SynthConfig {
+        model: GanConfig::peer64(),
+        batch_size: 64,
+        g_steps: 1,
+        classes: vec!["x".into()],
+        ..Default::default()
+    };
     cfg.flip = false;
     let mut r = derm_core::Rng::new(0);
     let real = Tensor::from_vec(r.uniform_vec(64 * 3 * 64 * 64, -1.0, 1.0), (64, 3, 64, 64), &Device::Cpu)?;
@@ -342,7 +370,12 @@ fn run_peer(a: &BenchArgs, g: &Group) -> anyhow::Result<Vec<PeerRow>> {
 impl BenchArgs {
     /// Runs the benchmarks.
     pub fn run(&self) -> anyhow::Result<()> {
-        eprintln!("derm bench: {} rayon threads, {} repeats after {} warm-up", rayon_threads(), self.repeats, self.warmup);
+        eprintln!(
+            "derm bench: {} rayon threads, {} repeats after {} warm-up",
+            rayon_threads(),
+            self.repeats,
+            self.warmup
+        );
         let mut all = Vec::new();
         let mut table = Vec::new();
         for g in groups(self) {
@@ -353,7 +386,9 @@ impl BenchArgs {
             let rows = (g.run)(self)?;
             let peer = if self.peer { Some(run_peer(self, &g)?) } else { None };
             for r in &rows {
-                let p = peer.as_ref().and_then(|p| p.iter().find(|x| x.name.starts_with(&r.name)).and_then(|x| x.median_ms));
+                let p = peer
+                    .as_ref()
+                    .and_then(|p| p.iter().find(|x| x.name.starts_with(&r.name)).and_then(|x| x.median_ms));
                 table.push((r.name.clone(), r.median_ms, p));
             }
             all.extend(rows);

@@ -154,7 +154,12 @@ impl Run {
         eprintln!("  $ derm {}", args.join(" "));
         let out = cmd.output().with_context(|| format!("running {}", self.derm.display()))?;
         if !out.status.success() {
-            bail!("derm {} failed:\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "derm {} failed:\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -281,7 +286,8 @@ fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::
         }
         let t = derm_core::image_io::load_mask(&p, None)?;
         let q = derm_core::image_io::load_mask(&pred, Some(t.dimensions()))?;
-        let l = derm_core::image_io::load_mask(&lesion_dir.join(format!("{id}_segmentation.png")), Some(t.dimensions()))?;
+        let l =
+            derm_core::image_io::load_mask(&lesion_dir.join(format!("{id}_segmentation.png")), Some(t.dimensions()))?;
         for ((a, b), c) in q.as_raw().iter().zip(t.as_raw()).zip(l.as_raw()) {
             match (*a > 0, *b > 0) {
                 (true, true) => tp += 1,
@@ -299,7 +305,9 @@ fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::
         n += 1;
     }
     let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    Ok(json!({ "images": n, "recall": r(tp, tp + fneg), "precision": r(tp, tp + fp), "lesion_pixels_wrongly_marked": r(leak, lesion) }))
+    Ok(
+        json!({ "images": n, "recall": r(tp, tp + fneg), "precision": r(tp, tp + fp), "lesion_pixels_wrongly_marked": r(leak, lesion) }),
+    )
 }
 
 impl PipelineArgs {
@@ -323,7 +331,15 @@ impl PipelineArgs {
         // Data: a train and a test folder, each loadable with its own manifest.
         let (train, test, data_cmds) = if self.data == "phantom" {
             let cmds = vec![
-                vec![s("phantom"), s("--count"), s(budget.train_count), s("--size"), s(budget.image_size), s("--out"), run.p("data/train")],
+                vec![
+                    s("phantom"),
+                    s("--count"),
+                    s(budget.train_count),
+                    s("--size"),
+                    s(budget.image_size),
+                    s("--out"),
+                    run.p("data/train"),
+                ],
                 vec![
                     s("--seed"),
                     s(seed + 1_000_003),
@@ -364,7 +380,14 @@ impl PipelineArgs {
         let _ = &classes;
         run.stage("data", &[], data_cmds, |r, c| {
             run_all(r, c)?;
-            let check = parse_json(&r.derm(&[s("data"), s("check"), s("--root"), train.clone(), s("--json"), s("--no-decode")])?)?;
+            let check = parse_json(&r.derm(&[
+                s("data"),
+                s("check"),
+                s("--root"),
+                train.clone(),
+                s("--json"),
+                s("--no-decode"),
+            ])?)?;
             Ok(json!({ "budget": budget, "train": train, "test": test, "check": check }))
         })?;
 
@@ -383,7 +406,11 @@ impl PipelineArgs {
         run.stage("hair", &["data"], hair_cmds, |r, c| {
             let out = run_all(r, c)?;
             if phantom {
-                hair_scores(&r.path("hair/test"), &PathBuf::from(format!("{test}/occlusion")), &PathBuf::from(format!("{test}/masks")))
+                hair_scores(
+                    &r.path("hair/test"),
+                    &PathBuf::from(format!("{test}/occlusion")),
+                    &PathBuf::from(format!("{test}/masks")),
+                )
             } else {
                 Ok(json!({ "summary": parse_json(&out[0]).unwrap_or(Value::Null) }))
             }
@@ -408,14 +435,43 @@ impl PipelineArgs {
                 s("--out"),
                 seg.clone(),
             ],
-            vec![s("segment"), s("eval"), s("--model"), seg.clone(), s("--root"), test.clone(), s("--json"), s("--out"), run.p("segment/eval")],
-            vec![s("segment"), s("predict"), s("--model"), seg.clone(), s("--input"), format!("{train}/images"), s("--out"), run.p("segment/train_masks")],
-            vec![s("segment"), s("predict"), s("--model"), seg.clone(), s("--input"), format!("{test}/images"), s("--out"), run.p("segment/test_masks")],
+            vec![
+                s("segment"),
+                s("eval"),
+                s("--model"),
+                seg.clone(),
+                s("--root"),
+                test.clone(),
+                s("--json"),
+                s("--out"),
+                run.p("segment/eval"),
+            ],
+            vec![
+                s("segment"),
+                s("predict"),
+                s("--model"),
+                seg.clone(),
+                s("--input"),
+                format!("{train}/images"),
+                s("--out"),
+                run.p("segment/train_masks"),
+            ],
+            vec![
+                s("segment"),
+                s("predict"),
+                s("--model"),
+                seg.clone(),
+                s("--input"),
+                format!("{test}/images"),
+                s("--out"),
+                run.p("segment/test_masks"),
+            ],
         ];
         run.stage("segment", &["data"], seg_cmds, |r, c| {
             let outs = run_all(r, c)?;
             let eval = parse_json(&outs[1])?;
-            let hist: Value = derm_core::fsutil::read_json(&r.path("segment/model/history.json")).unwrap_or(Value::Null);
+            let hist: Value =
+                derm_core::fsutil::read_json(&r.path("segment/model/history.json")).unwrap_or(Value::Null);
             Ok(json!({ "eval": eval, "train_seconds": hist.get("elapsed_s"), "steps": hist.get("step") }))
         })?;
 
@@ -434,7 +490,11 @@ impl PipelineArgs {
         run.stage("hair_train", &["segment"], hair_train, |r, c| {
             run_all(r, c)?;
             if phantom {
-                hair_scores(&r.path("hair/train"), &PathBuf::from(format!("{train}/occlusion")), &PathBuf::from(format!("{train}/masks")))
+                hair_scores(
+                    &r.path("hair/train"),
+                    &PathBuf::from(format!("{train}/occlusion")),
+                    &PathBuf::from(format!("{train}/masks")),
+                )
             } else {
                 Ok(Value::Null)
             }
@@ -488,7 +548,15 @@ impl PipelineArgs {
             run_all(r, c)?;
             // Scoring needs the clean images only phantoms have.
             let eval = if phantom {
-                let out = r.derm(&[s("purify"), s("eval"), s("--model"), pur.clone(), s("--root"), test.clone(), s("--json")])?;
+                let out = r.derm(&[
+                    s("purify"),
+                    s("eval"),
+                    s("--model"),
+                    pur.clone(),
+                    s("--root"),
+                    test.clone(),
+                    s("--json"),
+                ])?;
                 parse_json(&out).unwrap_or(Value::Null)
             } else {
                 Value::Null
@@ -533,7 +601,8 @@ impl PipelineArgs {
         ];
         run.stage("synth", &["data"], syn_cmds, |r, c| {
             run_all(r, c)?;
-            let novelty: Value = derm_core::fsutil::read_json(&r.path("synth/samples/novelty.json")).unwrap_or(Value::Null);
+            let novelty: Value =
+                derm_core::fsutil::read_json(&r.path("synth/samples/novelty.json")).unwrap_or(Value::Null);
             Ok(json!({ "novelty": novelty }))
         })?;
 

@@ -55,8 +55,16 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     sec.table(
         &["metric", "derm (this run)", "paper reference"],
         vec![
-            vec!["segmentation Jaccard (per-image mean)".into(), num(seg["eval"]["summary"].get("jaccard_mean")), format!("{REF_JACCARD}")],
-            vec!["segmentation Jaccard (ISIC 2018 thresholded)".into(), num(seg["eval"]["summary"].get("jaccard_thresholded")), "".into()],
+            vec![
+                "segmentation Jaccard (per-image mean)".into(),
+                num(seg["eval"]["summary"].get("jaccard_mean")),
+                format!("{REF_JACCARD}"),
+            ],
+            vec![
+                "segmentation Jaccard (ISIC 2018 thresholded)".into(),
+                num(seg["eval"]["summary"].get("jaccard_thresholded")),
+                "".into(),
+            ],
             vec!["melanoma AUC, baseline".into(), num(base["auc"].get(0)), format!("{REF_MEL_AUC}")],
             vec!["mean AUC, baseline".into(), num(base.get("mean_auc")), format!("{REF_MEAN_AUC}")],
             vec!["melanoma AUC, full system".into(), num(both["auc"].get(0)), format!("{REF_MEL_AUC}")],
@@ -175,7 +183,9 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
                 })
                 .collect(),
         );
-        sec.paragraph("Real-vs-fake accuracy near 0.5 means a small CNN cannot tell generated from real images of the class.");
+        sec.paragraph(
+            "Real-vs-fake accuracy near 0.5 means a small CNN cannot tell generated from real images of the class.",
+        );
     }
     let mut row = Vec::new();
     for class in ["melanoma", "seborrheic_keratosis"] {
@@ -210,7 +220,10 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
             ]);
         }
     }
-    sec.table(&["training data", "test-time purification", "melanoma AUC", "SK AUC", "mean AUC", "balanced acc.", "accuracy"], rows);
+    sec.table(
+        &["training data", "test-time purification", "melanoma AUC", "SK AUC", "mean AUC", "balanced acc.", "accuracy"],
+        rows,
+    );
     let mut row = Vec::new();
     for v in ["baseline", "both"] {
         for tag in ["plain", "ttp"] {
@@ -241,11 +254,8 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // Times.
     let sec = rep.section("Stage times");
-    let rows = run
-        .order
-        .iter()
-        .filter_map(|s| run.record(s).map(|r| vec![s.clone(), format!("{:.1}", r.seconds)]))
-        .collect();
+    let rows =
+        run.order.iter().filter_map(|s| run.record(s).map(|r| vec![s.clone(), format!("{:.1}", r.seconds)])).collect();
     sec.table(&["stage", "seconds"], rows);
 
     let path = out.join("report.html");

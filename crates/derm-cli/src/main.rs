@@ -33,7 +33,11 @@ impl GlobalOpts {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "derm", version, about = "Dermoscopy images to clean images, lesion masks, diagnoses and saliency maps")]
+#[command(
+    name = "derm",
+    version,
+    about = "Dermoscopy images to clean images, lesion masks, diagnoses and saliency maps"
+)]
 struct Cli {
     #[command(flatten)]
     global: GlobalOpts,

@@ -88,7 +88,8 @@ pub fn largest_component(mask: &GrayImage) -> GrayImage {
         return GrayImage::new(mask.width(), mask.height());
     };
     let data = labels.iter().map(|&l| if l as usize == best { 255 } else { 0 }).collect();
-    GrayImage::from_raw(mask.width(), mask.height(), data).unwrap_or_else(|| GrayImage::new(mask.width(), mask.height()))
+    GrayImage::from_raw(mask.width(), mask.height(), data)
+        .unwrap_or_else(|| GrayImage::new(mask.width(), mask.height()))
 }
 
 /// Thresholds a probability map (values in [0, 1], row-major, `w` x `h`) at `t` into 0/255.

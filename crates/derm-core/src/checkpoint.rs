@@ -139,9 +139,9 @@ pub fn load_varmap(vm: &VarMap, path: &Path, strict: Strictness, skip: impl Fn(&
         if skip(name) {
             continue;
         }
-        let t = file
-            .get(name)
-            .ok_or_else(|| bad(format!("tensor `{name}` is missing: the checkpoint is of another architecture or configuration")))?;
+        let t = file.get(name).ok_or_else(|| {
+            bad(format!("tensor `{name}` is missing: the checkpoint is of another architecture or configuration"))
+        })?;
         if t.shape() != var.shape() {
             return Err(bad(format!(
                 "tensor `{name}` has shape {:?} in the file but {:?} in the model: the checkpoint is of another architecture or configuration",
@@ -279,12 +279,23 @@ mod tests {
         let vm = VarMap::new();
         let _ = model(&vm, 2);
         let meta = Meta::new("segment", "test");
-        save(&dir, &CheckpointData::<_, ()> { varmap: &vm, config: &serde_json::json!({"a": 1}), meta: &meta, optimizer: None, state: None }).unwrap();
+        save(
+            &dir,
+            &CheckpointData::<_, ()> {
+                varmap: &vm,
+                config: &serde_json::json!({"a": 1}),
+                meta: &meta,
+                optimizer: None,
+                state: None,
+            },
+        )
+        .unwrap();
         let vm2 = VarMap::new();
         let _ = model(&vm2, 2);
         load_varmap(&vm2, &dir.join(WEIGHTS), Strictness::Exact, |_| false).unwrap();
         for ((_, a), (_, b)) in sorted_vars(&vm).iter().zip(sorted_vars(&vm2).iter()) {
-            let d = (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let d =
+                (a.as_tensor() - b.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0);
         }
         let vm3 = VarMap::new();
@@ -327,7 +338,8 @@ mod tests {
         assert!(resolve(&dir).unwrap().ends_with("last") && !old_path(&dir).exists());
         // A truncated file is a clear error naming it.
         std::fs::write(d.path().join("bad.safetensors"), &bytes[..10]).unwrap();
-        let e = load_varmap(&vm2, &d.path().join("bad.safetensors"), Strictness::Exact, |_| false).unwrap_err().to_string();
+        let e =
+            load_varmap(&vm2, &d.path().join("bad.safetensors"), Strictness::Exact, |_| false).unwrap_err().to_string();
         assert!(e.contains("bad.safetensors"), "{e}");
     }
 }

@@ -33,10 +33,7 @@ impl std::str::FromStr for DeviceSpec {
                         msg: "expected cuda:N with N a GPU ordinal".into(),
                     })
                 } else {
-                    Err(Error::Device {
-                        spec: s.into(),
-                        msg: "unknown device; use cpu, cuda, cuda:N or metal".into(),
-                    })
+                    Err(Error::Device { spec: s.into(), msg: "unknown device; use cpu, cuda, cuda:N or metal".into() })
                 }
             }
         }
@@ -65,8 +62,7 @@ impl DeviceSpec {
                         msg: "this build has no CUDA support; rebuild with `--features cuda`".into(),
                     });
                 }
-                Device::new_cuda(n)
-                    .map_err(|e| Error::Device { spec: self.to_string(), msg: e.to_string() })
+                Device::new_cuda(n).map_err(|e| Error::Device { spec: self.to_string(), msg: e.to_string() })
             }
             DeviceSpec::Metal => {
                 if !cfg!(feature = "metal") {
@@ -75,8 +71,7 @@ impl DeviceSpec {
                         msg: "this build has no Metal support; rebuild with `--features metal`".into(),
                     });
                 }
-                Device::new_metal(0)
-                    .map_err(|e| Error::Device { spec: self.to_string(), msg: e.to_string() })
+                Device::new_metal(0).map_err(|e| Error::Device { spec: self.to_string(), msg: e.to_string() })
             }
         }
     }

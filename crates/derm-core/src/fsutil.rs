@@ -33,8 +33,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Serialises `value` as pretty JSON and writes it atomically.
 pub fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
-    let s = serde_json::to_string_pretty(value)
-        .map_err(|e| Error::Parse { path: path.into(), msg: e.to_string() })?;
+    let s = serde_json::to_string_pretty(value).map_err(|e| Error::Parse { path: path.into(), msg: e.to_string() })?;
     write_atomic(path, s.as_bytes())
 }
 

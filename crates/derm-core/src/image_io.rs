@@ -32,16 +32,15 @@ fn decode(path: &Path) -> Result<DynamicImage> {
         return Err(Error::Image { path: path.into(), msg: "empty file".into() });
     }
     let img_err = |msg: String| Error::Image { path: path.into(), msg };
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| img_err(format!("cannot read: {e}")))?;
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| img_err(format!("cannot read: {e}")))?;
     if reader.format().is_none() {
         return Err(img_err("not a recognised image format (png, jpeg, bmp, tiff)".into()));
     }
     let mut decoder = reader.into_decoder().map_err(|e| img_err(format!("cannot decode: {e}")))?;
     let orientation = decoder.orientation().ok();
-    let mut img = DynamicImage::from_decoder(decoder)
-        .map_err(|e| img_err(format!("corrupt or truncated image: {e}")))?;
+    let mut img =
+        DynamicImage::from_decoder(decoder).map_err(|e| img_err(format!("corrupt or truncated image: {e}")))?;
     if let Some(o) = orientation {
         img.apply_orientation(o);
     }
@@ -66,13 +65,7 @@ pub fn load_mask(path: &Path, expect: Option<(u32, u32)>) -> Result<GrayImage> {
         if gray.dimensions() != (w, h) {
             return Err(Error::Mask {
                 path: path.into(),
-                msg: format!(
-                    "mask is {}x{} but its image is {}x{}",
-                    gray.width(),
-                    gray.height(),
-                    w,
-                    h
-                ),
+                msg: format!("mask is {}x{} but its image is {}x{}", gray.width(), gray.height(), w, h),
             });
         }
     }
@@ -261,8 +254,7 @@ pub struct Normalize {
 
 impl Normalize {
     /// ImageNet statistics, used by the classifier.
-    pub const IMAGENET: Normalize =
-        Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
     /// Mean 0.5 and std 0.5: maps [0, 255] to [-1, 1] (segmentation, purification, GANs).
     pub const HALF: Normalize = Normalize { mean: [0.5; 3], std: [0.5; 3] };
     /// No normalisation beyond scaling to [0, 1].
@@ -427,7 +419,8 @@ mod tests {
     #[test]
     fn exif_orientation_is_applied() {
         // A 2x1 JPEG with orientation 6 (rotate 90 degrees clockwise) must read as 1x2.
-        let img = RgbImage::from_fn(16, 8, |x, _| if x < 8 { image::Rgb([250, 0, 0]) } else { image::Rgb([0, 0, 250]) });
+        let img =
+            RgbImage::from_fn(16, 8, |x, _| if x < 8 { image::Rgb([250, 0, 0]) } else { image::Rgb([0, 0, 250]) });
         let mut jpg = Vec::new();
         img.write_to(&mut Cursor::new(&mut jpg), image::ImageFormat::Jpeg).unwrap();
         // Insert an APP1 Exif segment after SOI.

@@ -335,10 +335,7 @@ impl ConfusionMatrix {
 
 /// Index of the largest value of each row.
 pub fn argmax_rows(probs: &[Vec<f64>]) -> Vec<usize> {
-    probs
-        .iter()
-        .map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0))
-        .collect()
+    probs.iter().map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)).collect()
 }
 
 #[cfg(test)]

@@ -97,7 +97,10 @@ impl Default for Conv2dConfig {
 impl Conv2dConfig {
     /// "Same" padding for an odd kernel `k` with dilation `d`.
     pub fn same(k: usize, d: usize) -> Self {
-        Conv2dConfig { params: ConvParams { padding: d * (k - 1) / 2, dilation: d, ..Default::default() }, ..Default::default() }
+        Conv2dConfig {
+            params: ConvParams { padding: d * (k - 1) / 2, dilation: d, ..Default::default() },
+            ..Default::default()
+        }
     }
 }
 
@@ -183,7 +186,14 @@ mod tests {
         let c = conv2d(3, 8, 3, Conv2dConfig::same(3, 2), vb.pp("c")).unwrap();
         let x = Tensor::zeros((2, 3, 17, 23), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(c.forward(&x).unwrap().dims(), &[2, 8, 17, 23]);
-        let s = conv2d(3, 4, 3, Conv2dConfig { params: ConvParams { padding: 1, stride: 2, ..Default::default() }, ..Default::default() }, vb.pp("s")).unwrap();
+        let s = conv2d(
+            3,
+            4,
+            3,
+            Conv2dConfig { params: ConvParams { padding: 1, stride: 2, ..Default::default() }, ..Default::default() },
+            vb.pp("s"),
+        )
+        .unwrap();
         assert_eq!(s.forward(&x).unwrap().dims(), &[2, 4, 9, 12]);
         assert!(vm.data().lock().unwrap().contains_key("c.weight"));
     }

@@ -13,17 +13,15 @@
 //! CPU and back (differentiably), so results stay correct, if slower.
 
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor,
-    WithDType, D,
+    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D,
 };
 use rayon::prelude::*;
 
 type CResult<T> = candle_core::Result<T>;
 
 fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("derm op: input must be contiguous".into()))?;
+    let (a, b) =
+        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("derm op: input must be contiguous".into()))?;
     Ok(&T::cpu_storage_as_slice(s)?[a..b])
 }
 
@@ -286,7 +284,12 @@ struct ResizeFwd {
     mode: ResizeMode,
 }
 
-fn resize_fwd<T: WithDType>(x: &[T], dims: (usize, usize, usize, usize), out: (usize, usize), mode: ResizeMode) -> Vec<T> {
+fn resize_fwd<T: WithDType>(
+    x: &[T],
+    dims: (usize, usize, usize, usize),
+    out: (usize, usize),
+    mode: ResizeMode,
+) -> Vec<T> {
     let (n, c, h, w) = dims;
     let (oh, ow) = out;
     let ty = resize_taps(h, oh, mode);
@@ -541,7 +544,10 @@ pub(crate) mod tests {
         let x = Tensor::from_vec(rng.normal_vec(2 * 3 * 8 * 10, 0.0, 1.0), (2, 3, 8, 10), &Device::Cpu).unwrap();
         let a = max_pool2d(&x, Pool2d::square(2, 2, 0)).unwrap();
         let b = x.max_pool2d(2).unwrap();
-        assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         let a = avg_pool2d(&x, Pool2d::square(2, 2, 0)).unwrap();
         let b = x.avg_pool2d(2).unwrap();
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();

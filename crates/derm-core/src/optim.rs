@@ -159,11 +159,7 @@ impl Optimizer {
     /// only those whose name `keep` accepts.
     pub fn from_varmap(vm: &candle_nn::VarMap, cfg: OptimConfig, keep: impl Fn(&str) -> bool) -> Self {
         let params = match vm.data().lock() {
-            Ok(d) => d
-                .iter()
-                .filter(|(k, _)| !is_buffer(k) && keep(k))
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            Ok(d) => d.iter().filter(|(k, _)| !is_buffer(k) && keep(k)).map(|(k, v)| (k.clone(), v.clone())).collect(),
             Err(_) => Vec::new(),
         };
         Optimizer::new(params, cfg)
@@ -349,7 +345,11 @@ mod tests {
 
     fn configs() -> Vec<OptimConfig> {
         vec![
-            OptimConfig { optimizer: OptimizerKind::adam(0.05), schedule: LrSchedule::Step { every: 4, gamma: 0.8 }, clip_grad_norm: Some(1.0) },
+            OptimConfig {
+                optimizer: OptimizerKind::adam(0.05),
+                schedule: LrSchedule::Step { every: 4, gamma: 0.8 },
+                clip_grad_norm: Some(1.0),
+            },
             OptimConfig {
                 optimizer: OptimizerKind::AdamW { lr: 0.05, beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 },
                 schedule: LrSchedule::Cosine { total: 10, min_lr: 0.001 },
@@ -380,7 +380,10 @@ mod tests {
     fn adam_first_step_matches_hand_computation() {
         // With bias correction the first Adam step moves each weight by lr * sign(g) (up to eps).
         let w = Var::from_vec(vec![1f32, -2.0], 2, &Device::Cpu).unwrap();
-        let mut opt = Optimizer::new(vec![("w".into(), w.clone())], OptimConfig { optimizer: OptimizerKind::adam(0.1), ..Default::default() });
+        let mut opt = Optimizer::new(
+            vec![("w".into(), w.clone())],
+            OptimConfig { optimizer: OptimizerKind::adam(0.1), ..Default::default() },
+        );
         let l = (w.as_tensor() * Tensor::new(&[3f32, -0.5], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
         opt.backward_step(&l).unwrap();
         let v: Vec<f32> = w.as_tensor().to_vec1().unwrap();
@@ -423,7 +426,10 @@ mod tests {
         assert_eq!(LrSchedule::Step { every: 2, gamma: 0.1 }.rate(1.0, 3), 0.1);
         let c = LrSchedule::Cosine { total: 10, min_lr: 0.0 };
         assert!((c.rate(1.0, 5) - 0.5).abs() < 1e-12 && c.rate(1.0, 0) == 1.0 && c.rate(1.0, 11) == 0.0);
-        let s: OptimConfig = serde_json::from_str(r#"{"optimizer":{"kind":"sgd","lr":0.001,"momentum":0.9,"weight_decay":0,"nesterov":false}}"#).unwrap();
+        let s: OptimConfig = serde_json::from_str(
+            r#"{"optimizer":{"kind":"sgd","lr":0.001,"momentum":0.9,"weight_decay":0,"nesterov":false}}"#,
+        )
+        .unwrap();
         assert_eq!(s.optimizer.lr(), 0.001);
     }
 }

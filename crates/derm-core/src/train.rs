@@ -130,7 +130,13 @@ pub fn best_dir(out: &Path) -> PathBuf {
 }
 
 /// Runs the loop from `state` (default for a new run, or the state read from `<out>/last`).
-pub fn fit(task: &mut dyn Task, cfg: &LoopConfig, out: &Path, mut state: TrainState, on_event: &mut dyn FnMut(&Event)) -> Result<TrainState> {
+pub fn fit(
+    task: &mut dyn Task,
+    cfg: &LoopConfig,
+    out: &Path,
+    mut state: TrainState,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<TrainState> {
     crate::fsutil::create_dir_all(out)?;
     let per_epoch = task.batches_per_epoch();
     if per_epoch == 0 {
@@ -144,27 +150,28 @@ pub fn fit(task: &mut dyn Task, cfg: &LoopConfig, out: &Path, mut state: TrainSt
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
     state.finished = false;
 
-    let evaluate = |task: &mut dyn Task, state: &mut TrainState, on_event: &mut dyn FnMut(&Event), loss: f64| -> Result<()> {
-        let el = state.elapsed_s;
-        let metric = task.evaluate()?;
-        let best = match (metric, state.best_metric) {
-            (Some(m), Some(b)) => m > b,
-            (Some(_), None) => true,
-            _ => false,
-        };
-        state.history.push(HistoryPoint { step: state.step, epoch: state.epoch, loss, metric, elapsed_s: el });
-        if let Some(m) = metric {
-            if best {
-                state.best_metric = Some(m);
-                state.best_step = Some(state.step);
+    let evaluate =
+        |task: &mut dyn Task, state: &mut TrainState, on_event: &mut dyn FnMut(&Event), loss: f64| -> Result<()> {
+            let el = state.elapsed_s;
+            let metric = task.evaluate()?;
+            let best = match (metric, state.best_metric) {
+                (Some(m), Some(b)) => m > b,
+                (Some(_), None) => true,
+                _ => false,
+            };
+            state.history.push(HistoryPoint { step: state.step, epoch: state.epoch, loss, metric, elapsed_s: el });
+            if let Some(m) = metric {
+                if best {
+                    state.best_metric = Some(m);
+                    state.best_step = Some(state.step);
+                }
+                on_event(&Event::Eval { step: state.step, metric: m, best });
             }
-            on_event(&Event::Eval { step: state.step, metric: m, best });
-        }
-        if best || (metric.is_none() && state.best_step.is_none()) {
-            task.save(&best_dir(out), state)?;
-        }
-        Ok(())
-    };
+            if best || (metric.is_none() && state.best_step.is_none()) {
+                task.save(&best_dir(out), state)?;
+            }
+            Ok(())
+        };
 
     'outer: while state.epoch < cfg.epochs {
         while state.batch_in_epoch < per_epoch {
@@ -257,7 +264,11 @@ mod tests {
             let vb = crate::nn::seeded_var_builder(&vm, 1, candle_core::DType::F32, &Device::Cpu);
             vb.get_with_hints((3, 1), "w", candle_nn::Init::Const(0.0)).unwrap();
             let w = vm.data().lock().unwrap().get("w").unwrap().clone();
-            let opt = Optimizer::from_varmap(&vm, OptimConfig { optimizer: OptimizerKind::adam(0.2), ..Default::default() }, |_| true);
+            let opt = Optimizer::from_varmap(
+                &vm,
+                OptimConfig { optimizer: OptimizerKind::adam(0.2), ..Default::default() },
+                |_| true,
+            );
             let mut r = Rng::new(2);
             let x = Tensor::from_vec(r.normal_vec(16 * 3, 0.0, 1.0), (16, 3), &Device::Cpu).unwrap();
             let y = x.matmul(&Tensor::new(&[[1f32], [-2.0], [0.5]], &Device::Cpu).unwrap()).unwrap();
@@ -289,7 +300,16 @@ mod tests {
             Ok(Some(-l))
         }
         fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
-            checkpoint::save(dir, &CheckpointData { varmap: &self.vm, config: &0, meta: &Meta::new("toy", "linear"), optimizer: Some(&self.opt), state: Some(state) })
+            checkpoint::save(
+                dir,
+                &CheckpointData {
+                    varmap: &self.vm,
+                    config: &0,
+                    meta: &Meta::new("toy", "linear"),
+                    optimizer: Some(&self.opt),
+                    state: Some(state),
+                },
+            )
         }
     }
 
@@ -316,7 +336,8 @@ mod tests {
         fit(&mut first, &cfg9, &out, TrainState::default(), &mut |_| {}).unwrap();
         let mut resumed = Toy::new(None);
         let last = last_dir(&out);
-        checkpoint::load_varmap(&resumed.vm, &last.join("model.safetensors"), checkpoint::Strictness::Exact, |_| false).unwrap();
+        checkpoint::load_varmap(&resumed.vm, &last.join("model.safetensors"), checkpoint::Strictness::Exact, |_| false)
+            .unwrap();
         resumed.opt.load(&last.join("optim.safetensors")).unwrap();
         let state: TrainState = checkpoint::read_state(&last).unwrap().unwrap();
         assert_eq!((state.step, state.epoch, state.batch_in_epoch), (9, 2, 1));

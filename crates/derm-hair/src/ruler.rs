@@ -142,7 +142,14 @@ fn offset_profile(
 /// the normal), ignoring dark-structure pixels: large where an edge runs parallel to the line
 /// there (the far edge of a ruler body), small for edges that cross the line at an angle (the
 /// lesion, the round field of view). NaN where too few samples are in the image.
-fn edge_profile(pale: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, offsets: impl Iterator<Item = f32>) -> Vec<f32> {
+fn edge_profile(
+    pale: &[u8],
+    raw: &[u8],
+    w: usize,
+    h: usize,
+    r: &Ruler,
+    offsets: impl Iterator<Item = f32>,
+) -> Vec<f32> {
     let tmax = ((w * w + h * h) as f32).sqrt();
     let at = |t: f32, o: f32| -> Option<f32> {
         let x = r.rho * r.cos - t * r.sin + o * r.cos;

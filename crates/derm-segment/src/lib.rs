@@ -181,8 +181,9 @@ impl Segmenter {
         if self.cfg.fill_holes {
             mask = binary::fill_holes(&mask);
         }
-        let probability =
-            GrayImage::from_fn(w, h, |x, y| image::Luma([(probs[(y * w + x) as usize] * 255.0).round().clamp(0.0, 255.0) as u8]));
+        let probability = GrayImage::from_fn(w, h, |x, y| {
+            image::Luma([(probs[(y * w + x) as usize] * 255.0).round().clamp(0.0, 255.0) as u8])
+        });
         Prediction { mask, probability }
     }
 }
@@ -207,7 +208,10 @@ pub fn evaluate(seg: &Segmenter, data: &Dataset, on_image: &mut dyn FnMut(usize)
         let items = data.load_items(chunk, None, &cache)?;
         for it in &items {
             if it.mask.is_none() {
-                return Err(Error::invalid(format!("{}: sample {} has no lesion mask to score against", data.name, it.id)));
+                return Err(Error::invalid(format!(
+                    "{}: sample {} has no lesion mask to score against",
+                    data.name, it.id
+                )));
             }
         }
         let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
@@ -258,7 +262,12 @@ impl SegmentTask {
     /// Loads weights and optimiser state from a checkpoint folder (for `--resume`).
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
         let dir = checkpoint::resolve(dir)?;
-        checkpoint::load_varmap(&self.seg.varmap, &dir.join(checkpoint::WEIGHTS), checkpoint::Strictness::Exact, |_| false)?;
+        checkpoint::load_varmap(
+            &self.seg.varmap,
+            &dir.join(checkpoint::WEIGHTS),
+            checkpoint::Strictness::Exact,
+            |_| false,
+        )?;
         let o = dir.join(checkpoint::OPTIM);
         if o.exists() {
             self.opt.load(&o)?;
@@ -354,7 +363,13 @@ impl Task for SegmentTask {
         m.extra["step"] = serde_json::json!(state.step);
         checkpoint::save(
             dir,
-            &CheckpointData { varmap: &self.seg.varmap, config: &self.seg.cfg, meta: &m, optimizer: Some(&self.opt), state: Some(state) },
+            &CheckpointData {
+                varmap: &self.seg.varmap,
+                config: &self.seg.cfg,
+                meta: &m,
+                optimizer: Some(&self.opt),
+                state: Some(state),
+            },
         )
     }
 }
@@ -394,7 +409,12 @@ mod tests {
 
     fn tiny_cfg() -> SegmentConfig {
         SegmentConfig {
-            model: UNetConfig { in_channels: 3, widths: vec![8, 16], bottleneck: vec![(16, 2), (16, 4)], batch_norm: true },
+            model: UNetConfig {
+                in_channels: 3,
+                widths: vec![8, 16],
+                bottleneck: vec![(16, 2), (16, 4)],
+                batch_norm: true,
+            },
             size: 32,
             batch_size: 4,
             optim: OptimConfig { optimizer: OptimizerKind::adam(3e-3), ..Default::default() },
@@ -427,9 +447,14 @@ mod tests {
         let mut other = tiny_cfg();
         other.model.widths = vec![8, 24];
         let s2 = Segmenter::new(other, &Device::Cpu).unwrap();
-        let e = checkpoint::load_varmap(&s2.varmap, &train::last_dir(&out).join("model.safetensors"), checkpoint::Strictness::Exact, |_| false)
-            .unwrap_err()
-            .to_string();
+        let e = checkpoint::load_varmap(
+            &s2.varmap,
+            &train::last_dir(&out).join("model.safetensors"),
+            checkpoint::Strictness::Exact,
+            |_| false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("shape"), "{e}");
         // Resume continues to more epochs.
         let mut more = tiny_cfg();

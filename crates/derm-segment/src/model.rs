@@ -94,7 +94,10 @@ struct DoubleConv(ConvBnRelu, ConvBnRelu);
 
 impl DoubleConv {
     fn new(c_in: usize, c_out: usize, use_bn: bool, vb: VarBuilder) -> Result<Self> {
-        Ok(DoubleConv(ConvBnRelu::new(c_in, c_out, 1, use_bn, vb.pp("0"))?, ConvBnRelu::new(c_out, c_out, 1, use_bn, vb.pp("1"))?))
+        Ok(DoubleConv(
+            ConvBnRelu::new(c_in, c_out, 1, use_bn, vb.pp("0"))?,
+            ConvBnRelu::new(c_out, c_out, 1, use_bn, vb.pp("1"))?,
+        ))
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.1.forward(&self.0.forward(x, train)?, train)
@@ -228,10 +231,24 @@ mod tests {
             .sum();
         // 3x3 convs without bias + BN (2 per channel) + 1x1 head with bias.
         let conv = |i: usize, o: usize| 9 * i * o + 2 * o;
-        let expect = conv(3, 64) + conv(64, 64) + conv(64, 128) + conv(128, 128) + conv(128, 256) + conv(256, 256)
-            + conv(256, 512) + conv(512, 512) + conv(512, 1024) + conv(1024, 1024)
-            + conv(1024 + 256, 256) + conv(256, 256) + conv(256 + 128, 128) + conv(128, 128) + conv(128 + 64, 64) + conv(64, 64)
-            + 64 + 1;
+        let expect = conv(3, 64)
+            + conv(64, 64)
+            + conv(64, 128)
+            + conv(128, 128)
+            + conv(128, 256)
+            + conv(256, 256)
+            + conv(256, 512)
+            + conv(512, 512)
+            + conv(512, 1024)
+            + conv(1024, 1024)
+            + conv(1024 + 256, 256)
+            + conv(256, 256)
+            + conv(256 + 128, 128)
+            + conv(128, 128)
+            + conv(128 + 64, 64)
+            + conv(64, 64)
+            + 64
+            + 1;
         assert_eq!(n, expect);
     }
 }

@@ -59,12 +59,15 @@ impl AnalyzeArgs {
         let img = image_io::load_rgb(&self.image)?;
         let t = std::time::Instant::now();
 
-        let seg = derm_segment::Segmenter::load(&seg_dir, &device).with_context(|| format!("loading {}", seg_dir.display()))?;
+        let seg = derm_segment::Segmenter::load(&seg_dir, &device)
+            .with_context(|| format!("loading {}", seg_dir.display()))?;
         let lesion = seg.predict(&[&img])?.remove(0);
         let hair = derm_hair::clean(&img, Some(&lesion.mask), &derm_hair::HairConfig::default())?;
-        let pur = derm_purify::Purifier::load(&pur_dir, &device).with_context(|| format!("loading {}", pur_dir.display()))?;
+        let pur =
+            derm_purify::Purifier::load(&pur_dir, &device).with_context(|| format!("loading {}", pur_dir.display()))?;
         let purified = derm_purify::purify_image(&pur, &img, &hair.occlusion)?;
-        let clf = derm_classify::Classifier::load(&cls_dir, &device).with_context(|| format!("loading {}", cls_dir.display()))?;
+        let clf = derm_classify::Classifier::load(&cls_dir, &device)
+            .with_context(|| format!("loading {}", cls_dir.display()))?;
         let probs = clf.probabilities(&[&purified], false)?.remove(0);
         let classes = clf.class_names();
         let sal = Saliency::Classifier(Box::new(clf));
@@ -96,7 +99,13 @@ impl AnalyzeArgs {
         if self.json {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
-            println!("{}: {} ({:.1}% occluded, lesion {:.1}% of the image)", self.image.display(), classes.get(best).map(String::as_str).unwrap_or("?"), hair.masked_fraction * 100.0, lesion_fraction * 100.0);
+            println!(
+                "{}: {} ({:.1}% occluded, lesion {:.1}% of the image)",
+                self.image.display(),
+                classes.get(best).map(String::as_str).unwrap_or("?"),
+                hair.masked_fraction * 100.0,
+                lesion_fraction * 100.0
+            );
             for (c, p) in classes.iter().zip(&probs) {
                 println!("  {c:<24} {p:.3}");
             }

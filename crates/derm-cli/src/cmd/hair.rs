@@ -140,8 +140,7 @@ impl HairArgs {
         } else {
             ok.values().map(|e| e.summary.masked_fraction).sum::<f64>() / ok.len() as f64
         };
-        let summary =
-            Summary { config: cfg, images: ok.len(), failed, mean_masked_fraction: mean, results: ok };
+        let summary = Summary { config: cfg, images: ok.len(), failed, mean_masked_fraction: mean, results: ok };
         derm_core::fsutil::write_json(&self.out.join("summary.json"), &summary)?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -93,8 +93,9 @@ impl TrainArgs {
         let device = g.device()?;
         let data = self.data.open()?;
         let mut progress = StageProgress::new("segment", g.quiet);
-        let (task, state) = derm_segment::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
-            .with_context(|| format!("training the segmenter into {}", self.out.display()))?;
+        let (task, state) =
+            derm_segment::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
+                .with_context(|| format!("training the segmenter into {}", self.out.display()))?;
         progress.finish();
         common::write_history(&self.out, &state)?;
         let (ntrain, nval) = task.sizes();
@@ -138,7 +139,10 @@ impl PredictArgs {
             let p = seg.predict(&[&img])?.remove(0);
             let id = common::file_id(f);
             image_io::save_png(&self.out.join(format!("{id}_segmentation.png")), &p.mask)?;
-            image_io::save_png(&self.out.join(format!("{id}_overlay.png")), &common::mask_overlay(&img, &p.mask, None))?;
+            image_io::save_png(
+                &self.out.join(format!("{id}_overlay.png")),
+                &common::mask_overlay(&img, &p.mask, None),
+            )?;
             pb.inc(1);
         }
         pb.finish_and_clear();
@@ -181,7 +185,10 @@ impl EvalArgs {
         let s = scores.summary();
         let worst = scores.worst(10);
         if let Some(out) = &self.out {
-            derm_core::fsutil::write_json(&out.join("metrics.json"), &serde_json::json!({ "summary": s, "worst": worst }))?;
+            derm_core::fsutil::write_json(
+                &out.join("metrics.json"),
+                &serde_json::json!({ "summary": s, "worst": worst }),
+            )?;
             let mut csv = String::from("id,jaccard,dice\n");
             for (id, c) in scores.ids.iter().zip(&scores.per_image) {
                 csv.push_str(&format!("{id},{:.6},{:.6}\n", c.jaccard(), c.dice()));
@@ -227,4 +234,3 @@ impl SegmentCommand {
         }
     }
 }
-

@@ -70,7 +70,11 @@ impl Saliency {
                 let f = c.net.forward_features(&x, false)?;
                 let mut stages = vec![f.stem];
                 stages.extend(f.layers);
-                let m = derm_vbp::visual_backprop(&stages, &derm_vbp::resnet_steps(), (view.height() as usize, view.width() as usize))?;
+                let m = derm_vbp::visual_backprop(
+                    &stages,
+                    &derm_vbp::resnet_steps(),
+                    (view.height() as usize, view.width() as usize),
+                )?;
                 Ok((view, m.into_iter().next().unwrap_or_default()))
             }
             Saliency::Segmenter(s) => {
@@ -96,13 +100,18 @@ impl Saliency {
             Saliency::Classifier(c) => c.view(&rgb),
             Saliency::Segmenter(s) => image_io::resize_rgb(&rgb, s.cfg.size, s.cfg.size),
         };
-        GrayImage::from_fn(v.width(), v.height(), |x, y| image::Luma([if v.get_pixel(x, y).0[0] >= 128 { 255 } else { 0 }]))
+        GrayImage::from_fn(v.width(), v.height(), |x, y| {
+            image::Luma([if v.get_pixel(x, y).0[0] >= 128 { 255 } else { 0 }])
+        })
     }
 }
 
 /// Finds `<id>_segmentation.png`, `<id>.png` or `<id>_mask.png` in `dir`.
 pub fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
-    ["_segmentation.png", ".png", "_mask.png", "_lesion.png"].iter().map(|s| dir.join(format!("{id}{s}"))).find(|p| p.exists())
+    ["_segmentation.png", ".png", "_mask.png", "_lesion.png"]
+        .iter()
+        .map(|s| dir.join(format!("{id}{s}")))
+        .find(|p| p.exists())
 }
 
 impl VbpArgs {

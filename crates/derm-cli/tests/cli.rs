@@ -1,0 +1,121 @@
+//! End-to-end tests of the `derm` binary on phantoms in a temporary folder: the stages chain
+//! through folders, and bad input gets a clear error naming the file, never a panic.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn derm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_derm")).args(["-q", "--seed", "3"]).args(args).output().expect("derm runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = derm(args);
+    assert!(o.status.success(), "derm {args:?} failed: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(args: &[&str]) -> String {
+    let o = derm(args);
+    assert!(!o.status.success(), "derm {args:?} should fail");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "derm {args:?} panicked: {e}");
+    e
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("utf-8 temp path")
+}
+
+#[test]
+fn phantoms_hair_segment_vbp_chain_through_folders() {
+    let d = tempfile::tempdir().unwrap();
+    let ph = d.path().join("ph");
+    ok(&["phantom", "--count", "24", "--size", "48", "--balanced", "--out", p(&ph)]);
+    let check: serde_json::Value = serde_json::from_str(&ok(&["data", "check", "--root", p(&ph), "--json"])).unwrap();
+    assert_eq!(check["splits"][0]["images"], 24);
+
+    let hair = d.path().join("hair");
+    let images = ph.join("images");
+    let masks = ph.join("masks");
+    ok(&["hair", "--input", p(&images), "--lesion-masks", p(&masks), "--out", p(&hair), "--json"]);
+    assert!(hair.join("phantom_3_000000_occlusion.png").exists());
+    assert!(hair.join("phantom_3_000000_clean.png").exists());
+
+    let seg = d.path().join("seg");
+    ok(&[
+        "segment",
+        "train",
+        "--root",
+        p(&ph),
+        "--size",
+        "32",
+        "--epochs",
+        "1",
+        "--batch",
+        "4",
+        "--lr",
+        "0.003",
+        "--out",
+        p(&seg),
+    ]);
+    assert!(seg.join("best/model.safetensors").exists() && seg.join("history.json").exists());
+    let eval: serde_json::Value =
+        serde_json::from_str(&ok(&["segment", "eval", "--model", p(&seg), "--root", p(&ph), "--json"])).unwrap();
+    let j = eval["summary"]["jaccard_mean"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&j));
+    let pred = d.path().join("pred");
+    ok(&["segment", "predict", "--model", p(&seg), "--input", p(&images), "--out", p(&pred)]);
+    assert!(pred.join("phantom_3_000001_segmentation.png").exists());
+
+    let sal = d.path().join("vbp");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "vbp",
+        "--model",
+        p(&seg),
+        "--input",
+        p(&images),
+        "--lesion-masks",
+        p(&masks),
+        "--limit",
+        "3",
+        "--json",
+        "--out",
+        p(&sal),
+    ]))
+    .unwrap();
+    assert_eq!(v["images"], 3);
+    assert!(sal.join("phantom_3_000000_overlay.png").exists());
+
+    // A checkpoint of one stage is refused by another, naming what it is.
+    let e = err(&["classify", "predict", "--model", p(&seg), "--input", p(&images)]);
+    assert!(e.contains("segment"), "{e}");
+    // analyze names the missing model.
+    let e = err(&["analyze", p(&images.join("phantom_3_000000.png")), "--models", p(d.path())]);
+    assert!(e.contains("no segment model"), "{e}");
+}
+
+#[test]
+fn bad_inputs_get_errors_naming_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let imgs = d.path().join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::write(imgs.join("broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let e = err(&["hair", "--input", p(&imgs.join("broken.png")), "--out", p(&d.path().join("o"))]);
+    assert!(e.contains("broken.png"), "{e}");
+
+    let e = err(&["segment", "eval", "--model", p(&d.path().join("nothing")), "--root", p(d.path())]);
+    assert!(e.contains("nothing"), "{e}");
+
+    // Asking for a device this build lacks is an error, never a silent fall-back to the CPU.
+    if !cfg!(feature = "cuda") {
+        let e = err(&["--device", "cuda", "segment", "predict", "--model", "m", "--input", "i", "--out", "o"]);
+        assert!(e.contains("--features cuda"), "{e}");
+    }
+
+    // A data set whose label table lacks a column.
+    let ph = d.path().join("ph");
+    ok(&["phantom", "--count", "4", "--size", "32", "--out", p(&ph)]);
+    std::fs::write(ph.join("labels.csv"), "image_id,melanoma\nphantom_3_000000,0\n").unwrap();
+    let e = err(&["segment", "train", "--root", p(&ph), "--out", p(&d.path().join("run"))]);
+    assert!(e.contains("labels.csv") && e.contains("seborrheic_keratosis"), "{e}");
+}
