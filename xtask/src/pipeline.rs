@@ -255,19 +255,14 @@ fn materialise(d: &derm_data::dataset::Dataset, dir: &Path) -> anyhow::Result<()
     Ok(())
 }
 
-/// Class names of a data folder with its own manifest.
-fn class_names(dir: &Path) -> anyhow::Result<Vec<String>> {
-    Ok(derm_data::dataset::Dataset::open_dir(dir, None, None).map(|d| d.classes).unwrap_or_default())
-}
-
-/// The two rarest classes of a folder (the paper synthesises the rare classes), or the ISIC 2017
-/// pair for phantoms.
-fn rare_classes(dir: &Path, classes: &[String]) -> anyhow::Result<Vec<String>> {
+/// The two rarest classes of a folder with its own manifest: the paper synthesises the rare
+/// classes (for ISIC 2017 and phantoms, melanoma and seborrheic keratosis).
+fn rare_classes(dir: &Path) -> anyhow::Result<Vec<String>> {
     let d = derm_data::dataset::Dataset::open_dir(dir, None, None)?;
     let counts = d.class_counts();
-    let mut idx: Vec<usize> = (0..classes.len()).filter(|&i| counts.get(i).copied().unwrap_or(0) > 0).collect();
+    let mut idx: Vec<usize> = (0..d.classes.len()).filter(|&i| counts.get(i).copied().unwrap_or(0) > 0).collect();
     idx.sort_by_key(|&i| counts[i]);
-    Ok(idx.into_iter().take(2).map(|i| classes[i].clone()).collect())
+    Ok(idx.into_iter().take(2).map(|i| d.classes[i].clone()).collect())
 }
 
 /// Pixel recall and precision of predicted occlusion masks against drawn ones, and the share of
@@ -375,9 +370,6 @@ impl PipelineArgs {
             (run.p("data/train"), run.p("data/test"), vec![source])
         };
         let phantom = self.data == "phantom";
-        let classes = class_names(&PathBuf::from(&train))?;
-        let rare = rare_classes(&PathBuf::from(&train), &classes)?;
-        let _ = &classes;
         run.stage("data", &[], data_cmds, |r, c| {
             run_all(r, c)?;
             let check = parse_json(&r.derm(&[
@@ -390,6 +382,8 @@ impl PipelineArgs {
             ])?)?;
             Ok(json!({ "budget": budget, "train": train, "test": test, "check": check }))
         })?;
+
+        let rare = rare_classes(&PathBuf::from(&train))?;
 
         // Hair: occlusion masks and classic cleaning on the test set with true lesion masks
         // (scored against the drawn occlusion masks).

@@ -674,21 +674,16 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(ClassifyTask, TrainState)> {
     let mut task = ClassifyTask::new(cfg.clone(), data, extra, device)?;
-    let mut state = TrainState::default();
-    let last = train::last_dir(out);
-    if resume && checkpoint::resolve(&last).is_ok() {
-        let saved: ClassifyConfig = checkpoint::read_config(&last)?;
-        let now = &task.clf.cfg;
-        if saved.model != now.model || saved.input_size != now.input_size || saved.classes != now.classes {
-            return Err(Error::Checkpoint {
-                path: last,
-                msg: "cannot resume: the saved run has another model shape, input size or class list".into(),
-            });
+    let now = task.clf.cfg.clone();
+    let compatible =
+        |s: &ClassifyConfig| s.model == now.model && s.input_size == now.input_size && s.classes == now.classes;
+    let state = match train::resume_point(out, resume, compatible, "model shape, input size or class list")? {
+        Some((last, state)) => {
+            task.restore(&last)?;
+            state
         }
-        task.restore(&last)?;
-        state = checkpoint::read_state(&last)?.unwrap_or_default();
-        tracing::info!(step = state.step, "resuming");
-    }
+        None => TrainState::default(),
+    };
     let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
     Ok((task, state))
 }

@@ -129,6 +129,28 @@ pub fn best_dir(out: &Path) -> PathBuf {
     out.join("best")
 }
 
+/// Where a `--resume` continues: `None` for a fresh run (not asked, or no `<out>/last` yet), else
+/// `<out>/last` and its training state. The saved config must pass `compatible` (same model
+/// shape and input size, typically), else the error names the checkpoint and `what` differs.
+pub fn resume_point<C: serde::de::DeserializeOwned>(
+    out: &Path,
+    resume: bool,
+    compatible: impl Fn(&C) -> bool,
+    what: &str,
+) -> Result<Option<(PathBuf, TrainState)>> {
+    let last = last_dir(out);
+    if !resume || crate::checkpoint::resolve(&last).is_err() {
+        return Ok(None);
+    }
+    let saved: C = crate::checkpoint::read_config(&last)?;
+    if !compatible(&saved) {
+        return Err(Error::Checkpoint { path: last, msg: format!("cannot resume: the saved run has another {what}") });
+    }
+    let state: TrainState = crate::checkpoint::read_state(&last)?.unwrap_or_default();
+    tracing::info!(step = state.step, "resuming");
+    Ok(Some((last, state)))
+}
+
 /// Runs the loop from `state` (default for a new run, or the state read from `<out>/last`).
 pub fn fit(
     task: &mut dyn Task,

@@ -658,20 +658,15 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(PurifyTask, TrainState)> {
     let mut task = PurifyTask::new(cfg.clone(), data, device)?;
-    let mut state = TrainState::default();
-    let last = train::last_dir(out);
-    if resume && checkpoint::resolve(&last).is_ok() {
-        let saved: PurifyConfig = checkpoint::read_config(&last)?;
-        if saved.model != cfg.model || saved.size != cfg.size {
-            return Err(Error::Checkpoint {
-                path: last,
-                msg: "cannot resume: the saved run has another model shape or size".into(),
-            });
+    let compatible = |s: &PurifyConfig| s.model == cfg.model && s.size == cfg.size;
+    let state = match train::resume_point(out, resume, compatible, "model shape or size")? {
+        Some((last, state)) => {
+            task.restore(&last, &state)?;
+            tracing::info!(finetune = task.finetuning, "resuming");
+            state
         }
-        state = checkpoint::read_state(&last)?.unwrap_or_default();
-        task.restore(&last, &state)?;
-        tracing::info!(step = state.step, finetune = task.finetuning, "resuming");
-    }
+        None => TrainState::default(),
+    };
     let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
     Ok((task, state))
 }

@@ -384,20 +384,14 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(SegmentTask, TrainState)> {
     let mut task = SegmentTask::new(cfg.clone(), data, device)?;
-    let mut state = TrainState::default();
-    let last = train::last_dir(out);
-    if resume && checkpoint::resolve(&last).is_ok() {
-        let saved: SegmentConfig = checkpoint::read_config(&last)?;
-        if saved.model != cfg.model || saved.size != cfg.size {
-            return Err(Error::Checkpoint {
-                path: last,
-                msg: "cannot resume: the saved run has another model shape or size".into(),
-            });
+    let compatible = |s: &SegmentConfig| s.model == cfg.model && s.size == cfg.size;
+    let state = match train::resume_point(out, resume, compatible, "model shape or size")? {
+        Some((last, state)) => {
+            task.restore(&last)?;
+            state
         }
-        task.restore(&last)?;
-        state = checkpoint::read_state(&last)?.unwrap_or_default();
-        tracing::info!(step = state.step, "resuming");
-    }
+        None => TrainState::default(),
+    };
     let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
     Ok((task, state))
 }
