@@ -75,7 +75,7 @@ impl Budget {
             "quick" => Budget {
                 train_count: 240,
                 test_count: 90,
-                image_size: 128,
+                image_size: 256,
                 seg_size: 64,
                 seg_minutes: 1.0,
                 purify_size: 64,
