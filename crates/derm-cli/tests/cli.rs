@@ -1,5 +1,6 @@
 //! End-to-end tests of the `derm` binary on phantoms in a temporary folder: the stages chain
 //! through folders, and bad input gets a clear error naming the file, never a panic.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Command, Output};

@@ -855,7 +855,7 @@ fn draw_legend(chart: &mut Chart, entries: &[(String, [u8; 3])], samples: &[(f64
 /// outside the range and non-finite values are not counted.
 pub fn bin_counts(values: &[f64], bins: usize, lo: f64, hi: f64) -> Vec<usize> {
     let mut counts = vec![0usize; bins];
-    if bins == 0 || !(hi > lo) || !lo.is_finite() || !hi.is_finite() {
+    if bins == 0 || hi.partial_cmp(&lo) != Some(std::cmp::Ordering::Greater) || !lo.is_finite() || !hi.is_finite() {
         return counts;
     }
     let width = (hi - lo) / bins as f64;

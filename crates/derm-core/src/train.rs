@@ -223,7 +223,7 @@ pub fn fit(
                 state.batch_in_epoch = 0;
             }
             let eval_now = match cfg.eval_every {
-                Some(n) => state.step % n.max(1) == 0,
+                Some(n) => state.step.is_multiple_of(n.max(1)),
                 None => end_of_epoch,
             };
             if eval_now {
@@ -233,7 +233,7 @@ pub fn fit(
                 evaluate(task, &mut state, on_event, l)?;
             }
             let save_now = match cfg.checkpoint_every {
-                Some(n) => state.step % n.max(1) == 0,
+                Some(n) => state.step.is_multiple_of(n.max(1)),
                 None => end_of_epoch,
             };
             if save_now {

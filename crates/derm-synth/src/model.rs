@@ -118,7 +118,7 @@ impl GanConfig {
     /// The number of stride-2 layers, `log2(size / 4)`.
     pub fn stride2_layers(&self) -> Result<usize> {
         let s = self.size;
-        if s < 8 || s % 4 != 0 || !(s / 4).is_power_of_two() {
+        if s < 8 || !s.is_multiple_of(4) || !(s / 4).is_power_of_two() {
             candle_core::bail!("gan: size {s} is not 4 * 2^k with k >= 1 (8, 16, 32, 64, 128, 256, ...)")
         }
         Ok((s / 4).trailing_zeros() as usize)

@@ -44,7 +44,7 @@ pub fn image_rows(imgs: &[&RgbImage], size: (u32, u32)) -> Vec<f32> {
 /// For each of the `a.len() / dim` rows of `a`, the nearest of the rows of `b` by mean squared
 /// error. The distances are matrix products on `device`, `chunk` rows of `b` at a time.
 pub fn nearest_neighbours(a: &[f32], b: &[f32], dim: usize, chunk: usize, device: &Device) -> Result<Vec<Nearest>> {
-    if dim == 0 || a.len() % dim != 0 || b.len() % dim != 0 {
+    if dim == 0 || !a.len().is_multiple_of(dim) || !b.len().is_multiple_of(dim) {
         return Err(Error::invalid(format!(
             "nearest_neighbours: rows of {dim} values do not divide {} and {}",
             a.len(),

@@ -430,15 +430,15 @@ impl GanTrainer {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
             }
-            if cfg.sample_every > 0 && state.step % cfg.sample_every == 0 {
+            if cfg.sample_every > 0 && state.step.is_multiple_of(cfg.sample_every) {
                 self.write_grid(out, state.step, on_event)?;
             }
-            let check_now = lc.eval_every.map_or(end_of_epoch, |n| state.step % n.max(1) == 0);
+            let check_now = lc.eval_every.map_or(end_of_epoch, |n| state.step.is_multiple_of(n.max(1)));
             if check_now {
                 state.elapsed_s = elapsed(&start);
                 self.check(out, &mut state, &mut acc, on_event)?;
             }
-            let save_now = lc.checkpoint_every.map_or(end_of_epoch, |n| state.step % n.max(1) == 0);
+            let save_now = lc.checkpoint_every.map_or(end_of_epoch, |n| state.step.is_multiple_of(n.max(1)));
             if save_now {
                 state.elapsed_s = elapsed(&start);
                 self.save(&out.join("last"), &state)?;

@@ -84,9 +84,11 @@ impl TrainArgs {
         let mut cfg = match &self.config {
             Some(p) => derm_core::fsutil::read_json(p)?,
             None => {
-                let mut c = PurifyConfig::default();
-                c.model = PConvUNetConfig::preset(&self.preset)
-                    .with_context(|| format!("unknown preset {:?}: use small, peer or paper", self.preset))?;
+                let mut c = PurifyConfig {
+                    model: PConvUNetConfig::preset(&self.preset)
+                        .with_context(|| format!("unknown preset {:?}: use small, peer or paper", self.preset))?,
+                    ..Default::default()
+                };
                 c.size = self.size;
                 c.batch_size = self.batch;
                 c.train.epochs = self.epochs;

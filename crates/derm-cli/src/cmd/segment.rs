@@ -69,9 +69,11 @@ impl TrainArgs {
         let mut cfg = match &self.config {
             Some(p) => derm_core::fsutil::read_json(p)?,
             None => {
-                let mut c = SegmentConfig::default();
-                c.model = UNetConfig::preset(&self.preset)
-                    .with_context(|| format!("unknown preset {:?}: use small or paper", self.preset))?;
+                let mut c = SegmentConfig {
+                    model: UNetConfig::preset(&self.preset)
+                        .with_context(|| format!("unknown preset {:?}: use small or paper", self.preset))?,
+                    ..Default::default()
+                };
                 c.size = self.size;
                 c.batch_size = self.batch;
                 c.val_fraction = self.val_fraction;

@@ -84,9 +84,11 @@ impl TrainArgs {
         let mut cfg = match &self.config {
             Some(p) => derm_core::fsutil::read_json(p)?,
             None => {
-                let mut c = SynthConfig::default();
-                c.model = GanConfig::preset(&self.preset)
-                    .with_context(|| format!("unknown preset {:?}: use small, paper or peer64", self.preset))?;
+                let mut c = SynthConfig {
+                    model: GanConfig::preset(&self.preset)
+                        .with_context(|| format!("unknown preset {:?}: use small, paper or peer64", self.preset))?,
+                    ..Default::default()
+                };
                 if let Some(s) = self.size {
                     c.model.size = s;
                 }
