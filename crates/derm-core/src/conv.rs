@@ -638,14 +638,7 @@ impl CustomOp2 for Conv2dGradInput {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let g = Geo::new(self.x_dims, l1.shape().dims4()?, self.spec)?;
-        if l2.shape().dims4()? != (g.n, g.o, g.oh, g.ow) {
-            candle_core::bail!(
-                "{}: output gradient of shape {:?} for output {:?}",
-                self.name(),
-                l2.shape(),
-                (g.n, g.o, g.oh, g.ow)
-            )
-        }
+        check_grad_out(self.name(), l2, &g)?;
         let gx = dispatch2(
             self.name(),
             (s1, l1),
@@ -655,6 +648,14 @@ impl CustomOp2 for Conv2dGradInput {
         )?;
         Ok((gx, Shape::from(self.x_dims)))
     }
+}
+
+/// Errors unless the output gradient has the convolution's output shape.
+fn check_grad_out(name: &str, l: &Layout, g: &Geo) -> CResult<()> {
+    if l.shape().dims4()? != (g.n, g.o, g.oh, g.ow) {
+        candle_core::bail!("{name}: output gradient of shape {:?} for output {:?}", l.shape(), (g.n, g.o, g.oh, g.ow))
+    }
+    Ok(())
 }
 
 /// The weight gradient, on (input, output gradient).
@@ -670,14 +671,7 @@ impl CustomOp2 for Conv2dGradWeight {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let g = Geo::new(l1.shape().dims4()?, self.w_dims, self.spec)?;
-        if l2.shape().dims4()? != (g.n, g.o, g.oh, g.ow) {
-            candle_core::bail!(
-                "{}: output gradient of shape {:?} for output {:?}",
-                self.name(),
-                l2.shape(),
-                (g.n, g.o, g.oh, g.ow)
-            )
-        }
+        check_grad_out(self.name(), l2, &g)?;
         let gw = dispatch2(
             self.name(),
             (s1, l1),
