@@ -2,8 +2,9 @@
 //! (../shared/peer/RESULTS.md), so timings compare like with like.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{BatchNorm, ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
-use derm_core::nn::{batch_norm, bn, conv2d, Conv2d, Conv2dConfig};
+use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
+use derm_core::fused;
+use derm_core::nn::{batch_norm, bn, conv2d, BatchNorm, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, Pool2d};
 
 /// A k2/s2 transposed convolution through derm-core's GEMM kernel where it applies (CPU f32),
@@ -13,7 +14,7 @@ fn transposed(up: &ConvTranspose2d, x: &Tensor) -> Result<Tensor> {
         let spec = derm_core::conv::ConvSpec { padding: 0, stride: 2, dilation: 1 };
         let y = derm_core::conv::conv_transpose2d(x, up.weight(), spec, 0)?;
         match up.bias() {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => fused::add_channel_bias(&y, &b),
             None => Ok(y),
         }
     } else {
@@ -32,7 +33,7 @@ impl ConvReluBn {
         Ok(ConvReluBn { conv: conv2d(i, o, 3, Conv2dConfig::same(3, d), vb.pp("0"))?, bn: batch_norm(o, vb.pp("2"))? })
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        bn(&self.bn, &self.conv.forward(x)?.relu()?, train)
+        bn(&self.bn, &fused::relu(&self.conv.forward(x)?)?, train)
     }
 }
 

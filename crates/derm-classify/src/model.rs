@@ -16,9 +16,10 @@ use std::path::Path;
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
-use candle_nn::{BatchNorm, Init, VarBuilder, VarMap};
+use candle_nn::{Init, VarBuilder, VarMap};
 use derm_core::checkpoint::{self, Strictness};
-use derm_core::nn::{batch_norm, conv2d, torch_default_init, Conv2d, Conv2dConfig};
+use derm_core::fused;
+use derm_core::nn::{batch_norm, bn_relu, conv2d, torch_default_init, BatchNorm, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, ConvParams, Pool2d};
 use serde::{Deserialize, Serialize};
 
@@ -244,16 +245,14 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         for (k, (c, b)) in self.convs.iter().enumerate() {
-            y = bn(b, &conv(c, &y)?, train)?;
-            if k != last {
-                y = y.relu()?;
-            }
+            let z = conv(c, &y)?;
+            y = if k != last { bn_relu(b, &z, train)? } else { bn(b, &z, train)? };
         }
         let identity = match &self.downsample {
             Some((c, b)) => bn(b, &conv(c, x)?, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        fused::relu(&(y + identity)?)
     }
 }
 
@@ -381,7 +380,7 @@ impl ResNet {
     }
 
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        bn(&self.bn1, &conv(&self.conv1, x)?, train)?.relu()
+        bn_relu(&self.bn1, &conv(&self.conv1, x)?, train)
     }
 
     /// The forward pass keeping every stage's output (see [`ResNetFeatures`] for the shapes).

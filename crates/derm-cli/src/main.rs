@@ -109,6 +109,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
+    derm_core::runtime::tune_allocator();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

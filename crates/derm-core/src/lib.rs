@@ -11,6 +11,8 @@
 //! - [`ops`]: differentiable ops whose gradients are correct where candle 0.11's are wrong or
 //!   missing (pooling, resizing, stable BCE, softmax, conv2d at any shape), each checked against
 //!   finite differences.
+//! - [`fused`]: one-pass CPU kernels for batch norm (+ReLU), ReLU and per-channel bias, with
+//!   one-pass backwards.
 //! - [`optim`]: Adam, AdamW and SGD with momentum, learning-rate schedules, gradient clipping,
 //!   and optimiser state that is saved with the checkpoint.
 //! - [`checkpoint`]: `model.safetensors` + `config.json` + `meta.json` (+ optimiser and training
@@ -31,6 +33,7 @@ pub mod conv;
 pub mod device;
 pub mod error;
 pub mod fsutil;
+pub mod fused;
 pub mod image_io;
 pub mod metrics;
 pub mod nn;
@@ -39,6 +42,7 @@ pub mod optim;
 pub mod plot;
 pub mod report;
 pub mod rng;
+pub mod runtime;
 pub mod train;
 
 pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};

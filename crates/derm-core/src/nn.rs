@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::fused;
 use crate::ops::{self, ConvParams};
 use crate::Rng;
 
@@ -129,31 +130,100 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = ops::conv2d(x, &self.weight, self.params)?;
         match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+            Some(b) => fused::add_channel_bias(&y, b),
             None => Ok(y),
         }
     }
 }
 
-/// Batch normalisation over channels (train mode uses batch statistics and updates the running
-/// ones; eval mode uses the running ones). Names follow PyTorch: weight, bias, running_mean,
-/// running_var.
-pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<candle_nn::BatchNorm> {
-    let cfg = candle_nn::BatchNormConfig { eps: 1e-5, remove_mean: true, affine: true, momentum: 0.1 };
-    candle_nn::batch_norm(c, cfg, vb)
+/// Batch normalisation over channels: train mode normalises with the batch's statistics and
+/// updates the running ones (momentum 0.1, unbiased variance, as PyTorch), eval mode uses the
+/// running ones. Names follow PyTorch: weight, bias, running_mean, running_var. The work is done
+/// by [`fused::batch_norm`]: one pass for the statistics, one for the output, and a two-pass
+/// backward, with an optional ReLU folded in ([`BatchNorm::forward_relu_t`]).
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    /// Per-channel scale (gamma).
+    pub weight: Tensor,
+    /// Per-channel shift (beta).
+    pub bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+impl BatchNorm {
+    /// The running mean.
+    pub fn running_mean(&self) -> &Tensor {
+        self.running_mean.as_tensor()
+    }
+
+    /// The running (unbiased) variance.
+    pub fn running_var(&self) -> &Tensor {
+        self.running_var.as_tensor()
+    }
+
+    /// Normalises `x` (N, C, ...), in train or eval mode.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, false)
+    }
+
+    /// `relu(batch_norm(x))` in one pass forward and two backward.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.run(x, train, true)
+    }
+
+    fn run(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !train {
+            let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            return Ok(fused::batch_norm(x, &self.weight, &self.bias, Some(fixed), self.eps, relu)?.0);
+        }
+        let (y, stats) = fused::batch_norm(x, &self.weight, &self.bias, None, self.eps, relu)?;
+        if let Some(st) = stats {
+            let unbias = if st.count > 1 { st.count as f64 / (st.count - 1) as f64 } else { 1.0 };
+            let m = self.momentum;
+            for (var, batch, k) in [(&self.running_mean, &st.mean, 1.0), (&self.running_var, &st.var, unbias)] {
+                let old = var.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                let new: Vec<f64> = old.iter().zip(batch).map(|(o, b)| (1.0 - m) * o + m * k * b).collect();
+                let t = Tensor::from_vec(new, var.shape(), var.device())?.to_dtype(var.dtype())?;
+                var.set(&t)?;
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        BatchNorm::forward_t(self, x, train)
+    }
+}
+
+/// A [`BatchNorm`] over `c` channels under `vb` (weight 1, bias 0, running mean 0 and variance 1
+/// unless `vb` already holds them), eps 1e-5, momentum 0.1.
+pub fn batch_norm(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    let weight = vb.get_with_hints(c, "weight", Init::Const(1.0))?;
+    let bias = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
+    let running_mean = Var::from_tensor(&vb.get_with_hints(c, "running_mean", Init::Const(0.0))?)?;
+    let running_var = Var::from_tensor(&vb.get_with_hints(c, "running_var", Init::Const(1.0))?)?;
+    Ok(BatchNorm { weight, bias, running_mean, running_var, eps: 1e-5, momentum: 0.1 })
 }
 
 /// Batch norm with weights initialised N(1, 0.02) and zero bias (DCGAN).
-pub fn batch_norm_dcgan(c: usize, vb: VarBuilder) -> Result<candle_nn::BatchNorm> {
-    let w = vb.get_with_hints(c, "weight", Init::Randn { mean: 1.0, stdev: 0.02 })?;
-    let b = vb.get_with_hints(c, "bias", Init::Const(0.0))?;
-    let _ = (w, b);
+pub fn batch_norm_dcgan(c: usize, vb: VarBuilder) -> Result<BatchNorm> {
+    vb.get_with_hints(c, "weight", Init::Randn { mean: 1.0, stdev: 0.02 })?;
     batch_norm(c, vb)
 }
 
 /// Applies a batch norm in train or eval mode.
-pub fn bn(bn: &candle_nn::BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+pub fn bn(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
     bn.forward_t(x, train)
+}
+
+/// Applies a batch norm and a ReLU, fused.
+pub fn bn_relu(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
+    bn.forward_relu_t(x, train)
 }
 
 #[cfg(test)]

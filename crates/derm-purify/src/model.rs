@@ -10,8 +10,8 @@
 //! 2^depth (the padding is a hole) and the output is cropped back.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
-use derm_core::nn::batch_norm;
+use candle_nn::VarBuilder;
+use derm_core::nn::{batch_norm, BatchNorm};
 use derm_core::ops;
 use serde::{Deserialize, Serialize};
 
@@ -111,14 +111,10 @@ impl PcbActiv {
         Ok(PcbActiv { conv, bn, act })
     }
     fn post(&self, h: Tensor, train: bool) -> Result<Tensor> {
-        let h = match &self.bn {
-            Some(bn) => derm_core::nn::bn(bn, &h, train)?,
-            None => h,
-        };
-        match self.act {
-            Act::Relu => h.relu(),
-            Act::Leaky(s) => candle_nn::ops::leaky_relu(&h, s),
-            Act::None => Ok(h),
+        match (&self.bn, self.act) {
+            (Some(bn), Act::Relu) => derm_core::nn::bn_relu(bn, &h, train),
+            (Some(bn), act) => apply(act, derm_core::nn::bn(bn, &h, train)?),
+            (None, act) => apply(act, h),
         }
     }
 }
@@ -233,6 +229,15 @@ pub fn composite(x: &Tensor, out: &Tensor, valid: &Tensor) -> Result<Tensor> {
     let valid = valid.detach().to_dtype(x.dtype())?;
     let keep = valid.broadcast_as(x.shape())?.ge(0.5)?;
     keep.where_cond(x, out)
+}
+
+/// Applies an activation (fused kernels on the CPU).
+fn apply(act: Act, h: Tensor) -> Result<Tensor> {
+    match act {
+        Act::Relu => derm_core::fused::relu(&h),
+        Act::Leaky(s) => derm_core::fused::leaky_relu(&h, s),
+        Act::None => Ok(h),
+    }
 }
 
 #[cfg(test)]

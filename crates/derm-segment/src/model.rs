@@ -7,8 +7,8 @@
 //! multiple of 2^levels and the logits cropped back.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{BatchNorm, VarBuilder};
-use derm_core::nn::{batch_norm, conv2d, Conv2d, Conv2dConfig};
+use candle_nn::VarBuilder;
+use derm_core::nn::{batch_norm, conv2d, BatchNorm, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, Pool2d};
 use serde::{Deserialize, Serialize};
 
@@ -80,11 +80,10 @@ impl ConvBnRelu {
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let y = self.conv.forward(x)?;
-        let y = match &self.bn {
-            Some(bn) => derm_core::nn::bn(bn, &y, train)?,
-            None => y,
-        };
-        y.relu()
+        match &self.bn {
+            Some(bn) => derm_core::nn::bn_relu(bn, &y, train),
+            None => derm_core::fused::relu(&y),
+        }
     }
 }
 

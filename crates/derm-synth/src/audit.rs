@@ -66,7 +66,7 @@ pub struct RealFakeReport {
 }
 
 struct Net {
-    convs: Vec<(derm_core::nn::Conv2d, candle_nn::BatchNorm)>,
+    convs: Vec<(derm_core::nn::Conv2d, derm_core::nn::BatchNorm)>,
     head: candle_nn::Linear,
 }
 
@@ -90,7 +90,7 @@ impl Net {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.convs {
-            x = candle_nn::ops::leaky_relu(&derm_core::nn::bn(bn, &conv.forward(&x)?, train)?, 0.2)?;
+            x = derm_core::fused::leaky_relu(&derm_core::nn::bn(bn, &conv.forward(&x)?, train)?, 0.2)?;
         }
         let pooled = x.flatten_from(2)?.mean(2)?;
         Ok(self.head.forward(&pooled)?.flatten_all()?)

@@ -18,8 +18,8 @@
 //! corresponding images of every class.
 
 use candle_core::{Result, Tensor};
-use candle_nn::{BatchNorm, Init, VarBuilder};
-use derm_core::nn::batch_norm_dcgan;
+use candle_nn::{Init, VarBuilder};
+use derm_core::nn::{batch_norm_dcgan, BatchNorm};
 use derm_core::ops::ConvParams;
 use serde::{Deserialize, Serialize};
 
@@ -212,7 +212,7 @@ impl GLayer {
             conv_transpose_4x4_s2(x, &self.weight)?
         };
         match &self.bn {
-            Some(bn) => derm_core::nn::bn(bn, &y, train)?.relu(),
+            Some(bn) => derm_core::nn::bn_relu(bn, &y, train),
             None => y.tanh(),
         }
     }
@@ -286,7 +286,7 @@ impl DLayer {
             y = derm_core::nn::bn(bn, &y, train)?;
         }
         match self.act {
-            Some(s) => candle_nn::ops::leaky_relu(&y, s),
+            Some(s) => derm_core::fused::leaky_relu(&y, s),
             None => Ok(y),
         }
     }
