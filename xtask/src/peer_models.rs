@@ -14,7 +14,7 @@ fn transposed(up: &ConvTranspose2d, x: &Tensor) -> Result<Tensor> {
         let spec = derm_core::conv::ConvSpec { padding: 0, stride: 2, dilation: 1 };
         let y = derm_core::conv::conv_transpose2d(x, up.weight(), spec, 0)?;
         match up.bias() {
-            Some(b) => fused::add_channel_bias(&y, &b),
+            Some(b) => fused::add_channel_bias(&y, b),
             None => Ok(y),
         }
     } else {

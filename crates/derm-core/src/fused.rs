@@ -379,6 +379,9 @@ impl CustomOp3 for BnFwd {
     }
 }
 
+/// Where the backward leaves (dgamma, dbeta).
+type ParamGrads = Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>;
+
 /// The backward op on (x, y, dy), given the forward's statistics and the weights; stores
 /// (dgamma, dbeta) for the caller.
 struct BnBwd {
@@ -387,7 +390,7 @@ struct BnBwd {
     train: bool,
     gamma: Vec<f64>,
     stats: BnStats,
-    sums: Arc<Mutex<Option<(Vec<f64>, Vec<f64>)>>>,
+    sums: ParamGrads,
 }
 
 impl CustomOp3 for BnBwd {

@@ -9,7 +9,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{backend::BackendStorage, backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -140,6 +143,9 @@ pub struct Optimizer {
     /// Second moments (Adam).
     v: Vec<Option<Tensor>>,
     step: usize,
+    /// Whether CPU f32 parameters take the fused in-place update (off only to test it against
+    /// the tensor-op path).
+    in_place: bool,
 }
 
 /// True for the batch-norm running statistics, which are state, not trained parameters.
@@ -152,7 +158,7 @@ impl Optimizer {
     pub fn new(mut params: Vec<(String, Var)>, cfg: OptimConfig) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let n = params.len();
-        Optimizer { cfg, params, m: vec![None; n], v: vec![None; n], step: 0 }
+        Optimizer { cfg, params, m: vec![None; n], v: vec![None; n], step: 0, in_place: true }
     }
 
     /// An optimiser over every trainable variable of a VarMap (batch-norm buffers excluded), or
@@ -201,13 +207,20 @@ impl Optimizer {
     }
 
     /// Takes one step with the given gradients. Returns the global gradient norm (before clipping).
+    ///
+    /// CPU f32 parameters are updated in place by one fused pass per parameter (moments,
+    /// bias correction, weight decay and clipping together); other devices and dtypes take the
+    /// same arithmetic through tensor ops.
     pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
         let mut sq = 0f64;
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for (_, var) in &self.params {
-            let g = grads.get(var.as_tensor()).map(|g| g.detach());
+            let g = match grads.get(var.as_tensor()) {
+                Some(g) => Some(g.detach().contiguous()?),
+                None => None,
+            };
             if let Some(g) = &g {
-                sq += g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+                sq += sum_of_squares(g)?;
             }
             gs.push(g);
         }
@@ -221,56 +234,163 @@ impl Optimizer {
         };
         let lr = self.lr();
         let t = (self.step + 1) as i32;
-        for (i, (_, var)) in self.params.iter().enumerate() {
-            let Some(mut g) = gs[i].take() else { continue };
-            if let Some(c) = clip {
-                g = (g * c)?;
+        for i in 0..self.params.len() {
+            let Some(g) = gs[i].take() else { continue };
+            if self.in_place && in_place_ok(&self.params[i].1, &g) {
+                self.update_in_place(i, &g, clip.unwrap_or(1.0), lr, t)?;
+            } else {
+                self.update_with_ops(i, g, clip, lr, t)?;
             }
-            let p = var.as_tensor().detach();
-            let new_p = match self.cfg.optimizer {
-                OptimizerKind::Adam { beta1, beta2, eps, .. } | OptimizerKind::AdamW { beta1, beta2, eps, .. } => {
-                    let wd = match self.cfg.optimizer {
-                        OptimizerKind::AdamW { weight_decay, .. } => weight_decay,
-                        _ => 0.0,
-                    };
-                    let m = match &self.m[i] {
-                        Some(m) => ((m * beta1)? + (&g * (1.0 - beta1))?)?,
-                        None => (&g * (1.0 - beta1))?,
-                    };
-                    let v = match &self.v[i] {
-                        Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
-                        None => (g.sqr()? * (1.0 - beta2))?,
-                    };
-                    let mhat = (&m / (1.0 - beta1.powi(t)))?;
-                    let vhat = (&v / (1.0 - beta2.powi(t)))?;
-                    let upd = (mhat / (vhat.sqrt()? + eps)?)?;
-                    self.m[i] = Some(m);
-                    self.v[i] = Some(v);
-                    let p = if wd > 0.0 { (&p * (1.0 - lr * wd))? } else { p };
-                    (p - (upd * lr)?)?
-                }
-                OptimizerKind::Sgd { momentum, weight_decay, nesterov, .. } => {
-                    if weight_decay > 0.0 {
-                        g = (g + (&p * weight_decay)?)?;
-                    }
-                    let d = if momentum > 0.0 {
-                        let buf = match &self.m[i] {
-                            Some(b) => ((b * momentum)? + &g)?,
-                            None => g.clone(),
-                        };
-                        let d = if nesterov { (&g + (&buf * momentum)?)? } else { buf.clone() };
-                        self.m[i] = Some(buf);
-                        d
-                    } else {
-                        g
-                    };
-                    (p - (d * lr)?)?
-                }
-            };
-            var.set(&new_p)?;
         }
         self.step += 1;
         Ok(norm)
+    }
+
+    /// The fused CPU f32 update of parameter `i`.
+    fn update_in_place(&mut self, i: usize, g: &Tensor, clip: f64, lr: f64, t: i32) -> Result<()> {
+        let var = &self.params[i].1;
+        let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+        let (gs, gl) = g.storage_and_layout();
+        let gv = match &*gs {
+            Storage::Cpu(CpuStorage::F32(v)) => match gl.contiguous_offsets() {
+                Some((a, b)) => &v[a..b],
+                None => return Err(Error::invalid("optimiser: non-contiguous gradient")),
+            },
+            _ => return Err(Error::invalid("optimiser: gradient is not CPU f32")),
+        };
+        let clip = clip as f32;
+        const CHUNK: usize = 1 << 14;
+        match self.cfg.optimizer {
+            OptimizerKind::Adam { beta1, beta2, eps, .. } | OptimizerKind::AdamW { beta1, beta2, eps, .. } => {
+                let wd = match self.cfg.optimizer {
+                    OptimizerKind::AdamW { weight_decay, .. } => weight_decay,
+                    _ => 0.0,
+                };
+                let m = match &self.m[i] {
+                    Some(m) => m.clone(),
+                    None => zeros()?,
+                };
+                let v = match &self.v[i] {
+                    Some(v) => v.clone(),
+                    None => zeros()?,
+                };
+                let (b1, b2, eps) = (beta1 as f32, beta2 as f32, eps as f32);
+                let (bc1, bc2) = ((1.0 - beta1.powi(t)) as f32, (1.0 - beta2.powi(t)) as f32);
+                let (lr32, decay) = (lr as f32, (1.0 - lr * wd) as f32);
+                with_f32_mut(var.as_tensor(), &mut |p| {
+                    with_f32_mut(&m, &mut |m| {
+                        with_f32_mut(&v, &mut |v| {
+                            p.par_chunks_mut(CHUNK)
+                                .zip(m.par_chunks_mut(CHUNK))
+                                .zip(v.par_chunks_mut(CHUNK))
+                                .zip(gv.par_chunks(CHUNK))
+                                .for_each(|(((p, m), v), g)| {
+                                    for (((p, m), v), &g) in p.iter_mut().zip(m).zip(v).zip(g) {
+                                        let g = g * clip;
+                                        *m = *m * b1 + g * (1.0 - b1);
+                                        *v = *v * b2 + g * g * (1.0 - b2);
+                                        let upd = (*m / bc1) / ((*v / bc2).sqrt() + eps);
+                                        let q = if wd > 0.0 { *p * decay } else { *p };
+                                        *p = q - upd * lr32;
+                                    }
+                                });
+                            Ok(())
+                        })
+                    })
+                })?;
+                self.m[i] = Some(m);
+                self.v[i] = Some(v);
+            }
+            OptimizerKind::Sgd { momentum, weight_decay, nesterov, .. } => {
+                let (mu, wd, lr32) = (momentum as f32, weight_decay as f32, lr as f32);
+                let first = self.m[i].is_none();
+                let buf = match &self.m[i] {
+                    Some(b) => b.clone(),
+                    None => zeros()?,
+                };
+                with_f32_mut(var.as_tensor(), &mut |p| {
+                    with_f32_mut(&buf, &mut |b| {
+                        p.par_chunks_mut(CHUNK).zip(b.par_chunks_mut(CHUNK)).zip(gv.par_chunks(CHUNK)).for_each(
+                            |((p, b), g)| {
+                                for ((p, b), &g) in p.iter_mut().zip(b).zip(g) {
+                                    let mut g = g * clip;
+                                    if wd > 0.0 {
+                                        g += *p * wd;
+                                    }
+                                    let d = if mu > 0.0 {
+                                        *b = if first { g } else { *b * mu + g };
+                                        if nesterov {
+                                            g + *b * mu
+                                        } else {
+                                            *b
+                                        }
+                                    } else {
+                                        g
+                                    };
+                                    *p -= d * lr32;
+                                }
+                            },
+                        );
+                        Ok(())
+                    })
+                })?;
+                if momentum > 0.0 {
+                    self.m[i] = Some(buf);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The update of parameter `i` through tensor ops (any device and dtype).
+    fn update_with_ops(&mut self, i: usize, mut g: Tensor, clip: Option<f64>, lr: f64, t: i32) -> Result<()> {
+        let var = &self.params[i].1;
+        if let Some(c) = clip {
+            g = (g * c)?;
+        }
+        let p = var.as_tensor().detach();
+        let new_p = match self.cfg.optimizer {
+            OptimizerKind::Adam { beta1, beta2, eps, .. } | OptimizerKind::AdamW { beta1, beta2, eps, .. } => {
+                let wd = match self.cfg.optimizer {
+                    OptimizerKind::AdamW { weight_decay, .. } => weight_decay,
+                    _ => 0.0,
+                };
+                let m = match &self.m[i] {
+                    Some(m) => ((m * beta1)? + (&g * (1.0 - beta1))?)?,
+                    None => (&g * (1.0 - beta1))?,
+                };
+                let v = match &self.v[i] {
+                    Some(v) => ((v * beta2)? + (g.sqr()? * (1.0 - beta2))?)?,
+                    None => (g.sqr()? * (1.0 - beta2))?,
+                };
+                let mhat = (&m / (1.0 - beta1.powi(t)))?;
+                let vhat = (&v / (1.0 - beta2.powi(t)))?;
+                let upd = (mhat / (vhat.sqrt()? + eps)?)?;
+                self.m[i] = Some(m);
+                self.v[i] = Some(v);
+                let p = if wd > 0.0 { (&p * (1.0 - lr * wd))? } else { p };
+                (p - (upd * lr)?)?
+            }
+            OptimizerKind::Sgd { momentum, weight_decay, nesterov, .. } => {
+                if weight_decay > 0.0 {
+                    g = (g + (&p * weight_decay)?)?;
+                }
+                let d = if momentum > 0.0 {
+                    let buf = match &self.m[i] {
+                        Some(b) => ((b * momentum)? + &g)?,
+                        None => g.clone(),
+                    };
+                    let d = if nesterov { (&g + (&buf * momentum)?)? } else { buf.clone() };
+                    self.m[i] = Some(buf);
+                    d
+                } else {
+                    g
+                };
+                (p - (d * lr)?)?
+            }
+        };
+        var.set(&new_p)?;
+        Ok(())
     }
 
     /// The state as named tensors: `m.<param>`, `v.<param>`, and `step`.
@@ -305,7 +425,7 @@ impl Optimizer {
                                 var.dims()
                             )));
                         }
-                        Some(x.to_device(var.device())?.to_dtype(var.dtype())?)
+                        Some(x.to_device(var.device())?.to_dtype(var.dtype())?.copy()?)
                     }
                     None => None,
                 };
@@ -324,6 +444,56 @@ impl Optimizer {
         let t = crate::checkpoint::load_tensors(path, &candle_core::Device::Cpu)?;
         self.load_state_tensors(&t, path)
     }
+}
+
+/// Whether a parameter and its gradient take the fused in-place update: CPU f32, contiguous.
+fn in_place_ok(var: &Var, g: &Tensor) -> bool {
+    let t = var.as_tensor();
+    t.device().is_cpu()
+        && t.dtype() == DType::F32
+        && g.dtype() == DType::F32
+        && g.device().is_cpu()
+        && t.is_contiguous()
+        && g.is_contiguous()
+        && t.shape() == g.shape()
+}
+
+/// The sum of squares of a tensor's elements, in f64 (one parallel pass on CPU f32).
+fn sum_of_squares(g: &Tensor) -> Result<f64> {
+    if g.device().is_cpu() && g.dtype() == DType::F32 {
+        let (st, l) = g.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
+            return Ok(v[a..b]
+                .par_chunks(1 << 14)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .sum());
+        }
+    }
+    Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
+}
+
+/// Runs `f` on the data of a CPU f32 contiguous tensor, in place (the optimiser's moments and
+/// the parameters are updated without new allocations).
+struct MutF32<'a>(RefCell<&'a mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>>);
+
+impl InplaceOp1 for MutF32<'_> {
+    fn name(&self) -> &'static str {
+        "derm-optimiser-update"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("optimiser: parameter must be contiguous".into()))?;
+        match s {
+            CpuStorage::F32(v) => (self.0.borrow_mut())(&mut v[a..b]),
+            other => candle_core::bail!("optimiser: in-place update needs f32, got {:?}", other.dtype()),
+        }
+    }
+}
+
+fn with_f32_mut(t: &Tensor, f: &mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>) -> candle_core::Result<()> {
+    t.inplace_op1(&MutF32(RefCell::new(f)))
 }
 
 #[cfg(test)]
@@ -418,6 +588,25 @@ mod tests {
             }
             let resumed: Vec<f32> = w3.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(straight, resumed, "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn in_place_update_equals_the_tensor_op_path() {
+        for cfg in configs() {
+            let mut finals = Vec::new();
+            for in_place in [true, false] {
+                let (w, x, y) = problem();
+                let mut opt = Optimizer::new(vec![("w".into(), w.clone())], cfg);
+                opt.in_place = in_place;
+                for _ in 0..7 {
+                    opt.backward_step(&loss(&w, &x, &y)).unwrap();
+                }
+                finals.push(w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            for (a, b) in finals[0].iter().zip(&finals[1]) {
+                assert!((a - b).abs() < 1e-5, "{cfg:?}: {a} vs {b}");
+            }
         }
     }
 
