@@ -66,6 +66,44 @@ macro_rules! float_dispatch {
     };
 }
 
+/// Runs `f` on the elements of `t` as one contiguous f32 slice, without copying when `t` is
+/// already a contiguous CPU f32 tensor (else on a converted copy).
+pub fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
+    let t = t.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    match (&*st, l.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => Ok(f(&v[a..b])),
+        _ => candle_core::bail!("read_f32: expected a contiguous CPU f32 tensor"),
+    }
+}
+
+/// The mean over channels of (N, C, ...): N maps of the remaining dimensions, one parallel pass
+/// that adds whole planes (candle's mean over dimension 1 reduces with a strided walk).
+pub fn channel_mean_maps(t: &Tensor) -> CResult<Vec<Vec<f32>>> {
+    let (n, c, s) = ncs("channel mean", t.shape())?;
+    read_f32(t, |x| {
+        (0..n)
+            .map(|i| {
+                let img = &x[i * c * s..(i + 1) * c * s];
+                let mut out = vec![0f32; s];
+                let chunk = s.div_ceil(rayon::current_num_threads().max(1) * 4).max(1024);
+                out.par_chunks_mut(chunk).enumerate().for_each(|(k, o)| {
+                    let off = k * chunk;
+                    for ch in 0..c {
+                        let plane = &img[ch * s + off..ch * s + off + o.len()];
+                        for (a, &b) in o.iter_mut().zip(plane) {
+                            *a += b;
+                        }
+                    }
+                    let inv = 1.0 / c as f32;
+                    o.iter_mut().for_each(|a| *a *= inv);
+                });
+                out
+            })
+            .collect()
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // ReLU
 
@@ -652,6 +690,11 @@ mod tests {
         }
         let r = relu(&x).unwrap();
         assert_eq!(max_diff(&r, &x.relu().unwrap()), 0.0);
+        let maps = channel_mean_maps(&x).unwrap();
+        let want = x.mean(1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(maps.len(), 4);
+        let got: Vec<f32> = maps.concat();
+        assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
         let r = leaky_relu(&x, 0.2).unwrap();
         assert!(max_diff(&r, &candle_nn::ops::leaky_relu(&x, 0.2).unwrap()) < 1e-6);
     }

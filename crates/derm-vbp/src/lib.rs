@@ -15,7 +15,7 @@
 //! between them. **Produces:** saliency maps `(H, W)` in [0, 1] per image, overlays, and the
 //! share of saliency inside a lesion mask.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use derm_core::{Error, Result};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
@@ -85,10 +85,8 @@ pub fn conv_transpose_ones(map: &[f32], h: usize, w: usize, step: Step, out_h: u
 
 /// Channel means of a (N, C, H, W) activation: N maps of H x W.
 fn channel_means(t: &Tensor) -> Result<(Vec<Vec<f32>>, usize, usize)> {
-    let (n, _, h, w) = t.dims4()?;
-    let m = t.to_dtype(DType::F32)?.mean(1)?.to_device(&candle_core::Device::Cpu)?;
-    let v = m.flatten_all()?.to_vec1::<f32>()?;
-    Ok(((0..n).map(|i| v[i * h * w..(i + 1) * h * w].to_vec()).collect(), h, w))
+    let (_, _, h, w) = t.dims4()?;
+    Ok((derm_core::fused::channel_mean_maps(t)?, h, w))
 }
 
 /// VisualBackProp saliency for each image of a batch.
