@@ -11,7 +11,9 @@ use std::path::Path;
 
 use std::cell::RefCell;
 
-use candle_core::{backend::BackendStorage, backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var};
+use candle_core::{
+    backend::BackendStorage, backprop::GradStore, CpuStorage, DType, InplaceOp1, Layout, Storage, Tensor, Var,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -234,8 +236,8 @@ impl Optimizer {
         };
         let lr = self.lr();
         let t = (self.step + 1) as i32;
-        for i in 0..self.params.len() {
-            let Some(g) = gs[i].take() else { continue };
+        for (i, g) in gs.into_iter().enumerate() {
+            let Some(g) = g else { continue };
             if self.in_place && in_place_ok(&self.params[i].1, &g) {
                 self.update_in_place(i, &g, clip.unwrap_or(1.0), lr, t)?;
             } else {
@@ -474,7 +476,9 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
 
 /// Runs `f` on the data of a CPU f32 contiguous tensor, in place (the optimiser's moments and
 /// the parameters are updated without new allocations).
-struct MutF32<'a>(RefCell<&'a mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>>);
+type UpdateFn<'a> = &'a mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>;
+
+struct MutF32<'a>(RefCell<UpdateFn<'a>>);
 
 impl InplaceOp1 for MutF32<'_> {
     fn name(&self) -> &'static str {

@@ -13,6 +13,7 @@
 
 use derm_core::{bail, Result};
 use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
 
 use crate::color::luminance_u8;
 use crate::config::HairConfig;
@@ -60,8 +61,10 @@ pub(crate) fn raw_parts(img: &RgbImage, cfg: &HairConfig) -> (Vec<u8>, Vec<u8>) 
     let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
     let l = luminance_u8(img);
     let thr = (cfg.threshold * 2.55).round().max(1.0) as u8;
-    let mut m: Vec<u8> =
-        black_hat_lines(&l, w, h, radius).into_iter().map(|v| if v >= thr { 255 } else { 0 }).collect();
+    let mut m = black_hat_lines(&l, w, h, radius);
+    for v in m.iter_mut() {
+        *v = if *v >= thr { 255 } else { 0 };
+    }
     remove_small(&mut m, w, h, (cfg.min_area * s * s).round() as usize);
     (l, m)
 }
@@ -73,19 +76,30 @@ pub(crate) fn raw_parts(img: &RgbImage, cfg: &HairConfig) -> (Vec<u8>, Vec<u8>) 
 pub fn ink_mask(img: &RgbImage, cfg: &HairConfig) -> Vec<u8> {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
-    let t = cfg.ink_chroma;
-    let mut m: Vec<u8> = img
-        .as_raw()
-        .chunks_exact(3)
-        .map(|p| {
-            let (r, g, b) = (p[0] as f32, p[1] as f32, p[2] as f32);
-            if r - g >= t && b - g >= 1.75 * t && b >= r - 0.5 * t {
-                255
-            } else {
-                0
+    // The same tests on integers: for whole r, g, b, `r - g >= t` is `r - g >= ceil(t)`,
+    // `b - g >= 1.75 t` is `b - g >= ceil(1.75 t)`, and `b >= r - t / 2` is `b >= r - floor(t / 2)`.
+    let t = cfg.ink_chroma.ceil() as i32;
+    let (t2, th) = ((1.75 * cfg.ink_chroma).ceil() as i32, (cfg.ink_chroma / 2.0).floor() as i32);
+    let mut m = vec![0u8; w * h];
+    let row = w.max(1);
+    let found: usize = m
+        .par_chunks_mut(row * 32)
+        .zip(img.as_raw().par_chunks(row * 32 * 3))
+        .map(|(o, px)| {
+            let mut n = 0;
+            for (o, p) in o.iter_mut().zip(px.chunks_exact(3)) {
+                let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
+                if r - g >= t && b - g >= t2 && b >= r - th {
+                    *o = 255;
+                    n += 1;
+                }
             }
+            n
         })
-        .collect();
+        .sum();
+    if found == 0 {
+        return m;
+    }
     remove_small(&mut m, w, h, (cfg.min_area * 2.0 * s * s).round() as usize);
     dilate_disc(&m, w, h, 1.5 * s)
 }
@@ -100,19 +114,21 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
-    let (_, raw) = raw_parts(img, cfg);
-    let mut m = raw.clone();
+    // The ink search reads only the colour image: it runs beside the black-hat.
+    let ((_, raw), ink) = rayon::join(|| raw_parts(img, cfg), || if cfg.ink { Some(ink_mask(img, cfg)) } else { None });
+    // The ruler search reads the raw mask, before the lesion correction.
+    let (raw_for_ruler, mut m) = if cfg.rulers { (Some(raw.clone()), raw) } else { (None, raw) };
     if let Some(l) = lesion {
         keep_lesion_out(&mut m, l.as_raw(), w, h, cfg, s);
     }
-    if cfg.rulers {
-        let ruler = crate::ruler::ruler_mask(&raw, img, w, h, cfg);
+    if let Some(raw) = &raw_for_ruler {
+        let ruler = crate::ruler::ruler_mask(raw, img, w, h, cfg);
         for (a, &b) in m.iter_mut().zip(&ruler) {
             *a |= b;
         }
     }
-    if cfg.ink {
-        for (a, b) in m.iter_mut().zip(ink_mask(img, cfg)) {
+    if let Some(ink) = ink {
+        for (a, b) in m.iter_mut().zip(ink) {
             *a |= b;
         }
     }

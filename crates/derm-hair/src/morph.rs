@@ -1,13 +1,13 @@
 //! Grayscale morphology with line structuring elements, and the binary-mask helpers the hair
 //! mask needs (connected components, hole filling, disc dilation).
 //!
-//! Line maxima and minima use the van Herk / Gil-Werman algorithm: the signal along each line is
-//! cut into blocks of the element's length `k`, a running maximum is taken forwards and
-//! backwards within each block, and the maximum over any window of length `k` is the larger of
-//! one backward and one forward value. That is three comparisons per pixel whatever `k` is. The
-//! vertical and diagonal directions are run a whole image row at a time (each row's running
-//! values follow from the previous row's, shifted by the direction), so the inner loops are
-//! contiguous and vectorise.
+//! Line maxima and minima are taken on the image padded by the line's half-length on every side
+//! and laid out as one flat array, where a step along the line in any of the four orientations
+//! is a fixed offset (1, the padded width, or the padded width plus or minus one). The maximum
+//! over `2^j` samples is built by doubling (`m[p] = max(m[p], m[p + 2^(j-1) * step])`), and the
+//! maximum over the `k = 2r + 1` samples of a line is the larger of two overlapping power-of-two
+//! windows. That is about `log2 k + 1` passes, each a plain element-wise maximum of two shifted
+//! slices that the compiler vectorises, with no transposes and no per-row bookkeeping.
 //!
 //! Pixels outside the image are ignored (they never win a maximum or a minimum), so a closing
 //! leaves a constant image unchanged up to its border.
@@ -29,15 +29,6 @@ pub enum LineDir {
 impl LineDir {
     /// All four orientations.
     pub const ALL: [LineDir; 4] = [LineDir::Horizontal, LineDir::Vertical, LineDir::Diagonal, LineDir::AntiDiagonal];
-
-    /// The column step per row step for the row-at-a-time directions.
-    fn dx(self) -> isize {
-        match self {
-            LineDir::Diagonal => 1,
-            LineDir::AntiDiagonal => -1,
-            _ => 0,
-        }
-    }
 }
 
 /// Maximum (dilation) or minimum (erosion).
@@ -59,124 +50,86 @@ impl MorphOp {
     }
 }
 
-/// A plane with `r` pixels of padding on every side.
-struct Padded {
-    data: Vec<u8>,
-    wp: usize,
-    hp: usize,
-    r: usize,
+/// The flat-array offset of one step along `dir` in a plane `wp` wide.
+fn step_of(dir: LineDir, wp: usize) -> usize {
+    match dir {
+        LineDir::Horizontal => 1,
+        LineDir::Vertical => wp,
+        LineDir::Diagonal => wp + 1,
+        LineDir::AntiDiagonal => wp - 1,
+    }
 }
 
-impl Padded {
-    fn new(src: &[u8], w: usize, h: usize, r: usize, fill: u8) -> Padded {
-        let (wp, hp) = (w + 2 * r, h + 2 * r);
-        let mut data = vec![fill; wp * hp];
-        for y in 0..h {
-            data[(y + r) * wp + r..(y + r) * wp + r + w].copy_from_slice(&src[y * w..(y + 1) * w]);
-        }
-        Padded { data, wp, hp, r }
+/// Scratch planes for line filters of one image size and radius, reused across calls.
+struct LineFilter {
+    w: usize,
+    r: usize,
+    wp: usize,
+    /// The padded plane.
+    pad: Vec<u8>,
+    /// A second plane of the same size for the doubling passes.
+    tmp: Vec<u8>,
+}
+
+impl LineFilter {
+    fn new(w: usize, h: usize, r: usize) -> LineFilter {
+        let wp = w + 2 * r;
+        let n = wp * (h + 2 * r);
+        LineFilter { w, r, wp, pad: vec![0; n], tmp: vec![0; n] }
     }
 
-    fn refill_border(&mut self, fill: u8) {
-        let (wp, hp, r) = (self.wp, self.hp, self.r);
-        self.data[..r * wp].fill(fill);
-        self.data[(hp - r) * wp..].fill(fill);
-        for y in r..hp - r {
-            self.data[y * wp..y * wp + r].fill(fill);
-            self.data[(y + 1) * wp - r..(y + 1) * wp].fill(fill);
+    /// Copies `src` (`w` x `h`) into the padded plane with `fill` around it.
+    fn load(&mut self, src: &[u8], fill: u8) {
+        let (w, r, wp) = (self.w, self.r, self.wp);
+        self.pad.fill(fill);
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            self.pad[(y + r) * wp + r..(y + r) * wp + r + w].copy_from_slice(row);
         }
     }
 
-    fn interior(&self) -> Vec<u8> {
-        let (w, h, r) = (self.wp - 2 * self.r, self.hp - 2 * self.r, self.r);
-        let mut out = Vec::with_capacity(w * h);
-        for y in 0..h {
-            out.extend_from_slice(&self.data[(y + r) * self.wp + r..(y + r) * self.wp + r + w]);
-        }
-        out
-    }
-
-    /// Filters in place with a centred line of half-length `self.r`. Interior pixels (at least
-    /// `r` from every side) are exact; the padding ring holds garbage afterwards.
-    fn filter(&mut self, dir: LineDir, op: MorphOp) {
+    /// Writes into `out` (`w` x `h`) the maximum or minimum of the padded plane over a centred
+    /// line of `2r + 1` samples along `dir`. The padded plane is used as scratch space.
+    fn run(&mut self, dir: LineDir, op: MorphOp, out: &mut [u8]) {
         match op {
-            MorphOp::Max => self.filter_with(dir, |a: u8, b: u8| a.max(b)),
-            MorphOp::Min => self.filter_with(dir, |a: u8, b: u8| a.min(b)),
+            MorphOp::Max => self.run_with(dir, out, |a: u8, b: u8| a.max(b)),
+            MorphOp::Min => self.run_with(dir, out, |a: u8, b: u8| a.min(b)),
         }
     }
 
-    fn filter_with(&mut self, dir: LineDir, f: impl Fn(u8, u8) -> u8 + Copy) {
-        let (wp, hp, r) = (self.wp, self.hp, self.r);
-        let k = 2 * r + 1;
+    fn run_with(&mut self, dir: LineDir, out: &mut [u8], f: impl Fn(u8, u8) -> u8 + Copy) {
+        let (w, r, wp) = (self.w, self.r, self.wp);
         if r == 0 {
+            for (y, row) in out.chunks_exact_mut(w).enumerate() {
+                row.copy_from_slice(&self.pad[y * wp..y * wp + w]);
+            }
             return;
         }
-        debug_assert!(dir != LineDir::Horizontal, "rows are filtered through the transpose");
-        let dx = dir.dx();
-        let src = &self.data;
-        let mut g = vec![0u8; wp * hp];
-        let mut hb = vec![0u8; wp * hp];
-        // Forward running values: restart at each block start (y % k == 0).
-        for y in 0..hp {
-            let (prev, cur) = g.split_at_mut(y * wp);
-            let cur = &mut cur[..wp];
-            let fr = &src[y * wp..(y + 1) * wp];
-            if y % k == 0 {
-                cur.copy_from_slice(fr);
-                continue;
+        let step = step_of(dir, wp);
+        let k = 2 * r + 1;
+        // After the loop, m[p] = f over the `span` samples p, p + step, ... (for every p whose
+        // samples lie in the plane; the last ones are left stale and never read). Each pass reads
+        // one plane and writes the other, so the two slices never alias and the loop vectorises.
+        let mut span = 1;
+        while span * 2 <= k {
+            let off = span * step;
+            let n = self.pad.len().saturating_sub(off);
+            let (src, dst) = (&self.pad, &mut self.tmp);
+            for ((d, &a), &b) in dst[..n].iter_mut().zip(&src[..n]).zip(&src[off..off + n]) {
+                *d = f(a, b);
             }
-            let pr = &prev[(y - 1) * wp..y * wp];
-            shifted_combine(cur, pr, fr, dx, f);
+            std::mem::swap(&mut self.pad, &mut self.tmp);
+            span *= 2;
         }
-        // Backward running values: restart at each block end and at the last row.
-        for y in (0..hp).rev() {
-            let (cur, next) = hb.split_at_mut((y + 1) * wp);
-            let cur = &mut cur[y * wp..];
-            let fr = &src[y * wp..(y + 1) * wp];
-            if y % k == k - 1 || y == hp - 1 {
-                cur.copy_from_slice(fr);
-                continue;
-            }
-            let nx = &next[..wp];
-            shifted_combine(cur, nx, fr, -dx, f);
-        }
-        let out = &mut self.data;
-        let sh = dx * r as isize;
-        for y in r..hp - r {
-            let hr = &hb[(y - r) * wp..(y - r + 1) * wp];
-            let gr = &g[(y + r) * wp..(y + r + 1) * wp];
-            let orow = &mut out[y * wp..(y + 1) * wp];
-            // out[x] = f(h[y - r][x - sh], g[y + r][x + sh]) for x in [r, wp - r).
-            let xs = r..wp - r;
-            let hs = &hr[(r as isize - sh) as usize..(wp as isize - r as isize - sh) as usize];
-            let gs = &gr[(r as isize + sh) as usize..(wp as isize - r as isize + sh) as usize];
-            for ((o, &a), &b) in orow[xs].iter_mut().zip(hs).zip(gs) {
-                *o = f(a, b);
-            }
-        }
-    }
-}
-
-/// `cur[x] = f(prev[x - dx], fr[x])`, and `fr[x]` where `x - dx` is outside the row.
-#[inline]
-fn shifted_combine(cur: &mut [u8], prev: &[u8], fr: &[u8], dx: isize, f: impl Fn(u8, u8) -> u8) {
-    let n = cur.len();
-    match dx {
-        0 => {
-            for ((c, &p), &v) in cur.iter_mut().zip(prev).zip(fr) {
-                *c = f(p, v);
-            }
-        }
-        1 => {
-            cur[0] = fr[0];
-            for ((c, &p), &v) in cur[1..].iter_mut().zip(&prev[..n - 1]).zip(&fr[1..]) {
-                *c = f(p, v);
-            }
-        }
-        _ => {
-            cur[n - 1] = fr[n - 1];
-            for ((c, &p), &v) in cur[..n - 1].iter_mut().zip(&prev[1..]).zip(&fr[..n - 1]) {
-                *c = f(p, v);
+        let m = &self.pad;
+        // Window [c - r, c + r] = [c - r, c - r + span) and [c + r + 1 - span, c + r].
+        let back = r * step;
+        let second = (k - span) * step;
+        for (y, row) in out.chunks_exact_mut(w).enumerate() {
+            let c0 = (y + r) * wp + r;
+            let a = &m[c0 - back..c0 - back + w];
+            let b = &m[c0 - back + second..c0 - back + second + w];
+            for ((o, &x), &z) in row.iter_mut().zip(a).zip(b) {
+                *o = f(x, z);
             }
         }
     }
@@ -201,14 +154,11 @@ pub fn transpose(src: &[u8], w: usize, h: usize) -> Vec<u8> {
 /// Maximum or minimum of `src` (`w` x `h`, row-major) over a centred line of `2 * radius + 1`
 /// pixels in direction `dir`. Pixels outside the image are ignored.
 pub fn line_filter(src: &[u8], w: usize, h: usize, dir: LineDir, radius: usize, op: MorphOp) -> Vec<u8> {
-    if dir == LineDir::Horizontal {
-        // Rows are filtered as the columns of the transpose, where the inner loops vectorise.
-        let t = line_filter(&transpose(src, w, h), h, w, LineDir::Vertical, radius, op);
-        return transpose(&t, h, w);
-    }
-    let mut p = Padded::new(src, w, h, radius, op.identity());
-    p.filter(dir, op);
-    p.interior()
+    let mut lf = LineFilter::new(w, h, radius);
+    lf.load(src, op.identity());
+    let mut out = vec![0u8; w * h];
+    lf.run(dir, op, &mut out);
+    out
 }
 
 /// Grayscale closing (maximum, then minimum) with a centred line of `2 * radius + 1` pixels.
@@ -220,15 +170,18 @@ pub fn line_filter(src: &[u8], w: usize, h: usize, dir: LineDir, radius: usize, 
 /// 0 there, so a hair running along the border within `radius` of it is found only by the
 /// orientations that stay inside.
 pub fn line_closing(src: &[u8], w: usize, h: usize, dir: LineDir, radius: usize) -> Vec<u8> {
-    if dir == LineDir::Horizontal {
-        let t = line_closing(&transpose(src, w, h), h, w, LineDir::Vertical, radius);
-        return transpose(&t, h, w);
-    }
-    let mut p = Padded::new(src, w, h, radius, MorphOp::Max.identity());
-    p.filter(dir, MorphOp::Max);
-    p.refill_border(0);
-    p.filter(dir, MorphOp::Min);
-    p.interior()
+    let mut lf = LineFilter::new(w, h, radius);
+    let mut out = vec![0u8; w * h];
+    closing_into(&mut lf, src, dir, &mut out);
+    out
+}
+
+/// [`line_closing`] with reused scratch space.
+fn closing_into(lf: &mut LineFilter, src: &[u8], dir: LineDir, out: &mut [u8]) {
+    lf.load(src, MorphOp::Max.identity());
+    lf.run(dir, MorphOp::Max, out);
+    lf.load(out, 0);
+    lf.run(dir, MorphOp::Min, out);
 }
 
 /// Black-hat: the largest `closing - src` over the four line orientations, computed on both
@@ -240,13 +193,24 @@ pub fn black_hat_lines(src: &[u8], w: usize, h: usize, radius: usize) -> Vec<u8>
 }
 
 fn black_hat_into(src: &[u8], w: usize, h: usize, radius: usize, out: &mut [u8]) {
-    let close = |d: LineDir| line_closing(src, w, h, d, radius);
-    let ((a, b), (c, d)) = rayon::join(
-        || rayon::join(|| close(LineDir::Horizontal), || close(LineDir::Vertical)),
-        || rayon::join(|| close(LineDir::Diagonal), || close(LineDir::AntiDiagonal)),
+    // Two orientations per task: each keeps the larger closing of its pair.
+    let pair = |dirs: [LineDir; 2]| {
+        let mut lf = LineFilter::new(w, h, radius);
+        let mut best = vec![0u8; w * h];
+        let mut cur = vec![0u8; w * h];
+        closing_into(&mut lf, src, dirs[0], &mut best);
+        closing_into(&mut lf, src, dirs[1], &mut cur);
+        for (b, &c) in best.iter_mut().zip(&cur) {
+            *b = (*b).max(c);
+        }
+        best
+    };
+    let (a, b) = rayon::join(
+        || pair([LineDir::Horizontal, LineDir::Vertical]),
+        || pair([LineDir::Diagonal, LineDir::AntiDiagonal]),
     );
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = a[i].max(b[i]).max(c[i]).max(d[i]).saturating_sub(src[i]);
+    for ((o, (&x, &y)), &s) in out.iter_mut().zip(a.iter().zip(&b)).zip(src) {
+        *o = x.max(y).saturating_sub(s);
     }
 }
 
@@ -301,6 +265,25 @@ impl Component {
     }
 }
 
+/// The index of the first non-zero byte of `row` at or after `from` (`row.len()` if none),
+/// skipping zeros eight at a time.
+fn skip_zeros(row: &[u8], mut from: usize) -> usize {
+    while from < row.len() && row[from] == 0 && !from.is_multiple_of(8) {
+        from += 1;
+    }
+    while from + 8 <= row.len() {
+        let word = u64::from_ne_bytes(row[from..from + 8].try_into().unwrap_or([1; 8]));
+        if word != 0 {
+            break;
+        }
+        from += 8;
+    }
+    while from < row.len() && row[from] == 0 {
+        from += 1;
+    }
+    from
+}
+
 fn find(parent: &mut [u32], mut i: u32) -> u32 {
     while parent[i as usize] != i {
         parent[i as usize] = parent[parent[i as usize] as usize];
@@ -309,10 +292,11 @@ fn find(parent: &mut [u32], mut i: u32) -> u32 {
     i
 }
 
-/// Connected pieces of the pixels of `mask` that are non-zero (`fg`) or zero (`!fg`),
-/// 8-connected when `eight`, else 4-connected, in scan order of their first pixel. Works on runs
-/// with union-find, so the cost follows the number of runs rather than of pixels.
-pub fn components_of(mask: &[u8], w: usize, h: usize, fg: bool, eight: bool) -> Vec<Component> {
+/// Runs `(y, x0, x1)` of the pixels of `mask` that are non-zero (`fg`) or zero (`!fg`), and for
+/// each run the label of its connected piece (8-connected when `eight`), labels numbered in scan
+/// order of the pieces' first runs. Union-find on runs: the cost follows the number of runs.
+#[allow(clippy::type_complexity)]
+fn label_runs(mask: &[u8], w: usize, h: usize, fg: bool, eight: bool) -> (Vec<(u32, u32, u32)>, Vec<u32>, usize) {
     let mut runs: Vec<(u32, u32, u32)> = Vec::new();
     let mut row_start = Vec::with_capacity(h + 1);
     for y in 0..h {
@@ -320,15 +304,20 @@ pub fn components_of(mask: &[u8], w: usize, h: usize, fg: bool, eight: bool) -> 
         let row = &mask[y * w..(y + 1) * w];
         let mut x = 0;
         while x < w {
-            if (row[x] != 0) == fg {
-                let x0 = x;
-                while x < w && (row[x] != 0) == fg {
-                    x += 1;
-                }
-                runs.push((y as u32, x0 as u32, (x - 1) as u32));
-            } else {
-                x += 1;
+            // Zeros are the long stretches in both cases: outside the runs when looking for
+            // non-zero pixels, inside them when looking for zeros.
+            let x0 = if fg { skip_zeros(row, x) } else { x };
+            if x0 >= w {
+                break;
             }
+            if !fg && row[x0] != 0 {
+                x = x0 + 1;
+                continue;
+            }
+            let x1 =
+                if fg { row[x0..].iter().position(|&v| v == 0).map_or(w, |n| x0 + n) } else { skip_zeros(row, x0) };
+            runs.push((y as u32, x0 as u32, (x1 - 1) as u32));
+            x = x1;
         }
     }
     row_start.push(runs.len());
@@ -353,20 +342,47 @@ pub fn components_of(mask: &[u8], w: usize, h: usize, fg: bool, eight: bool) -> 
             }
         }
     }
+    let mut label = vec![0u32; runs.len()];
     let mut index = vec![u32::MAX; runs.len()];
-    let mut out: Vec<Component> = Vec::new();
-    for (i, &(y, x0, x1)) in runs.iter().enumerate() {
+    let mut count = 0usize;
+    for (i, l) in label.iter_mut().enumerate() {
         let r = find(&mut parent, i as u32) as usize;
         if index[r] == u32::MAX {
-            index[r] = out.len() as u32;
-            out.push(Component { runs: Vec::new(), area: 0, bbox: [u32::MAX, u32::MAX, 0, 0] });
+            index[r] = count as u32;
+            count += 1;
         }
-        let c = &mut out[index[r] as usize];
+        *l = index[r];
+    }
+    (runs, label, count)
+}
+
+/// Connected pieces of the pixels of `mask` that are non-zero (`fg`) or zero (`!fg`),
+/// 8-connected when `eight`, else 4-connected, in scan order of their first pixel. Works on runs
+/// with union-find, so the cost follows the number of runs rather than of pixels.
+pub fn components_of(mask: &[u8], w: usize, h: usize, fg: bool, eight: bool) -> Vec<Component> {
+    let (runs, label, count) = label_runs(mask, w, h, fg, eight);
+    let mut out: Vec<Component> =
+        (0..count).map(|_| Component { runs: Vec::new(), area: 0, bbox: [u32::MAX, u32::MAX, 0, 0] }).collect();
+    for (&(y, x0, x1), &l) in runs.iter().zip(&label) {
+        let c = &mut out[l as usize];
         c.runs.push((y, x0, x1));
         c.area += (x1 - x0 + 1) as usize;
         c.bbox = [c.bbox[0].min(x0), c.bbox[1].min(y), c.bbox[2].max(x1), c.bbox[3].max(y)];
     }
     out
+}
+
+/// Area of each labelled piece, and whether it touches the image border.
+fn piece_stats(runs: &[(u32, u32, u32)], label: &[u32], count: usize, w: usize, h: usize) -> (Vec<usize>, Vec<bool>) {
+    let mut area = vec![0usize; count];
+    let mut border = vec![false; count];
+    for (&(y, x0, x1), &l) in runs.iter().zip(label) {
+        area[l as usize] += (x1 - x0 + 1) as usize;
+        if y == 0 || y as usize == h - 1 || x0 == 0 || x1 as usize == w - 1 {
+            border[l as usize] = true;
+        }
+    }
+    (area, border)
 }
 
 /// Connected pieces of the non-zero pixels of `mask` (8-connected when `eight`).
@@ -379,11 +395,11 @@ pub fn remove_small(mask: &mut [u8], w: usize, h: usize, min_area: usize) {
     if min_area <= 1 {
         return;
     }
-    for c in components(mask, w, h, true) {
-        if c.area() < min_area {
-            for &(y, x0, x1) in &c.runs {
-                mask[y as usize * w + x0 as usize..=y as usize * w + x1 as usize].fill(0);
-            }
+    let (runs, label, count) = label_runs(mask, w, h, true, true);
+    let (area, _) = piece_stats(&runs, &label, count, w, h);
+    for (&(y, x0, x1), &l) in runs.iter().zip(&label) {
+        if area[l as usize] < min_area {
+            mask[y as usize * w + x0 as usize..=y as usize * w + x1 as usize].fill(0);
         }
     }
 }
@@ -391,13 +407,11 @@ pub fn remove_small(mask: &mut [u8], w: usize, h: usize, min_area: usize) {
 /// Sets to 255 every hole of `mask` (a 4-connected piece of zeros that does not touch the image
 /// border) with at most `max_area` pixels; `usize::MAX` fills every hole.
 pub fn fill_holes(mask: &mut [u8], w: usize, h: usize, max_area: usize) {
-    for c in components_of(mask, w, h, false, false) {
-        let [x0, y0, x1, y1] = c.bbox;
-        let touches = x0 == 0 || y0 == 0 || x1 as usize == w - 1 || y1 as usize == h - 1;
-        if !touches && c.area() <= max_area {
-            for &(y, x0, x1) in &c.runs {
-                mask[y as usize * w + x0 as usize..=y as usize * w + x1 as usize].fill(255);
-            }
+    let (runs, label, count) = label_runs(mask, w, h, false, false);
+    let (area, border) = piece_stats(&runs, &label, count, w, h);
+    for (&(y, x0, x1), &l) in runs.iter().zip(&label) {
+        if !border[l as usize] && area[l as usize] <= max_area {
+            mask[y as usize * w + x0 as usize..=y as usize * w + x1 as usize].fill(255);
         }
     }
 }

@@ -167,7 +167,7 @@ pub fn mass_inside(map: &[f32], mask: &GrayImage) -> (f64, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     #[test]
     fn transposed_ones_matches_definition() {
