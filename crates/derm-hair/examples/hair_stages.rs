@@ -62,7 +62,7 @@ fn main() -> derm_core::Result<()> {
         m
     });
     derm_hair::hair_mask(&img, None, &cfg)?;
-    t("hair_mask total", n, || derm_hair::hair_mask(&img, None, &cfg));
+    t("hair_mask total", n, || derm_hair::hair_mask(&img, None, &cfg))?;
     let _ = ink;
     per_dir();
     Ok(())
