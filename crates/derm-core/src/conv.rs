@@ -445,6 +445,15 @@ fn grad_weight_image<T: WithDType>(
     par: bool,
 ) -> CResult<()> {
     let (k, pix) = (g.k(), g.pixels());
+    if g.is_pointwise() {
+        // acc (O x C) += go (O x P) · x^T (P x C), both read in place.
+        let go_v = View { data: go, rs: pix, cs: 1 };
+        let x_t = View { data: x, rs: 1, cs: pix };
+        return gemm((g.o, k, pix), acc, (k, 1), true, go_v, x_t, par);
+    }
+    if g.s == 1 {
+        return grad_weight_shifted(x, go, g, acc, sc, par);
+    }
     sc.hwc.resize(x.len(), T::zero());
     to_hwc(x, g.c, &mut sc.hwc);
     for tile in g.tiles() {
@@ -457,6 +466,55 @@ fn grad_weight_image<T: WithDType>(
             sc.col.resize(k * t, T::zero());
             im2row(&sc.hwc, g, tile, &mut sc.col[..k * t]);
             gemm((k, g.o, t), acc, (1, k), true, View { data: &sc.col[..k * t], rs: 1, cs: k }, go_t, par)?;
+        }
+    }
+    Ok(())
+}
+
+/// Weight gradient of one image for a stride-1 convolution, without a column matrix. On the
+/// input padded to `Hp x Wp` and laid out flat, tap (ky, kx) of output pixel (y, x) reads
+/// `x_pad[c][(y + ky d) Wp + x + kx d]`: with the output gradient also laid out at the padded
+/// width (zeros in the extra columns), each tap's gradient is one GEMM over the flat pixel index
+/// `q = y Wp + x` of two operands read in place: `acc[:, tap, :] (O x C) += go_pad (O x Q) ·
+/// x_pad[:, q + offset]^T (Q x C)`.
+fn grad_weight_shifted<T: WithDType>(
+    x: &[T],
+    go: &[T],
+    g: &Geo,
+    acc: &mut [T],
+    sc: &mut Scratch<T>,
+    par: bool,
+) -> CResult<()> {
+    let (hp, wp) = (g.h + 2 * g.p, g.w + 2 * g.p);
+    // Each padded plane is followed by the few elements the last taps of the last row reach.
+    let plane = hp * wp + (g.kw - 1) * g.d;
+    let q = g.oh * wp;
+    sc.hwc.clear();
+    sc.hwc.resize(g.c * plane, T::zero());
+    for (ci, src) in x.chunks_exact(g.h * g.w).enumerate() {
+        let dst = &mut sc.hwc[ci * plane..];
+        for (y, row) in src.chunks_exact(g.w).enumerate() {
+            let o = (y + g.p) * wp + g.p;
+            dst[o..o + g.w].copy_from_slice(row);
+        }
+    }
+    sc.col.clear();
+    sc.col.resize(g.o * q, T::zero());
+    for (oi, src) in go.chunks_exact(g.pixels()).enumerate() {
+        let dst = &mut sc.col[oi * q..(oi + 1) * q];
+        for (y, row) in src.chunks_exact(g.ow).enumerate() {
+            dst[y * wp..y * wp + g.ow].copy_from_slice(row);
+        }
+    }
+    let k = g.k();
+    let go_v = View { data: &sc.col, rs: q, cs: 1 };
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            let tap = ky * g.kw + kx;
+            let off = ky * g.d * wp + kx * g.d;
+            let x_v = View { data: &sc.hwc[off..], rs: 1, cs: plane };
+            let go_v = View { data: go_v.data, rs: go_v.rs, cs: go_v.cs };
+            gemm((g.o, g.c, q), &mut acc[tap * g.c..], (k, 1), true, go_v, x_v, par)?;
         }
     }
     Ok(())
