@@ -18,7 +18,6 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder, VarMap};
 use derm_core::checkpoint::{self, Strictness};
-use derm_core::fused;
 use derm_core::nn::{batch_norm, bn_relu, conv2d, torch_default_init, BatchNorm, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, ConvParams, Pool2d};
 use serde::{Deserialize, Serialize};
@@ -244,15 +243,15 @@ impl Block {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
-        for (k, (c, b)) in self.convs.iter().enumerate() {
-            let z = conv(c, &y)?;
-            y = if k != last { bn_relu(b, &z, train)? } else { bn(b, &z, train)? };
-        }
         let identity = match &self.downsample {
             Some((c, b)) => bn(b, &conv(c, x)?, train)?,
             None => x.clone(),
         };
-        fused::relu(&(y + identity)?)
+        for (k, (c, b)) in self.convs.iter().enumerate() {
+            let z = conv(c, &y)?;
+            y = if k != last { bn_relu(b, &z, train)? } else { b.forward_add_relu_t(&z, &identity, train)? };
+        }
+        Ok(y)
     }
 }
 

@@ -284,6 +284,9 @@ pub struct BnStats {
 struct BnFwd {
     eps: f64,
     relu: bool,
+    /// The operands are (x, [gamma; beta], residual) and the residual is added before the ReLU;
+    /// else they are (x, gamma, beta).
+    residual: bool,
     /// Fixed statistics (eval mode); none to use the batch's own (train mode).
     fixed: Option<(Vec<f64>, Vec<f64>)>,
     /// What the forward normalised with, for the backward and the running averages.
@@ -342,18 +345,37 @@ impl CustomOp3 for BnFwd {
             let shift: Vec<f64> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
             (scale, shift)
         };
-        fn apply<T: WithDType>(x: &[T], scale: &[f64], shift: &[f64], c: usize, s: usize, relu: bool) -> Vec<T> {
+        #[allow(clippy::too_many_arguments)]
+        fn apply<T: WithDType>(
+            x: &[T],
+            res: Option<&[T]>,
+            scale: &[f64],
+            shift: &[f64],
+            c: usize,
+            s: usize,
+            relu: bool,
+        ) -> Vec<T> {
             let mut y = vec![T::zero(); x.len()];
             y.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(p, (y, x))| {
                 let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
-                if relu {
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        let t = v * a + b;
-                        *o = if t > T::zero() { t } else { T::zero() };
+                match (res, relu) {
+                    (Some(r), _) => {
+                        let r = &r[p * s..(p + 1) * s];
+                        for ((o, &v), &q) in y.iter_mut().zip(x).zip(r) {
+                            let t = v * a + b + q;
+                            *o = if t > T::zero() || !relu { t } else { T::zero() };
+                        }
                     }
-                } else {
-                    for (o, &v) in y.iter_mut().zip(x) {
-                        *o = v * a + b;
+                    (None, true) => {
+                        for (o, &v) in y.iter_mut().zip(x) {
+                            let t = v * a + b;
+                            *o = if t > T::zero() { t } else { T::zero() };
+                        }
+                    }
+                    (None, false) => {
+                        for (o, &v) in y.iter_mut().zip(x) {
+                            *o = v * a + b;
+                        }
                     }
                 }
             });
@@ -361,8 +383,21 @@ impl CustomOp3 for BnFwd {
         }
         let out = float_dispatch!("batch norm", s1, |T| {
             let x = data::<T>(self.name(), s1, l1)?;
-            let gamma: Vec<f64> = data::<T>(self.name(), s2, l2)?.iter().map(|v| v.to_f64()).collect();
-            let beta: Vec<f64> = data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect();
+            let (gamma, beta, res): (Vec<f64>, Vec<f64>, Option<&[T]>) = if self.residual {
+                let gb: Vec<f64> = data::<T>(self.name(), s2, l2)?.iter().map(|v| v.to_f64()).collect();
+                if gb.len() != 2 * c {
+                    candle_core::bail!("batch norm: {} packed weights and biases for {c} channels", gb.len())
+                }
+                let r = data::<T>(self.name(), s3, l3)?;
+                if r.len() != x.len() {
+                    candle_core::bail!("batch norm: residual of {} values for an input of {}", r.len(), x.len())
+                }
+                (gb[..c].to_vec(), gb[c..].to_vec(), Some(r))
+            } else {
+                let gamma: Vec<f64> = data::<T>(self.name(), s2, l2)?.iter().map(|v| v.to_f64()).collect();
+                let beta: Vec<f64> = data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect();
+                (gamma, beta, None)
+            };
             if gamma.len() != c || beta.len() != c {
                 candle_core::bail!("batch norm: {} weights and {} biases for {c} channels", gamma.len(), beta.len())
             }
@@ -371,7 +406,7 @@ impl CustomOp3 for BnFwd {
                 None => channel_moments(x, n, c, s),
             };
             let (scale, shift) = run(&mean, &var, &gamma, &beta);
-            let y = apply(x, &scale, &shift, c, s, self.relu);
+            let y = apply(x, res, &scale, &shift, c, s, self.relu);
             if let Ok(mut g) = self.stats.lock() {
                 *g = Some(BnStats { mean, var, count: n * s });
             }
@@ -383,8 +418,8 @@ impl CustomOp3 for BnFwd {
     fn bwd(
         &self,
         x: &Tensor,
-        gamma: &Tensor,
-        _beta: &Tensor,
+        arg2: &Tensor,
+        _arg3: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -394,7 +429,10 @@ impl CustomOp3 for BnFwd {
             .ok()
             .and_then(|g| g.clone())
             .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no forward statistics".into()))?;
-        let gamma_v = gamma.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        let mut gamma_v = arg2.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        if self.residual {
+            gamma_v.truncate(gamma_v.len() / 2);
+        }
         let sums = Arc::new(Mutex::new(None));
         let op = BnBwd {
             eps: self.eps,
@@ -404,15 +442,23 @@ impl CustomOp3 for BnFwd {
             stats,
             sums: sums.clone(),
         };
-        let dx = x.apply_op3_no_bwd(y, &dy.contiguous()?, &op)?;
-        let (dgamma, dbeta) = sums
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(y, &dy, &op)?;
+        let (mut dgamma, dbeta) = sums
             .lock()
             .ok()
             .and_then(|g| g.clone())
             .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no parameter gradients".into()))?;
         let dev = x.device();
-        let dgamma = Tensor::from_vec(dgamma, gamma.shape(), dev)?.to_dtype(gamma.dtype())?;
-        let dbeta = Tensor::from_vec(dbeta, gamma.shape(), dev)?.to_dtype(gamma.dtype())?;
+        if self.residual {
+            // The residual's gradient is dy where the output is positive (the ReLU's mask).
+            let dres = if self.relu { y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))? } else { dy };
+            dgamma.extend(dbeta);
+            let dgb = Tensor::from_vec(dgamma, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
+            return Ok((Some(dx), Some(dgb), Some(dres)));
+        }
+        let dgamma = Tensor::from_vec(dgamma, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
+        let dbeta = Tensor::from_vec(dbeta, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
@@ -568,10 +614,49 @@ pub fn batch_norm(
     };
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
-    let op = BnFwd { eps, relu, fixed, stats: stats.clone() };
+    let op = BnFwd { eps, relu, residual: false, fixed, stats: stats.clone() };
     let y = x.contiguous()?.apply_op3_arc(
         &gamma.contiguous()?,
         &beta.contiguous()?,
+        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
+    )?;
+    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
+    Ok((y, st))
+}
+
+/// `relu(batch_norm(x) + residual)` in one pass forward (the end of a ResNet block), with
+/// `residual` of the shape of `x`. Statistics and modes as [`batch_norm`].
+pub fn batch_norm_add_relu(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: &Tensor,
+    fixed: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> CResult<(Tensor, Option<BnStats>)> {
+    let (_, c, _) = ncs("batch norm", x.shape())?;
+    if residual.shape() != x.shape() {
+        candle_core::bail!("batch norm: residual {:?} for an input {:?}", residual.dims(), x.dims())
+    }
+    let same = [gamma, beta, residual].iter().all(|t| t.dtype() == x.dtype() && t.device().is_cpu());
+    if !fusable(x) || !same || gamma.elem_count() != c || beta.elem_count() != c {
+        let (y, st) = batch_norm(x, gamma, beta, fixed, eps, false)?;
+        return Ok((relu(&(y + residual)?)?, st));
+    }
+    let fixed = match fixed {
+        Some((m, v)) => Some((
+            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        )),
+        None => None,
+    };
+    let train = fixed.is_none();
+    let stats = Arc::new(Mutex::new(None));
+    let op = BnFwd { eps, relu: true, residual: true, fixed, stats: stats.clone() };
+    let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
+    let y = x.contiguous()?.apply_op3_arc(
+        &gb,
+        &residual.contiguous()?,
         Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
     )?;
     let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
@@ -657,6 +742,21 @@ mod tests {
             let e = grad_error(&[3], 10, |g| Ok(batch_norm(&x, g, &beta, Some((&rm, &rv)), 1e-5, relu)?.0));
             assert!(e < 1e-6, "eval gamma relu={relu}: {e}");
         }
+        // The end of a residual block: relu(bn(x) + r), gradients to x, gamma, beta and r.
+        let r = randn(&mut rng, &[2, 3, 5, 7], DType::F64);
+        let x = randn(&mut rng, &[2, 3, 5, 7], DType::F64);
+        let e = grad_error(&[2, 3, 5, 7], 12, |x| Ok(batch_norm_add_relu(x, &gamma, &beta, &r, None, 1e-5)?.0));
+        assert!(e < 1e-6, "add-relu x: {e}");
+        let e = grad_error(&[2, 3, 5, 7], 13, |r| Ok(batch_norm_add_relu(&x, &gamma, &beta, r, None, 1e-5)?.0));
+        assert!(e < 1e-6, "add-relu residual: {e}");
+        let e = grad_error(&[3], 14, |g| Ok(batch_norm_add_relu(&x, g, &beta, &r, None, 1e-5)?.0));
+        assert!(e < 1e-6, "add-relu gamma: {e}");
+        let e = grad_error(&[3], 15, |b| Ok(batch_norm_add_relu(&x, &gamma, b, &r, Some((&rm, &rv)), 1e-5)?.0));
+        assert!(e < 1e-6, "add-relu eval beta: {e}");
+        let (a, _) = batch_norm_add_relu(&x, &gamma, &beta, &r, None, 1e-5).unwrap();
+        let (b, _) = batch_norm(&x, &gamma, &beta, None, 1e-5, false).unwrap();
+        let b = (b + &r).unwrap().relu().unwrap();
+        assert!(max_diff(&a, &b) < 1e-12);
         // (N, C) inputs, as after a linear layer.
         let g2 = Tensor::new(&[1.5f64, 0.5], &Device::Cpu).unwrap();
         let b2 = Tensor::new(&[0.1f64, -0.2], &Device::Cpu).unwrap();

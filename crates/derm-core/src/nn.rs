@@ -174,12 +174,27 @@ impl BatchNorm {
         self.run(x, train, true)
     }
 
+    /// `relu(batch_norm(x) + residual)`, the end of a residual block, in one pass forward.
+    pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        let fixed = if train { None } else { Some(fixed) };
+        let (y, stats) = fused::batch_norm_add_relu(x, &self.weight, &self.bias, residual, fixed, self.eps)?;
+        self.update_running(stats)?;
+        Ok(y)
+    }
+
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train {
             let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
             return Ok(fused::batch_norm(x, &self.weight, &self.bias, Some(fixed), self.eps, relu)?.0);
         }
         let (y, stats) = fused::batch_norm(x, &self.weight, &self.bias, None, self.eps, relu)?;
+        self.update_running(stats)?;
+        Ok(y)
+    }
+
+    /// Moves the running averages towards a training batch's statistics.
+    fn update_running(&self, stats: Option<fused::BnStats>) -> Result<()> {
         if let Some(st) = stats {
             let unbias = if st.count > 1 { st.count as f64 / (st.count - 1) as f64 } else { 1.0 };
             let m = self.momentum;
@@ -190,7 +205,7 @@ impl BatchNorm {
                 var.set(&t)?;
             }
         }
-        Ok(y)
+        Ok(())
     }
 }
 
