@@ -109,6 +109,37 @@ pub fn luminance_u8(img: &RgbImage) -> Vec<u8> {
     out
 }
 
+/// [`luminance_u8`] and, in the same pass over the pixels, a 0/255 plane of the pixels for which
+/// `flag(r, g, b)` holds, with their count.
+pub(crate) fn luminance_u8_and_flags(
+    img: &RgbImage,
+    flag: impl Fn(i32, i32, i32) -> bool + Sync,
+) -> (Vec<u8>, Vec<u8>, usize) {
+    let t = tables();
+    let (lin, q) = (&t.lin_u32, &t.l_u8);
+    let n = img.as_raw().len() / 3;
+    let (mut out, mut flags) = (vec![0u8; n], vec![0u8; n]);
+    let row = img.width().max(1) as usize * 64;
+    let found = out
+        .par_chunks_mut(row)
+        .zip(flags.par_chunks_mut(row))
+        .zip(img.as_raw().par_chunks(row * 3))
+        .map(|((o, fl), px)| {
+            let mut k = 0;
+            for ((o, f), p) in o.iter_mut().zip(fl.iter_mut()).zip(px.chunks_exact(3)) {
+                let y = lin[0][p[0] as usize] + lin[1][p[1] as usize] + lin[2][p[2] as usize];
+                *o = q[(y as usize).min(q.len() - 1)];
+                if flag(p[0] as i32, p[1] as i32, p[2] as i32) {
+                    *f = 255;
+                    k += 1;
+                }
+            }
+            k
+        })
+        .sum();
+    (out, flags, found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,6 @@
 
 use derm_core::{bail, Result};
 use image::{GrayImage, RgbImage};
-use rayon::prelude::*;
 
 use crate::color::luminance_u8;
 use crate::config::HairConfig;
@@ -56,17 +55,22 @@ pub fn raw_hair_mask(img: &RgbImage, cfg: &HairConfig) -> Vec<u8> {
 
 /// `L* * 2.55` and the raw hair mask.
 pub(crate) fn raw_parts(img: &RgbImage, cfg: &HairConfig) -> (Vec<u8>, Vec<u8>) {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let s = cfg.scale(img.width(), img.height());
-    let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
     let l = luminance_u8(img);
+    let m = raw_from_luminance(&l, img.width() as usize, img.height() as usize, cfg);
+    (l, m)
+}
+
+/// The thresholded black-hat of an `L* * 2.55` plane, small pieces removed.
+fn raw_from_luminance(l: &[u8], w: usize, h: usize, cfg: &HairConfig) -> Vec<u8> {
+    let s = cfg.scale(w as u32, h as u32);
+    let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
     let thr = (cfg.threshold * 2.55).round().max(1.0) as u8;
-    let mut m = black_hat_lines(&l, w, h, radius);
+    let mut m = black_hat_lines(l, w, h, radius);
     for v in m.iter_mut() {
         *v = if *v >= thr { 255 } else { 0 };
     }
     remove_small(&mut m, w, h, (cfg.min_area * s * s).round() as usize);
-    (l, m)
+    m
 }
 
 /// Violet ink: pixels whose red exceeds green by at least `t = cfg.ink_chroma`, whose blue
@@ -74,32 +78,24 @@ pub(crate) fn raw_parts(img: &RgbImage, cfg: &HairConfig) -> (Vec<u8>, Vec<u8>) 
 /// blood and pigment have blue well below red; pinkish skin has blue only a little above green),
 /// with small pieces dropped and a one-pixel (scaled) margin for the anti-aliased edge.
 pub fn ink_mask(img: &RgbImage, cfg: &HairConfig) -> Vec<u8> {
-    let (w, h) = (img.width() as usize, img.height() as usize);
-    let s = cfg.scale(img.width(), img.height());
-    // The same tests on integers: for whole r, g, b, `r - g >= t` is `r - g >= ceil(t)`,
-    // `b - g >= 1.75 t` is `b - g >= ceil(1.75 t)`, and `b >= r - t / 2` is `b >= r - floor(t / 2)`.
+    let (_, m, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+    ink_cleanup(m, found, img.width() as usize, img.height() as usize, cfg)
+}
+
+/// The per-pixel ink test on whole r, g, b: `r - g >= t` is `r - g >= ceil(t)`,
+/// `b - g >= 1.75 t` is `b - g >= ceil(1.75 t)`, and `b >= r - t / 2` is `b >= r - floor(t / 2)`.
+fn ink_test(cfg: &HairConfig) -> impl Fn(i32, i32, i32) -> bool + Sync {
     let t = cfg.ink_chroma.ceil() as i32;
     let (t2, th) = ((1.75 * cfg.ink_chroma).ceil() as i32, (cfg.ink_chroma / 2.0).floor() as i32);
-    let mut m = vec![0u8; w * h];
-    let row = w.max(1);
-    let found: usize = m
-        .par_chunks_mut(row * 32)
-        .zip(img.as_raw().par_chunks(row * 32 * 3))
-        .map(|(o, px)| {
-            let mut n = 0;
-            for (o, p) in o.iter_mut().zip(px.chunks_exact(3)) {
-                let (r, g, b) = (p[0] as i32, p[1] as i32, p[2] as i32);
-                if r - g >= t && b - g >= t2 && b >= r - th {
-                    *o = 255;
-                    n += 1;
-                }
-            }
-            n
-        })
-        .sum();
+    move |r, g, b| r - g >= t && b - g >= t2 && b >= r - th
+}
+
+/// Drops small ink pieces and adds a one-pixel (scaled) margin for the anti-aliased edge.
+fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfig) -> Vec<u8> {
     if found == 0 {
         return m;
     }
+    let s = cfg.scale(w as u32, h as u32);
     remove_small(&mut m, w, h, (cfg.min_area * 2.0 * s * s).round() as usize);
     dilate_disc(&m, w, h, 1.5 * s)
 }
@@ -114,8 +110,14 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
-    // The ink search reads only the colour image: it runs beside the black-hat.
-    let ((_, raw), ink) = rayon::join(|| raw_parts(img, cfg), || if cfg.ink { Some(ink_mask(img, cfg)) } else { None });
+    // One pass over the pixels gives the luminance and the ink candidates.
+    let (raw, ink) = if cfg.ink {
+        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+        let raw = raw_from_luminance(&l, w, h, cfg);
+        (raw, Some(ink_cleanup(ink, found, w, h, cfg)))
+    } else {
+        (raw_from_luminance(&luminance_u8(img), w, h, cfg), None)
+    };
     // The ruler search reads the raw mask, before the lesion correction.
     let (raw_for_ruler, mut m) = if cfg.rulers { (Some(raw.clone()), raw) } else { (None, raw) };
     if let Some(l) = lesion {
@@ -132,10 +134,15 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
             *a |= b;
         }
     }
-    let mut m = dilate_disc(&m, w, h, cfg.dilate_radius * s);
+    // Every part is 0/255 already; a disc under one pixel changes nothing.
+    if cfg.dilate_radius * s >= 1.0 {
+        m = dilate_disc(&m, w, h, cfg.dilate_radius * s);
+    }
     fill_holes(&mut m, w, h, (cfg.max_hole_area * s * s).round() as usize);
-    let n = m.iter().filter(|&&v| v != 0).count();
-    tracing::debug!(w, h, masked = n, "hair mask");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let n = m.iter().filter(|&&v| v != 0).count();
+        tracing::debug!(w, h, masked = n, "hair mask");
+    }
     GrayImage::from_raw(w as u32, h as u32, m).ok_or_else(|| derm_core::Error::invalid("hair mask buffer size"))
 }
 

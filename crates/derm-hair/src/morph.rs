@@ -81,10 +81,16 @@ impl LineFilter {
     /// Copies `src` (`w` x `h`) into the padded plane with `fill` around it.
     fn load(&mut self, src: &[u8], fill: u8) {
         let (w, r, wp) = (self.w, self.r, self.wp);
-        self.pad.fill(fill);
+        let (h, len) = (src.len() / w.max(1), self.pad.len());
+        self.pad[..r * wp + r].fill(fill);
         for (y, row) in src.chunks_exact(w).enumerate() {
-            self.pad[(y + r) * wp + r..(y + r) * wp + r + w].copy_from_slice(row);
+            let o = (y + r) * wp + r;
+            self.pad[o..o + w].copy_from_slice(row);
+            // The right margin of this row and the left margin of the next.
+            let end = ((y + r + 1) * wp + r).min(len);
+            self.pad[o + w..end].fill(fill);
         }
+        self.pad[((h + r) * wp).min(len)..].fill(fill);
     }
 
     /// Writes into `out` (`w` x `h`) the maximum or minimum of the padded plane over a centred
