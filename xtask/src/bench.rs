@@ -384,6 +384,12 @@ impl BenchArgs {
             }
             eprintln!("[{}]", g.name);
             let rows = (g.run)(self)?;
+            if derm_core::profile::enabled() {
+                eprintln!("  kernel time over the whole group (warm-up and repeats), DERM_PROFILE:");
+                for (name, ms, calls) in derm_core::profile::report() {
+                    eprintln!("    {name:<28} {ms:>10.1} ms {calls:>7} calls");
+                }
+            }
             let peer = if self.peer { Some(run_peer(self, &g)?) } else { None };
             for r in &rows {
                 let p = peer

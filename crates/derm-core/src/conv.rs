@@ -661,6 +661,7 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let g = Geo::new(l1.shape().dims4()?, l2.shape().dims4()?, self.0)?;
         let out = dispatch2(self.name(), (s1, l1), (s2, l2), |x, w| conv_fwd(x, w, &g), |x, w| conv_fwd(x, w, &g))?;
         Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
@@ -695,6 +696,7 @@ impl CustomOp2 for Conv2dGradInput {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let g = Geo::new(self.x_dims, l1.shape().dims4()?, self.spec)?;
         check_grad_out(self.name(), l2, &g)?;
         let gx = dispatch2(
@@ -728,6 +730,7 @@ impl CustomOp2 for Conv2dGradWeight {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let g = Geo::new(l1.shape().dims4()?, self.w_dims, self.spec)?;
         check_grad_out(self.name(), l2, &g)?;
         let gw = dispatch2(
@@ -754,6 +757,7 @@ impl CustomOp2 for ConvTranspose2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         Conv2dGradInput { spec: self.spec, x_dims: self.out_dims }.cpu_fwd(s2, l2, s1, l1)
     }
 

@@ -13,6 +13,7 @@
 //! The kernels run on CPU f32/f64; on other devices and dtypes the functions fall back to the
 //! equivalent candle composition, so results never depend on the path.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
@@ -66,6 +67,35 @@ macro_rules! float_dispatch {
     };
 }
 
+/// Elements per parallel task for the flat element-wise kernels.
+const CHUNK: usize = 1 << 14;
+
+/// A vector of `n` elements written by `fill(i, chunk)` on consecutive chunks of `chunk`
+/// elements (the last may be shorter), in parallel, without zeroing the memory first (a full
+/// extra pass for these memory-bound kernels). Every `fill` below zips its chunk with input
+/// slices at least as long, so it writes each element; that is checked before the length is set.
+fn par_write<T: WithDType>(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) + Sync + Send,
+) -> Vec<T> {
+    let chunk = chunk.max(1);
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let written: usize = v.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk)
+        .enumerate()
+        .map(|(i, c)| {
+            fill(i, c);
+            c.len()
+        })
+        .sum();
+    assert_eq!(written, n, "par_write: chunks cover the vector");
+    // SAFETY: the `n` elements were handed out in disjoint chunks, and each caller's `fill`
+    // writes every element of its chunk (see above).
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Runs `f` on the elements of `t` as one contiguous f32 slice, without copying when `t` is
 /// already a contiguous CPU f32 tensor (else on a converted copy).
 pub fn read_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> CResult<R> {
@@ -107,6 +137,28 @@ pub fn channel_mean_maps(t: &Tensor) -> CResult<Vec<Vec<f32>>> {
 // ---------------------------------------------------------------------------------------------
 // ReLU
 
+/// The leaky ReLU of `x` into `out` (as long as `x` or shorter). Written without data-dependent
+/// branches and with the slope passed by value, so that the loop vectorises.
+#[inline(never)]
+fn leaky_chunk<T: WithDType>(x: &[T], out: &mut [MaybeUninit<T>], k: T) {
+    let z = T::zero();
+    for (o, &v) in out.iter_mut().zip(x) {
+        let pos = if v > z { v } else { z };
+        let neg = if v < z { v } else { z };
+        o.write(pos + neg * k);
+    }
+}
+
+/// `dy` where `y > 0`, `k * dy` elsewhere, into `out`.
+#[inline(never)]
+fn leaky_bwd_chunk<T: WithDType>(y: &[T], dy: &[T], out: &mut [MaybeUninit<T>], k: T) {
+    let z = T::zero();
+    for ((o, &a), &g) in out.iter_mut().zip(y).zip(dy) {
+        let f = if a > z { T::one() } else { k };
+        o.write(g * f);
+    }
+}
+
 /// `x` where positive, `slope * x` elsewhere (slope 0: ReLU).
 struct Leaky(f64);
 
@@ -116,15 +168,10 @@ impl CustomOp1 for Leaky {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], slope: f64) -> Vec<T> {
             let k = T::from_f64(slope);
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(1 << 14).zip(x.par_chunks(1 << 14)).for_each(|(y, x)| {
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = if v > T::zero() { v } else { v * k };
-                }
-            });
-            y
+            par_write(x.len(), CHUNK, |i, y| leaky_chunk(&x[i * CHUNK..], y, k))
         }
         let out = float_dispatch!("relu", s, |T| T::to_cpu_storage_owned(run::<T>(data(self.name(), s, l)?, self.0)));
         Ok((out, l.shape().clone()))
@@ -144,17 +191,10 @@ impl CustomOp2 for LeakyBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(y: &[T], dy: &[T], slope: f64) -> Vec<T> {
             let k = T::from_f64(slope);
-            let mut dx = vec![T::zero(); y.len()];
-            dx.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14))).for_each(
-                |(dx, (y, dy))| {
-                    for ((o, &a), &g) in dx.iter_mut().zip(y).zip(dy) {
-                        *o = if a > T::zero() { g } else { g * k };
-                    }
-                },
-            );
-            dx
+            par_write(y.len(), CHUNK, |i, dx| leaky_bwd_chunk(&y[i * CHUNK..], &dy[i * CHUNK..], dx, k))
         }
         let out = float_dispatch!("relu backward", s1, |T| {
             T::to_cpu_storage_owned(run::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, self.0))
@@ -195,15 +235,14 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], b: &[T], c: usize, s: usize) -> Vec<T> {
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(p, (y, x))| {
+            par_write(x.len(), s, |p, y| {
                 let bv = b[p % c];
-                for (o, &v) in y.iter_mut().zip(x) {
-                    *o = v + bv;
+                for (o, &v) in y.iter_mut().zip(&x[p * s..]) {
+                    o.write(v + bv);
                 }
-            });
-            y
+            })
         }
         let (_, c, s) = ncs(self.name(), l1.shape())?;
         if l2.shape().elem_count() != c {
@@ -231,14 +270,16 @@ impl CustomOp1 for ChannelSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> Vec<T> {
             (0..c)
                 .into_par_iter()
                 .map(|ch| {
                     let mut acc = 0f64;
                     for i in 0..n {
-                        let p = &x[(i * c + ch) * s..(i * c + ch + 1) * s];
-                        acc += p.iter().fold(T::zero(), |a, &v| a + v).to_f64();
+                        for run in x[(i * c + ch) * s..(i * c + ch + 1) * s].chunks(RUN) {
+                            acc += shifted_sums(run, T::zero()).0;
+                        }
                     }
                     T::from_f64(acc)
                 })
@@ -303,15 +344,10 @@ fn channel_moments<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<
             let k = x[ch * s];
             let (mut s1, mut s2) = (0f64, 0f64);
             for i in 0..n {
-                for run in x[(i * c + ch) * s..(i * c + ch + 1) * s].chunks(256) {
-                    let (mut a, mut b) = (T::zero(), T::zero());
-                    for &v in run {
-                        let d = v - k;
-                        a += d;
-                        b += d * d;
-                    }
-                    s1 += a.to_f64();
-                    s2 += b.to_f64();
+                for run in x[(i * c + ch) * s..(i * c + ch + 1) * s].chunks(RUN) {
+                    let (a, b) = shifted_sums(run, k);
+                    s1 += a;
+                    s2 += b;
                 }
             }
             let m = (n * s) as f64;
@@ -320,6 +356,195 @@ fn channel_moments<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> (Vec<
         })
         .collect();
     per.into_iter().unzip()
+}
+
+/// Values summed in the input precision before a run's sum is added in f64.
+const RUN: usize = 512;
+/// Independent accumulators per sum: float additions are not reassociated by the compiler, so
+/// a single accumulator is a chain of dependent adds; eight lanes vectorise.
+const LANES: usize = 8;
+
+/// `v` as f32 values when `T` is f32.
+fn as_f32<T: WithDType>(v: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32, so the slice is a slice of f32.
+        Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
+    } else {
+        None
+    }
+}
+
+/// AVX2 + FMA reductions for f32 (the portable loops above do not vectorise: the compiler keeps
+/// float sums in order). Each run is at most [`RUN`] values; sums are taken in two f32
+/// accumulators of eight lanes and finished in f64.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    /// Whether the CPU has AVX2 and FMA (checked once).
+    pub fn available() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn hsum(v: __m256) -> f64 {
+        // SAFETY: the caller checked AVX2; the store writes the eight-lane array.
+        unsafe {
+            let mut a = [0f32; 8];
+            _mm256_storeu_ps(a.as_mut_ptr(), v);
+            a.iter().map(|&x| x as f64).sum()
+        }
+    }
+
+    /// (sum (v - k), sum (v - k)^2).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn shifted_sums(v: &[f32], k: f32) -> (f64, f64) {
+        // SAFETY: the caller checked AVX2 and FMA; every load is inside the slices (i + 16 <= n).
+        unsafe {
+            let n = v.len();
+            let kv = _mm256_set1_ps(k);
+            let (mut a0, mut a1, mut b0, mut b1) =
+                (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let p = v.as_ptr();
+            let mut i = 0;
+            while i + 16 <= n {
+                let d0 = _mm256_sub_ps(_mm256_loadu_ps(p.add(i)), kv);
+                let d1 = _mm256_sub_ps(_mm256_loadu_ps(p.add(i + 8)), kv);
+                a0 = _mm256_add_ps(a0, d0);
+                a1 = _mm256_add_ps(a1, d1);
+                b0 = _mm256_fmadd_ps(d0, d0, b0);
+                b1 = _mm256_fmadd_ps(d1, d1, b1);
+                i += 16;
+            }
+            let (mut sa, mut sb) = (hsum(_mm256_add_ps(a0, a1)), hsum(_mm256_add_ps(b0, b1)));
+            for &x in &v[i..] {
+                let d = (x - k) as f64;
+                sa += d;
+                sb += d * d;
+            }
+            (sa, sb)
+        }
+    }
+
+    /// (sum g, sum g (x - m)) with g = dy, masked by y > 0 when `RELU`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn grad_sums<const RELU: bool>(x: &[f32], y: &[f32], dy: &[f32], m: f32) -> (f64, f64) {
+        // SAFETY: the caller checked AVX2 and FMA; every load is inside the slices (i + 16 <= n).
+        unsafe {
+            let n = x.len().min(y.len()).min(dy.len());
+            let (mv, zero) = (_mm256_set1_ps(m), _mm256_setzero_ps());
+            let (mut a0, mut a1, mut b0, mut b1) = (zero, zero, zero, zero);
+            let (px, py, pg) = (x.as_ptr(), y.as_ptr(), dy.as_ptr());
+            let mut i = 0;
+            while i + 16 <= n {
+                let mut g0 = _mm256_loadu_ps(pg.add(i));
+                let mut g1 = _mm256_loadu_ps(pg.add(i + 8));
+                if RELU {
+                    g0 = _mm256_and_ps(g0, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(py.add(i)), zero));
+                    g1 = _mm256_and_ps(g1, _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(py.add(i + 8)), zero));
+                }
+                let d0 = _mm256_sub_ps(_mm256_loadu_ps(px.add(i)), mv);
+                let d1 = _mm256_sub_ps(_mm256_loadu_ps(px.add(i + 8)), mv);
+                a0 = _mm256_add_ps(a0, g0);
+                a1 = _mm256_add_ps(a1, g1);
+                b0 = _mm256_fmadd_ps(g0, d0, b0);
+                b1 = _mm256_fmadd_ps(g1, d1, b1);
+                i += 16;
+            }
+            let (mut sa, mut sb) = (hsum(_mm256_add_ps(a0, a1)), hsum(_mm256_add_ps(b0, b1)));
+            for j in i..n {
+                let g = if !RELU || y[j] > 0.0 { dy[j] as f64 } else { 0.0 };
+                sa += g;
+                sb += g * (x[j] - m) as f64;
+            }
+            (sa, sb)
+        }
+    }
+}
+
+/// (sum (v - k), sum (v - k)^2) over `run`, in f64.
+#[inline]
+fn shifted_sums<T: WithDType>(run: &[T], k: T) -> (f64, f64) {
+    if let Some((run, k)) = as_f32(run).zip(as_f32(std::slice::from_ref(&k))) {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            return unsafe { simd::shifted_sums(run, k[0]) };
+        }
+    }
+    let (mut a, mut b) = ([T::zero(); LANES], [T::zero(); LANES]);
+    let mut it = run.chunks_exact(LANES);
+    for ch in &mut it {
+        for l in 0..LANES {
+            let d = ch[l] - k;
+            a[l] += d;
+            b[l] += d * d;
+        }
+    }
+    let (mut sa, mut sb) = (0f64, 0f64);
+    for l in 0..LANES {
+        sa += a[l].to_f64();
+        sb += b[l].to_f64();
+    }
+    for &v in it.remainder() {
+        let d = (v - k).to_f64();
+        sa += d;
+        sb += d * d;
+    }
+    (sa, sb)
+}
+
+/// (sum g, sum g (x - m)) over a run, with g = dy masked by y > 0 when `RELU`, in f64.
+#[inline(never)]
+fn grad_sums<T: WithDType, const RELU: bool>(x: &[T], y: &[T], dy: &[T], m: T) -> (f64, f64) {
+    if let (Some(x), Some(y), Some(dy), Some(m)) = (as_f32(x), as_f32(y), as_f32(dy), as_f32(std::slice::from_ref(&m)))
+    {
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            return unsafe { simd::grad_sums::<RELU>(x, y, dy, m[0]) };
+        }
+    }
+    let z = T::zero();
+    let (mut a, mut b) = ([z; LANES], [z; LANES]);
+    let (xc, yc, gc) = (x.chunks_exact(LANES), y.chunks_exact(LANES), dy.chunks_exact(LANES));
+    let (xr, yr, gr) = (xc.remainder(), yc.remainder(), gc.remainder());
+    for ((xs, ys), gs) in xc.zip(yc).zip(gc) {
+        for l in 0..LANES {
+            let g = if !RELU || ys[l] > z { gs[l] } else { z };
+            a[l] += g;
+            b[l] += g * (xs[l] - m);
+        }
+    }
+    let (mut sa, mut sb) = (0f64, 0f64);
+    for l in 0..LANES {
+        sa += a[l].to_f64();
+        sb += b[l].to_f64();
+    }
+    for ((&xv, &yv), &gv) in xr.iter().zip(yr).zip(gr) {
+        let g = if !RELU || yv > z { gv.to_f64() } else { 0.0 };
+        sa += g;
+        sb += g * (xv - m).to_f64();
+    }
+    (sa, sb)
+}
+
+/// The input gradient of one plane: `a g - b (x - m) - c0`, with g = dy masked by y > 0 when
+/// `RELU`, into `out`.
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn bn_grad_plane<T: WithDType, const RELU: bool>(
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    out: &mut [MaybeUninit<T>],
+    (a, b, c0, m): (T, T, T, T),
+) {
+    let z = T::zero();
+    for (((v, &xv), &yv), &gv) in out.iter_mut().zip(x).zip(y).zip(dy) {
+        let g = if !RELU || yv > z { gv } else { z };
+        v.write(a * g - b * (xv - m) - c0);
+    }
 }
 
 impl CustomOp3 for BnFwd {
@@ -336,6 +561,7 @@ impl CustomOp3 for BnFwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let (n, c, s) = ncs(self.name(), l1.shape())?;
         if n * s == 0 {
             candle_core::bail!("batch norm: empty input {:?}", l1.shape().dims())
@@ -355,31 +581,30 @@ impl CustomOp3 for BnFwd {
             s: usize,
             relu: bool,
         ) -> Vec<T> {
-            let mut y = vec![T::zero(); x.len()];
-            y.par_chunks_mut(s).zip(x.par_chunks(s)).enumerate().for_each(|(p, (y, x))| {
+            par_write(x.len(), s, |p, y| {
                 let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
+                let x = &x[p * s..(p + 1) * s];
                 match (res, relu) {
                     (Some(r), _) => {
                         let r = &r[p * s..(p + 1) * s];
                         for ((o, &v), &q) in y.iter_mut().zip(x).zip(r) {
                             let t = v * a + b + q;
-                            *o = if t > T::zero() || !relu { t } else { T::zero() };
+                            o.write(if t > T::zero() || !relu { t } else { T::zero() });
                         }
                     }
                     (None, true) => {
                         for (o, &v) in y.iter_mut().zip(x) {
                             let t = v * a + b;
-                            *o = if t > T::zero() { t } else { T::zero() };
+                            o.write(if t > T::zero() { t } else { T::zero() });
                         }
                     }
                     (None, false) => {
                         for (o, &v) in y.iter_mut().zip(x) {
-                            *o = v * a + b;
+                            o.write(v * a + b);
                         }
                     }
                 }
-            });
-            y
+            })
         }
         let out = float_dispatch!("batch norm", s1, |T| {
             let x = data::<T>(self.name(), s1, l1)?;
@@ -491,6 +716,7 @@ impl CustomOp3 for BnBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let (n, c, s) = ncs(self.name(), l1.shape())?;
         if self.stats.mean.len() != c || self.gamma.len() != c {
             candle_core::bail!("batch norm backward: statistics for {} channels, input has {c}", self.stats.mean.len())
@@ -510,16 +736,6 @@ impl CustomOp3 for BnBwd {
 }
 
 impl BnBwd {
-    /// The gradient reaching the normalisation: dy, masked by the ReLU when one is fused.
-    #[inline(always)]
-    fn g<T: WithDType>(relu: bool, y: T, dy: T) -> T {
-        if relu && y <= T::zero() {
-            T::zero()
-        } else {
-            dy
-        }
-    }
-
     /// (dx, dgamma, dbeta). With xhat = (x - mean) * invstd and g the incoming gradient:
     /// dbeta = sum g, dgamma = sum g * xhat; in train mode
     /// dx = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), in eval mode gamma * invstd * g.
@@ -544,16 +760,15 @@ impl BnBwd {
                 for i in 0..n {
                     let o = (i * c + ch) * s;
                     for ((xr, yr), gr) in
-                        x[o..o + s].chunks(256).zip(y[o..o + s].chunks(256)).zip(dy[o..o + s].chunks(256))
+                        x[o..o + s].chunks(RUN).zip(y[o..o + s].chunks(RUN)).zip(dy[o..o + s].chunks(RUN))
                     {
-                        let (mut a, mut b) = (T::zero(), T::zero());
-                        for ((&xv, &yv), &gv) in xr.iter().zip(yr).zip(gr) {
-                            let g = Self::g(relu, yv, gv);
-                            a += g;
-                            b += g * (xv - m);
-                        }
-                        sg += a.to_f64();
-                        sgx += b.to_f64();
+                        let (a, b) = if relu {
+                            grad_sums::<T, true>(xr, yr, gr, m)
+                        } else {
+                            grad_sums::<T, false>(xr, yr, gr, m)
+                        };
+                        sg += a;
+                        sgx += b;
                     }
                 }
                 (sg, sgx * invstd[ch])
@@ -570,12 +785,13 @@ impl BnBwd {
                 (T::from_f64(a), T::from_f64(b), T::from_f64(c0), T::from_f64(st.mean[ch]))
             })
             .collect();
-        let mut dx = vec![T::zero(); x.len()];
-        dx.par_chunks_mut(s).enumerate().for_each(|(p, out)| {
-            let (a, b, c0, m) = coef[p % c];
-            let o = p * s;
-            for (((v, &xv), &yv), &gv) in out.iter_mut().zip(&x[o..o + s]).zip(&y[o..o + s]).zip(&dy[o..o + s]) {
-                *v = a * Self::g(relu, yv, gv) - b * (xv - m) - c0;
+        let dx = par_write(x.len(), s, |p, out| {
+            let (o, k) = (p * s, coef[p % c]);
+            let (x, y, dy) = (&x[o..o + s], &y[o..o + s], &dy[o..o + s]);
+            if relu {
+                bn_grad_plane::<T, true>(x, y, dy, out, k)
+            } else {
+                bn_grad_plane::<T, false>(x, y, dy, out, k)
             }
         });
         (dx, dgamma, dbeta)

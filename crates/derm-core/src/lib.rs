@@ -23,6 +23,7 @@
 //! - [`train`]: one training loop with evaluation, best-model keeping, periodic checkpoints,
 //!   resume, a time budget, and a stop on a non-finite loss.
 //! - [`rng`]: the one seeded generator.
+//! - [`profile`]: opt-in per-kernel timing (`DERM_PROFILE=1`).
 //!
 //! **Consumes:** image files, safetensors files, JSON configs. **Produces:** tensors, checkpoints,
 //! metric values.
@@ -40,6 +41,7 @@ pub mod nn;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod profile;
 pub mod report;
 pub mod rng;
 pub mod runtime;
