@@ -18,7 +18,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder, VarMap};
 use derm_core::checkpoint::{self, Strictness};
-use derm_core::nn::{batch_norm, bn_relu, conv2d, torch_default_init, BatchNorm, Conv2d, Conv2dConfig};
+use derm_core::nn::{batch_norm, conv2d, torch_default_init, BatchNorm, Conv2d, Conv2dConfig};
 use derm_core::ops::{self, ConvParams, Pool2d};
 use serde::{Deserialize, Serialize};
 
@@ -203,10 +203,6 @@ fn bn_zero(c: usize, zero: bool, vb: VarBuilder) -> Result<BatchNorm> {
     batch_norm(c, vb)
 }
 
-fn bn(b: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
-    derm_core::nn::bn(b, x, train)
-}
-
 /// A residual block (basic or bottleneck).
 #[derive(Debug, Clone)]
 struct Block {
@@ -244,12 +240,15 @@ impl Block {
         let mut y = x.clone();
         let last = self.convs.len() - 1;
         let identity = match &self.downsample {
-            Some((c, b)) => bn(b, &conv(c, x)?, train)?,
+            Some((c, b)) => b.forward_conv_t(c, x, train, false)?,
             None => x.clone(),
         };
         for (k, (c, b)) in self.convs.iter().enumerate() {
-            let z = conv(c, &y)?;
-            y = if k != last { bn_relu(b, &z, train)? } else { b.forward_add_relu_t(&z, &identity, train)? };
+            y = if k != last {
+                b.forward_conv_t(c, &y, train, true)?
+            } else {
+                b.forward_add_relu_t(&conv(c, &y)?, &identity, train)?
+            };
         }
         Ok(y)
     }
@@ -379,7 +378,7 @@ impl ResNet {
     }
 
     fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        bn_relu(&self.bn1, &conv(&self.conv1, x)?, train)
+        self.bn1.forward_conv_t(&self.conv1, x, train, true)
     }
 
     /// The forward pass keeping every stage's output (see [`ResNetFeatures`] for the shapes).

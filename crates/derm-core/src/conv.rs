@@ -99,6 +99,17 @@ impl Geo {
         self.oh * self.ow
     }
 
+    /// One of three names by geometry (pointwise, stride 1, strided), for the kernel profile.
+    fn kind(&self, names: [&'static str; 3]) -> &'static str {
+        if self.is_pointwise() {
+            names[0]
+        } else if self.s == 1 {
+            names[1]
+        } else {
+            names[2]
+        }
+    }
+
     /// Whether the column matrix is the image itself (1x1 kernel, stride 1, no padding).
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
@@ -653,7 +664,7 @@ fn dispatch2(
 }
 
 /// The convolution itself, on (input, weight).
-struct Conv2dOp(ConvSpec);
+pub(crate) struct Conv2dOp(pub(crate) ConvSpec);
 
 impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
@@ -661,27 +672,36 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let _span = crate::profile::span(self.name());
         let g = Geo::new(l1.shape().dims4()?, l2.shape().dims4()?, self.0)?;
+        let _span = crate::profile::span(g.kind(["conv2d 1x1", "conv2d kxk/1", "conv2d strided"]));
         let out = dispatch2(self.name(), (s1, l1), (s2, l2), |x, w| conv_fwd(x, w, &g), |x, w| conv_fwd(x, w, &g))?;
         Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        // An input that nothing upstream differentiates (a data batch) gets no gradient.
-        let gx = if x.track_op() {
-            Some(w.apply_op2_no_bwd(&grad, &Conv2dGradInput { spec: self.0, x_dims: x.dims4()? })?)
-        } else {
-            None
-        };
-        let gw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &Conv2dGradWeight { spec: self.0, w_dims: w.dims4()? })?)
-        } else {
-            None
-        };
-        Ok((gx, gw))
+        conv_grads(x, w, &grad.contiguous()?, self.0)
     }
+}
+
+/// The gradients of a convolution's input and weight for the output gradient `grad`
+/// (contiguous); an input that nothing upstream differentiates (a data batch) gets none.
+pub(crate) fn conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    spec: ConvSpec,
+) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    let gx = if x.track_op() {
+        Some(w.apply_op2_no_bwd(grad, &Conv2dGradInput { spec, x_dims: x.dims4()? })?)
+    } else {
+        None
+    };
+    let gw = if w.track_op() {
+        Some(x.apply_op2_no_bwd(grad, &Conv2dGradWeight { spec, w_dims: w.dims4()? })?)
+    } else {
+        None
+    };
+    Ok((gx, gw))
 }
 
 /// The input gradient, on (weight, output gradient).
@@ -696,8 +716,8 @@ impl CustomOp2 for Conv2dGradInput {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let _span = crate::profile::span(self.name());
         let g = Geo::new(self.x_dims, l1.shape().dims4()?, self.spec)?;
+        let _span = crate::profile::span(g.kind(["grad-input 1x1", "grad-input kxk/1", "grad-input strided"]));
         check_grad_out(self.name(), l2, &g)?;
         let gx = dispatch2(
             self.name(),
@@ -730,8 +750,8 @@ impl CustomOp2 for Conv2dGradWeight {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let _span = crate::profile::span(self.name());
         let g = Geo::new(l1.shape().dims4()?, self.w_dims, self.spec)?;
+        let _span = crate::profile::span(g.kind(["grad-weight 1x1", "grad-weight kxk/1", "grad-weight strided"]));
         check_grad_out(self.name(), l2, &g)?;
         let gw = dispatch2(
             self.name(),

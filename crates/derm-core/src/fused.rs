@@ -364,6 +364,11 @@ const RUN: usize = 512;
 /// a single accumulator is a chain of dependent adds; eight lanes vectorise.
 const LANES: usize = 8;
 
+/// The sum of squares of `v`, in f64 (vectorised, in runs of [`RUN`] values).
+pub(crate) fn sum_of_squares(v: &[f32]) -> f64 {
+    v.chunks(RUN).map(|run| shifted_sums(run, 0f32).1).sum()
+}
+
 /// `v` as f32 values when `T` is f32.
 fn as_f32<T: WithDType>(v: &[T]) -> Option<&[f32]> {
     if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
@@ -879,6 +884,167 @@ pub fn batch_norm_add_relu(
     Ok((y, st))
 }
 
+/// The forward op of a convolution followed by batch norm (and a ReLU), on (x, w, [gamma; beta]).
+/// The convolution's output is kept for the backward; it never becomes a graph node, so its
+/// gradient is not accumulated through candle's gradient store (a zero-filled tensor and an
+/// addition per node).
+struct ConvBnFwd {
+    spec: crate::conv::ConvSpec,
+    eps: f64,
+    relu: bool,
+    fixed: Option<(Vec<f64>, Vec<f64>)>,
+    stats: Arc<Mutex<Option<BnStats>>>,
+    conv_out: Mutex<Option<CpuStorage>>,
+}
+
+impl CustomOp3 for ConvBnFwd {
+    fn name(&self) -> &'static str {
+        "derm-conv-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> CResult<(CpuStorage, Shape)> {
+        use candle_core::CustomOp2 as _;
+        let (z, shape) = crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, l2)?;
+        let _span = crate::profile::span("derm-batch-norm");
+        let zl = Layout::contiguous(shape.clone());
+        let (n, c, s) = ncs(self.name(), &shape)?;
+        let out = float_dispatch!("conv batch norm", &z, |T| {
+            let zv = data::<T>(self.name(), &z, &zl)?;
+            let gb: Vec<f64> = data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect();
+            if gb.len() != 2 * c {
+                candle_core::bail!("conv batch norm: {} packed weights and biases for {c} channels", gb.len())
+            }
+            let (mean, var) = match &self.fixed {
+                Some((m, v)) => (m.clone(), v.clone()),
+                None => channel_moments(zv, n, c, s),
+            };
+            let scale: Vec<f64> = (0..c).map(|i| gb[i] / (var[i] + self.eps).sqrt()).collect();
+            let shift: Vec<f64> = (0..c).map(|i| gb[c + i] - mean[i] * scale[i]).collect();
+            let y = par_write(zv.len(), s, |p, y| {
+                let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
+                let zero = T::from_f64(0.0);
+                let z = &zv[p * s..(p + 1) * s];
+                if self.relu {
+                    for (o, &v) in y.iter_mut().zip(z) {
+                        let t = v * a + b;
+                        o.write(if t > zero { t } else { zero });
+                    }
+                } else {
+                    for (o, &v) in y.iter_mut().zip(z) {
+                        o.write(v * a + b);
+                    }
+                }
+            });
+            if let Ok(mut g) = self.stats.lock() {
+                *g = Some(BnStats { mean, var, count: n * s });
+            }
+            T::to_cpu_storage_owned(y)
+        });
+        if let Ok(mut g) = self.conv_out.lock() {
+            *g = Some(z);
+        }
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gb: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+    ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let missing = || candle_core::Error::Msg("conv batch norm backward: no forward state".into());
+        let stats = self.stats.lock().ok().and_then(|g| g.clone()).ok_or_else(missing)?;
+        let z = self.conv_out.lock().ok().and_then(|mut g| g.take()).ok_or_else(missing)?;
+        let mut gamma = gb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        gamma.truncate(gamma.len() / 2);
+        let op = BnBwd {
+            eps: self.eps,
+            relu: self.relu,
+            train: self.fixed.is_none(),
+            gamma,
+            stats,
+            sums: Arc::new(Mutex::new(None)),
+        };
+        let (n, c, s) = ncs(self.name(), y.shape())?;
+        let dy = dy.contiguous()?;
+        let (dyv, dyl) = dy.storage_and_layout();
+        let (yv, yl) = y.storage_and_layout();
+        let (candle_core::Storage::Cpu(dys), candle_core::Storage::Cpu(ys)) = (&*dyv, &*yv) else {
+            candle_core::bail!("conv batch norm backward: CPU tensors only")
+        };
+        let zl = Layout::contiguous(y.shape().clone());
+        let span = crate::profile::span("derm-batch-norm-bwd");
+        let (dz, dgamma, dbeta) = float_dispatch!("conv batch norm backward", &z, |T| {
+            let (dz, dg, db) = op.run(
+                data::<T>(self.name(), &z, &zl)?,
+                data::<T>(self.name(), ys, yl)?,
+                data::<T>(self.name(), dys, dyl)?,
+                n,
+                c,
+                s,
+            );
+            (Tensor::from_vec(dz, y.shape(), y.device())?, dg, db)
+        });
+        drop((dyv, yv, span));
+        let (gx, gw) = crate::conv::conv_grads(x, w, &dz, self.spec)?;
+        let mut dgb = dgamma;
+        dgb.extend(dbeta);
+        let dgb = Tensor::from_vec(dgb, gb.shape(), gb.device())?.to_dtype(gb.dtype())?;
+        Ok((gx, gw, Some(dgb)))
+    }
+}
+
+/// `batch_norm(conv2d(x, w))`, with a ReLU when `relu` is set, as one graph node on the CPU (f32
+/// or f64, groups 1, no convolution bias): the convolution's output never enters candle's
+/// gradient store. Statistics and modes as [`batch_norm`]; elsewhere the two ops run apart.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm(
+    x: &Tensor,
+    w: &Tensor,
+    spec: crate::conv::ConvSpec,
+    gamma: &Tensor,
+    beta: &Tensor,
+    fixed: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+    relu: bool,
+) -> CResult<(Tensor, Option<BnStats>)> {
+    let c = w.dim(0)?;
+    let same = [gamma, beta].iter().all(|t| t.dtype() == x.dtype() && t.device().is_cpu() && t.elem_count() == c);
+    if !crate::conv::supports(x, w) || !fusable(x) || !same {
+        let p =
+            crate::ops::ConvParams { padding: spec.padding, stride: spec.stride, dilation: spec.dilation, groups: 1 };
+        return batch_norm(&crate::ops::conv2d(x, w, p)?, gamma, beta, fixed, eps, relu);
+    }
+    let fixed = match fixed {
+        Some((m, v)) => Some((
+            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        )),
+        None => None,
+    };
+    let train = fixed.is_none();
+    let stats = Arc::new(Mutex::new(None));
+    let op = ConvBnFwd { spec, eps, relu, fixed, stats: stats.clone(), conv_out: Mutex::new(None) };
+    let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
+    let y = x.contiguous()?.apply_op3_arc(
+        &w.contiguous()?,
+        &gb,
+        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
+    )?;
+    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
+    Ok((y, st))
+}
+
 /// The same normalisation from candle ops (other devices and dtypes).
 fn batch_norm_composed(
     x: &Tensor,
@@ -973,6 +1139,31 @@ mod tests {
         let (b, _) = batch_norm(&x, &gamma, &beta, None, 1e-5, false).unwrap();
         let b = (b + &r).unwrap().relu().unwrap();
         assert!(max_diff(&a, &b) < 1e-12);
+        // A convolution and batch norm as one node: gradients to x, w, gamma and beta, both modes.
+        let spec = crate::conv::ConvSpec { padding: 1, stride: 1, dilation: 1 };
+        let xin = randn(&mut rng, &[2, 2, 6, 5], DType::F64);
+        let wt = randn(&mut rng, &[3, 2, 3, 3], DType::F64);
+        for relu in [false, true] {
+            for fixed in [None, Some((&rm, &rv))] {
+                let e = grad_error(&[2, 2, 6, 5], 16, |x| {
+                    Ok(conv_batch_norm(x, &wt, spec, &gamma, &beta, fixed, 1e-5, relu)?.0)
+                });
+                assert!(e < 1e-6, "conv-bn x relu={relu}: {e}");
+                let e = grad_error(&[3, 2, 3, 3], 17, |w| {
+                    Ok(conv_batch_norm(&xin, w, spec, &gamma, &beta, fixed, 1e-5, relu)?.0)
+                });
+                assert!(e < 1e-6, "conv-bn w relu={relu}: {e}");
+                let e = grad_error(&[3], 18, |g| Ok(conv_batch_norm(&xin, &wt, spec, g, &beta, fixed, 1e-5, relu)?.0));
+                assert!(e < 1e-6, "conv-bn gamma relu={relu}: {e}");
+                let e = grad_error(&[3], 19, |b| Ok(conv_batch_norm(&xin, &wt, spec, &gamma, b, fixed, 1e-5, relu)?.0));
+                assert!(e < 1e-6, "conv-bn beta relu={relu}: {e}");
+            }
+            let (a, sa) = conv_batch_norm(&xin, &wt, spec, &gamma, &beta, None, 1e-5, relu).unwrap();
+            let z = crate::conv::conv2d(&xin, &wt, spec).unwrap();
+            let (b, sb) = batch_norm(&z, &gamma, &beta, None, 1e-5, relu).unwrap();
+            assert!(max_diff(&a, &b) < 1e-12);
+            assert_eq!(sa, sb);
+        }
         // (N, C) inputs, as after a linear layer.
         let g2 = Tensor::new(&[1.5f64, 0.5], &Device::Cpu).unwrap();
         let b2 = Tensor::new(&[0.1f64, -0.2], &Device::Cpu).unwrap();

@@ -174,6 +174,22 @@ impl BatchNorm {
         self.run(x, train, true)
     }
 
+    /// `batch_norm(conv(x))` (then a ReLU when `relu`), as one graph node where the convolution
+    /// has no bias and one group ([`fused::conv_batch_norm`]); else the two layers in turn.
+    pub fn forward_conv_t(&self, conv: &Conv2d, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if conv.bias.is_some() || conv.params.groups != 1 {
+            return self.run(&conv.forward(x)?, train, relu);
+        }
+        let p = conv.params;
+        let spec = crate::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
+        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        let fixed = if train { None } else { Some(fixed) };
+        let (y, stats) =
+            fused::conv_batch_norm(x, &conv.weight, spec, &self.weight, &self.bias, fixed, self.eps, relu)?;
+        self.update_running(stats)?;
+        Ok(y)
+    }
+
     /// `relu(batch_norm(x) + residual)`, the end of a residual block, in one pass forward.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());

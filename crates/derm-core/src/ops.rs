@@ -161,6 +161,7 @@ impl CustomOp1 for PoolFwd {
         }
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         dispatch_float!(s, self.name(), |T| {
             let (v, sh) = pool_fwd::<T>(contiguous(s, l)?, dims, self.geo, self.kind)?;
@@ -229,6 +230,7 @@ impl CustomOp2 for PoolBwd {
         "derm-pool2d-bwd"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let dims = l1.shape().dims4()?;
         dispatch_float!(s1, self.name(), |T| {
             let v = pool_bwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, dims, self.geo, self.kind)?;
@@ -315,6 +317,7 @@ impl CustomOp1 for ResizeFwd {
         "derm-resize2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         let (n, c, _, _) = dims;
         dispatch_float!(s, self.name(), |T| {
@@ -336,6 +339,7 @@ impl CustomOp2 for ResizeBwd {
         "derm-resize2d-bwd"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
         let (n, c, h, w) = l1.shape().dims4()?;
         let (_, _, oh, ow) = l2.shape().dims4()?;
         let ty = resize_taps(h, oh, self.mode);

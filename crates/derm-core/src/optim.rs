@@ -204,7 +204,10 @@ impl Optimizer {
     /// Computes gradients of `loss` and takes one step. Returns the global gradient norm (before
     /// clipping).
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<f64> {
-        let grads = loss.backward()?;
+        let grads = {
+            let _span = crate::profile::span("backward (whole)");
+            loss.backward()?
+        };
         self.step(&grads)
     }
 
@@ -214,6 +217,7 @@ impl Optimizer {
     /// bias correction, weight decay and clipping together); other devices and dtypes take the
     /// same arithmetic through tensor ops.
     pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
+        let _span = crate::profile::span("optimiser-step");
         let mut sq = 0f64;
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for (_, var) in &self.params {
@@ -465,10 +469,7 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
     if g.device().is_cpu() && g.dtype() == DType::F32 {
         let (st, l) = g.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
-            return Ok(v[a..b]
-                .par_chunks(1 << 14)
-                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .sum());
+            return Ok(v[a..b].par_chunks(1 << 14).map(crate::fused::sum_of_squares).sum());
         }
     }
     Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)

@@ -79,10 +79,9 @@ impl ConvBnRelu {
         Ok(ConvBnRelu { conv, bn })
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
         match &self.bn {
-            Some(bn) => derm_core::nn::bn_relu(bn, &y, train),
-            None => derm_core::fused::relu(&y),
+            Some(bn) => bn.forward_conv_t(&self.conv, x, train, true),
+            None => derm_core::fused::relu(&self.conv.forward(x)?),
         }
     }
 }
