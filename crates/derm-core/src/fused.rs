@@ -225,6 +225,127 @@ pub fn leaky_relu(x: &Tensor, slope: f64) -> CResult<Tensor> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Parity interleave (the last step of a 4x4 / stride-2 transposed convolution done as one
+// 2x2 convolution with an output group per output parity)
+
+/// (N, 4 C, H + 1, W + 1) -> (N, C, 2H, 2W): `out[n, c, 2i + a, 2j + b] = y[n, (2a + b) C + c,
+/// i + a, j + b]`.
+struct ParityInterleave {
+    c: usize,
+    h: usize,
+    w: usize,
+}
+
+impl ParityInterleave {
+    /// Calls `f(dst_index, src_index)` for every output element of image-channel plane `plane`
+    /// (output-major order within the plane).
+    #[inline]
+    fn for_plane(&self, plane: usize, mut f: impl FnMut(usize, usize)) {
+        let (c, h, w) = (self.c, self.h, self.w);
+        let (n, ch) = (plane / c, plane % c);
+        let (sh, sw) = (h + 1, w + 1);
+        for oy in 0..2 * h {
+            let (i, a) = (oy / 2, oy % 2);
+            for ox in 0..2 * w {
+                let (j, b) = (ox / 2, ox % 2);
+                let src = (((n * 4 + 2 * a + b) * c + ch) * sh + i + a) * sw + j + b;
+                f((plane * 2 * h + oy) * 2 * w + ox, src);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for ParityInterleave {
+    fn name(&self) -> &'static str {
+        "derm-parity-interleave"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
+        let d = l.shape().dims();
+        if d.len() != 4 || d[1] != 4 * self.c || d[2] != self.h + 1 || d[3] != self.w + 1 {
+            candle_core::bail!("parity interleave: input {d:?} for C={} H={} W={}", self.c, self.h, self.w)
+        }
+        let (n, plane) = (d[0], 4 * self.h * self.w);
+        let out = float_dispatch!("parity interleave", s, |T| {
+            let y = data::<T>(self.name(), s, l)?;
+            T::to_cpu_storage_owned(par_write(n * self.c * plane, plane, |p, o| {
+                let base = p * plane;
+                self.for_plane(p, |dst, src| {
+                    o[dst - base].write(y[src]);
+                });
+            }))
+        });
+        Ok((out, Shape::from((n, self.c, 2 * self.h, 2 * self.w))))
+    }
+
+    fn bwd(&self, y: &Tensor, _out: &Tensor, dout: &Tensor) -> CResult<Option<Tensor>> {
+        let op = ParityScatter { c: self.c, h: self.h, w: self.w, n: y.dim(0)? };
+        Ok(Some(dout.contiguous()?.apply_op1_no_bwd(&op)?))
+    }
+}
+
+/// The backward of [`ParityInterleave`]: each output gradient back to its source; the sources no
+/// output reads (the extra row and column of each parity group) get zero.
+struct ParityScatter {
+    c: usize,
+    h: usize,
+    w: usize,
+    n: usize,
+}
+
+impl CustomOp1 for ParityScatter {
+    fn name(&self) -> &'static str {
+        "derm-parity-interleave-bwd"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
+        let (c, h, w, n) = (self.c, self.h, self.w, self.n);
+        let fwd = ParityInterleave { c, h, w };
+        let (src_len, plane) = (n * 4 * c * (h + 1) * (w + 1), 4 * h * w);
+        let out = float_dispatch!("parity interleave backward", s, |T| {
+            let g = data::<T>(self.name(), s, l)?;
+            if g.len() != n * c * plane {
+                candle_core::bail!(
+                    "parity interleave backward: {} gradient values for {n}x{c}x{}x{}",
+                    g.len(),
+                    2 * h,
+                    2 * w
+                )
+            }
+            let mut gy = vec![T::from_f64(0.0); src_len];
+            // Each source element receives exactly one output; planes write disjoint sources, but
+            // of four channel groups, so the scatter runs image by image in parallel.
+            let per_image = 4 * c * (h + 1) * (w + 1);
+            gy.par_chunks_mut(per_image).enumerate().for_each(|(img, dst)| {
+                for ch in 0..c {
+                    let p = img * c + ch;
+                    fwd.for_plane(p, |o, src| dst[src - img * per_image] = g[o]);
+                }
+            });
+            T::to_cpu_storage_owned(gy)
+        });
+        Ok((out, Shape::from((n, 4 * c, h + 1, w + 1))))
+    }
+}
+
+/// `out[n, c, 2i + a, 2j + b] = y[n, (2a + b) C + c, i + a, j + b]` for `y` of shape
+/// (N, 4 C, H + 1, W + 1): the four parity planes of a 4x4 / stride-2 transposed convolution,
+/// computed as one 2x2 convolution on the padded input, interleaved into (N, C, 2H, 2W) in one
+/// pass (and its gradient scattered back in one), where slicing and stacking would copy each
+/// plane twice forward and pad it with zeros four times backward.
+pub fn parity_interleave(y: &Tensor, c: usize, h: usize, w: usize) -> CResult<Tensor> {
+    if fusable(y) {
+        return y.contiguous()?.apply_op1(ParityInterleave { c, h, w });
+    }
+    let part =
+        |a: usize, b: usize| -> CResult<Tensor> { y.narrow(1, (2 * a + b) * c, c)?.narrow(2, a, h)?.narrow(3, b, w) };
+    let row = |a: usize| -> CResult<Tensor> { Tensor::stack(&[part(a, 0)?, part(a, 1)?], 4) };
+    Tensor::stack(&[row(0)?, row(1)?], 3)?.reshape((y.dim(0)?, c, 2 * h, 2 * w))
+}
+
+// ---------------------------------------------------------------------------------------------
 // Per-channel bias
 
 struct ChannelBias;
@@ -1164,6 +1285,20 @@ mod tests {
             assert!(max_diff(&a, &b) < 1e-12);
             assert_eq!(sa, sb);
         }
+        // The parity interleave against its slicing definition, and its gradient.
+        let y6 = randn(&mut rng, &[2, 8, 4, 5], DType::F64);
+        let fast = parity_interleave(&y6, 2, 3, 4).unwrap();
+        let cpu_slow = {
+            let part = |a: usize, b: usize| {
+                y6.narrow(1, (2 * a + b) * 2, 2).unwrap().narrow(2, a, 3).unwrap().narrow(3, b, 4).unwrap()
+            };
+            let row = |a: usize| Tensor::stack(&[part(a, 0), part(a, 1)], 4).unwrap();
+            Tensor::stack(&[row(0), row(1)], 3).unwrap().reshape((2, 2, 6, 8)).unwrap()
+        };
+        assert_eq!(max_diff(&fast, &cpu_slow), 0.0);
+        let e = grad_error(&[2, 8, 4, 5], 20, |y| parity_interleave(y, 2, 3, 4));
+        assert!(e < 1e-6, "parity interleave: {e}");
+        assert!(parity_interleave(&y6, 3, 3, 4).is_err());
         // (N, C) inputs, as after a linear layer.
         let g2 = Tensor::new(&[1.5f64, 0.5], &Device::Cpu).unwrap();
         let b2 = Tensor::new(&[0.1f64, -0.2], &Device::Cpu).unwrap();

@@ -247,16 +247,13 @@ pub fn conv_transpose_4x4_from_1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// same arithmetic, and its backward is that of a convolution.
 pub fn conv_transpose_4x4_s2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (ci, co, _, _) = w.dims4()?;
-    let (n, _, h, wd) = x.dims4()?;
+    let (_, _, h, wd) = x.dims4()?;
     let taps = Tensor::new(&[3u32, 1, 2, 0], w.device())?;
     // (ci, co, [a p], [b q]) -> (a, b, co, ci, p, q) -> (4 co, ci, 2, 2).
     let k = w.index_select(&taps, 2)?.index_select(&taps, 3)?;
     let k = k.reshape((ci, co, 2, 2, 2, 2))?.permute((2, 4, 1, 0, 3, 5))?.reshape((4 * co, ci, 2, 2))?;
     let y = conv(x, &k.contiguous()?, 1, 1)?; // (n, 4 co, h + 1, w + 1)
-    let part =
-        |a: usize, b: usize| -> Result<Tensor> { y.narrow(1, (2 * a + b) * co, co)?.narrow(2, a, h)?.narrow(3, b, wd) };
-    let row = |a: usize| -> Result<Tensor> { Tensor::stack(&[part(a, 0)?, part(a, 1)?], 4) };
-    Tensor::stack(&[row(0)?, row(1)?], 3)?.reshape((n, co, 2 * h, 2 * wd))
+    derm_core::fused::parity_interleave(&y, co, h, wd)
 }
 
 /// One discriminator layer: convolution, then (batch norm and) LeakyReLU, or nothing for the
