@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder, VarMap};
 use derm_core::checkpoint::{self, Strictness};
@@ -181,21 +181,6 @@ fn kaiming_conv(c_in: usize, c_out: usize, k: usize, stride: usize, padding: usi
     conv2d(c_in, c_out, k, cfg, vb)
 }
 
-/// A convolution through derm's GEMM convolution on the CPU (its backward is much faster than
-/// candle's), or through [`ops::conv2d`] elsewhere.
-fn conv(c: &Conv2d, x: &Tensor) -> Result<Tensor> {
-    let p = c.params;
-    if p.groups == 1 && derm_core::conv::supports(x, &c.weight) {
-        derm_core::conv::conv2d(
-            x,
-            &c.weight,
-            derm_core::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation },
-        )
-    } else {
-        c.forward(x)
-    }
-}
-
 fn bn_zero(c: usize, zero: bool, vb: VarBuilder) -> Result<BatchNorm> {
     if zero {
         vb.get_with_hints(c, "weight", Init::Const(0.0))?;
@@ -247,7 +232,7 @@ impl Block {
             y = if k != last {
                 b.forward_conv_t(c, &y, train, true)?
             } else {
-                b.forward_add_relu_t(&conv(c, &y)?, &identity, train)?
+                b.forward_conv_add_relu_t(c, &y, &identity, train)?
             };
         }
         Ok(y)

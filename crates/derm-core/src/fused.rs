@@ -1013,6 +1013,9 @@ struct ConvBnFwd {
     spec: crate::conv::ConvSpec,
     eps: f64,
     relu: bool,
+    /// With a residual the operands are (x, [w; gamma; beta], residual), `w` of these dims, and
+    /// the output is `relu(bn(conv(x)) + residual)`; else (x, w, [gamma; beta]).
+    residual: Option<(usize, usize, usize, usize)>,
     fixed: Option<(Vec<f64>, Vec<f64>)>,
     stats: Arc<Mutex<Option<BnStats>>>,
     conv_out: Mutex<Option<CpuStorage>>,
@@ -1033,13 +1036,28 @@ impl CustomOp3 for ConvBnFwd {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         use candle_core::CustomOp2 as _;
-        let (z, shape) = crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, l2)?;
+        let (z, shape) = match self.residual {
+            // The weight is the head of the packed parameters.
+            Some(wd) => crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, &Layout::contiguous(wd))?,
+            None => crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, l2)?,
+        };
         let _span = crate::profile::span("derm-batch-norm");
         let zl = Layout::contiguous(shape.clone());
         let (n, c, s) = ncs(self.name(), &shape)?;
         let out = float_dispatch!("conv batch norm", &z, |T| {
             let zv = data::<T>(self.name(), &z, &zl)?;
-            let gb: Vec<f64> = data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect();
+            let (gb, res): (Vec<f64>, Option<&[T]>) = match self.residual {
+                Some((o, ci, kh, kw)) => {
+                    let packed = data::<T>(self.name(), s2, l2)?;
+                    let wn = o * ci * kh * kw;
+                    let r = data::<T>(self.name(), s3, l3)?;
+                    if r.len() != zv.len() || packed.len() != wn + 2 * c {
+                        candle_core::bail!("conv batch norm: residual or packed parameters of the wrong size")
+                    }
+                    (packed[wn..].iter().map(|v| v.to_f64()).collect(), Some(r))
+                }
+                None => (data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect(), None),
+            };
             if gb.len() != 2 * c {
                 candle_core::bail!("conv batch norm: {} packed weights and biases for {c} channels", gb.len())
             }
@@ -1053,7 +1071,12 @@ impl CustomOp3 for ConvBnFwd {
                 let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
                 let zero = T::from_f64(0.0);
                 let z = &zv[p * s..(p + 1) * s];
-                if self.relu {
+                if let Some(r) = res {
+                    for ((o, &v), &q) in y.iter_mut().zip(z).zip(&r[p * s..(p + 1) * s]) {
+                        let t = v * a + b + q;
+                        o.write(if t > zero { t } else { zero });
+                    }
+                } else if self.relu {
                     for (o, &v) in y.iter_mut().zip(z) {
                         let t = v * a + b;
                         o.write(if t > zero { t } else { zero });
@@ -1078,19 +1101,26 @@ impl CustomOp3 for ConvBnFwd {
     fn bwd(
         &self,
         x: &Tensor,
-        w: &Tensor,
-        gb: &Tensor,
+        arg2: &Tensor,
+        arg3: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let missing = || candle_core::Error::Msg("conv batch norm backward: no forward state".into());
         let stats = self.stats.lock().ok().and_then(|g| g.clone()).ok_or_else(missing)?;
         let z = self.conv_out.lock().ok().and_then(|mut g| g.take()).ok_or_else(missing)?;
+        let (w, gb) = match self.residual {
+            Some(wd) => {
+                let wn = wd.0 * wd.1 * wd.2 * wd.3;
+                (arg2.narrow(0, 0, wn)?.reshape(wd)?, arg2.narrow(0, wn, arg2.dim(0)? - wn)?)
+            }
+            None => (arg2.clone(), arg3.clone()),
+        };
         let mut gamma = gb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         gamma.truncate(gamma.len() / 2);
         let op = BnBwd {
             eps: self.eps,
-            relu: self.relu,
+            relu: self.relu || self.residual.is_some(),
             train: self.fixed.is_none(),
             gamma,
             stats,
@@ -1117,10 +1147,20 @@ impl CustomOp3 for ConvBnFwd {
             (Tensor::from_vec(dz, y.shape(), y.device())?, dg, db)
         });
         drop((dyv, yv, span));
-        let (gx, gw) = crate::conv::conv_grads(x, w, &dz, self.spec)?;
+        let (gx, gw) = crate::conv::conv_grads(x, &w, &dz, self.spec)?;
         let mut dgb = dgamma;
         dgb.extend(dbeta);
         let dgb = Tensor::from_vec(dgb, gb.shape(), gb.device())?.to_dtype(gb.dtype())?;
+        if self.residual.is_some() {
+            // The residual's gradient is dy where the output is positive; the weight's gradient
+            // heads the packed one.
+            let dres = y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))?;
+            let gw = match gw {
+                Some(g) => g.flatten_all()?,
+                None => w.zeros_like()?.flatten_all()?,
+            };
+            return Ok((gx, Some(Tensor::cat(&[&gw, &dgb], 0)?), Some(dres)));
+        }
         Ok((gx, gw, Some(dgb)))
     }
 }
@@ -1155,13 +1195,64 @@ pub fn conv_batch_norm(
     };
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
-    let op = ConvBnFwd { spec, eps, relu, fixed, stats: stats.clone(), conv_out: Mutex::new(None) };
+    let op = ConvBnFwd { spec, eps, relu, residual: None, fixed, stats: stats.clone(), conv_out: Mutex::new(None) };
     let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
     let y = x.contiguous()?.apply_op3_arc(
         &w.contiguous()?,
         &gb,
         Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
     )?;
+    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
+    Ok((y, st))
+}
+
+/// `relu(batch_norm(conv2d(x, w)) + residual)`, the end of a ResNet block, as one graph node
+/// (see [`conv_batch_norm`]); the weight travels packed with gamma and beta.
+#[allow(clippy::too_many_arguments)]
+pub fn conv_batch_norm_add_relu(
+    x: &Tensor,
+    w: &Tensor,
+    spec: crate::conv::ConvSpec,
+    gamma: &Tensor,
+    beta: &Tensor,
+    residual: &Tensor,
+    fixed: Option<(&Tensor, &Tensor)>,
+    eps: f64,
+) -> CResult<(Tensor, Option<BnStats>)> {
+    let c = w.dim(0)?;
+    let same = [gamma, beta].iter().all(|t| t.dtype() == x.dtype() && t.device().is_cpu() && t.elem_count() == c);
+    if !crate::conv::supports(x, w) || !fusable(x) || !same || residual.dtype() != x.dtype() {
+        let p =
+            crate::ops::ConvParams { padding: spec.padding, stride: spec.stride, dilation: spec.dilation, groups: 1 };
+        return batch_norm_add_relu(&crate::ops::conv2d(x, w, p)?, gamma, beta, residual, fixed, eps);
+    }
+    let fixed = match fixed {
+        Some((m, v)) => Some((
+            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
+        )),
+        None => None,
+    };
+    let train = fixed.is_none();
+    let stats = Arc::new(Mutex::new(None));
+    let op = ConvBnFwd {
+        spec,
+        eps,
+        relu: true,
+        residual: Some(w.dims4()?),
+        fixed,
+        stats: stats.clone(),
+        conv_out: Mutex::new(None),
+    };
+    let packed = Tensor::cat(&[&w.flatten_all()?, &gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
+    let y = x.contiguous()?.apply_op3_arc(
+        &packed,
+        &residual.contiguous()?,
+        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
+    )?;
+    if y.shape() != residual.shape() {
+        candle_core::bail!("conv batch norm: residual {:?} for an output {:?}", residual.dims(), y.dims())
+    }
     let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
     Ok((y, st))
 }
@@ -1299,6 +1390,25 @@ mod tests {
         let e = grad_error(&[2, 8, 4, 5], 20, |y| parity_interleave(y, 2, 3, 4));
         assert!(e < 1e-6, "parity interleave: {e}");
         assert!(parity_interleave(&y6, 3, 3, 4).is_err());
+        // ... and with a residual added before the ReLU.
+        let res = randn(&mut rng, &[2, 3, 6, 5], DType::F64);
+        for fixed in [None, Some((&rm, &rv))] {
+            let f = |x: &Tensor, w: &Tensor, g: &Tensor, r: &Tensor| {
+                Ok(conv_batch_norm_add_relu(x, w, spec, g, &beta, r, fixed, 1e-5)?.0)
+            };
+            let e = grad_error(&[2, 2, 6, 5], 21, |x| f(x, &wt, &gamma, &res));
+            assert!(e < 1e-6, "conv-bn-add x: {e}");
+            let e = grad_error(&[3, 2, 3, 3], 22, |w| f(&xin, w, &gamma, &res));
+            assert!(e < 1e-6, "conv-bn-add w: {e}");
+            let e = grad_error(&[3], 23, |g| f(&xin, &wt, g, &res));
+            assert!(e < 1e-6, "conv-bn-add gamma: {e}");
+            let e = grad_error(&[2, 3, 6, 5], 24, |r| f(&xin, &wt, &gamma, r));
+            assert!(e < 1e-6, "conv-bn-add residual: {e}");
+        }
+        let (a, _) = conv_batch_norm_add_relu(&xin, &wt, spec, &gamma, &beta, &res, None, 1e-5).unwrap();
+        let z = crate::conv::conv2d(&xin, &wt, spec).unwrap();
+        let (b, _) = batch_norm_add_relu(&z, &gamma, &beta, &res, None, 1e-5).unwrap();
+        assert!(max_diff(&a, &b) < 1e-12);
         // (N, C) inputs, as after a linear layer.
         let g2 = Tensor::new(&[1.5f64, 0.5], &Device::Cpu).unwrap();
         let b2 = Tensor::new(&[0.1f64, -0.2], &Device::Cpu).unwrap();

@@ -190,6 +190,30 @@ impl BatchNorm {
         Ok(y)
     }
 
+    /// `relu(batch_norm(conv(x)) + residual)`, the end of a residual block, as one graph node
+    /// where the convolution has no bias and one group; else the layers in turn.
+    pub fn forward_conv_add_relu_t(&self, conv: &Conv2d, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
+        if conv.bias.is_some() || conv.params.groups != 1 {
+            return self.forward_add_relu_t(&conv.forward(x)?, residual, train);
+        }
+        let p = conv.params;
+        let spec = crate::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
+        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+        let fixed = if train { None } else { Some(fixed) };
+        let (y, stats) = fused::conv_batch_norm_add_relu(
+            x,
+            &conv.weight,
+            spec,
+            &self.weight,
+            &self.bias,
+            residual,
+            fixed,
+            self.eps,
+        )?;
+        self.update_running(stats)?;
+        Ok(y)
+    }
+
     /// `relu(batch_norm(x) + residual)`, the end of a residual block, in one pass forward.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
         let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
