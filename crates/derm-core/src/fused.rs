@@ -1,17 +1,27 @@
-//! Fused CPU kernels for the element-wise work around convolutions: batch normalisation (with an
-//! optional ReLU after it), ReLU, and a per-channel bias.
+//! Fused CPU kernels for the work around convolutions: batch normalisation (with a ReLU, and with
+//! a residual added before the ReLU), a convolution followed by batch norm as one op, ReLU and
+//! leaky ReLU, a per-channel bias, and the parity interleave of a stride-2 transposed convolution.
 //!
 //! candle composes batch norm from about ten tensor ops (a transpose and copy, means, broadcast
 //! subtract, square, divide, multiply, add, copy back), each a full pass over memory that
 //! allocates its output, and each with its own backward. ReLU's backward is four passes, and the
-//! backward of a broadcast bias add is a strided reduction. Profiling a U-Net training step on the
-//! 2-core machine put more time into those passes than into the convolutions. Here each op is one
-//! candle custom op whose forward is one or two passes, and whose backward is one custom op of
-//! one or two passes, parallel over channels or planes with rayon.
+//! backward of a broadcast bias add is a strided reduction. Every graph node also costs, in
+//! backward, a zero-filled gradient and an addition in candle's gradient store. Profiling a U-Net
+//! training step on the 2-core machine put more time into those passes than into the
+//! convolutions. Here each op is one candle custom op whose forward is one or two passes and whose
+//! backward is one custom op of one or two passes, parallel over channels or planes with rayon;
+//! fusing the convolution with its batch norm keeps the convolution's output out of the graph.
+//!
+//! Two details decide the speed: the per-channel sums (batch statistics and the backward's
+//! reductions) use AVX2 + FMA when the CPU has them (the compiler keeps float sums in order and
+//! will not vectorise them), and element-wise loops are written branch-free and into
+//! uninitialised outputs (no zeroing pass). `cargo run -p derm-core --example fused_bw` measures
+//! their memory throughput.
 //!
 //! Tensors are (N, C, ...) with any number of trailing dimensions (batch norm of (N, C) works too).
 //! The kernels run on CPU f32/f64; on other devices and dtypes the functions fall back to the
-//! equivalent candle composition, so results never depend on the path.
+//! equivalent candle composition, so results never depend on the path. Each op has an f64
+//! finite-difference gradient test and a comparison with the composition.
 
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};

@@ -11,8 +11,9 @@
 //! - [`ops`]: differentiable ops whose gradients are correct where candle 0.11's are wrong or
 //!   missing (pooling, resizing, stable BCE, softmax, conv2d at any shape), each checked against
 //!   finite differences.
-//! - [`fused`]: one-pass CPU kernels for batch norm (+ReLU), ReLU and per-channel bias, with
-//!   one-pass backwards.
+//! - [`conv`]: GEMM convolution and transposed convolution (forward and both gradients).
+//! - [`fused`]: single-op CPU kernels with one- or two-pass backwards: batch norm (+ReLU,
+//!   +residual), convolution followed by batch norm, ReLU, per-channel bias, parity interleave.
 //! - [`optim`]: Adam, AdamW and SGD with momentum, learning-rate schedules, gradient clipping,
 //!   and optimiser state that is saved with the checkpoint.
 //! - [`checkpoint`]: `model.safetensors` + `config.json` + `meta.json` (+ optimiser and training
@@ -24,6 +25,7 @@
 //!   resume, a time budget, and a stop on a non-finite loss.
 //! - [`rng`]: the one seeded generator.
 //! - [`profile`]: opt-in per-kernel timing (`DERM_PROFILE=1`).
+//! - [`runtime`]: process settings for fast CPU training (heap reuse for large buffers).
 //!
 //! **Consumes:** image files, safetensors files, JSON configs. **Produces:** tensors, checkpoints,
 //! metric values.
