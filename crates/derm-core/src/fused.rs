@@ -683,6 +683,72 @@ fn bn_grad_plane<T: WithDType, const RELU: bool>(
     }
 }
 
+/// Per-channel `scale = gamma / sqrt(var + eps)` and `shift = beta - mean * scale`.
+fn scale_shift(mean: &[f64], var: &[f64], gamma: &[f64], beta: &[f64], eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let scale: Vec<f64> = gamma.iter().zip(var).map(|(g, v)| g / (v + eps).sqrt()).collect();
+    let shift: Vec<f64> = beta.iter().zip(mean).zip(&scale).map(|((b, m), a)| b - m * a).collect();
+    (scale, shift)
+}
+
+/// `x * scale + shift` per channel of (N, C, S) planes, plus `res` and then a ReLU when given (a
+/// residual always comes with the ReLU), in one pass.
+fn normalise<T: WithDType>(
+    x: &[T],
+    res: Option<&[T]>,
+    scale: &[f64],
+    shift: &[f64],
+    c: usize,
+    s: usize,
+    relu: bool,
+) -> Vec<T> {
+    let zero = T::zero();
+    par_write(x.len(), s, |p, y| {
+        let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
+        let x = &x[p * s..(p + 1) * s];
+        match (res, relu) {
+            (Some(r), _) => {
+                for ((o, &v), &q) in y.iter_mut().zip(x).zip(&r[p * s..(p + 1) * s]) {
+                    let t = v * a + b + q;
+                    o.write(if t > zero { t } else { zero });
+                }
+            }
+            (None, true) => {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    let t = v * a + b;
+                    o.write(if t > zero { t } else { zero });
+                }
+            }
+            (None, false) => {
+                for (o, &v) in y.iter_mut().zip(x) {
+                    o.write(v * a + b);
+                }
+            }
+        }
+    })
+}
+
+/// Fixed (eval-mode) statistics as host vectors.
+fn host_stats(fixed: Option<(&Tensor, &Tensor)>) -> CResult<Option<(Vec<f64>, Vec<f64>)>> {
+    let host = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+    Ok(match fixed {
+        Some((m, v)) => Some((host(m)?, host(v)?)),
+        None => None,
+    })
+}
+
+/// Runs a normalising forward op on three operands; returns the output and, in train mode, the
+/// batch statistics it left in `stats`.
+fn launch(
+    args: [&Tensor; 3],
+    op: Box<dyn CustomOp3 + Send + Sync>,
+    stats: &Mutex<Option<BnStats>>,
+    train: bool,
+) -> CResult<(Tensor, Option<BnStats>)> {
+    let y = args[0].contiguous()?.apply_op3_arc(&args[1].contiguous()?, &args[2].contiguous()?, Arc::new(op))?;
+    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
+    Ok((y, st))
+}
+
 impl CustomOp3 for BnFwd {
     fn name(&self) -> &'static str {
         "derm-batch-norm"
@@ -701,46 +767,6 @@ impl CustomOp3 for BnFwd {
         let (n, c, s) = ncs(self.name(), l1.shape())?;
         if n * s == 0 {
             candle_core::bail!("batch norm: empty input {:?}", l1.shape().dims())
-        }
-        let run = |mean: &[f64], var: &[f64], gamma: &[f64], beta: &[f64]| -> (Vec<f64>, Vec<f64>) {
-            let scale: Vec<f64> = (0..c).map(|i| gamma[i] / (var[i] + self.eps).sqrt()).collect();
-            let shift: Vec<f64> = (0..c).map(|i| beta[i] - mean[i] * scale[i]).collect();
-            (scale, shift)
-        };
-        #[allow(clippy::too_many_arguments)]
-        fn apply<T: WithDType>(
-            x: &[T],
-            res: Option<&[T]>,
-            scale: &[f64],
-            shift: &[f64],
-            c: usize,
-            s: usize,
-            relu: bool,
-        ) -> Vec<T> {
-            par_write(x.len(), s, |p, y| {
-                let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
-                let x = &x[p * s..(p + 1) * s];
-                match (res, relu) {
-                    (Some(r), _) => {
-                        let r = &r[p * s..(p + 1) * s];
-                        for ((o, &v), &q) in y.iter_mut().zip(x).zip(r) {
-                            let t = v * a + b + q;
-                            o.write(if t > T::zero() || !relu { t } else { T::zero() });
-                        }
-                    }
-                    (None, true) => {
-                        for (o, &v) in y.iter_mut().zip(x) {
-                            let t = v * a + b;
-                            o.write(if t > T::zero() { t } else { T::zero() });
-                        }
-                    }
-                    (None, false) => {
-                        for (o, &v) in y.iter_mut().zip(x) {
-                            o.write(v * a + b);
-                        }
-                    }
-                }
-            })
         }
         let out = float_dispatch!("batch norm", s1, |T| {
             let x = data::<T>(self.name(), s1, l1)?;
@@ -766,8 +792,8 @@ impl CustomOp3 for BnFwd {
                 Some((m, v)) => (m.clone(), v.clone()),
                 None => channel_moments(x, n, c, s),
             };
-            let (scale, shift) = run(&mean, &var, &gamma, &beta);
-            let y = apply(x, res, &scale, &shift, c, s, self.relu);
+            let (scale, shift) = scale_shift(&mean, &var, &gamma, &beta, self.eps);
+            let y = normalise(x, res, &scale, &shift, c, s, self.relu);
             if let Ok(mut g) = self.stats.lock() {
                 *g = Some(BnStats { mean, var, count: n * s });
             }
@@ -957,23 +983,11 @@ pub fn batch_norm(
     if !fusable(x) || gamma.dtype() != x.dtype() || beta.dtype() != x.dtype() {
         return batch_norm_composed(x, gamma, beta, fixed, eps, relu);
     }
-    let fixed = match fixed {
-        Some((m, v)) => Some((
-            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-        )),
-        None => None,
-    };
+    let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
     let op = BnFwd { eps, relu, residual: false, fixed, stats: stats.clone() };
-    let y = x.contiguous()?.apply_op3_arc(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )?;
-    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
-    Ok((y, st))
+    launch([x, gamma, beta], Box::new(op), &stats, train)
 }
 
 /// `relu(batch_norm(x) + residual)` in one pass forward (the end of a ResNet block), with
@@ -995,24 +1009,12 @@ pub fn batch_norm_add_relu(
         let (y, st) = batch_norm(x, gamma, beta, fixed, eps, false)?;
         return Ok((relu(&(y + residual)?)?, st));
     }
-    let fixed = match fixed {
-        Some((m, v)) => Some((
-            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-        )),
-        None => None,
-    };
+    let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
     let op = BnFwd { eps, relu: true, residual: true, fixed, stats: stats.clone() };
     let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
-    let y = x.contiguous()?.apply_op3_arc(
-        &gb,
-        &residual.contiguous()?,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )?;
-    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
-    Ok((y, st))
+    launch([x, &gb, residual], Box::new(op), &stats, train)
 }
 
 /// The forward op of a convolution followed by batch norm (and a ReLU), on (x, w, [gamma; beta]).
@@ -1048,7 +1050,10 @@ impl CustomOp3 for ConvBnFwd {
         use candle_core::CustomOp2 as _;
         let (z, shape) = match self.residual {
             // The weight is the head of the packed parameters.
-            Some(wd) => crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, &Layout::contiguous(wd))?,
+            Some(wd) => {
+                let wl = Layout::contiguous_with_offset(wd, l2.start_offset());
+                crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, &wl)?
+            }
             None => crate::conv::Conv2dOp(self.spec).cpu_fwd(s1, l1, s2, l2)?,
         };
         let _span = crate::profile::span("derm-batch-norm");
@@ -1075,28 +1080,8 @@ impl CustomOp3 for ConvBnFwd {
                 Some((m, v)) => (m.clone(), v.clone()),
                 None => channel_moments(zv, n, c, s),
             };
-            let scale: Vec<f64> = (0..c).map(|i| gb[i] / (var[i] + self.eps).sqrt()).collect();
-            let shift: Vec<f64> = (0..c).map(|i| gb[c + i] - mean[i] * scale[i]).collect();
-            let y = par_write(zv.len(), s, |p, y| {
-                let (a, b) = (T::from_f64(scale[p % c]), T::from_f64(shift[p % c]));
-                let zero = T::from_f64(0.0);
-                let z = &zv[p * s..(p + 1) * s];
-                if let Some(r) = res {
-                    for ((o, &v), &q) in y.iter_mut().zip(z).zip(&r[p * s..(p + 1) * s]) {
-                        let t = v * a + b + q;
-                        o.write(if t > zero { t } else { zero });
-                    }
-                } else if self.relu {
-                    for (o, &v) in y.iter_mut().zip(z) {
-                        let t = v * a + b;
-                        o.write(if t > zero { t } else { zero });
-                    }
-                } else {
-                    for (o, &v) in y.iter_mut().zip(z) {
-                        o.write(v * a + b);
-                    }
-                }
-            });
+            let (scale, shift) = scale_shift(&mean, &var, &gb[..c], &gb[c..], self.eps);
+            let y = normalise(zv, res, &scale, &shift, c, s, self.relu || res.is_some());
             if let Ok(mut g) = self.stats.lock() {
                 *g = Some(BnStats { mean, var, count: n * s });
             }
@@ -1196,24 +1181,12 @@ pub fn conv_batch_norm(
             crate::ops::ConvParams { padding: spec.padding, stride: spec.stride, dilation: spec.dilation, groups: 1 };
         return batch_norm(&crate::ops::conv2d(x, w, p)?, gamma, beta, fixed, eps, relu);
     }
-    let fixed = match fixed {
-        Some((m, v)) => Some((
-            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-        )),
-        None => None,
-    };
+    let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
     let op = ConvBnFwd { spec, eps, relu, residual: None, fixed, stats: stats.clone(), conv_out: Mutex::new(None) };
     let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
-    let y = x.contiguous()?.apply_op3_arc(
-        &w.contiguous()?,
-        &gb,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )?;
-    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
-    Ok((y, st))
+    launch([x, w, &gb], Box::new(op), &stats, train)
 }
 
 /// `relu(batch_norm(conv2d(x, w)) + residual)`, the end of a ResNet block, as one graph node
@@ -1236,13 +1209,7 @@ pub fn conv_batch_norm_add_relu(
             crate::ops::ConvParams { padding: spec.padding, stride: spec.stride, dilation: spec.dilation, groups: 1 };
         return batch_norm_add_relu(&crate::ops::conv2d(x, w, p)?, gamma, beta, residual, fixed, eps);
     }
-    let fixed = match fixed {
-        Some((m, v)) => Some((
-            m.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-            v.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?,
-        )),
-        None => None,
-    };
+    let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
     let stats = Arc::new(Mutex::new(None));
     let op = ConvBnFwd {
@@ -1255,15 +1222,10 @@ pub fn conv_batch_norm_add_relu(
         conv_out: Mutex::new(None),
     };
     let packed = Tensor::cat(&[&w.flatten_all()?, &gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
-    let y = x.contiguous()?.apply_op3_arc(
-        &packed,
-        &residual.contiguous()?,
-        Arc::new(Box::new(op) as Box<dyn CustomOp3 + Send + Sync>),
-    )?;
+    let (y, st) = launch([x, &packed, residual], Box::new(op), &stats, train)?;
     if y.shape() != residual.shape() {
         candle_core::bail!("conv batch norm: residual {:?} for an output {:?}", residual.dims(), y.dims())
     }
-    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
     Ok((y, st))
 }
 
