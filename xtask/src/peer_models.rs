@@ -33,7 +33,7 @@ impl ConvReluBn {
         Ok(ConvReluBn { conv: conv2d(i, o, 3, Conv2dConfig::same(3, d), vb.pp("0"))?, bn: batch_norm(o, vb.pp("2"))? })
     }
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        bn(&self.bn, &fused::relu(&self.conv.forward(x)?)?, train)
+        bn(&self.bn, &self.conv.forward_relu(x)?, train)
     }
 }
 

@@ -358,7 +358,8 @@ pub fn parity_interleave(y: &Tensor, c: usize, h: usize, w: usize) -> CResult<Te
 // ---------------------------------------------------------------------------------------------
 // Per-channel bias
 
-struct ChannelBias;
+/// `x + b` per channel, followed by a ReLU when the flag is set.
+struct ChannelBias(bool);
 
 impl CustomOp2 for ChannelBias {
     fn name(&self) -> &'static str {
@@ -367,11 +368,19 @@ impl CustomOp2 for ChannelBias {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name());
-        fn run<T: WithDType>(x: &[T], b: &[T], c: usize, s: usize) -> Vec<T> {
+        fn run<T: WithDType>(x: &[T], b: &[T], c: usize, s: usize, relu: bool) -> Vec<T> {
+            let zero = T::zero();
             par_write(x.len(), s, |p, y| {
                 let bv = b[p % c];
-                for (o, &v) in y.iter_mut().zip(&x[p * s..]) {
-                    o.write(v + bv);
+                if relu {
+                    for (o, &v) in y.iter_mut().zip(&x[p * s..]) {
+                        let t = v + bv;
+                        o.write(if t > zero { t } else { zero });
+                    }
+                } else {
+                    for (o, &v) in y.iter_mut().zip(&x[p * s..]) {
+                        o.write(v + bv);
+                    }
                 }
             })
         }
@@ -380,15 +389,23 @@ impl CustomOp2 for ChannelBias {
             candle_core::bail!("channel bias: {} values for {c} channels", l2.shape().elem_count())
         }
         let out = float_dispatch!("channel bias", s1, |T| {
-            T::to_cpu_storage_owned(run::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, c, s.max(1)))
+            T::to_cpu_storage_owned(run::<T>(
+                data(self.name(), s1, l1)?,
+                data(self.name(), s2, l2)?,
+                c,
+                s.max(1),
+                self.0,
+            ))
         });
         Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(&self, _x: &Tensor, b: &Tensor, _y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(&self, _x: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let db = dy.apply_op1_no_bwd(&ChannelSums)?.reshape(b.shape())?;
-        Ok((Some(dy), Some(db)))
+        // With the ReLU, the gradient passes where the output is positive.
+        let g = if self.0 { y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))? } else { dy };
+        let db = g.apply_op1_no_bwd(&ChannelSums)?.reshape(b.shape())?;
+        Ok((Some(g), Some(db)))
     }
 }
 
@@ -432,9 +449,19 @@ impl CustomOp1 for ChannelSums {
 /// broadcast add reduces over strided dimensions.
 pub fn add_channel_bias(x: &Tensor, b: &Tensor) -> CResult<Tensor> {
     if fusable(x) && b.dtype() == x.dtype() && b.device().is_cpu() {
-        x.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias)
+        x.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias(false))
     } else {
         x.broadcast_add(&channel_view(b, x)?)
+    }
+}
+
+/// `relu(x + b)` with `b` per channel (a convolution's bias and its activation), one pass each
+/// way and one graph node.
+pub fn add_channel_bias_relu(x: &Tensor, b: &Tensor) -> CResult<Tensor> {
+    if fusable(x) && b.dtype() == x.dtype() && b.device().is_cpu() {
+        x.contiguous()?.apply_op2(&b.contiguous()?, ChannelBias(true))
+    } else {
+        relu(&x.broadcast_add(&channel_view(b, x)?)?)
     }
 }
 
@@ -1284,6 +1311,12 @@ mod tests {
         let x = randn(&mut Rng::new(3), &[2, 3, 4, 5], DType::F64);
         let e = grad_error(&[3], 4, |b| add_channel_bias(&x, b));
         assert!(e < 1e-6, "bias {e}");
+        let e = grad_error(&[2, 3, 5, 7], 5, |x| add_channel_bias_relu(x, &b));
+        assert!(e < 1e-6, "bias-relu input {e}");
+        let e = grad_error(&[3], 6, |b| add_channel_bias_relu(&x, b));
+        assert!(e < 1e-6, "bias-relu bias {e}");
+        let want = add_channel_bias(&x, &b.narrow(0, 0, 3).unwrap()).unwrap().relu().unwrap();
+        assert_eq!(max_diff(&add_channel_bias_relu(&x, &b).unwrap(), &want), 0.0);
     }
 
     #[test]

@@ -125,6 +125,17 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
     Ok(Conv2d { weight, bias, params: cfg.params })
 }
 
+impl Conv2d {
+    /// `relu(conv(x) + bias)`, the bias and the activation as one fused op.
+    pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        let y = ops::conv2d(x, &self.weight, self.params)?;
+        match &self.bias {
+            Some(b) => fused::add_channel_bias_relu(&y, b),
+            None => fused::relu(&y),
+        }
+    }
+}
+
 impl Module for Conv2d {
     /// (N, C_in, H, W) -> (N, C_out, H', W').
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -81,7 +81,7 @@ impl ConvBnRelu {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match &self.bn {
             Some(bn) => bn.forward_conv_t(&self.conv, x, train, true),
-            None => derm_core::fused::relu(&self.conv.forward(x)?),
+            None => self.conv.forward_relu(x),
         }
     }
 }
