@@ -188,13 +188,10 @@ impl BatchNorm {
     /// `batch_norm(conv(x))` (then a ReLU when `relu`), as one graph node where the convolution
     /// has no bias and one group ([`fused::conv_batch_norm`]); else the two layers in turn.
     pub fn forward_conv_t(&self, conv: &Conv2d, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if conv.bias.is_some() || conv.params.groups != 1 {
+        let Some(spec) = fusable_spec(conv) else {
             return self.run(&conv.forward(x)?, train, relu);
-        }
-        let p = conv.params;
-        let spec = crate::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
-        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-        let fixed = if train { None } else { Some(fixed) };
+        };
+        let fixed = self.fixed(train);
         let (y, stats) =
             fused::conv_batch_norm(x, &conv.weight, spec, &self.weight, &self.bias, fixed, self.eps, relu)?;
         self.update_running(stats)?;
@@ -204,13 +201,10 @@ impl BatchNorm {
     /// `relu(batch_norm(conv(x)) + residual)`, the end of a residual block, as one graph node
     /// where the convolution has no bias and one group; else the layers in turn.
     pub fn forward_conv_add_relu_t(&self, conv: &Conv2d, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        if conv.bias.is_some() || conv.params.groups != 1 {
+        let Some(spec) = fusable_spec(conv) else {
             return self.forward_add_relu_t(&conv.forward(x)?, residual, train);
-        }
-        let p = conv.params;
-        let spec = crate::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
-        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-        let fixed = if train { None } else { Some(fixed) };
+        };
+        let fixed = self.fixed(train);
         let (y, stats) = fused::conv_batch_norm_add_relu(
             x,
             &conv.weight,
@@ -227,21 +221,21 @@ impl BatchNorm {
 
     /// `relu(batch_norm(x) + residual)`, the end of a residual block, in one pass forward.
     pub fn forward_add_relu_t(&self, x: &Tensor, residual: &Tensor, train: bool) -> Result<Tensor> {
-        let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-        let fixed = if train { None } else { Some(fixed) };
-        let (y, stats) = fused::batch_norm_add_relu(x, &self.weight, &self.bias, residual, fixed, self.eps)?;
+        let (y, stats) =
+            fused::batch_norm_add_relu(x, &self.weight, &self.bias, residual, self.fixed(train), self.eps)?;
         self.update_running(stats)?;
         Ok(y)
     }
 
     fn run(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
-        if !train {
-            let fixed = (self.running_mean.as_tensor(), self.running_var.as_tensor());
-            return Ok(fused::batch_norm(x, &self.weight, &self.bias, Some(fixed), self.eps, relu)?.0);
-        }
-        let (y, stats) = fused::batch_norm(x, &self.weight, &self.bias, None, self.eps, relu)?;
+        let (y, stats) = fused::batch_norm(x, &self.weight, &self.bias, self.fixed(train), self.eps, relu)?;
         self.update_running(stats)?;
         Ok(y)
+    }
+
+    /// The running statistics in eval mode; none (use the batch's) in train mode.
+    fn fixed(&self, train: bool) -> Option<(&Tensor, &Tensor)> {
+        (!train).then(|| (self.running_mean.as_tensor(), self.running_var.as_tensor()))
     }
 
     /// Moves the running averages towards a training batch's statistics.
@@ -258,6 +252,16 @@ impl BatchNorm {
         }
         Ok(())
     }
+}
+
+/// The geometry of a convolution that [`fused::conv_batch_norm`] can take (no bias, one group).
+fn fusable_spec(conv: &Conv2d) -> Option<crate::conv::ConvSpec> {
+    let p = conv.params;
+    (conv.bias.is_none() && p.groups == 1).then_some(crate::conv::ConvSpec {
+        padding: p.padding,
+        stride: p.stride,
+        dilation: p.dilation,
+    })
 }
 
 impl ModuleT for BatchNorm {
@@ -313,6 +317,36 @@ mod tests {
         let vb = seeded_var_builder(&c, 4, DType::F32, &Device::Cpu);
         let x3 = vb.get_with_hints((4, 2), "x", Init::Randn { mean: 0.0, stdev: 1.0 }).unwrap();
         assert_ne!(v(&x1), v(&x3));
+    }
+
+    #[test]
+    fn batch_norm_running_statistics_follow_pytorch() {
+        // One train step moves the running mean by 0.1 of the batch mean and the running variance
+        // to 0.9 + 0.1 * the unbiased batch variance; eval mode then normalises with them.
+        let vm = VarMap::new();
+        let vb = seeded_var_builder(&vm, 0, DType::F64, &Device::Cpu);
+        let bn = batch_norm(2, vb.pp("bn")).unwrap();
+        let v = [1.0, 2.0, 3.0, 6.0, -1.0, 0.0, 1.0, 4.0];
+        let x = Tensor::from_vec(v.to_vec(), (2, 2, 2, 1), &Device::Cpu).unwrap();
+        let y = bn.forward_t(&x, true).unwrap();
+        // Channel 0 holds 1, 2, -1, 0; channel 1 holds 3, 6, 1, 4.
+        let (m0, m1) = (0.5, 3.5);
+        let (uv0, uv1) = ((0.25 + 2.25 + 2.25 + 0.25) / 3.0, (0.25 + 6.25 + 6.25 + 0.25) / 3.0);
+        let rm: Vec<f64> = bn.running_mean().to_vec1().unwrap();
+        let rv: Vec<f64> = bn.running_var().to_vec1().unwrap();
+        assert!((rm[0] - 0.1 * m0).abs() < 1e-12 && (rm[1] - 0.1 * m1).abs() < 1e-12, "{rm:?}");
+        assert!((rv[0] - (0.9 + 0.1 * uv0)).abs() < 1e-12 && (rv[1] - (0.9 + 0.1 * uv1)).abs() < 1e-12, "{rv:?}");
+        // Train output: zero mean per channel.
+        let ym = y.mean_keepdim(0).unwrap().mean_keepdim(2).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        assert!(ym.iter().all(|m| m.abs() < 1e-9), "{ym:?}");
+        let e = bn.forward_t(&x, false).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let want0 = (1.0 - rm[0]) / (rv[0] + 1e-5).sqrt();
+        assert!((e[0] - want0).abs() < 1e-9, "{} vs {want0}", e[0]);
+        // The running statistics are buffers, not trained parameters, and keep PyTorch's names.
+        let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+        for n in ["bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"] {
+            assert!(names.iter().any(|k| k == n), "{n} in {names:?}");
+        }
     }
 
     #[test]
