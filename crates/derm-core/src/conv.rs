@@ -35,6 +35,8 @@
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cpu::data;
+
 type CResult<T> = candle_core::Result<T>;
 
 /// The number of im2col elements per tile the tiler aims for (about 256 KiB in f32).
@@ -636,14 +638,6 @@ fn conv_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>>
     Ok(from_okkc(&acc, g))
 }
 
-/// The contiguous data of a CPU storage as a slice of `T`.
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("derm conv2d: inputs must be contiguous".into()))?;
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
-
 /// Runs `f` on two storages of the same float dtype.
 fn dispatch2(
     name: &str,
@@ -653,8 +647,12 @@ fn dispatch2(
     f64_fn: impl FnOnce(&[f64], &[f64]) -> CResult<Vec<f64>>,
 ) -> CResult<CpuStorage> {
     match (s1, s2) {
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(CpuStorage::F32(f32_fn(slice(s1, l1)?, slice(s2, l2)?)?)),
-        (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(CpuStorage::F64(f64_fn(slice(s1, l1)?, slice(s2, l2)?)?)),
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            Ok(CpuStorage::F32(f32_fn(data(name, s1, l1)?, data(name, s2, l2)?)?))
+        }
+        (CpuStorage::F64(_), CpuStorage::F64(_)) => {
+            Ok(CpuStorage::F64(f64_fn(data(name, s1, l1)?, data(name, s2, l2)?)?))
+        }
         _ => candle_core::bail!(
             "{name}: f32 or f64 operands of one dtype only, got {:?} and {:?}",
             s1.dtype(),

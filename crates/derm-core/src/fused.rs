@@ -26,19 +26,12 @@
 use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-type CResult<T> = candle_core::Result<T>;
+use crate::cpu::{data, float_dispatch};
 
-/// The contiguous data of a CPU storage as a slice of `T`.
-fn data<'a, T: WithDType>(name: &str, s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{name}: operand must be contiguous")))?;
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
+type CResult<T> = candle_core::Result<T>;
 
 /// (N, C, S): batch, channels, and the product of the remaining dimensions.
 fn ncs(name: &str, shape: &Shape) -> CResult<(usize, usize, usize)> {
@@ -59,22 +52,6 @@ fn channel_view(v: &Tensor, x: &Tensor) -> CResult<Tensor> {
     let mut dims = vec![1; x.rank()];
     dims[1] = v.elem_count();
     v.reshape(dims)
-}
-
-macro_rules! float_dispatch {
-    ($name:expr, $s:expr, |$t:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                $body
-            }
-            other => candle_core::bail!("{}: f32 or f64 only, got {:?}", $name, other.dtype()),
-        }
-    };
 }
 
 /// Elements per parallel task for the flat element-wise kernels.

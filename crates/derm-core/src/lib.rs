@@ -33,6 +33,7 @@
 pub mod binary;
 pub mod checkpoint;
 pub mod conv;
+mod cpu;
 pub mod device;
 pub mod error;
 pub mod fsutil;

@@ -12,18 +12,12 @@
 //! Tensors are NCHW. The custom ops run on the CPU; on another device the input is moved to the
 //! CPU and back (differentiably), so results stay correct, if slower.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
-type CResult<T> = candle_core::Result<T>;
+use crate::cpu::{data, float_dispatch};
 
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> CResult<&'a [T]> {
-    let (a, b) =
-        l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("derm op: input must be contiguous".into()))?;
-    Ok(&T::cpu_storage_as_slice(s)?[a..b])
-}
+type CResult<T> = candle_core::Result<T>;
 
 /// Runs `f` on the CPU: a CPU tensor is passed through, another is moved there and back.
 fn on_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
@@ -33,26 +27,6 @@ fn on_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> CResult<Tensor>) -> CResult<Ten
         let dev = x.device().clone();
         f(&x.to_device(&candle_core::Device::Cpu)?.contiguous()?)?.to_device(&dev)
     }
-}
-
-macro_rules! dispatch_float {
-    ($s:expr, $name:expr, |$t:ident| $body:expr) => {
-        match $s {
-            CpuStorage::F32(_) => {
-                type $t = f32;
-                $body
-            }
-            CpuStorage::F64(_) => {
-                type $t = f64;
-                $body
-            }
-            other => Err(candle_core::Error::Msg(format!(
-                "{}: unsupported dtype {:?} (f32 and f64 only)",
-                $name,
-                other.dtype()
-            ))),
-        }
-    };
 }
 
 /// Geometry of a 2-D pooling window.
@@ -163,8 +137,8 @@ impl CustomOp1 for PoolFwd {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
-        dispatch_float!(s, self.name(), |T| {
-            let (v, sh) = pool_fwd::<T>(contiguous(s, l)?, dims, self.geo, self.kind)?;
+        float_dispatch!(self.name(), s, |T| {
+            let (v, sh) = pool_fwd::<T>(data(self.name(), s, l)?, dims, self.geo, self.kind)?;
             Ok((T::to_cpu_storage_owned(v), sh))
         })
     }
@@ -232,8 +206,8 @@ impl CustomOp2 for PoolBwd {
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name());
         let dims = l1.shape().dims4()?;
-        dispatch_float!(s1, self.name(), |T| {
-            let v = pool_bwd::<T>(contiguous(s1, l1)?, contiguous(s2, l2)?, dims, self.geo, self.kind)?;
+        float_dispatch!(self.name(), s1, |T| {
+            let v = pool_bwd::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, dims, self.geo, self.kind)?;
             Ok((T::to_cpu_storage_owned(v), l1.shape().clone()))
         })
     }
@@ -320,8 +294,8 @@ impl CustomOp1 for ResizeFwd {
         let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         let (n, c, _, _) = dims;
-        dispatch_float!(s, self.name(), |T| {
-            let v = resize_fwd::<T>(contiguous(s, l)?, dims, self.out, self.mode);
+        float_dispatch!(self.name(), s, |T| {
+            let v = resize_fwd::<T>(data(self.name(), s, l)?, dims, self.out, self.mode);
             Ok((T::to_cpu_storage_owned(v), Shape::from((n, c, self.out.0, self.out.1))))
         })
     }
@@ -344,8 +318,8 @@ impl CustomOp2 for ResizeBwd {
         let (_, _, oh, ow) = l2.shape().dims4()?;
         let ty = resize_taps(h, oh, self.mode);
         let tx = resize_taps(w, ow, self.mode);
-        dispatch_float!(s1, self.name(), |T| {
-            let g: &[T] = contiguous(s2, l2)?;
+        float_dispatch!(self.name(), s1, |T| {
+            let g: &[T] = data(self.name(), s2, l2)?;
             let mut gx = vec![T::from_f64(0.0); n * c * h * w];
             gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, gp)| {
                 let gs = &g[plane * oh * ow..(plane + 1) * oh * ow];
