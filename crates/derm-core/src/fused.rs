@@ -458,15 +458,94 @@ pub struct BnStats {
 
 /// The forward op on (x, gamma, beta).
 struct BnFwd {
-    eps: f64,
-    relu: bool,
+    core: BnCore,
     /// The operands are (x, [gamma; beta], residual) and the residual is added before the ReLU;
     /// else they are (x, gamma, beta).
     residual: bool,
+}
+
+/// What every batch-norm forward op holds, and the normalisation and its backward they share.
+struct BnCore {
+    eps: f64,
+    /// A ReLU after the normalisation (always, when a residual is added).
+    relu: bool,
     /// Fixed statistics (eval mode); none to use the batch's own (train mode).
     fixed: Option<(Vec<f64>, Vec<f64>)>,
     /// What the forward normalised with, for the backward and the running averages.
     stats: Arc<Mutex<Option<BnStats>>>,
+}
+
+impl BnCore {
+    fn new(eps: f64, relu: bool, fixed: Option<(Vec<f64>, Vec<f64>)>) -> BnCore {
+        BnCore { eps, relu, fixed, stats: Arc::new(Mutex::new(None)) }
+    }
+
+    /// Normalises `x` (N, C, S) with weights `gb` = [gamma; beta] (plus `res`, then the ReLU),
+    /// keeping the statistics it used.
+    #[allow(clippy::too_many_arguments)]
+    fn forward<T: WithDType>(
+        &self,
+        name: &str,
+        x: &[T],
+        gb: &[f64],
+        res: Option<&[T]>,
+        (n, c, s): (usize, usize, usize),
+    ) -> CResult<Vec<T>> {
+        if n * s == 0 {
+            candle_core::bail!("{name}: empty input")
+        }
+        if gb.len() != 2 * c {
+            candle_core::bail!("{name}: {} weights and biases for {c} channels", gb.len())
+        }
+        if res.is_some_and(|r| r.len() != x.len()) {
+            candle_core::bail!("{name}: residual of another size than the input ({} values)", x.len())
+        }
+        let (mean, var) = match &self.fixed {
+            Some((m, v)) => (m.clone(), v.clone()),
+            None => channel_moments(x, n, c, s),
+        };
+        let (scale, shift) = scale_shift(&mean, &var, &gb[..c], &gb[c..], self.eps);
+        let y = normalise(x, res, &scale, &shift, c, s, self.relu || res.is_some());
+        if let Ok(mut g) = self.stats.lock() {
+            *g = Some(BnStats { mean, var, count: n * s });
+        }
+        Ok(y)
+    }
+
+    /// (dx, [dgamma; dbeta] shaped like `gb`, and with `residual` the residual's gradient: dy
+    /// masked by the ReLU) for the input `x` of the normalisation, its output `y` and the output
+    /// gradient `dy`.
+    fn backward(
+        &self,
+        x: &Tensor,
+        gb: &Tensor,
+        y: &Tensor,
+        dy: &Tensor,
+        residual: bool,
+    ) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
+        let stats = self
+            .stats
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no forward statistics".into()))?;
+        let mut gamma = gb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+        gamma.truncate(gamma.len() / 2);
+        let sums = Arc::new(Mutex::new(None));
+        let op =
+            BnBwd { eps: self.eps, relu: self.relu, train: self.fixed.is_none(), gamma, stats, sums: sums.clone() };
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(y, &dy, &op)?;
+        let (mut dgb, dbeta) = sums
+            .lock()
+            .ok()
+            .and_then(|g| g.clone())
+            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no parameter gradients".into()))?;
+        dgb.extend(dbeta);
+        let dgb = Tensor::from_vec(dgb, gb.shape(), gb.device())?.to_dtype(gb.dtype())?;
+        let dres = if residual { Some(y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))?) } else { None };
+        Ok((dx, dgb, dres))
+    }
 }
 
 /// Per-channel mean and biased variance. Values are summed in the input precision in runs of 256
@@ -768,39 +847,18 @@ impl CustomOp3 for BnFwd {
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name());
-        let (n, c, s) = ncs(self.name(), l1.shape())?;
-        if n * s == 0 {
-            candle_core::bail!("batch norm: empty input {:?}", l1.shape().dims())
-        }
+        let ncs = ncs(self.name(), l1.shape())?;
         let out = float_dispatch!("batch norm", s1, |T| {
             let x = data::<T>(self.name(), s1, l1)?;
-            let (gamma, beta, res): (Vec<f64>, Vec<f64>, Option<&[T]>) = if self.residual {
-                let gb: Vec<f64> = data::<T>(self.name(), s2, l2)?.iter().map(|v| v.to_f64()).collect();
-                if gb.len() != 2 * c {
-                    candle_core::bail!("batch norm: {} packed weights and biases for {c} channels", gb.len())
-                }
-                let r = data::<T>(self.name(), s3, l3)?;
-                if r.len() != x.len() {
-                    candle_core::bail!("batch norm: residual of {} values for an input of {}", r.len(), x.len())
-                }
-                (gb[..c].to_vec(), gb[c..].to_vec(), Some(r))
+            let host =
+                |s, l| -> CResult<Vec<f64>> { Ok(data::<T>(self.name(), s, l)?.iter().map(|v| v.to_f64()).collect()) };
+            let y = if self.residual {
+                self.core.forward(self.name(), x, &host(s2, l2)?, Some(data::<T>(self.name(), s3, l3)?), ncs)?
             } else {
-                let gamma: Vec<f64> = data::<T>(self.name(), s2, l2)?.iter().map(|v| v.to_f64()).collect();
-                let beta: Vec<f64> = data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect();
-                (gamma, beta, None)
+                let mut gb = host(s2, l2)?;
+                gb.extend(host(s3, l3)?);
+                self.core.forward(self.name(), x, &gb, None, ncs)?
             };
-            if gamma.len() != c || beta.len() != c {
-                candle_core::bail!("batch norm: {} weights and {} biases for {c} channels", gamma.len(), beta.len())
-            }
-            let (mean, var) = match &self.fixed {
-                Some((m, v)) => (m.clone(), v.clone()),
-                None => channel_moments(x, n, c, s),
-            };
-            let (scale, shift) = scale_shift(&mean, &var, &gamma, &beta, self.eps);
-            let y = normalise(x, res, &scale, &shift, c, s, self.relu);
-            if let Ok(mut g) = self.stats.lock() {
-                *g = Some(BnStats { mean, var, count: n * s });
-            }
             T::to_cpu_storage_owned(y)
         });
         Ok((out, l1.shape().clone()))
@@ -810,47 +868,22 @@ impl CustomOp3 for BnFwd {
         &self,
         x: &Tensor,
         arg2: &Tensor,
-        _arg3: &Tensor,
+        arg3: &Tensor,
         y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = self
-            .stats
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no forward statistics".into()))?;
-        let mut gamma_v = arg2.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         if self.residual {
-            gamma_v.truncate(gamma_v.len() / 2);
+            let (dx, dgb, dres) = self.core.backward(x, arg2, y, dy, true)?;
+            return Ok((Some(dx), Some(dgb), dres));
         }
-        let sums = Arc::new(Mutex::new(None));
-        let op = BnBwd {
-            eps: self.eps,
-            relu: self.relu,
-            train: self.fixed.is_none(),
-            gamma: gamma_v,
-            stats,
-            sums: sums.clone(),
-        };
-        let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(y, &dy, &op)?;
-        let (mut dgamma, dbeta) = sums
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no parameter gradients".into()))?;
-        let dev = x.device();
-        if self.residual {
-            // The residual's gradient is dy where the output is positive (the ReLU's mask).
-            let dres = if self.relu { y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))? } else { dy };
-            dgamma.extend(dbeta);
-            let dgb = Tensor::from_vec(dgamma, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
-            return Ok((Some(dx), Some(dgb), Some(dres)));
-        }
-        let dgamma = Tensor::from_vec(dgamma, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
-        let dbeta = Tensor::from_vec(dbeta, arg2.shape(), dev)?.to_dtype(arg2.dtype())?;
-        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+        let c = arg2.elem_count();
+        let gb = Tensor::cat(&[&arg2.flatten_all()?, &arg3.flatten_all()?], 0)?;
+        let (dx, dgb, _) = self.core.backward(x, &gb, y, dy, false)?;
+        Ok((
+            Some(dx),
+            Some(dgb.narrow(0, 0, c)?.reshape(arg2.shape())?),
+            Some(dgb.narrow(0, c, c)?.reshape(arg3.shape())?),
+        ))
     }
 }
 
@@ -989,8 +1022,9 @@ pub fn batch_norm(
     }
     let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
-    let stats = Arc::new(Mutex::new(None));
-    let op = BnFwd { eps, relu, residual: false, fixed, stats: stats.clone() };
+    let core = BnCore::new(eps, relu, fixed);
+    let stats = core.stats.clone();
+    let op = BnFwd { core, residual: false };
     launch([x, gamma, beta], Box::new(op), &stats, train)
 }
 
@@ -1015,8 +1049,9 @@ pub fn batch_norm_add_relu(
     }
     let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
-    let stats = Arc::new(Mutex::new(None));
-    let op = BnFwd { eps, relu: true, residual: true, fixed, stats: stats.clone() };
+    let core = BnCore::new(eps, true, fixed);
+    let stats = core.stats.clone();
+    let op = BnFwd { core, residual: true };
     let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
     launch([x, &gb, residual], Box::new(op), &stats, train)
 }
@@ -1027,14 +1062,11 @@ pub fn batch_norm_add_relu(
 /// addition per node).
 struct ConvBnFwd {
     spec: crate::conv::ConvSpec,
-    eps: f64,
-    relu: bool,
+    core: BnCore,
     /// With a residual the operands are (x, [w; gamma; beta], residual), `w` of these dims, and
     /// the output is `relu(bn(conv(x)) + residual)`; else (x, w, [gamma; beta]).
     residual: Option<(usize, usize, usize, usize)>,
-    fixed: Option<(Vec<f64>, Vec<f64>)>,
-    stats: Arc<Mutex<Option<BnStats>>>,
-    conv_out: Mutex<Option<CpuStorage>>,
+    conv_out: Mutex<Option<Tensor>>,
 }
 
 impl CustomOp3 for ConvBnFwd {
@@ -1062,35 +1094,35 @@ impl CustomOp3 for ConvBnFwd {
         };
         let _span = crate::profile::span("derm-batch-norm");
         let zl = Layout::contiguous(shape.clone());
-        let (n, c, s) = ncs(self.name(), &shape)?;
+        let ncs = ncs(self.name(), &shape)?;
         let out = float_dispatch!("conv batch norm", &z, |T| {
             let zv = data::<T>(self.name(), &z, &zl)?;
-            let (gb, res): (Vec<f64>, Option<&[T]>) = match self.residual {
+            let to_f64 = |v: &[T]| -> Vec<f64> { v.iter().map(|x| x.to_f64()).collect() };
+            let y = match self.residual {
                 Some((o, ci, kh, kw)) => {
                     let packed = data::<T>(self.name(), s2, l2)?;
-                    let wn = o * ci * kh * kw;
-                    let r = data::<T>(self.name(), s3, l3)?;
-                    if r.len() != zv.len() || packed.len() != wn + 2 * c {
-                        candle_core::bail!("conv batch norm: residual or packed parameters of the wrong size")
-                    }
-                    (packed[wn..].iter().map(|v| v.to_f64()).collect(), Some(r))
+                    let wn = (o * ci * kh * kw).min(packed.len());
+                    self.core.forward(
+                        self.name(),
+                        zv,
+                        &to_f64(&packed[wn..]),
+                        Some(data::<T>(self.name(), s3, l3)?),
+                        ncs,
+                    )?
                 }
-                None => (data::<T>(self.name(), s3, l3)?.iter().map(|v| v.to_f64()).collect(), None),
+                None => self.core.forward(self.name(), zv, &to_f64(data::<T>(self.name(), s3, l3)?), None, ncs)?,
             };
-            if gb.len() != 2 * c {
-                candle_core::bail!("conv batch norm: {} packed weights and biases for {c} channels", gb.len())
-            }
-            let (mean, var) = match &self.fixed {
-                Some((m, v)) => (m.clone(), v.clone()),
-                None => channel_moments(zv, n, c, s),
-            };
-            let (scale, shift) = scale_shift(&mean, &var, &gb[..c], &gb[c..], self.eps);
-            let y = normalise(zv, res, &scale, &shift, c, s, self.relu || res.is_some());
-            if let Ok(mut g) = self.stats.lock() {
-                *g = Some(BnStats { mean, var, count: n * s });
-            }
             T::to_cpu_storage_owned(y)
         });
+        // The convolution's output, kept (without a copy) for the backward.
+        let z = match z {
+            CpuStorage::F32(v) => Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)?,
+            CpuStorage::F64(v) => Tensor::from_vec(v, shape.clone(), &candle_core::Device::Cpu)?,
+            other => candle_core::bail!(
+                "conv batch norm: f32 or f64 only, got {:?}",
+                candle_core::backend::BackendStorage::dtype(&other)
+            ),
+        };
         if let Ok(mut g) = self.conv_out.lock() {
             *g = Some(z);
         }
@@ -1105,9 +1137,12 @@ impl CustomOp3 for ConvBnFwd {
         y: &Tensor,
         dy: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let missing = || candle_core::Error::Msg("conv batch norm backward: no forward state".into());
-        let stats = self.stats.lock().ok().and_then(|g| g.clone()).ok_or_else(missing)?;
-        let z = self.conv_out.lock().ok().and_then(|mut g| g.take()).ok_or_else(missing)?;
+        let z = self
+            .conv_out
+            .lock()
+            .ok()
+            .and_then(|mut g| g.take())
+            .ok_or_else(|| candle_core::Error::Msg("conv batch norm backward: no forward state".into()))?;
         let (w, gb) = match self.residual {
             Some(wd) => {
                 let wn = wd.0 * wd.1 * wd.2 * wd.3;
@@ -1115,52 +1150,17 @@ impl CustomOp3 for ConvBnFwd {
             }
             None => (arg2.clone(), arg3.clone()),
         };
-        let mut gamma = gb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-        gamma.truncate(gamma.len() / 2);
-        let op = BnBwd {
-            eps: self.eps,
-            relu: self.relu || self.residual.is_some(),
-            train: self.fixed.is_none(),
-            gamma,
-            stats,
-            sums: Arc::new(Mutex::new(None)),
-        };
-        let (n, c, s) = ncs(self.name(), y.shape())?;
-        let dy = dy.contiguous()?;
-        let (dyv, dyl) = dy.storage_and_layout();
-        let (yv, yl) = y.storage_and_layout();
-        let (candle_core::Storage::Cpu(dys), candle_core::Storage::Cpu(ys)) = (&*dyv, &*yv) else {
-            candle_core::bail!("conv batch norm backward: CPU tensors only")
-        };
-        let zl = Layout::contiguous(y.shape().clone());
-        let span = crate::profile::span("derm-batch-norm-bwd");
-        let (dz, dgamma, dbeta) = float_dispatch!("conv batch norm backward", &z, |T| {
-            let (dz, dg, db) = op.run(
-                data::<T>(self.name(), &z, &zl)?,
-                data::<T>(self.name(), ys, yl)?,
-                data::<T>(self.name(), dys, dyl)?,
-                n,
-                c,
-                s,
-            );
-            (Tensor::from_vec(dz, y.shape(), y.device())?, dg, db)
-        });
-        drop((dyv, yv, span));
+        let (dz, dgb, dres) = self.core.backward(&z, &gb, y, dy, self.residual.is_some())?;
         let (gx, gw) = crate::conv::conv_grads(x, &w, &dz, self.spec)?;
-        let mut dgb = dgamma;
-        dgb.extend(dbeta);
-        let dgb = Tensor::from_vec(dgb, gb.shape(), gb.device())?.to_dtype(gb.dtype())?;
-        if self.residual.is_some() {
-            // The residual's gradient is dy where the output is positive; the weight's gradient
-            // heads the packed one.
-            let dres = y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))?;
-            let gw = match gw {
-                Some(g) => g.flatten_all()?,
-                None => w.zeros_like()?.flatten_all()?,
-            };
-            return Ok((gx, Some(Tensor::cat(&[&gw, &dgb], 0)?), Some(dres)));
+        if self.residual.is_none() {
+            return Ok((gx, gw, Some(dgb)));
         }
-        Ok((gx, gw, Some(dgb)))
+        // The weight's gradient heads the packed one.
+        let gw = match gw {
+            Some(g) => g.flatten_all()?,
+            None => w.zeros_like()?.flatten_all()?,
+        };
+        Ok((gx, Some(Tensor::cat(&[&gw, &dgb], 0)?), dres))
     }
 }
 
@@ -1187,8 +1187,9 @@ pub fn conv_batch_norm(
     }
     let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
-    let stats = Arc::new(Mutex::new(None));
-    let op = ConvBnFwd { spec, eps, relu, residual: None, fixed, stats: stats.clone(), conv_out: Mutex::new(None) };
+    let core = BnCore::new(eps, relu, fixed);
+    let stats = core.stats.clone();
+    let op = ConvBnFwd { spec, core, residual: None, conv_out: Mutex::new(None) };
     let gb = Tensor::cat(&[&gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
     launch([x, w, &gb], Box::new(op), &stats, train)
 }
@@ -1215,16 +1216,9 @@ pub fn conv_batch_norm_add_relu(
     }
     let fixed = host_stats(fixed)?;
     let train = fixed.is_none();
-    let stats = Arc::new(Mutex::new(None));
-    let op = ConvBnFwd {
-        spec,
-        eps,
-        relu: true,
-        residual: Some(w.dims4()?),
-        fixed,
-        stats: stats.clone(),
-        conv_out: Mutex::new(None),
-    };
+    let core = BnCore::new(eps, true, fixed);
+    let stats = core.stats.clone();
+    let op = ConvBnFwd { spec, core, residual: Some(w.dims4()?), conv_out: Mutex::new(None) };
     let packed = Tensor::cat(&[&w.flatten_all()?, &gamma.flatten_all()?, &beta.flatten_all()?], 0)?;
     let (y, st) = launch([x, &packed, residual], Box::new(op), &stats, train)?;
     if y.shape() != residual.shape() {
