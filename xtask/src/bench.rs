@@ -290,27 +290,7 @@ fn bench_dcgan(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
 }
 
 fn bench_hair(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
-    // A 512x512 skin-like image with 30 dark curved hairs, as the peer draws.
-    let mut r = derm_core::Rng::new(0);
-    let mut img = image::RgbImage::from_fn(512, 512, |x, y| {
-        let v = (8.0 * ((x as f64 / 40.0).sin() + (y as f64 / 55.0).cos())) as i32;
-        image::Rgb([(205 + v) as u8, (150 + v) as u8, (130 + v) as u8])
-    });
-    for _ in 0..30 {
-        let (mut x, mut y) = (r.uniform(0.0, 512.0), r.uniform(0.0, 512.0));
-        let mut ang = r.uniform(0.0, std::f64::consts::TAU);
-        for _ in 0..400 {
-            ang += r.uniform(-0.05, 0.05);
-            x += ang.cos();
-            y += ang.sin();
-            for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
-                let (px, py) = (x as i64 + dx, y as i64 + dy);
-                if (0..512).contains(&px) && (0..512).contains(&py) {
-                    img.put_pixel(px as u32, py as u32, image::Rgb([30, 20, 15]));
-                }
-            }
-        }
-    }
+    let img = derm_hair::eval::benchmark_image();
     // The peer's row is black-hat, threshold and dilation only: compare with ruler search off,
     // and report the full mask (rulers and ink marks too) as a second row.
     let cfg = derm_hair::HairConfig { rulers: false, ..Default::default() };

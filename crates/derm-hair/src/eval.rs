@@ -109,6 +109,33 @@ fn psnr_of(pairs: impl Iterator<Item = (u8, u8)>) -> f64 {
     10.0 * (255.0f64 * 255.0 / (se / n as f64)).log10()
 }
 
+/// The image `cargo xtask bench` times the hair mask on, as the peer's benchmark draws it: a
+/// 512x512 skin-like gradient with 30 dark curved hairs (random walks of 400 steps, 2 px wide),
+/// always the same (seed 0).
+pub fn benchmark_image() -> RgbImage {
+    let mut r = derm_core::Rng::new(0);
+    let mut img = RgbImage::from_fn(512, 512, |x, y| {
+        let v = (8.0 * ((x as f64 / 40.0).sin() + (y as f64 / 55.0).cos())) as i32;
+        image::Rgb([(205 + v) as u8, (150 + v) as u8, (130 + v) as u8])
+    });
+    for _ in 0..30 {
+        let (mut x, mut y) = (r.uniform(0.0, 512.0), r.uniform(0.0, 512.0));
+        let mut ang = r.uniform(0.0, std::f64::consts::TAU);
+        for _ in 0..400 {
+            ang += r.uniform(-0.05, 0.05);
+            x += ang.cos();
+            y += ang.sin();
+            for (dx, dy) in [(0, 0), (1, 0), (0, 1)] {
+                let (px, py) = (x as i64 + dx, y as i64 + dy);
+                if (0..512).contains(&px) && (0..512).contains(&py) {
+                    img.put_pixel(px as u32, py as u32, image::Rgb([30, 20, 15]));
+                }
+            }
+        }
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
