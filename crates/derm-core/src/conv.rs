@@ -547,20 +547,34 @@ fn from_okkc<T: WithDType>(acc: &[T], g: &Geo) -> Vec<T> {
     gw
 }
 
-fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
-    let mut out = vec![T::zero(); g.n * oi];
-    let split = batch_split(g.n);
-    let (out_par, out_seq) = out.split_at_mut(split * oi);
+/// Maps each of `n` images of `src` (`src_len` values each) to its `out_len` values of a new
+/// vector with `f(src_image, out_image, scratch, par)`: whole images one per rayon task with
+/// single-threaded GEMMs, and the few left over (fewer than the threads) one at a time with
+/// multi-threaded GEMMs.
+fn per_image<T: WithDType>(
+    src: &[T],
+    src_len: usize,
+    n: usize,
+    out_len: usize,
+    f: impl Fn(&[T], &mut [T], &mut Vec<T>, bool) -> CResult<()> + Sync,
+) -> CResult<Vec<T>> {
+    let mut out = vec![T::zero(); n * out_len];
+    let split = batch_split(n);
+    let (out_par, out_seq) = out.split_at_mut(split * out_len);
     out_par
-        .par_chunks_mut(oi)
-        .zip(x.par_chunks(xi))
-        .try_for_each_init(Vec::new, |col, (o, x)| fwd_image(x, wt, g, o, col, false))?;
+        .par_chunks_mut(out_len)
+        .zip(src.par_chunks(src_len))
+        .try_for_each_init(Vec::new, |col, (o, x)| f(x, o, col, false))?;
     let mut col = Vec::new();
-    for (o, x) in out_seq.chunks_mut(oi).zip(x[split * xi..].chunks(xi)) {
-        fwd_image(x, wt, g, o, &mut col, multi_threaded())?;
+    for (o, x) in out_seq.chunks_mut(out_len).zip(src[split * src_len..].chunks(src_len)) {
+        f(x, o, &mut col, multi_threaded())?;
     }
     Ok(out)
+}
+
+fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
+    let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
+    per_image(x, xi, g.n, oi, |x, o, col, par| fwd_image(x, wt, g, o, col, par))
 }
 
 /// For a stride-1 convolution with a square kernel and padding at most the kernel span, the
@@ -596,18 +610,7 @@ fn conv_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>>
         return conv_fwd(go, &flip_transpose(wt, g), &t);
     }
     let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
-    let mut gx = vec![T::zero(); g.n * xi];
-    let split = batch_split(g.n);
-    let (gx_par, gx_seq) = gx.split_at_mut(split * xi);
-    gx_par
-        .par_chunks_mut(xi)
-        .zip(go.par_chunks(oi))
-        .try_for_each_init(Vec::new, |col, (gx, go)| grad_input_image(go, wt, g, gx, col, false))?;
-    let mut col = Vec::new();
-    for (gx, go) in gx_seq.chunks_mut(xi).zip(go[split * oi..].chunks(oi)) {
-        grad_input_image(go, wt, g, gx, &mut col, multi_threaded())?;
-    }
-    Ok(gx)
+    per_image(go, oi, g.n, xi, |go, gx, col, par| grad_input_image(go, wt, g, gx, col, par))
 }
 
 fn conv_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
