@@ -34,6 +34,7 @@
 
 use candle_core::{backend::BackendStorage, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use crate::cpu::data;
 
@@ -550,7 +551,8 @@ fn from_okkc<T: WithDType>(acc: &[T], g: &Geo) -> Vec<T> {
 /// Maps each of `n` images of `src` (`src_len` values each) to its `out_len` values of a new
 /// vector with `f(src_image, out_image, scratch, par)`: whole images one per rayon task with
 /// single-threaded GEMMs, and the few left over (fewer than the threads) one at a time with
-/// multi-threaded GEMMs.
+/// multi-threaded GEMMs. Each output image is zeroed by the task that fills it, in parallel and
+/// just before use, rather than all at once up front on one thread.
 fn per_image<T: WithDType>(
     src: &[T],
     src_len: usize,
@@ -558,18 +560,35 @@ fn per_image<T: WithDType>(
     out_len: usize,
     f: impl Fn(&[T], &mut [T], &mut Vec<T>, bool) -> CResult<()> + Sync,
 ) -> CResult<Vec<T>> {
-    let mut out = vec![T::zero(); n * out_len];
+    let total = n * out_len;
+    if src.len() != n * src_len {
+        candle_core::bail!("conv2d: {} input values for {n} images of {src_len}", src.len())
+    }
+    if src_len == 0 || out_len == 0 {
+        return Ok(vec![T::zero(); total]);
+    }
+    let mut out: Vec<T> = Vec::with_capacity(total);
     let split = batch_split(n);
-    let (out_par, out_seq) = out.split_at_mut(split * out_len);
+    let (out_par, out_seq) = out.spare_capacity_mut()[..total].split_at_mut(split * out_len);
     out_par
         .par_chunks_mut(out_len)
         .zip(src.par_chunks(src_len))
-        .try_for_each_init(Vec::new, |col, (o, x)| f(x, o, col, false))?;
+        .try_for_each_init(Vec::new, |col, (o, x)| f(x, zeroed(o), col, false))?;
     let mut col = Vec::new();
     for (o, x) in out_seq.chunks_mut(out_len).zip(src[split * src_len..].chunks(src_len)) {
-        f(x, o, &mut col, multi_threaded())?;
+        f(x, zeroed(o), &mut col, multi_threaded())?;
     }
+    // SAFETY: `zeroed` initialised every chunk of the first `total` elements above: both zips
+    // pair all `n` output chunks with an image, as `src` holds exactly `n` images of `src_len`.
+    unsafe { out.set_len(total) };
     Ok(out)
+}
+
+/// Zero-fills uninitialised memory and hands it out as initialised.
+fn zeroed<T: WithDType>(chunk: &mut [MaybeUninit<T>]) -> &mut [T] {
+    chunk.fill(MaybeUninit::new(T::zero()));
+    // SAFETY: every element was just written, and `MaybeUninit<T>` has the layout of `T`.
+    unsafe { &mut *(chunk as *mut [MaybeUninit<T>] as *mut [T]) }
 }
 
 fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {

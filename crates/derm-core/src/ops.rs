@@ -14,6 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
 
 use crate::cpu::{data, float_dispatch};
 
@@ -56,6 +57,9 @@ impl Pool2d {
         if ph * 2 > kh || pw * 2 > kw {
             candle_core::bail!("pool2d: padding must be at most half the kernel")
         }
+        if h == 0 || w == 0 {
+            candle_core::bail!("pool2d: empty {h}x{w} input")
+        }
         if h + 2 * ph < kh || w + 2 * pw < kw {
             candle_core::bail!("pool2d: input {h}x{w} is smaller than the window {kh}x{kw}")
         }
@@ -81,50 +85,99 @@ enum PoolKind {
 struct PoolFwd {
     geo: Pool2d,
     kind: PoolKind,
+    /// Max pooling: the in-plane index of each output's maximum, kept by the forward pass for the
+    /// backward one (a scatter instead of a second search of every window).
+    argmax: Mutex<Option<Arc<Vec<u32>>>>,
 }
 
+impl PoolFwd {
+    fn new(geo: Pool2d, kind: PoolKind) -> Self {
+        PoolFwd { geo, kind, argmax: Mutex::new(None) }
+    }
+}
+
+/// The column span `[x0, x1)` of each output column's window, clipped to the image.
+fn column_windows(geo: Pool2d, h: usize, w: usize, ow: usize) -> Vec<(usize, usize)> {
+    (0..ow)
+        .map(|ox| {
+            let (_, _, x0, x1) = geo.window(0, ox, h, w);
+            (x0, x1)
+        })
+        .collect()
+}
+
+/// Max pooling of one plane: each output is the first maximum of its window in row-major order,
+/// and `idx` gets its in-plane position.
+fn max_plane<T: WithDType>(
+    xs: &[T],
+    (h, w): (usize, usize),
+    geo: Pool2d,
+    cols: &[(usize, usize)],
+    o: &mut [T],
+    idx: &mut [u32],
+) {
+    let ow = cols.len();
+    for (oy, (orow, irow)) in o.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow)).enumerate() {
+        let (y0, y1, _, _) = geo.window(oy, 0, h, w);
+        for ((ov, iv), &(x0, x1)) in orow.iter_mut().zip(irow.iter_mut()).zip(cols) {
+            let mut best = y0 * w + x0;
+            let mut m = xs[best];
+            for yy in y0..y1 {
+                let base = yy * w;
+                for (pos, &v) in (base + x0..).zip(&xs[base + x0..base + x1]) {
+                    // Selects rather than a branch: which element wins is data-dependent.
+                    let gt = v > m;
+                    m = if gt { v } else { m };
+                    best = if gt { pos } else { best };
+                }
+            }
+            *ov = m;
+            *iv = best as u32;
+        }
+    }
+}
+
+/// Pooling forward: the output and, for max pooling, the argmax indices.
 fn pool_fwd<T: WithDType>(
     x: &[T],
     dims: (usize, usize, usize, usize),
     geo: Pool2d,
     kind: PoolKind,
-) -> CResult<(Vec<T>, Shape)> {
+) -> CResult<(Vec<T>, Option<Vec<u32>>, Shape)> {
     let (n, c, h, w) = dims;
     let (oh, ow) = geo.out_size(h, w)?;
+    if h * w > u32::MAX as usize {
+        candle_core::bail!("pool2d: a {h}x{w} plane is too large to index")
+    }
+    let shape = Shape::from((n, c, oh, ow));
+    let cols = column_windows(geo, h, w, ow);
     let mut out = vec![T::zero(); n * c * oh * ow];
-    let area = T::from_f64((geo.kernel.0 * geo.kernel.1) as f64);
-    out.par_chunks_mut(oh * ow).enumerate().for_each(|(plane, o)| {
-        let xs = &x[plane * h * w..(plane + 1) * h * w];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let (y0, y1, x0, x1) = geo.window(oy, ox, h, w);
-                let v = match kind {
-                    PoolKind::Max => {
-                        let mut m = xs[y0 * w + x0];
-                        for yy in y0..y1 {
-                            for &v in &xs[yy * w + x0..yy * w + x1] {
-                                if v > m {
-                                    m = v;
-                                }
-                            }
-                        }
-                        m
-                    }
-                    PoolKind::Avg => {
+    let mut idx = vec![0u32; if kind == PoolKind::Max { out.len() } else { 0 }];
+    let planes = out.par_chunks_mut(oh * ow).zip(x.par_chunks(h * w));
+    match kind {
+        PoolKind::Max => {
+            planes.zip(idx.par_chunks_mut(oh * ow)).for_each(|((o, xs), ix)| max_plane(xs, (h, w), geo, &cols, o, ix));
+            Ok((out, Some(idx), shape))
+        }
+        PoolKind::Avg => {
+            let area = T::from_f64((geo.kernel.0 * geo.kernel.1) as f64);
+            planes.for_each(|(o, xs)| {
+                for (oy, orow) in o.chunks_exact_mut(ow).enumerate() {
+                    let (y0, y1, _, _) = geo.window(oy, 0, h, w);
+                    for (ov, &(x0, x1)) in orow.iter_mut().zip(&cols) {
                         let mut s = T::zero();
                         for yy in y0..y1 {
                             for &v in &xs[yy * w + x0..yy * w + x1] {
                                 s += v;
                             }
                         }
-                        s / area
+                        *ov = s / area;
                     }
-                };
-                o[oy * ow + ox] = v;
-            }
+                }
+            });
+            Ok((out, None, shape))
         }
-    });
-    Ok((out, Shape::from((n, c, oh, ow))))
+    }
 }
 
 impl CustomOp1 for PoolFwd {
@@ -138,59 +191,90 @@ impl CustomOp1 for PoolFwd {
         let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         float_dispatch!(self.name(), s, |T| {
-            let (v, sh) = pool_fwd::<T>(data(self.name(), s, l)?, dims, self.geo, self.kind)?;
+            let (v, idx, sh) = pool_fwd::<T>(data(self.name(), s, l)?, dims, self.geo, self.kind)?;
+            if let Ok(mut slot) = self.argmax.lock() {
+                *slot = idx.map(Arc::new);
+            }
             Ok((T::to_cpu_storage_owned(v), sh))
         })
     }
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<Option<Tensor>> {
-        let g = arg.apply_op2_no_bwd(&grad.contiguous()?, &PoolBwd { geo: self.geo, kind: self.kind })?;
+        let grad = grad.contiguous()?;
+        let g = match self.kind {
+            PoolKind::Max => {
+                let idx = self.argmax.lock().ok().and_then(|s| s.clone());
+                let Some(idx) = idx else {
+                    candle_core::bail!("derm-max-pool2d: backward without the forward pass's indices")
+                };
+                let (_, _, h, w) = arg.dims4()?;
+                grad.apply_op1_no_bwd(&MaxScatter { idx, in_plane: h * w, in_shape: arg.shape().clone() })?
+            }
+            PoolKind::Avg => grad.apply_op1_no_bwd(&AvgPoolBwd { geo: self.geo, in_shape: arg.shape().clone() })?,
+        };
         Ok(Some(g))
     }
 }
 
-struct PoolBwd {
-    geo: Pool2d,
-    kind: PoolKind,
+/// Max pooling backward: each output's gradient added at its window's maximum.
+struct MaxScatter {
+    idx: Arc<Vec<u32>>,
+    in_plane: usize,
+    in_shape: Shape,
 }
 
-fn pool_bwd<T: WithDType>(
-    x: &[T],
-    g: &[T],
-    dims: (usize, usize, usize, usize),
+impl CustomOp1 for MaxScatter {
+    fn name(&self) -> &'static str {
+        "derm-pool2d-bwd"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
+        float_dispatch!(self.name(), s, |T| {
+            let gx = max_scatter::<T>(data(self.name(), s, l)?, &self.idx, self.in_plane, self.in_shape.elem_count())?;
+            Ok((T::to_cpu_storage_owned(gx), self.in_shape.clone()))
+        })
+    }
+}
+
+/// `gx` of `len` values, planes of `in_plane`, with `g[i]` added at `idx[i]` of its plane.
+fn max_scatter<T: WithDType>(g: &[T], idx: &[u32], in_plane: usize, len: usize) -> CResult<Vec<T>> {
+    if g.len() != idx.len() || in_plane == 0 || len % in_plane != 0 {
+        candle_core::bail!("derm-pool2d-bwd: gradient of {} values for {} indices", g.len(), idx.len())
+    }
+    let out_plane = g.len() / (len / in_plane).max(1);
+    let mut gx = vec![T::zero(); len];
+    if out_plane == 0 {
+        return Ok(gx);
+    }
+    gx.par_chunks_mut(in_plane).zip(g.par_chunks(out_plane).zip(idx.par_chunks(out_plane))).for_each(
+        |(gxp, (gp, ip))| {
+            for (&v, &i) in gp.iter().zip(ip) {
+                gxp[i as usize] += v;
+            }
+        },
+    );
+    Ok(gx)
+}
+
+/// Average pooling backward: each output's gradient shared over its window.
+struct AvgPoolBwd {
     geo: Pool2d,
-    kind: PoolKind,
-) -> CResult<Vec<T>> {
+    in_shape: Shape,
+}
+
+fn avg_pool_bwd<T: WithDType>(g: &[T], dims: (usize, usize, usize, usize), geo: Pool2d) -> CResult<Vec<T>> {
     let (n, c, h, w) = dims;
     let (oh, ow) = geo.out_size(h, w)?;
+    let cols = column_windows(geo, h, w, ow);
     let mut gx = vec![T::zero(); n * c * h * w];
     let area = T::from_f64((geo.kernel.0 * geo.kernel.1) as f64);
-    gx.par_chunks_mut(h * w).enumerate().for_each(|(plane, gxp)| {
-        let xs = &x[plane * h * w..(plane + 1) * h * w];
-        let gs = &g[plane * oh * ow..(plane + 1) * oh * ow];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let (y0, y1, x0, x1) = geo.window(oy, ox, h, w);
-                let gv = gs[oy * ow + ox];
-                match kind {
-                    PoolKind::Max => {
-                        // The gradient goes to the first maximum, as in the forward pass.
-                        let mut best = y0 * w + x0;
-                        for yy in y0..y1 {
-                            for xx in x0..x1 {
-                                if xs[yy * w + xx] > xs[best] {
-                                    best = yy * w + xx;
-                                }
-                            }
-                        }
-                        gxp[best] += gv;
-                    }
-                    PoolKind::Avg => {
-                        let share = gv / area;
-                        for yy in y0..y1 {
-                            for v in &mut gxp[yy * w + x0..yy * w + x1] {
-                                *v += share;
-                            }
-                        }
+    gx.par_chunks_mut(h * w).zip(g.par_chunks(oh * ow)).for_each(|(gxp, gs)| {
+        for (oy, grow) in gs.chunks_exact(ow).enumerate() {
+            let (y0, y1, _, _) = geo.window(oy, 0, h, w);
+            for (&gv, &(x0, x1)) in grow.iter().zip(&cols) {
+                let share = gv / area;
+                for yy in y0..y1 {
+                    for v in &mut gxp[yy * w + x0..yy * w + x1] {
+                        *v += share;
                     }
                 }
             }
@@ -199,16 +283,16 @@ fn pool_bwd<T: WithDType>(
     Ok(gx)
 }
 
-impl CustomOp2 for PoolBwd {
+impl CustomOp1 for AvgPoolBwd {
     fn name(&self) -> &'static str {
         "derm-pool2d-bwd"
     }
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
         let _span = crate::profile::span(self.name());
-        let dims = l1.shape().dims4()?;
-        float_dispatch!(self.name(), s1, |T| {
-            let v = pool_bwd::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, dims, self.geo, self.kind)?;
-            Ok((T::to_cpu_storage_owned(v), l1.shape().clone()))
+        let dims = self.in_shape.dims4()?;
+        float_dispatch!(self.name(), s, |T| {
+            let v = avg_pool_bwd::<T>(data(self.name(), s, l)?, dims, self.geo)?;
+            Ok((T::to_cpu_storage_owned(v), self.in_shape.clone()))
         })
     }
 }
@@ -216,13 +300,13 @@ impl CustomOp2 for PoolBwd {
 /// Max pooling of an (N, C, H, W) tensor with any kernel, stride and padding (padding acts as
 /// -inf). The gradient goes in full to the first maximum of each window.
 pub fn max_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
-    on_cpu(x, |x| x.apply_op1(PoolFwd { geo, kind: PoolKind::Max }))
+    on_cpu(x, |x| x.apply_op1(PoolFwd::new(geo, PoolKind::Max)))
 }
 
 /// Average pooling of an (N, C, H, W) tensor with any kernel, stride and padding (zero padding,
 /// counted in the divisor as PyTorch's default `count_include_pad=True`).
 pub fn avg_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
-    on_cpu(x, |x| x.apply_op1(PoolFwd { geo, kind: PoolKind::Avg }))
+    on_cpu(x, |x| x.apply_op1(PoolFwd::new(geo, PoolKind::Avg)))
 }
 
 /// Resizing modes.
