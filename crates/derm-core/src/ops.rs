@@ -107,7 +107,8 @@ fn column_windows(geo: Pool2d, h: usize, w: usize, ow: usize) -> Vec<(usize, usi
 }
 
 /// Max pooling of one plane: each output is the first maximum of its window in row-major order,
-/// and `idx` gets its in-plane position.
+/// and `idx` gets its in-plane position. Works along whole output rows: for each window row and
+/// kernel column, one pass over the output columns whose tap falls inside the image.
 fn max_plane<T: WithDType>(
     xs: &[T],
     (h, w): (usize, usize),
@@ -117,22 +118,38 @@ fn max_plane<T: WithDType>(
     idx: &mut [u32],
 ) {
     let ow = cols.len();
+    let (sw, pw) = (geo.stride.1, geo.padding.1);
+    // The output columns [lo, hi) whose tap `kx` lies inside the row.
+    let spans: Vec<(usize, usize)> = (0..geo.kernel.1)
+        .map(|kx| {
+            let lo = pw.saturating_sub(kx).div_ceil(sw);
+            let hi = if kx < w + pw { ((w + pw - 1 - kx) / sw + 1).min(ow) } else { 0 };
+            (lo.min(hi), hi)
+        })
+        .collect();
     for (oy, (orow, irow)) in o.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow)).enumerate() {
         let (y0, y1, _, _) = geo.window(oy, 0, h, w);
-        for ((ov, iv), &(x0, x1)) in orow.iter_mut().zip(irow.iter_mut()).zip(cols) {
-            let mut best = y0 * w + x0;
-            let mut m = xs[best];
-            for yy in y0..y1 {
-                let base = yy * w;
-                for (pos, &v) in (base + x0..).zip(&xs[base + x0..base + x1]) {
-                    // Selects rather than a branch: which element wins is data-dependent.
-                    let gt = v > m;
-                    m = if gt { v } else { m };
-                    best = if gt { pos } else { best };
+        for ((ov, iv), &(x0, _)) in orow.iter_mut().zip(irow.iter_mut()).zip(cols) {
+            *ov = xs[y0 * w + x0];
+            *iv = (y0 * w + x0) as u32;
+        }
+        for yy in y0..y1 {
+            let row = &xs[yy * w..(yy + 1) * w];
+            for (kx, &(lo, hi)) in spans.iter().enumerate() {
+                if lo >= hi {
+                    continue;
+                }
+                let first = lo * sw + kx - pw;
+                let taps = row[first..].iter().step_by(sw);
+                let mut pos = (yy * w + first) as u32;
+                for ((ov, iv), &v) in orow[lo..hi].iter_mut().zip(&mut irow[lo..hi]).zip(taps) {
+                    // Selects, not a branch: which element wins is data-dependent.
+                    let gt = v > *ov;
+                    *ov = std::hint::select_unpredictable(gt, v, *ov);
+                    *iv = std::hint::select_unpredictable(gt, pos, *iv);
+                    pos = pos.wrapping_add(sw as u32);
                 }
             }
-            *ov = m;
-            *iv = best as u32;
         }
     }
 }
@@ -598,6 +615,25 @@ pub(crate) mod tests {
             let e = grad_error(&shape, 1, |x| max_pool2d(x, geo));
             assert!(e < 1e-6, "{geo:?} {shape:?}: {e}");
         }
+    }
+
+    #[test]
+    fn max_pool_ties_send_the_gradient_to_the_first_maximum() {
+        // A plane of zeros (as after a ReLU) with one 1 at (1, 2), 3x3 windows with stride 2 and
+        // padding 1: a window without the 1 sends its gradient to its first in-image element.
+        let mut v = vec![0f32; 16];
+        v[6] = 1.0;
+        let x = Var::from_vec(v, (1, 1, 4, 4), &Device::Cpu).unwrap();
+        let y = max_pool2d(x.as_tensor(), Pool2d::square(3, 2, 1)).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let g: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Windows: (0,0) covers rows 0-1, cols 0-1 -> (0,0); (0,1) rows 0-1, cols 1-3 -> (1,2);
+        // (1,0) rows 1-3, cols 0-1 -> (1,0); (1,1) rows 1-3, cols 1-3 -> (1,2).
+        let mut want = vec![0f32; 16];
+        want[0] = 1.0;
+        want[6] = 2.0;
+        want[4] = 1.0;
+        assert_eq!(g, want);
     }
 
     #[test]
