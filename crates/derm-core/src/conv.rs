@@ -44,12 +44,15 @@ type CResult<T> = candle_core::Result<T>;
 const TILE_ELEMS: usize = 1 << 16;
 /// The fewest output pixels per tile, so that the GEMMs are never too thin to be efficient.
 const MIN_TILE_PIXELS: usize = 256;
-/// The gradients of pointwise convolutions with at most this many pixels per image run as one
-/// GEMM over the whole batch (channel-major copies of the operands): per-image GEMMs a few dozen
-/// columns wide pack the weight again for every image and, for the weight gradient, read and
-/// write the whole accumulator per image (ResNet-50's 7x7 and 14x14 stages ran at 45-140 GFLOP/s
-/// that way, 140-220 batched; `cargo run -p derm-core --example conv_phases`).
-const BATCHED_MAX_PIXELS: usize = 256;
+/// The gradients of convolutions with at most this many output pixels per image run as one GEMM
+/// per group of images (column matrices side by side, channel-major output gradients): per-image
+/// GEMMs a few dozen columns wide pack the weight again for every image and, for the weight
+/// gradient, read and write the whole accumulator per image (ResNet-50's 7x7 and 14x14 stages:
+/// 45-140 GFLOP/s per image, 140-220 batched; `cargo run -p derm-core --example conv_phases`).
+/// At 16x16 (256 pixels) per-image GEMMs were faster.
+const BATCHED_MAX_PIXELS: usize = 196;
+/// GEMM columns per image group of the batched path, which bounds its column matrix.
+const BATCHED_COLS: usize = 4096;
 
 /// Stride, padding and dilation of a convolution; the same in both spatial directions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -124,9 +127,9 @@ impl Geo {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 
-    /// Whether the gradients run as one GEMM over the batch ([`BATCHED_MAX_PIXELS`]).
+    /// Whether the gradients run as GEMMs over groups of images ([`BATCHED_MAX_PIXELS`]).
     fn batched(&self) -> bool {
-        self.is_pointwise() && self.n > 1 && self.pixels() <= BATCHED_MAX_PIXELS
+        self.n > 1 && self.pixels() <= BATCHED_MAX_PIXELS
     }
 
     /// Output rows per tile: enough for [`TILE_ELEMS`] column elements, at least
@@ -166,14 +169,16 @@ impl Geo {
 }
 
 /// Writes the im2col rows of one input channel (`plane`, H x W) for output rows `y0..y1` into
-/// `dst`, which holds KH * KW rows of `(y1 - y0) * OW` columns. Every element is written.
-fn im2col_channel<T: WithDType>(plane: &[T], g: &Geo, (y0, y1): (usize, usize), dst: &mut [T]) {
+/// `dst`: KH * KW rows of `(y1 - y0) * OW` columns, `ld` elements apart. Every element of those
+/// rows is written.
+fn im2col_channel<T: WithDType>(plane: &[T], g: &Geo, (y0, y1): (usize, usize), dst: &mut [T], ld: usize) {
     let t = (y1 - y0) * g.ow;
     let zero = T::zero();
     for ky in 0..g.kh {
         for kx in 0..g.kw {
             let (lo, hi, ix0) = g.x_span(kx);
-            let row = &mut dst[(ky * g.kw + kx) * t..(ky * g.kw + kx + 1) * t];
+            let r = ky * g.kw + kx;
+            let row = &mut dst[r * ld..r * ld + t];
             for (seg, oy) in row.chunks_exact_mut(g.ow).zip(y0..y1) {
                 let Some(iy) = g.in_row(oy, ky) else {
                     seg.fill(zero);
@@ -197,14 +202,15 @@ fn im2col_channel<T: WithDType>(plane: &[T], g: &Geo, (y0, y1): (usize, usize), 
     }
 }
 
-/// The adjoint of [`im2col_channel`]: adds the column rows `src` of one channel back into its
-/// input plane.
-fn col2im_channel<T: WithDType>(src: &[T], g: &Geo, (y0, y1): (usize, usize), plane: &mut [T]) {
+/// The adjoint of [`im2col_channel`]: adds the column rows `src` (`ld` elements apart) of one
+/// channel back into its input plane.
+fn col2im_channel<T: WithDType>(src: &[T], g: &Geo, (y0, y1): (usize, usize), plane: &mut [T], ld: usize) {
     let t = (y1 - y0) * g.ow;
     for ky in 0..g.kh {
         for kx in 0..g.kw {
             let (lo, hi, ix0) = g.x_span(kx);
-            let row = &src[(ky * g.kw + kx) * t..(ky * g.kw + kx + 1) * t];
+            let r = ky * g.kw + kx;
+            let row = &src[r * ld..r * ld + t];
             for (seg, oy) in row.chunks_exact(g.ow).zip(y0..y1) {
                 let Some(iy) = g.in_row(oy, ky) else { continue };
                 if lo == hi {
@@ -228,24 +234,26 @@ fn col2im_channel<T: WithDType>(src: &[T], g: &Geo, (y0, y1): (usize, usize), pl
 /// Builds the column matrix of image `x` for output rows `tile` into `col`, in parallel over
 /// channels when `par` is set.
 fn im2col<T: WithDType>(x: &[T], g: &Geo, tile: (usize, usize), col: &mut [T], par: bool) {
-    let chunk = g.kh * g.kw * (tile.1 - tile.0) * g.ow;
+    let t = (tile.1 - tile.0) * g.ow;
+    let chunk = g.kh * g.kw * t;
     let plane = g.h * g.w;
     if par {
-        col.par_chunks_mut(chunk).zip(x.par_chunks(plane)).for_each(|(d, p)| im2col_channel(p, g, tile, d));
+        col.par_chunks_mut(chunk).zip(x.par_chunks(plane)).for_each(|(d, p)| im2col_channel(p, g, tile, d, t));
     } else {
-        col.chunks_mut(chunk).zip(x.chunks(plane)).for_each(|(d, p)| im2col_channel(p, g, tile, d));
+        col.chunks_mut(chunk).zip(x.chunks(plane)).for_each(|(d, p)| im2col_channel(p, g, tile, d, t));
     }
 }
 
 /// Adds the column matrix `col` for output rows `tile` into image gradient `gx`, in parallel
 /// over channels when `par` is set.
 fn col2im<T: WithDType>(col: &[T], g: &Geo, tile: (usize, usize), gx: &mut [T], par: bool) {
-    let chunk = g.kh * g.kw * (tile.1 - tile.0) * g.ow;
+    let t = (tile.1 - tile.0) * g.ow;
+    let chunk = g.kh * g.kw * t;
     let plane = g.h * g.w;
     if par {
-        gx.par_chunks_mut(plane).zip(col.par_chunks(chunk)).for_each(|(p, s)| col2im_channel(s, g, tile, p));
+        gx.par_chunks_mut(plane).zip(col.par_chunks(chunk)).for_each(|(p, s)| col2im_channel(s, g, tile, p, t));
     } else {
-        gx.chunks_mut(plane).zip(col.chunks(chunk)).for_each(|(p, s)| col2im_channel(s, g, tile, p));
+        gx.chunks_mut(plane).zip(col.chunks(chunk)).for_each(|(p, s)| col2im_channel(s, g, tile, p, t));
     }
 }
 
@@ -613,36 +621,62 @@ fn to_channel_major<T: WithDType>(x: &[T], (n, c, p): (usize, usize, usize)) -> 
     out
 }
 
-/// The (N, C, P) batch of a channel-major (C, N * P) one.
-fn from_channel_major<T: WithDType>(b: &[T], (n, c, p): (usize, usize, usize)) -> Vec<T> {
-    let mut out = vec![T::zero(); n * c * p];
-    out.par_chunks_mut((c * p).max(1)).enumerate().for_each(|(ni, dst)| {
-        for (ci, d) in dst.chunks_exact_mut(p.max(1)).enumerate() {
-            d.copy_from_slice(&b[ci * n * p + ni * p..ci * n * p + (ni + 1) * p]);
+/// The column matrix of images `n0..n1` side by side: K rows of `(n1 - n0) * P` columns, image
+/// by image, built in parallel over channels.
+fn group_columns<T: WithDType>(x: &[T], g: &Geo, (n0, n1): (usize, usize)) -> Vec<T> {
+    let (pix, hw, kk) = (g.pixels(), g.h * g.w, g.kh * g.kw);
+    let np = (n1 - n0) * pix;
+    let mut col = vec![T::zero(); g.k() * np];
+    col.par_chunks_mut((kk * np).max(1)).enumerate().for_each(|(ci, blk)| {
+        for (j, ni) in (n0..n1).enumerate() {
+            let plane = &x[(ni * g.c + ci) * hw..(ni * g.c + ci + 1) * hw];
+            im2col_channel(plane, g, (0, g.oh), &mut blk[j * pix..], np);
         }
     });
-    out
+    col
 }
 
-/// The two gradients of a [`Geo::batched`] pointwise convolution, each one multi-threaded GEMM on
-/// channel-major operands (`np` = N * P columns). (The forward pass measured no faster batched
-/// in the ResNet-50 step, so it stays per image.)
+/// The image groups of a [`Geo::batched`] convolution, as (first, end) image.
+fn groups(g: &Geo) -> impl Iterator<Item = (usize, usize)> {
+    let step = (BATCHED_COLS / g.pixels().max(1)).clamp(1, g.n.max(1));
+    let n = g.n;
+    (0..n).step_by(step).map(move |n0| (n0, (n0 + step).min(n)))
+}
+
+/// The gradients of a [`Geo::batched`] convolution: per group of images, one multi-threaded GEMM
+/// on the group's column matrix and channel-major output gradient. The weight gradient is then
+/// one accumulation per group instead of one per image; the input gradient is batched only for
+/// pointwise convolutions (no col2im), and the forward pass stays per image, where per-image
+/// GEMMs on separate threads measured as fast or faster.
 fn batched_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (pix, np) = (g.pixels(), g.n * g.pixels());
-    let gob = to_channel_major(go, (g.n, g.o, pix));
-    let mut gxb = vec![T::zero(); g.c * np];
-    let w_t = View { data: wt, rs: 1, cs: g.c };
-    gemm((g.c, np, g.o), &mut gxb, (np, 1), false, w_t, View { data: &gob, rs: np, cs: 1 }, multi_threaded())?;
-    Ok(from_channel_major(&gxb, (g.n, g.c, pix)))
+    let (k, pix, hw, kk) = (g.k(), g.pixels(), g.h * g.w, g.kh * g.kw);
+    let mut gx = vec![T::zero(); g.n * g.c * hw];
+    for (n0, n1) in groups(g) {
+        let np = (n1 - n0) * pix;
+        let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
+        let mut col = vec![T::zero(); k * np];
+        let (w_t, gv) = (View { data: wt, rs: 1, cs: k }, View { data: &gob, rs: np, cs: 1 });
+        gemm((k, np, g.o), &mut col, (np, 1), false, w_t, gv, multi_threaded())?;
+        gx[n0 * g.c * hw..n1 * g.c * hw].par_chunks_mut(hw.max(1)).enumerate().for_each(|(i, plane)| {
+            let (j, ci) = (i / g.c, i % g.c);
+            col2im_channel(&col[ci * kk * np + j * pix..], g, (0, g.oh), plane, np);
+        });
+    }
+    Ok(gx)
 }
 
 fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (pix, np) = (g.pixels(), g.n * g.pixels());
-    let (xb, gob) = (to_channel_major(x, (g.n, g.c, pix)), to_channel_major(go, (g.n, g.o, pix)));
-    // gw (O x C) = go (O x NP) · x^T (NP x C); a 1x1 kernel's (O, C, 1, 1) is that matrix.
-    let mut gw = vec![T::zero(); g.o * g.c];
-    let (go_v, x_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &xb, rs: 1, cs: np });
-    gemm((g.o, g.c, np), &mut gw, (g.c, 1), false, go_v, x_t, multi_threaded())?;
+    let (k, pix) = (g.k(), g.pixels());
+    // gw (O x K) += go (O x NP) · col^T (NP x K), group by group; K is ordered (c, ky, kx), so
+    // the result is the (O, C, KH, KW) weight layout.
+    let mut gw = vec![T::zero(); g.o * k];
+    for (i, (n0, n1)) in groups(g).enumerate() {
+        let np = (n1 - n0) * pix;
+        let col = group_columns(x, g, (n0, n1));
+        let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
+        let (gv, c_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &col, rs: 1, cs: np });
+        gemm((g.o, k, np), &mut gw, (k, 1), i > 0, gv, c_t, multi_threaded())?;
+    }
     Ok(gw)
 }
 
@@ -680,7 +714,7 @@ fn flip_transpose<T: WithDType>(wt: &[T], g: &Geo) -> Vec<T> {
 }
 
 fn conv_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    if g.batched() {
+    if g.batched() && g.is_pointwise() {
         return batched_grad_input(wt, go, g);
     }
     if let Some(t) = transposed_geo(g) {
@@ -1023,14 +1057,15 @@ mod tests {
     #[test]
     fn gradients_match_candle_on_larger_f32_shapes() {
         // Several tiles per image (the 90x90 case takes three in every pass), a batch that does
-        // not divide among the threads, and a pointwise case whose gradients run batched. candle's own backward fails for stride 2 on non-square
+        // not divide among the threads, and small planes that run as GEMMs over image groups. candle's own backward fails for stride 2 on non-square
         // inputs, so the strided cases are square.
         let mut rng = Rng::new(26);
         for (shape, o, k, sp) in [
             ([3, 6, 50, 37], 5, 3, spec(1, 1, 1)),
             ([5, 4, 33, 33], 6, 3, spec(2, 2, 2)),
             ([3, 8, 20, 21], 4, 1, spec(0, 1, 1)),
-            ([5, 16, 9, 11], 7, 1, spec(0, 1, 1)), // gradients batched (small planes)
+            ([5, 16, 9, 11], 7, 1, spec(0, 1, 1)), // small planes: one GEMM over the batch
+            ([40, 3, 12, 12], 4, 3, spec(1, 1, 1)), // small planes in two groups of images
             ([3, 8, 90, 90], 4, 3, spec(1, 2, 1)),
         ] {
             let x = Var::from_tensor(&randn(&mut rng, &shape, DType::F32)).unwrap();
