@@ -254,7 +254,7 @@ impl CustomOp1 for MaxScatter {
 
 /// `gx` of `len` values, planes of `in_plane`, with `g[i]` added at `idx[i]` of its plane.
 fn max_scatter<T: WithDType>(g: &[T], idx: &[u32], in_plane: usize, len: usize) -> CResult<Vec<T>> {
-    if g.len() != idx.len() || in_plane == 0 || len % in_plane != 0 {
+    if g.len() != idx.len() || in_plane == 0 || !len.is_multiple_of(in_plane) {
         candle_core::bail!("derm-pool2d-bwd: gradient of {} values for {} indices", g.len(), idx.len())
     }
     let out_plane = g.len() / (len / in_plane).max(1);
