@@ -15,16 +15,18 @@
 //!   by a scatter-add;
 //! - weight gradient: `grad_W = sum_n grad_out[n] · im2row(x[n])`, a GEMM per image, where the
 //!   column matrix is built patch-major from an (H, W, C) copy of the image so that the GEMM reads
-//!   it without repacking.
+//!   it without repacking; for stride 1, one GEMM per kernel tap on the padded image read in
+//!   place, with no column matrix.
 //!
 //! [`conv_transpose2d`] is the same three passes with the roles exchanged.
 //!
 //! Column matrices are built a few output rows at a time into a buffer that is reused for the
-//! whole image, so they stay in cache between being written and being read by the GEMM, and
-//! they are never materialised for the whole batch. A 1x1 convolution with stride 1 and no
+//! whole image, so they stay in cache between being written and being read by the GEMM. A 1x1 convolution with stride 1 and no
 //! padding needs no im2col: the image itself is the column matrix. The work is spread over the
 //! rayon pool one image per task (the GEMMs then run single-threaded); images left over when the
 //! batch does not divide evenly among the threads run one at a time with multi-threaded GEMMs.
+//! Small planes (at most 196 output pixels per image, ResNet's 14x14 and 7x7 stages)
+//! instead run per group of images, one GEMM on the group's column matrices side by side.
 //!
 //! The GEMMs are the `gemm` crate's, the one candle itself uses. The ops work in f32 and f64;
 //! the backward ops have no second-order gradient. Results equal `Tensor::conv2d` (groups 1) and
@@ -44,14 +46,14 @@ type CResult<T> = candle_core::Result<T>;
 const TILE_ELEMS: usize = 1 << 16;
 /// The fewest output pixels per tile, so that the GEMMs are never too thin to be efficient.
 const MIN_TILE_PIXELS: usize = 256;
-/// The gradients of convolutions with at most this many output pixels per image run as one GEMM
-/// per group of images (column matrices side by side, channel-major output gradients): per-image
-/// GEMMs a few dozen columns wide pack the weight again for every image and, for the weight
-/// gradient, read and write the whole accumulator per image (ResNet-50's 7x7 and 14x14 stages:
-/// 45-140 GFLOP/s per image, 140-220 batched; `cargo run -p derm-core --example conv_phases`).
-/// At 16x16 (256 pixels) per-image GEMMs were faster.
+/// Convolutions with at most this many output pixels per image run as one GEMM per group of
+/// images (column matrices side by side, channel-major outputs): per-image GEMMs a few dozen
+/// columns wide pack the weight again for every image and, for the weight gradient, read and
+/// write the whole accumulator per image (ResNet-50's 7x7 and 14x14 stages: 45-140 GFLOP/s per
+/// image; `cargo run -p derm-core --example conv_phases`). Measured on the ResNet-50 step: 1380
+/// ms with this bound, 1470 ms with none, 1400-1500 ms with 1024 (28x28 planes included).
 const BATCHED_MAX_PIXELS: usize = 196;
-/// GEMM columns per image group of the batched path, which bounds its column matrix.
+/// At most this many GEMM columns per image group of the batched path (bounds its column matrix).
 const BATCHED_COLS: usize = 4096;
 
 /// Stride, padding and dilation of a convolution; the same in both spatial directions.
@@ -127,7 +129,7 @@ impl Geo {
         self.kh == 1 && self.kw == 1 && self.s == 1 && self.p == 0
     }
 
-    /// Whether the gradients run as GEMMs over groups of images ([`BATCHED_MAX_PIXELS`]).
+    /// Whether the convolution runs as GEMMs over groups of images ([`BATCHED_MAX_PIXELS`]).
     fn batched(&self) -> bool {
         self.n > 1 && self.pixels() <= BATCHED_MAX_PIXELS
     }
@@ -613,74 +615,116 @@ fn zeroed<T: WithDType>(chunk: &mut [MaybeUninit<T>]) -> &mut [T] {
 /// An (N, C, P) batch laid out channel-major, (C, N * P).
 fn to_channel_major<T: WithDType>(x: &[T], (n, c, p): (usize, usize, usize)) -> Vec<T> {
     let mut out = vec![T::zero(); n * c * p];
-    out.par_chunks_mut((n * p).max(1)).enumerate().for_each(|(ci, dst)| {
+    for (ci, dst) in out.chunks_exact_mut((n * p).max(1)).enumerate() {
         for (ni, d) in dst.chunks_exact_mut(p.max(1)).enumerate() {
             d.copy_from_slice(&x[(ni * c + ci) * p..(ni * c + ci + 1) * p]);
         }
-    });
+    }
     out
 }
 
+/// Writes a channel-major (C, N * P) batch into `out` as (N, C, P).
+fn from_channel_major<T: WithDType>(b: &[T], (n, c, p): (usize, usize, usize), out: &mut [T]) {
+    for (ni, dst) in out[..n * c * p].chunks_exact_mut((c * p).max(1)).enumerate() {
+        for (ci, d) in dst.chunks_exact_mut(p.max(1)).enumerate() {
+            d.copy_from_slice(&b[ci * n * p + ni * p..ci * n * p + (ni + 1) * p]);
+        }
+    }
+}
+
 /// The column matrix of images `n0..n1` side by side: K rows of `(n1 - n0) * P` columns, image
-/// by image, built in parallel over channels.
+/// by image.
 fn group_columns<T: WithDType>(x: &[T], g: &Geo, (n0, n1): (usize, usize)) -> Vec<T> {
     let (pix, hw, kk) = (g.pixels(), g.h * g.w, g.kh * g.kw);
     let np = (n1 - n0) * pix;
     let mut col = vec![T::zero(); g.k() * np];
-    col.par_chunks_mut((kk * np).max(1)).enumerate().for_each(|(ci, blk)| {
+    for (ci, blk) in col.chunks_exact_mut((kk * np).max(1)).enumerate() {
         for (j, ni) in (n0..n1).enumerate() {
             let plane = &x[(ni * g.c + ci) * hw..(ni * g.c + ci + 1) * hw];
             im2col_channel(plane, g, (0, g.oh), &mut blk[j * pix..], np);
         }
-    });
+    }
     col
 }
 
-/// The image groups of a [`Geo::batched`] convolution, as (first, end) image.
-fn groups(g: &Geo) -> impl Iterator<Item = (usize, usize)> {
-    let step = (BATCHED_COLS / g.pixels().max(1)).clamp(1, g.n.max(1));
-    let n = g.n;
-    (0..n).step_by(step).map(move |n0| (n0, (n0 + step).min(n)))
+/// Images per group of a [`Geo::batched`] convolution: the batch split evenly among the rayon
+/// threads, at most [`BATCHED_COLS`] GEMM columns per group.
+fn group_size(g: &Geo) -> usize {
+    let per_thread = g.n.div_ceil(rayon::current_num_threads().max(1));
+    per_thread.min(BATCHED_COLS / g.pixels().max(1)).max(1)
 }
 
-/// The gradients of a [`Geo::batched`] convolution: per group of images, one multi-threaded GEMM
-/// on the group's column matrix and channel-major output gradient. The weight gradient is then
-/// one accumulation per group instead of one per image; the input gradient is batched only for
-/// pointwise convolutions (no col2im), and the forward pass stays per image, where per-image
-/// GEMMs on separate threads measured as fast or faster.
+// A [`Geo::batched`] convolution runs per group of images ([`group_size`]), the groups in
+// parallel, each one single-threaded GEMM on the group's column matrix and channel-major output
+// (gradient): wider GEMMs than per image, and the weight gradient is one accumulation per group.
+// The input gradient is batched only for pointwise convolutions (no col2im).
+
+fn batched_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
+    let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
+    let mut out = vec![T::zero(); g.n * g.o * pix];
+    out.par_chunks_mut(step * g.o * pix).enumerate().try_for_each(|(i, o)| {
+        let (n0, n1) = (i * step, ((i + 1) * step).min(g.n));
+        let np = (n1 - n0) * pix;
+        let col = group_columns(x, g, (n0, n1));
+        let mut ob = vec![T::zero(); g.o * np];
+        let (w, c) = (View { data: wt, rs: k, cs: 1 }, View { data: &col, rs: np, cs: 1 });
+        gemm((g.o, np, k), &mut ob, (np, 1), false, w, c, false)?;
+        from_channel_major(&ob, (n1 - n0, g.o, pix), o);
+        Ok::<_, candle_core::Error>(())
+    })?;
+    Ok(out)
+}
+
 fn batched_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (k, pix, hw, kk) = (g.k(), g.pixels(), g.h * g.w, g.kh * g.kw);
+    let (k, pix, hw, kk, step) = (g.k(), g.pixels(), g.h * g.w, g.kh * g.kw, group_size(g));
     let mut gx = vec![T::zero(); g.n * g.c * hw];
-    for (n0, n1) in groups(g) {
+    gx.par_chunks_mut(step * g.c * hw).enumerate().try_for_each(|(i, gxg)| {
+        let (n0, n1) = (i * step, ((i + 1) * step).min(g.n));
         let np = (n1 - n0) * pix;
         let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
         let mut col = vec![T::zero(); k * np];
         let (w_t, gv) = (View { data: wt, rs: 1, cs: k }, View { data: &gob, rs: np, cs: 1 });
-        gemm((k, np, g.o), &mut col, (np, 1), false, w_t, gv, multi_threaded())?;
-        gx[n0 * g.c * hw..n1 * g.c * hw].par_chunks_mut(hw.max(1)).enumerate().for_each(|(i, plane)| {
+        gemm((k, np, g.o), &mut col, (np, 1), false, w_t, gv, false)?;
+        for (i, plane) in gxg.chunks_exact_mut(hw.max(1)).enumerate() {
             let (j, ci) = (i / g.c, i % g.c);
             col2im_channel(&col[ci * kk * np + j * pix..], g, (0, g.oh), plane, np);
-        });
-    }
+        }
+        Ok::<_, candle_core::Error>(())
+    })?;
     Ok(gx)
 }
 
 fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (k, pix) = (g.k(), g.pixels());
-    // gw (O x K) += go (O x NP) · col^T (NP x K), group by group; K is ordered (c, ky, kx), so
-    // the result is the (O, C, KH, KW) weight layout.
-    let mut gw = vec![T::zero(); g.o * k];
-    for (i, (n0, n1)) in groups(g).enumerate() {
-        let np = (n1 - n0) * pix;
-        let col = group_columns(x, g, (n0, n1));
-        let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
-        let (gv, c_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &col, rs: 1, cs: np });
-        gemm((g.o, k, np), &mut gw, (k, 1), i > 0, gv, c_t, multi_threaded())?;
-    }
-    Ok(gw)
+    let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
+    // gw (O x K) += go (O x NP) · col^T (NP x K), group by group, one accumulator per rayon
+    // task; K is ordered (c, ky, kx), so the result is the (O, C, KH, KW) weight layout.
+    let starts: Vec<usize> = (0..g.n).step_by(step).collect();
+    let gw = starts
+        .par_iter()
+        .try_fold(
+            || vec![T::zero(); g.o * k],
+            |mut acc, &n0| {
+                let n1 = (n0 + step).min(g.n);
+                let np = (n1 - n0) * pix;
+                let col = group_columns(x, g, (n0, n1));
+                let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
+                let (gv, c_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &col, rs: 1, cs: np });
+                gemm((g.o, k, np), &mut acc, (k, 1), true, gv, c_t, false)?;
+                Ok::<_, candle_core::Error>(acc)
+            },
+        )
+        .try_reduce_with(|mut a, b| {
+            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
+            Ok(a)
+        })
+        .transpose()?;
+    Ok(gw.unwrap_or_else(|| vec![T::zero(); g.o * k]))
 }
 
 fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
+    if g.batched() {
+        return batched_fwd(x, wt, g);
+    }
     let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
     per_image(x, xi, g.n, oi, |x, o, col, par| fwd_image(x, wt, g, o, col, par))
 }
