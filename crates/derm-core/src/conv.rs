@@ -524,8 +524,14 @@ fn grad_weight_shifted<T: WithDType>(
     // Each padded plane is followed by the few elements the last taps of the last row reach.
     let plane = hp * wp + (g.kw - 1) * g.d;
     let q = g.oh * wp;
-    sc.hwc.clear();
-    sc.hwc.resize(g.c * plane, T::zero());
+    // The scratch buffers serve every image of one convolution: their padding is zeroed when
+    // they are first sized and never written after, so each image only copies its interior.
+    if sc.hwc.len() != g.c * plane || sc.col.len() != g.o * q {
+        sc.hwc.clear();
+        sc.hwc.resize(g.c * plane, T::zero());
+        sc.col.clear();
+        sc.col.resize(g.o * q, T::zero());
+    }
     for (ci, src) in x.chunks_exact(g.h * g.w).enumerate() {
         let dst = &mut sc.hwc[ci * plane..];
         for (y, row) in src.chunks_exact(g.w).enumerate() {
@@ -533,8 +539,6 @@ fn grad_weight_shifted<T: WithDType>(
             dst[o..o + g.w].copy_from_slice(row);
         }
     }
-    sc.col.clear();
-    sc.col.resize(g.o * q, T::zero());
     for (oi, src) in go.chunks_exact(g.pixels()).enumerate() {
         let dst = &mut sc.col[oi * q..(oi + 1) * q];
         for (y, row) in src.chunks_exact(g.ow).enumerate() {
@@ -1106,6 +1110,7 @@ mod tests {
         let mut rng = Rng::new(26);
         for (shape, o, k, sp) in [
             ([3, 6, 50, 37], 5, 3, spec(1, 1, 1)),
+            ([8, 3, 20, 17], 4, 3, spec(1, 1, 1)), // several images per task reuse its scratch
             ([5, 4, 33, 33], 6, 3, spec(2, 2, 2)),
             ([3, 8, 20, 21], 4, 1, spec(0, 1, 1)),
             ([5, 16, 9, 11], 7, 1, spec(0, 1, 1)), // small planes: one GEMM over the batch
