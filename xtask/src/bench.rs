@@ -1,7 +1,9 @@
 //! `cargo xtask bench`: benchmarks with the same models, shapes and batch sizes as the peer's
 //! `peer_bench.py` subcommands, reported as median milliseconds after warm-up, with the peer's
 //! row names. `--peer` runs the peer (PyTorch, OMP_WAIT_POLICY=PASSIVE) after each of our groups,
-//! interleaved on the same machine, and prints the ratio ours/peer.
+//! interleaved on the same machine, and prints the ratio ours/peer. `--rounds N` alternates the
+//! two N times per group (ours, peer, ours, peer, ...) and takes each side's median over all its
+//! samples, so that a slow spell of a shared machine falls on both sides rather than on one.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -34,6 +36,10 @@ pub struct BenchArgs {
     /// Also run the PyTorch peer, interleaved, and print ours/peer.
     #[arg(long)]
     peer: bool,
+    /// Rounds per group: ours then (with --peer) the peer, this many times in turn; each row's
+    /// median is over the samples of all rounds.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// The peer folder (default ../shared/peer beside the repository).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
@@ -47,7 +53,7 @@ pub struct BenchArgs {
 pub struct Row {
     /// The peer's row name.
     pub name: String,
-    /// Median over the timed repeats.
+    /// Median over the timed repeats (of every round).
     pub median_ms: f64,
     /// Fastest repeat.
     pub min_ms: f64,
@@ -71,9 +77,8 @@ pub fn time(
         f()?;
         s.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let mut sorted = s.clone();
-    sorted.sort_by(|a, b| a.total_cmp(b));
-    let row = Row { name: name.to_string(), median_ms: sorted[sorted.len() / 2], min_ms: sorted[0], samples_ms: s };
+    let min_ms = s.iter().copied().fold(f64::INFINITY, f64::min);
+    let row = Row { name: name.to_string(), median_ms: median(&s), min_ms, samples_ms: s };
     eprintln!("  {:<60} {:>10.1} ms (min {:.1})", row.name, row.median_ms, row.min_ms);
     Ok(row)
 }
@@ -320,6 +325,45 @@ struct PeerOut {
 struct PeerRow {
     name: String,
     median_ms: Option<f64>,
+    #[serde(default)]
+    samples_ms: Vec<f64>,
+}
+
+/// The median of some samples (the upper one of an even count, as [`time`] takes).
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Adds one round's rows to the rows so far (matched by name), keeping every sample.
+fn merge_rows(all: &mut Vec<Row>, round: Vec<Row>) {
+    for r in round {
+        match all.iter_mut().find(|a| a.name == r.name) {
+            Some(a) => {
+                a.samples_ms.extend(r.samples_ms);
+                a.median_ms = median(&a.samples_ms);
+                a.min_ms = a.min_ms.min(r.min_ms);
+            }
+            None => all.push(r),
+        }
+    }
+}
+
+/// The peer's rows as [`Row`]s (a row without samples keeps its median as its one sample).
+fn peer_rows(rows: Vec<PeerRow>) -> Vec<Row> {
+    rows.into_iter()
+        .filter_map(|p| {
+            let samples = if p.samples_ms.is_empty() { vec![p.median_ms?] } else { p.samples_ms };
+            let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
+            Some(Row {
+                name: p.name,
+                median_ms: p.median_ms.unwrap_or_else(|| median(&samples)),
+                min_ms: min,
+                samples_ms: samples,
+            })
+        })
+        .collect()
 }
 
 fn run_peer(a: &BenchArgs, g: &Group) -> anyhow::Result<Vec<PeerRow>> {
@@ -351,10 +395,11 @@ impl BenchArgs {
     /// Runs the benchmarks.
     pub fn run(&self) -> anyhow::Result<()> {
         eprintln!(
-            "derm bench: {} rayon threads, {} repeats after {} warm-up",
+            "derm bench: {} rayon threads, {} repeats after {} warm-up, {} round(s)",
             rayon_threads(),
             self.repeats,
-            self.warmup
+            self.warmup,
+            self.rounds.max(1)
         );
         let mut all = Vec::new();
         let mut table = Vec::new();
@@ -362,19 +407,26 @@ impl BenchArgs {
             if self.only.as_deref().is_some_and(|o| !g.name.contains(o)) {
                 continue;
             }
-            eprintln!("[{}]", g.name);
-            let rows = (g.run)(self)?;
-            if derm_core::profile::enabled() {
-                eprintln!("  kernel time over the whole group (warm-up and repeats), DERM_PROFILE:");
-                for (name, ms, calls) in derm_core::profile::report() {
-                    eprintln!("    {name:<28} {ms:>10.1} ms {calls:>7} calls");
+            let (mut rows, mut peer) = (Vec::new(), Vec::new());
+            for round in 0..self.rounds.max(1) {
+                if self.rounds > 1 {
+                    eprintln!("[{}] round {} of {}", g.name, round + 1, self.rounds);
+                } else {
+                    eprintln!("[{}]", g.name);
+                }
+                merge_rows(&mut rows, (g.run)(self)?);
+                if derm_core::profile::enabled() {
+                    eprintln!("  kernel time over the whole group (warm-up and repeats), DERM_PROFILE:");
+                    for (name, ms, calls) in derm_core::profile::report() {
+                        eprintln!("    {name:<28} {ms:>10.1} ms {calls:>7} calls");
+                    }
+                }
+                if self.peer {
+                    merge_rows(&mut peer, peer_rows(run_peer(self, &g)?));
                 }
             }
-            let peer = if self.peer { Some(run_peer(self, &g)?) } else { None };
             for r in &rows {
-                let p = peer
-                    .as_ref()
-                    .and_then(|p| p.iter().find(|x| x.name.starts_with(&r.name)).and_then(|x| x.median_ms));
+                let p = peer.iter().find(|x| x.name.starts_with(&r.name)).map(|x| x.median_ms);
                 table.push((r.name.clone(), r.median_ms, p));
             }
             all.extend(rows);
