@@ -21,12 +21,13 @@
 //! [`conv_transpose2d`] is the same three passes with the roles exchanged.
 //!
 //! Column matrices are built a few output rows at a time into a buffer that is reused for the
-//! whole image, so they stay in cache between being written and being read by the GEMM. A 1x1 convolution with stride 1 and no
-//! padding needs no im2col: the image itself is the column matrix. The work is spread over the
-//! rayon pool one image per task (the GEMMs then run single-threaded); images left over when the
-//! batch does not divide evenly among the threads run one at a time with multi-threaded GEMMs.
-//! Small planes (at most 196 output pixels per image, ResNet's 14x14 and 7x7 stages)
-//! instead run per group of images, one GEMM on the group's column matrices side by side.
+//! whole image, so they stay in cache between being written and being read by the GEMM. A 1x1
+//! convolution with stride 1 and no padding needs no im2col: the image itself is the column
+//! matrix. The work is spread over the rayon pool one image per task (the GEMMs then run
+//! single-threaded); images left over when the batch does not divide evenly among the threads run
+//! one at a time with multi-threaded GEMMs. Small planes (at most 196 output pixels per image,
+//! ResNet's 14x14 and 7x7 stages) instead run per group of images, one GEMM on the group's column
+//! matrices side by side.
 //!
 //! The GEMMs are the `gemm` crate's, the one candle itself uses. The ops work in f32 and f64;
 //! the backward ops have no second-order gradient. Results equal `Tensor::conv2d` (groups 1) and
@@ -658,15 +659,15 @@ fn group_size(g: &Geo) -> usize {
     per_thread.min(BATCHED_COLS / g.pixels().max(1)).max(1)
 }
 
-// A [`Geo::batched`] convolution runs per group of images ([`group_size`]), the groups in
+// A batched convolution (`Geo::batched`) runs per group of images (`group_size`), the groups in
 // parallel, each one single-threaded GEMM on the group's column matrix and channel-major output
 // (gradient): wider GEMMs than per image, and the weight gradient is one accumulation per group.
-// The input gradient is batched only for pointwise convolutions (no col2im).
+// The input gradient is batched only for pointwise convolutions, where its col2im is a copy.
 
 fn batched_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
     let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
     let mut out = vec![T::zero(); g.n * g.o * pix];
-    out.par_chunks_mut(step * g.o * pix).enumerate().try_for_each(|(i, o)| {
+    out.par_chunks_mut((step * g.o * pix).max(1)).enumerate().try_for_each(|(i, o)| {
         let (n0, n1) = (i * step, ((i + 1) * step).min(g.n));
         let np = (n1 - n0) * pix;
         let col = group_columns(x, g, (n0, n1));
@@ -682,7 +683,7 @@ fn batched_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo) -> CResult<Vec<T>> {
 fn batched_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
     let (k, pix, hw, kk, step) = (g.k(), g.pixels(), g.h * g.w, g.kh * g.kw, group_size(g));
     let mut gx = vec![T::zero(); g.n * g.c * hw];
-    gx.par_chunks_mut(step * g.c * hw).enumerate().try_for_each(|(i, gxg)| {
+    gx.par_chunks_mut((step * g.c * hw).max(1)).enumerate().try_for_each(|(i, gxg)| {
         let (n0, n1) = (i * step, ((i + 1) * step).min(g.n));
         let np = (n1 - n0) * pix;
         let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
