@@ -495,14 +495,9 @@ fn grad_weight_image<T: WithDType>(
     for tile in g.tiles() {
         let t = (tile.1 - tile.0) * g.ow;
         let go_t = View { data: &go[tile.0 * g.ow..], rs: 1, cs: pix };
-        if g.is_pointwise() {
-            let xt = View { data: &sc.hwc[tile.0 * g.ow * k..], rs: 1, cs: k };
-            gemm((k, g.o, t), acc, (1, k), true, xt, go_t, par)?;
-        } else {
-            sc.col.resize(k * t, T::zero());
-            im2row(&sc.hwc, g, tile, &mut sc.col[..k * t]);
-            gemm((k, g.o, t), acc, (1, k), true, View { data: &sc.col[..k * t], rs: 1, cs: k }, go_t, par)?;
-        }
+        sc.col.resize(k * t, T::zero());
+        im2row(&sc.hwc, g, tile, &mut sc.col[..k * t]);
+        gemm((k, g.o, t), acc, (1, k), true, View { data: &sc.col[..k * t], rs: 1, cs: k }, go_t, par)?;
     }
     Ok(())
 }
