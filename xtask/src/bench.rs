@@ -77,8 +77,7 @@ pub fn time(
         f()?;
         s.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let min_ms = s.iter().copied().fold(f64::INFINITY, f64::min);
-    let row = Row { name: name.to_string(), median_ms: median(&s), min_ms, samples_ms: s };
+    let row = Row::from_samples(name.to_string(), s);
     eprintln!("  {:<60} {:>10.1} ms (min {:.1})", row.name, row.median_ms, row.min_ms);
     Ok(row)
 }
@@ -336,14 +335,22 @@ fn median(samples: &[f64]) -> f64 {
     sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+impl Row {
+    /// A row whose median and minimum are those of `samples`.
+    fn from_samples(name: String, samples: Vec<f64>) -> Row {
+        let min_ms = samples.iter().copied().fold(f64::INFINITY, f64::min);
+        Row { name, median_ms: median(&samples), min_ms, samples_ms: samples }
+    }
+}
+
 /// Adds one round's rows to the rows so far (matched by name), keeping every sample.
 fn merge_rows(all: &mut Vec<Row>, round: Vec<Row>) {
     for r in round {
-        match all.iter_mut().find(|a| a.name == r.name) {
-            Some(a) => {
-                a.samples_ms.extend(r.samples_ms);
-                a.median_ms = median(&a.samples_ms);
-                a.min_ms = a.min_ms.min(r.min_ms);
+        match all.iter().position(|a| a.name == r.name) {
+            Some(i) => {
+                let mut samples = std::mem::take(&mut all[i].samples_ms);
+                samples.extend(r.samples_ms);
+                all[i] = Row::from_samples(r.name, samples);
             }
             None => all.push(r),
         }
@@ -355,13 +362,7 @@ fn peer_rows(rows: Vec<PeerRow>) -> Vec<Row> {
     rows.into_iter()
         .filter_map(|p| {
             let samples = if p.samples_ms.is_empty() { vec![p.median_ms?] } else { p.samples_ms };
-            let min = samples.iter().copied().fold(f64::INFINITY, f64::min);
-            Some(Row {
-                name: p.name,
-                median_ms: p.median_ms.unwrap_or_else(|| median(&samples)),
-                min_ms: min,
-                samples_ms: samples,
-            })
+            Some(Row::from_samples(p.name, samples))
         })
         .collect()
 }
