@@ -1,7 +1,8 @@
 //! Times the three phases of derm-core's conv2d (forward, input gradient, weight gradient)
 //! separately at shapes from the benchmark models, with GFLOP/s.
 //!
-//! `cargo run -p derm-core --example conv_phases`
+//! `cargo run -p derm-core --example conv_phases [FILTER]`: only the shapes whose name contains
+//! FILTER (for example `unet`) when one is given.
 
 use std::time::Instant;
 
@@ -54,8 +55,9 @@ fn main() -> candle_core::Result<()> {
         ("dcgan 4x4/2 256->512 8", 64, 256, 8, 512, 4, 2, 1),
         ("dcgan 2x2 256->512 8", 64, 256, 8, 512, 2, 1, 0),
     ];
+    let filter = std::env::args().nth(1).unwrap_or_default();
     println!("{:<26} {:>9} {:>9} {:>9}   GF/s fwd / gin / gw", "shape", "fwd ms", "gin ms", "gw ms");
-    for (name, n, c, h, o, k, s, p) in shapes {
+    for (name, n, c, h, o, k, s, p) in shapes.into_iter().filter(|s| s.0.contains(filter.as_str())) {
         let spec = ConvSpec { padding: p, stride: s, dilation: 1 };
         let x = Tensor::from_vec(rng.normal_vec(n * c * h * h, 0.0, 1.0), (n, c, h, h), &Device::Cpu)?;
         let w = Tensor::from_vec(rng.normal_vec(o * c * k * k, 0.0, 0.1), (o, c, k, k), &Device::Cpu)?;

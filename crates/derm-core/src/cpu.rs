@@ -33,3 +33,23 @@ macro_rules! float_dispatch {
     };
 }
 pub(crate) use float_dispatch;
+
+/// `v` as f32 values when `T` is f32.
+pub(crate) fn as_f32<T: WithDType>(v: &[T]) -> Option<&[f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32, so the slice is a slice of f32.
+        Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
+    } else {
+        None
+    }
+}
+
+/// `v` as mutable f32 values when `T` is f32.
+pub(crate) fn as_f32_mut<T: WithDType>(v: &mut [T]) -> Option<&mut [f32]> {
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // SAFETY: T is f32, so the slice is a slice of f32, borrowed mutably once.
+        Some(unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut f32, v.len()) })
+    } else {
+        None
+    }
+}

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
-use crate::cpu::{data, float_dispatch};
+use crate::cpu::{as_f32, data, float_dispatch};
 
 type CResult<T> = candle_core::Result<T>;
 
@@ -186,6 +186,57 @@ impl CustomOp2 for LeakyBwd {
         let out = float_dispatch!("relu backward", s1, |T| {
             T::to_cpu_storage_owned(run::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, self.0))
         });
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// (y, dy) of shape (N, C, ...) -> dy where y > 0 and 0 elsewhere, with the per-channel sums of
+/// that result (a bias's gradient under a ReLU) left in `sums`: the mask and the sums in one
+/// pass instead of a masking pass and a summing pass.
+pub(crate) struct ReluBiasBwd {
+    pub(crate) sums: Arc<Mutex<Option<Vec<f64>>>>,
+}
+
+impl CustomOp2 for ReluBiasBwd {
+    fn name(&self) -> &'static str {
+        "derm-relu-bias-bwd"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        let _span = crate::profile::span(self.name());
+        fn run<T: WithDType>(y: &[T], dy: &[T], (n, c, s): (usize, usize, usize)) -> (Vec<T>, Vec<f64>) {
+            let total = n * c * s;
+            let mut out: Vec<T> = Vec::with_capacity(total);
+            let planes: Vec<f64> = out.spare_capacity_mut()[..total]
+                .par_chunks_mut(s)
+                .zip(y.par_chunks(s).zip(dy.par_chunks(s)))
+                .map(|(o, (y, dy))| {
+                    // The masked plane is written, then summed while it is still in cache, by
+                    // the two vectorised kernels of the separate ops.
+                    leaky_bwd_chunk(y, dy, o, T::zero());
+                    // SAFETY: `leaky_bwd_chunk` wrote every element of `o` (its inputs are as
+                    // long), and `MaybeUninit<T>` has the layout of `T`.
+                    let o = unsafe { &*(o as *const [MaybeUninit<T>] as *const [T]) };
+                    o.chunks(RUN).map(|run| shifted_sums(run, T::zero()).0).sum::<f64>()
+                })
+                .collect();
+            // SAFETY: the zip above pairs each of the n * c output planes of `s` elements with
+            // input planes of the same length (checked by the caller) and writes every element.
+            unsafe { out.set_len(total) };
+            let sums = (0..c).map(|ch| (0..n).map(|i| planes[i * c + ch]).sum()).collect();
+            (out, sums)
+        }
+        let dims = ncs(self.name(), l1.shape())?;
+        if l2.shape() != l1.shape() || dims.2 == 0 {
+            candle_core::bail!("{}: output {:?} and gradient {:?} must match", self.name(), l1.shape(), l2.shape())
+        }
+        let (out, sums) = float_dispatch!("relu bias backward", s1, |T| {
+            let (v, sums) = run::<T>(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, dims);
+            (T::to_cpu_storage_owned(v), sums)
+        });
+        if let Ok(mut g) = self.sums.lock() {
+            *g = Some(sums);
+        }
         Ok((out, l1.shape().clone()))
     }
 }
@@ -387,7 +438,7 @@ impl CustomOp2 for ChannelBias {
 }
 
 /// (N, C, ...) -> (C,): the sum of each channel.
-struct ChannelSums;
+pub(crate) struct ChannelSums;
 
 impl CustomOp1 for ChannelSums {
     fn name(&self) -> &'static str {
@@ -581,16 +632,6 @@ const LANES: usize = 8;
 /// The sum of squares of `v`, in f64 (vectorised, in runs of [`RUN`] values).
 pub(crate) fn sum_of_squares(v: &[f32]) -> f64 {
     v.chunks(RUN).map(|run| shifted_sums(run, 0f32).1).sum()
-}
-
-/// `v` as f32 values when `T` is f32.
-fn as_f32<T: WithDType>(v: &[T]) -> Option<&[f32]> {
-    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-        // SAFETY: T is f32, so the slice is a slice of f32.
-        Some(unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) })
-    } else {
-        None
-    }
 }
 
 /// AVX2 + FMA reductions for f32 (the portable loops above do not vectorise: the compiler keeps

@@ -11,7 +11,9 @@
 //! - [`ops`]: differentiable ops whose gradients are correct where candle 0.11's are wrong or
 //!   missing (pooling, resizing, stable BCE, softmax, conv2d at any shape), each checked against
 //!   finite differences.
-//! - [`conv`]: GEMM convolution and transposed convolution (forward and both gradients).
+//! - [`conv`]: GEMM convolution and transposed convolution (forward and both gradients), the
+//!   convolution with its bias and ReLU as one op, and an AVX2 dot-product kernel for the stride-1
+//!   weight gradient.
 //! - [`fused`]: single-op CPU kernels with one- or two-pass backwards: batch norm (+ReLU,
 //!   +residual), convolution followed by batch norm, ReLU, per-channel bias, parity interleave.
 //! - [`optim`]: Adam, AdamW and SGD with momentum, learning-rate schedules, gradient clipping,
@@ -48,6 +50,7 @@ pub mod profile;
 pub mod report;
 pub mod rng;
 pub mod runtime;
+mod shifted_dots;
 pub mod train;
 
 pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};

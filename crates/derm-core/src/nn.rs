@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 
+use crate::conv;
 use crate::fused;
 use crate::ops::{self, ConvParams};
 use crate::Rng;
@@ -126,12 +127,33 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, cfg: Conv2dConfig, vb: VarBui
 }
 
 impl Conv2d {
-    /// `relu(conv(x) + bias)`, the bias and the activation as one fused op.
+    /// `relu(conv(x) + bias)`, the bias and the activation fused into the convolution.
     pub fn forward_relu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, true)? {
+            return Ok(y);
+        }
         let y = ops::conv2d(x, &self.weight, self.params)?;
         match &self.bias {
             Some(b) => fused::add_channel_bias_relu(&y, b),
             None => fused::relu(&y),
+        }
+    }
+
+    /// The convolution with its bias (and the ReLU) as one op, where derm's convolution runs it
+    /// (CPU, groups 1, a bias of the operands' dtype).
+    fn fused(&self, x: &Tensor, relu: bool) -> Result<Option<Tensor>> {
+        let p = self.params;
+        match &self.bias {
+            Some(b)
+                if p.groups == 1
+                    && conv::supports(x, &self.weight)
+                    && b.dtype() == x.dtype()
+                    && b.device().is_cpu() =>
+            {
+                let spec = conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
+                Ok(Some(conv::conv2d_bias(x, &self.weight, b, spec, relu)?))
+            }
+            _ => Ok(None),
         }
     }
 }
@@ -139,6 +161,9 @@ impl Conv2d {
 impl Module for Conv2d {
     /// (N, C_in, H, W) -> (N, C_out, H', W').
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.fused(x, false)? {
+            return Ok(y);
+        }
         let y = ops::conv2d(x, &self.weight, self.params)?;
         match &self.bias {
             Some(b) => fused::add_channel_bias(&y, b),
