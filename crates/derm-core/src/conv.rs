@@ -793,31 +793,49 @@ fn batched_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<
     Ok(gx)
 }
 
-fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
-    let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
-    // gw (O x K) += go (O x NP) · col^T (NP x K), group by group, one accumulator per rayon
-    // task; K is ordered (c, ky, kx), so the result is the (O, C, KH, KW) weight layout.
-    let starts: Vec<usize> = (0..g.n).step_by(step).collect();
-    let gw = starts
-        .par_iter()
+/// Sums the contributions of `items` to a weight gradient of `len` values: `f(acc, scratch,
+/// item)` adds one item into its rayon task's accumulator (each task with its own scratch `S`),
+/// and the tasks' accumulators are then added.
+fn accumulate<T, I, S>(
+    items: I,
+    len: usize,
+    f: impl Fn(&mut [T], &mut S, I::Item) -> CResult<()> + Sync + Send,
+) -> CResult<Vec<T>>
+where
+    T: WithDType,
+    I: ParallelIterator,
+    S: Default + Send,
+{
+    let total = items
         .try_fold(
-            || vec![T::zero(); g.o * k],
-            |mut acc, &n0| {
-                let n1 = (n0 + step).min(g.n);
-                let np = (n1 - n0) * pix;
-                let col = group_columns(x, g, (n0, n1));
-                let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
-                let (gv, c_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &col, rs: 1, cs: np });
-                gemm((g.o, k, np), &mut acc, (k, 1), true, gv, c_t, false)?;
-                Ok::<_, candle_core::Error>(acc)
+            || (vec![T::zero(); len], S::default()),
+            |(mut acc, mut sc), item| {
+                f(&mut acc, &mut sc, item)?;
+                Ok::<_, candle_core::Error>((acc, sc))
             },
         )
+        .map(|r| r.map(|(acc, _)| acc))
         .try_reduce_with(|mut a, b| {
             a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
             Ok(a)
         })
         .transpose()?;
-    Ok(gw.unwrap_or_else(|| vec![T::zero(); g.o * k]))
+    Ok(total.unwrap_or_else(|| vec![T::zero(); len]))
+}
+
+fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
+    let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
+    // gw (O x K) += go (O x NP) · col^T (NP x K), group by group, one accumulator per rayon
+    // task; K is ordered (c, ky, kx), so the result is the (O, C, KH, KW) weight layout.
+    let starts: Vec<usize> = (0..g.n).step_by(step).collect();
+    accumulate(starts.par_iter(), g.o * k, |acc, _: &mut (), &n0| {
+        let n1 = (n0 + step).min(g.n);
+        let np = (n1 - n0) * pix;
+        let col = group_columns(x, g, (n0, n1));
+        let gob = to_channel_major(&go[n0 * g.o * pix..n1 * g.o * pix], (n1 - n0, g.o, pix));
+        let (gv, c_t) = (View { data: &gob, rs: np, cs: 1 }, View { data: &col, rs: 1, cs: np });
+        gemm((g.o, k, np), acc, (k, 1), true, gv, c_t, false)
+    })
 }
 
 fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo, epi: Epilogue<'_, T>) -> CResult<Vec<T>> {
@@ -890,7 +908,8 @@ fn patchify_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> Option<CRes
         return None;
     }
     let (xi, oi) = (g.c * g.h * g.w, g.o * pix);
-    let image = |acc: &mut Vec<T>, col: &mut Vec<T>, x: &[T], go: &[T]| -> CResult<()> {
+    let images = x.par_chunks(xi).zip(go.par_chunks(oi));
+    Some(accumulate(images, g.o * k, |acc, col: &mut Vec<T>, (x, go)| {
         col.resize(k * pix, T::zero());
         im2col(x, g, (0, g.oh), col, false);
         let (Some(a), Some(b), Some(acc)) = (as_f32(go), as_f32(col), as_f32_mut(acc)) else {
@@ -901,24 +920,7 @@ fn patchify_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> Option<CRes
             candle_core::bail!("conv2d: the weight-gradient kernel refused its operands ({g:?})")
         }
         Ok(())
-    };
-    let gw = x
-        .par_chunks(xi)
-        .zip(go.par_chunks(oi))
-        .try_fold(
-            || (vec![T::zero(); g.o * k], Vec::new()),
-            |(mut acc, mut col), (x, go)| {
-                image(&mut acc, &mut col, x, go)?;
-                Ok::<_, candle_core::Error>((acc, col))
-            },
-        )
-        .map(|r| r.map(|(acc, _)| acc))
-        .try_reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-            Ok(a)
-        })
-        .transpose();
-    Some(gw.map(|gw| gw.unwrap_or_else(|| vec![T::zero(); g.o * k])))
+    }))
 }
 
 fn conv_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
@@ -930,24 +932,10 @@ fn conv_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>>
     }
     let (xi, oi, wn) = (g.c * g.h * g.w, g.o * g.pixels(), g.o * g.k());
     let split = batch_split(g.n);
-    // Each rayon task sums its images into its own accumulator; the accumulators are then added.
-    let partial = x[..split * xi]
-        .par_chunks(xi)
-        .zip(go[..split * oi].par_chunks(oi))
-        .try_fold(
-            || (vec![T::zero(); wn], Scratch::default()),
-            |(mut gw, mut sc), (x, go)| {
-                grad_weight_image(x, go, g, &mut gw, &mut sc, false)?;
-                Ok::<_, candle_core::Error>((gw, sc))
-            },
-        )
-        .map(|r| r.map(|(gw, _)| gw))
-        .try_reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-            Ok(a)
-        })
-        .transpose()?;
-    let mut acc = partial.unwrap_or_else(|| vec![T::zero(); wn]);
+    // Whole images one per rayon task with single-threaded GEMMs, then the few left over one at a
+    // time with multi-threaded ones.
+    let images = x[..split * xi].par_chunks(xi).zip(go[..split * oi].par_chunks(oi));
+    let mut acc = accumulate(images, wn, |acc, sc, (x, go)| grad_weight_image(x, go, g, acc, sc, false))?;
     let mut sc = Scratch::default();
     for (x, go) in x[split * xi..].chunks(xi).zip(go[split * oi..].chunks(oi)) {
         grad_weight_image(x, go, g, &mut acc, &mut sc, multi_threaded())?;
