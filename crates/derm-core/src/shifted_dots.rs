@@ -17,13 +17,12 @@
 
 use rayon::prelude::*;
 
-/// Values of `q` per block: the block's 4 input rows (plus the taps' reach) and 3 output rows
-/// stay in L1 while all taps are computed.
+/// Values of `q` per block: a register block's 3 input rows (plus the taps' reach) and 4 output
+/// rows stay in L1 while all taps are computed.
 const KB: usize = 512;
 /// Output channels per register block.
 const MR: usize = 4;
-/// Input channels per register block (the four sums of a row are added to the result as one
-/// 128-bit vector).
+/// Input channels per register block (at most 4: a row's sums are reduced four at a time).
 const NR: usize = 3;
 
 /// The operands of [`shifted_dots`]: row-major matrices with a row stride.
@@ -138,7 +137,6 @@ unsafe fn dispatch(mr: usize, nr: usize, blk: &Block) {
             match nr {
                 1 => block::<$m, 1>(blk),
                 2 => block::<$m, 2>(blk),
-                3 => block::<$m, 3>(blk),
                 _ => block::<$m, NR>(blk),
             }
         };
@@ -174,7 +172,7 @@ struct Block {
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn load(p: *const f32) -> std::arch::x86_64::__m256 {
-    // SAFETY: the caller guarantees the eight values are readable; the packed read is unaligned.
+    // SAFETY: the caller guarantees the eight values are readable; `vlddqu` needs no alignment.
     unsafe { std::arch::x86_64::_mm256_castsi256_ps(std::arch::x86_64::_mm256_lddqu_si256(p as *const _)) }
 }
 
