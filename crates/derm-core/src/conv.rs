@@ -325,6 +325,7 @@ impl<T: WithDType> Epilogue<'_, T> {
 }
 
 /// A strided matrix view into a slice: element (i, j) is at `i * rs + j * cs`.
+#[derive(Clone, Copy)]
 struct View<'a, T> {
     data: &'a [T],
     rs: usize,
@@ -600,8 +601,8 @@ fn grad_weight_shifted<T: WithDType>(
     // The flat pixel range, rounded up to whole vectors (the output gradient is zero beyond it);
     // each padded plane is followed by the elements the last taps reach from there.
     let q = (g.oh * wp).next_multiple_of(8);
-    let max_off = (g.kh - 1) * g.d * wp + (g.kw - 1) * g.d;
-    let plane = (q + max_off).max(hp * wp);
+    let offs = tap_offsets(g, wp);
+    let plane = (q + offs.iter().copied().max().unwrap_or(0)).max(hp * wp);
     // The scratch buffers serve every image of one convolution: their padding is zeroed when
     // they are first sized and never written after, so each image only copies its interior.
     if sc.hwc.len() != g.c * plane || sc.col.len() != g.o * q {
@@ -618,7 +619,6 @@ fn grad_weight_shifted<T: WithDType>(
         }
     }
     let k = g.k();
-    let offs = tap_offsets(g, wp);
     let dots = q >= DOTS_MIN_DEPTH;
     if let (true, Some(a), Some(b), Some(acc)) = (dots, as_f32(&sc.col), as_f32(&sc.hwc), as_f32_mut(acc)) {
         let (a, b) = (Rows { data: a, rows: g.o, ld: q }, Rows { data: b, rows: g.c, ld: plane });
@@ -629,7 +629,6 @@ fn grad_weight_shifted<T: WithDType>(
     let go_v = View { data: &sc.col, rs: q, cs: 1 };
     for (tap, &off) in offs.iter().enumerate() {
         let x_v = View { data: &sc.hwc[off..], rs: 1, cs: plane };
-        let go_v = View { data: go_v.data, rs: go_v.rs, cs: go_v.cs };
         gemm((g.o, g.c, q), &mut acc[tap * g.c..], (k, 1), true, go_v, x_v, par)?;
     }
     Ok(())
@@ -966,6 +965,38 @@ fn dispatch2(
     }
 }
 
+/// The forward pass of [`Conv2dOp`] and [`Conv2dBiasOp`] on CPU storages of one float dtype:
+/// input, weight and optionally a bias, applied with the ReLU (when `relu`) as the epilogue.
+fn forward_storage(
+    name: &str,
+    spec: ConvSpec,
+    x: (&CpuStorage, &Layout),
+    w: (&CpuStorage, &Layout),
+    bias: Option<(&CpuStorage, &Layout)>,
+    relu: bool,
+) -> CResult<(CpuStorage, Shape)> {
+    let g = Geo::new(x.1.shape().dims4()?, w.1.shape().dims4()?, spec)?;
+    let _span = crate::profile::span(g.kind(["conv2d 1x1", "conv2d kxk/1", "conv2d strided"]));
+    if let Some((_, l)) = bias.filter(|(_, l)| l.shape().elem_count() != g.o) {
+        candle_core::bail!("conv2d: {} bias values for {} output channels", l.shape().elem_count(), g.o)
+    }
+    fn epilogue<'a, T: WithDType>(
+        name: &str,
+        bias: Option<(&'a CpuStorage, &'a Layout)>,
+        relu: bool,
+    ) -> CResult<Epilogue<'a, T>> {
+        Ok(Epilogue { bias: bias.map(|(s, l)| data::<T>(name, s, l)).transpose()?, relu })
+    }
+    let out = dispatch2(
+        name,
+        x,
+        w,
+        |x, wt| conv_fwd(x, wt, &g, epilogue(name, bias, relu)?),
+        |x, wt| conv_fwd(x, wt, &g, epilogue(name, bias, relu)?),
+    )?;
+    Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+}
+
 /// The convolution itself, on (input, weight).
 pub(crate) struct Conv2dOp(pub(crate) ConvSpec);
 
@@ -975,16 +1006,7 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.shape().dims4()?, l2.shape().dims4()?, self.0)?;
-        let _span = crate::profile::span(g.kind(["conv2d 1x1", "conv2d kxk/1", "conv2d strided"]));
-        let out = dispatch2(
-            self.name(),
-            (s1, l1),
-            (s2, l2),
-            |x, w| conv_fwd(x, w, &g, Epilogue::NONE),
-            |x, w| conv_fwd(x, w, &g, Epilogue::NONE),
-        )?;
-        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+        forward_storage(self.name(), self.0, (s1, l1), (s2, l2), None, false)
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
@@ -1012,30 +1034,7 @@ impl CustomOp3 for Conv2dBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
-        let g = Geo::new(l1.shape().dims4()?, l2.shape().dims4()?, self.spec)?;
-        let _span = crate::profile::span(g.kind(["conv2d 1x1", "conv2d kxk/1", "conv2d strided"]));
-        if l3.shape().elem_count() != g.o {
-            candle_core::bail!("conv2d: {} bias values for {} output channels", l3.shape().elem_count(), g.o)
-        }
-        let relu = self.relu;
-        let out = match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
-                let epi = Epilogue { bias: Some(data::<f32>(self.name(), s3, l3)?), relu };
-                CpuStorage::F32(conv_fwd(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, &g, epi)?)
-            }
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
-                let epi = Epilogue { bias: Some(data::<f64>(self.name(), s3, l3)?), relu };
-                CpuStorage::F64(conv_fwd(data(self.name(), s1, l1)?, data(self.name(), s2, l2)?, &g, epi)?)
-            }
-            _ => candle_core::bail!(
-                "{}: f32 or f64 operands of one dtype only, got {:?}, {:?} and {:?}",
-                self.name(),
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        };
-        Ok((out, Shape::from((g.n, g.o, g.oh, g.ow))))
+        forward_storage(self.name(), self.spec, (s1, l1), (s2, l2), Some((s3, l3)), self.relu)
     }
 
     fn bwd(
@@ -1046,22 +1045,9 @@ impl CustomOp3 for Conv2dBiasOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> CResult<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
         // With the ReLU, the gradient passes where the output is positive; the bias gradient is
         // its sum per channel, taken in the same pass.
-        let (g, db) = if self.relu {
-            let sums = std::sync::Arc::new(std::sync::Mutex::new(None));
-            let g = res.apply_op2_no_bwd(&grad, &crate::fused::ReluBiasBwd { sums: sums.clone() })?;
-            let db = sums
-                .lock()
-                .ok()
-                .and_then(|s| s.clone())
-                .ok_or_else(|| candle_core::Error::Msg("conv2d bias backward: no bias gradient".into()))?;
-            (g, Tensor::from_vec(db, b.shape(), b.device())?.to_dtype(b.dtype())?)
-        } else {
-            let db = grad.apply_op1_no_bwd(&crate::fused::ChannelSums)?.reshape(b.shape())?;
-            (grad, db)
-        };
+        let (g, db) = crate::fused::bias_grads(res, grad, b, self.relu)?;
         let (gx, gw) = conv_grads(x, w, &g, self.spec)?;
         Ok((gx, gw, b.track_op().then_some(db)))
     }
@@ -1314,7 +1300,6 @@ mod tests {
         all.push(([3, 5, 70, 33], 6, (3, 3), spec(1, 1, 1)));
         all.push(([5, 16, 40, 41], 8, (3, 3), spec(2, 2, 2)));
         all.push(([2, 9, 30, 20], 7, (1, 1), spec(0, 1, 1)));
-
         for (shape, o, (kh, kw), sp) in all {
             for (dtype, tol) in [(DType::F32, 1e-4), (DType::F64, 1e-10)] {
                 let x = randn(&mut rng, &shape, dtype);

@@ -190,11 +190,32 @@ impl CustomOp2 for LeakyBwd {
     }
 }
 
+/// What an op left in its side-output slot (an op returns one tensor; the others it computes in
+/// the same pass go through a shared slot); `what` names it in the error when the slot is empty.
+fn side_output<T: Clone>(slot: &Mutex<Option<T>>, what: &str) -> CResult<T> {
+    slot.lock().ok().and_then(|g| g.clone()).ok_or_else(|| candle_core::Error::Msg(format!("no {what}")))
+}
+
+/// The gradients of `y = x + b` per channel (or `y = relu(x + b)` with `relu`) from `dy`: the
+/// input's (`dy`, masked where `y` is not positive) and the bias's (its sum per channel, shaped
+/// like `b`), in one pass with the ReLU.
+pub(crate) fn bias_grads(y: &Tensor, dy: &Tensor, b: &Tensor, relu: bool) -> CResult<(Tensor, Tensor)> {
+    let dy = dy.contiguous()?;
+    if !relu {
+        let db = dy.apply_op1_no_bwd(&ChannelSums)?.reshape(b.shape())?;
+        return Ok((dy, db));
+    }
+    let sums = Arc::new(Mutex::new(None));
+    let g = y.apply_op2_no_bwd(&dy, &ReluBiasBwd { sums: sums.clone() })?;
+    let db = side_output(&sums, "bias gradient from the ReLU-bias backward")?;
+    Ok((g, Tensor::from_vec(db, b.shape(), b.device())?.to_dtype(b.dtype())?))
+}
+
 /// (y, dy) of shape (N, C, ...) -> dy where y > 0 and 0 elsewhere, with the per-channel sums of
 /// that result (a bias's gradient under a ReLU) left in `sums`: the mask and the sums in one
 /// pass instead of a masking pass and a summing pass.
-pub(crate) struct ReluBiasBwd {
-    pub(crate) sums: Arc<Mutex<Option<Vec<f64>>>>,
+struct ReluBiasBwd {
+    sums: Arc<Mutex<Option<Vec<f64>>>>,
 }
 
 impl CustomOp2 for ReluBiasBwd {
@@ -429,16 +450,13 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn bwd(&self, _x: &Tensor, b: &Tensor, y: &Tensor, dy: &Tensor) -> CResult<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        // With the ReLU, the gradient passes where the output is positive.
-        let g = if self.0 { y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))? } else { dy };
-        let db = g.apply_op1_no_bwd(&ChannelSums)?.reshape(b.shape())?;
+        let (g, db) = bias_grads(y, dy, b, self.0)?;
         Ok((Some(g), Some(db)))
     }
 }
 
 /// (N, C, ...) -> (C,): the sum of each channel.
-pub(crate) struct ChannelSums;
+struct ChannelSums;
 
 impl CustomOp1 for ChannelSums {
     fn name(&self) -> &'static str {
@@ -574,12 +592,7 @@ impl BnCore {
         dy: &Tensor,
         residual: bool,
     ) -> CResult<(Tensor, Tensor, Option<Tensor>)> {
-        let stats = self
-            .stats
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no forward statistics".into()))?;
+        let stats = side_output(&self.stats, "forward statistics for the batch-norm backward")?;
         let mut gamma = gb.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
         gamma.truncate(gamma.len() / 2);
         let sums = Arc::new(Mutex::new(None));
@@ -587,11 +600,7 @@ impl BnCore {
             BnBwd { eps: self.eps, relu: self.relu, train: self.fixed.is_none(), gamma, stats, sums: sums.clone() };
         let dy = dy.contiguous()?;
         let dx = x.apply_op3_no_bwd(y, &dy, &op)?;
-        let (mut dgb, dbeta) = sums
-            .lock()
-            .ok()
-            .and_then(|g| g.clone())
-            .ok_or_else(|| candle_core::Error::Msg("batch norm backward: no parameter gradients".into()))?;
+        let (mut dgb, dbeta) = side_output(&sums, "parameter gradients from the batch-norm backward")?;
         dgb.extend(dbeta);
         let dgb = Tensor::from_vec(dgb, gb.shape(), gb.device())?.to_dtype(gb.dtype())?;
         let dres = if residual { Some(y.apply_op2_no_bwd(&dy, &LeakyBwd(0.0))?) } else { None };
