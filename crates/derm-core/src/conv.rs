@@ -31,7 +31,10 @@
 //! single-threaded); images left over when the batch does not divide evenly among the threads run
 //! one at a time with multi-threaded GEMMs. Small planes (at most 196 output pixels per image,
 //! ResNet's 14x14 and 7x7 stages) instead run per group of images, one GEMM on the group's column
-//! matrices side by side.
+//! matrices side by side; where half or more of such a stride-1 convolution's multiply-adds would
+//! read padding (the U-Net bottleneck's dilation-4 convolution on 8x8 planes), the output pixels
+//! are split into rectangles that read through the same kernel taps, and only the taps that read
+//! the image are computed, one GEMM per (rectangle, tap).
 //!
 //! The GEMMs are the `gemm` crate's, the one candle itself uses. The ops work in f32 and f64;
 //! the backward ops have no second-order gradient. Results equal `Tensor::conv2d` (groups 1) and
@@ -59,6 +62,13 @@ const MIN_TILE_PIXELS: usize = 256;
 /// image; `cargo run -p derm-core --example conv_phases`). Measured on the ResNet-50 step: 1380
 /// ms with this bound, 1470 ms with none, 1400-1500 ms with 1024 (28x28 planes included).
 const BATCHED_MAX_PIXELS: usize = 196;
+/// A batched stride-1 convolution whose taps read padding for at least this fraction of its
+/// multiply-adds skips them ([`Geo::skips_taps`]): the U-Net bottleneck's 3x3 convolution with
+/// dilation 4 on 8x8 planes (56 % padding; forward 12.5-12.9 -> 8.2-9.1 ms, forward and both
+/// gradients 40-47 -> 32-39 ms at batch 8, 512 -> 512 channels, interleaved best of nine). With
+/// dilation 2 (31 %) the GEMMs per class are too thin to gain (21-23 ms either way), and ResNet-50's
+/// 3x3 convolutions on 7x7 (18 %) and 14x14 planes (9 %) keep the single GEMM.
+const TAP_SKIP_MIN_FRACTION: f64 = 0.5;
 /// At most this many GEMM columns per image group of the batched path (bounds its column matrix).
 const BATCHED_COLS: usize = 4096;
 
@@ -71,6 +81,27 @@ pub struct ConvSpec {
     pub stride: usize,
     /// Spacing between kernel taps.
     pub dilation: usize,
+}
+
+/// Output pixels `ys` x `xs` (rows, columns) that all read the image through kernel rows `kys`
+/// and columns `kxs` (each as first, end); see [`Geo::tap_classes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TapClass {
+    ys: (usize, usize),
+    xs: (usize, usize),
+    kys: (usize, usize),
+    kxs: (usize, usize),
+}
+
+impl TapClass {
+    fn pixels(&self) -> usize {
+        (self.ys.1 - self.ys.0) * (self.xs.1 - self.xs.0)
+    }
+
+    /// The class's output pixels as (row, column), row by row.
+    fn coords(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.ys.0..self.ys.1).flat_map(move |y| (self.xs.0..self.xs.1).map(move |x| (y, x)))
+    }
 }
 
 /// The full geometry of one convolution.
@@ -143,6 +174,57 @@ impl Geo {
             && self.p == 0
             && self.d == 1
             && (self.h, self.w) == (self.oh * self.s, self.ow * self.s)
+    }
+
+    /// The kernel rows (`ky`) whose input row lies inside the image for output row `oy` (stride
+    /// 1), as (first, end); the same for columns with `(w, kw)`.
+    fn valid_taps(&self, o: usize, (len, taps): (usize, usize)) -> (usize, usize) {
+        let ok = |t: usize| (o + t * self.d).checked_sub(self.p).is_some_and(|i| i < len);
+        let lo = (0..taps).find(|&t| ok(t)).unwrap_or(taps);
+        let hi = (lo..taps).find(|&t| !ok(t)).unwrap_or(taps);
+        (lo, hi)
+    }
+
+    /// The output pixels of a stride-1 convolution split into rectangles within which every
+    /// pixel reads the image through the same rectangle of kernel taps (the rest fall in the
+    /// padding): runs of output rows with the same valid kernel rows, times runs of columns.
+    fn tap_classes(&self) -> Vec<TapClass> {
+        let runs = |out: usize, len: usize, taps: usize| {
+            let mut v: Vec<((usize, usize), (usize, usize))> = Vec::new();
+            for o in 0..out {
+                let t = self.valid_taps(o, (len, taps));
+                match v.last_mut() {
+                    Some((span, last)) if *last == t => span.1 = o + 1,
+                    _ => v.push(((o, o + 1), t)),
+                }
+            }
+            v
+        };
+        let (rows, cols) = (runs(self.oh, self.h, self.kh), runs(self.ow, self.w, self.kw));
+        let mut classes = Vec::new();
+        for &(ys, kys) in &rows {
+            for &(xs, kxs) in &cols {
+                if kys.0 < kys.1 && kxs.0 < kxs.1 {
+                    classes.push(TapClass { ys, xs, kys, kxs });
+                }
+            }
+        }
+        classes
+    }
+
+    /// Whether a batched stride-1 convolution skips the taps that read padding
+    /// ([`TAP_SKIP_MIN_FRACTION`] of the multiply-adds or more).
+    fn skips_taps(&self) -> bool {
+        if self.s != 1 || !self.batched() || self.is_pointwise() {
+            return false;
+        }
+        let valid: usize = self
+            .tap_classes()
+            .iter()
+            .map(|c| (c.ys.1 - c.ys.0) * (c.xs.1 - c.xs.0) * (c.kys.1 - c.kys.0) * (c.kxs.1 - c.kxs.0))
+            .sum();
+        let all = self.pixels() * self.kh * self.kw;
+        (all - valid) as f64 >= TAP_SKIP_MIN_FRACTION * all as f64
     }
 
     /// Whether the convolution runs as GEMMs over groups of images ([`BATCHED_MAX_PIXELS`]).
@@ -756,7 +838,151 @@ fn group_size(g: &Geo) -> usize {
 // (gradient): wider GEMMs than per image, and the weight gradient is one accumulation per group.
 // The input gradient is batched only for pointwise convolutions, where its col2im is a copy.
 
+// Tap skipping (`Geo::skips_taps`): the group's output pixels are ordered class by class
+// (`Geo::tap_classes`), image by image within a class, so that each class is a run of GEMM
+// columns; each (class, valid tap) pair is then one GEMM with depth C on the input pixels that tap
+// reads, gathered, and the taps that read only padding are never computed.
+
+/// The (KH*KW, O, C) tap-major copy of an (O, C, KH, KW) kernel.
+fn tap_major<T: WithDType>(wt: &[T], g: &Geo) -> Vec<T> {
+    let kk = g.kh * g.kw;
+    let mut t = vec![T::zero(); wt.len()];
+    t.par_chunks_mut((g.o * g.c).max(1)).enumerate().for_each(|(j, dst)| {
+        for (d, &v) in dst.iter_mut().zip(wt.iter().skip(j).step_by(kk)) {
+            *d = v;
+        }
+    });
+    t
+}
+
+/// Into columns `col0..` of `dst` (C rows, `ld` apart): the input pixels that tap (ky, kx) reads
+/// for the output pixels of `cl`, images `n0..n1` (`(n1 - n0) * cl.pixels()` columns).
+#[allow(clippy::too_many_arguments)]
+fn gather_tap<T: WithDType>(
+    x: &[T],
+    g: &Geo,
+    (n0, n1): (usize, usize),
+    cl: &TapClass,
+    (ky, kx): (usize, usize),
+    dst: &mut [T],
+    (ld, col0): (usize, usize),
+) {
+    let (hw, nx) = (g.h * g.w, cl.xs.1 - cl.xs.0);
+    let ix0 = cl.xs.0 + kx * g.d - g.p;
+    for ci in 0..g.c {
+        let mut col = ci * ld + col0;
+        for ni in n0..n1 {
+            let plane = &x[(ni * g.c + ci) * hw..(ni * g.c + ci + 1) * hw];
+            for y in cl.ys.0..cl.ys.1 {
+                let iy = y + ky * g.d - g.p;
+                dst[col..col + nx].copy_from_slice(&plane[iy * g.w + ix0..iy * g.w + ix0 + nx]);
+                col += nx;
+            }
+        }
+    }
+}
+
+/// The first GEMM column of each class in a group of `imgs` images.
+fn class_offsets(classes: &[TapClass], imgs: usize) -> Vec<usize> {
+    classes.iter().scan(0, |off, c| Some(std::mem::replace(off, *off + imgs * c.pixels()))).collect()
+}
+
+fn tap_skip_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo, epi: Epilogue<'_, T>) -> CResult<Vec<T>> {
+    let (pix, step, classes) = (g.pixels(), group_size(g), g.tap_classes());
+    let wtap = tap_major(wt, g);
+    let mut out = vec![T::zero(); g.n * g.o * pix];
+    out.par_chunks_mut((step * g.o * pix).max(1)).enumerate().try_for_each(|(i, o)| {
+        let (n0, n1) = (i * step, ((i + 1) * step).min(g.n));
+        let np = (n1 - n0) * pix;
+        let offs = class_offsets(&classes, n1 - n0);
+        let (mut ob, mut buf) = (vec![T::zero(); g.o * np], Vec::new());
+        for (cl, &off) in classes.iter().zip(&offs) {
+            let ncl = (n1 - n0) * cl.pixels();
+            for ky in cl.kys.0..cl.kys.1 {
+                for kx in cl.kxs.0..cl.kxs.1 {
+                    buf.resize(g.c * ncl, T::zero());
+                    gather_tap(x, g, (n0, n1), cl, (ky, kx), &mut buf, (ncl, 0));
+                    let t = ky * g.kw + kx;
+                    let w = View { data: &wtap[t * g.o * g.c..(t + 1) * g.o * g.c], rs: g.c, cs: 1 };
+                    let b = View { data: &buf, rs: ncl, cs: 1 };
+                    gemm((g.o, ncl, g.c), &mut ob[off..], (np, 1), true, w, b, false)?;
+                }
+            }
+        }
+        // Class-ordered channel-major columns back to (N, O, OH, OW).
+        for oi in 0..g.o {
+            for (cl, &off) in classes.iter().zip(&offs) {
+                let src = &ob[oi * np + off..];
+                for (&v, (img, (y, x))) in
+                    src.iter().zip((0..n1 - n0).flat_map(|img| cl.coords().map(move |c| (img, c))))
+                {
+                    o[(img * g.o + oi) * pix + y * g.ow + x] = v;
+                }
+            }
+        }
+        epi.apply_images(o, g.o, pix);
+        Ok::<_, candle_core::Error>(())
+    })?;
+    Ok(out)
+}
+
+fn tap_skip_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
+    let (pix, step, classes, kk) = (g.pixels(), group_size(g), g.tap_classes(), g.kh * g.kw);
+    let starts: Vec<usize> = (0..g.n).step_by(step).collect();
+    // Per tap t, acc[t] is gw_t^T, (C, O): gw_t (O x C) += go (O x class pixels) · gathered^T.
+    let acc = accumulate(starts.par_iter(), kk * g.c * g.o, |acc, _: &mut (), &n0| {
+        let n1 = (n0 + step).min(g.n);
+        let offs = class_offsets(&classes, n1 - n0);
+        // The group's output gradient pixel-major in class order, so that it is the GEMM's lhs
+        // with contiguous columns.
+        let mut got = vec![T::zero(); (n1 - n0) * pix * g.o];
+        for (cl, &off) in classes.iter().zip(&offs) {
+            for (j, (img, (y, x))) in (n0..n1).flat_map(|img| cl.coords().map(move |c| (img, c))).enumerate() {
+                let row = &mut got[(off + j) * g.o..(off + j + 1) * g.o];
+                for (oi, v) in row.iter_mut().enumerate() {
+                    *v = go[(img * g.o + oi) * pix + y * g.ow + x];
+                }
+            }
+        }
+        // One GEMM per tap over all the classes that read through it, so that its depth is
+        // every such pixel of the group (per class it would be a few dozen).
+        let (mut lhs, mut rhs) = (Vec::new(), Vec::new());
+        for (ky, kx) in (0..g.kh).flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx))) {
+            let reads = |c: &&TapClass| (c.kys.0..c.kys.1).contains(&ky) && (c.kxs.0..c.kxs.1).contains(&kx);
+            let nv: usize = classes.iter().filter(reads).map(|c| (n1 - n0) * c.pixels()).sum();
+            if nv == 0 {
+                continue;
+            }
+            lhs.clear();
+            rhs.resize(g.c * nv, T::zero());
+            let mut col0 = 0;
+            for (cl, &off) in classes.iter().zip(&offs).filter(|(c, _)| reads(c)) {
+                let ncl = (n1 - n0) * cl.pixels();
+                lhs.extend_from_slice(&got[off * g.o..(off + ncl) * g.o]);
+                gather_tap(x, g, (n0, n1), cl, (ky, kx), &mut rhs, (nv, col0));
+                col0 += ncl;
+            }
+            let t = ky * g.kw + kx;
+            let (l, r) = (View { data: &lhs, rs: 1, cs: g.o }, View { data: &rhs, rs: 1, cs: nv });
+            gemm((g.o, g.c, nv), &mut acc[t * g.c * g.o..], (1, g.o), true, l, r, false)?;
+        }
+        Ok(())
+    })?;
+    let mut gw = vec![T::zero(); acc.len()];
+    for (t, per_tap) in acc.chunks_exact((g.c * g.o).max(1)).enumerate() {
+        for (ci, row) in per_tap.chunks_exact(g.o.max(1)).enumerate() {
+            for (oi, &v) in row.iter().enumerate() {
+                gw[(oi * g.c + ci) * kk + t] = v;
+            }
+        }
+    }
+    Ok(gw)
+}
+
 fn batched_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo, epi: Epilogue<'_, T>) -> CResult<Vec<T>> {
+    if g.skips_taps() {
+        return tap_skip_fwd(x, wt, g, epi);
+    }
     let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
     let mut out = vec![T::zero(); g.n * g.o * pix];
     out.par_chunks_mut((step * g.o * pix).max(1)).enumerate().try_for_each(|(i, o)| {
@@ -823,6 +1049,9 @@ where
 }
 
 fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
+    if g.skips_taps() {
+        return tap_skip_grad_weight(x, go, g);
+    }
     let (k, pix, step) = (g.k(), g.pixels(), group_size(g));
     // gw (O x K) += go (O x NP) · col^T (NP x K), group by group, one accumulator per rayon
     // task; K is ordered (c, ky, kx), so the result is the (O, C, KH, KW) weight layout.
@@ -1289,7 +1518,59 @@ mod tests {
             ([1, 2, 4, 4], 2, (3, 3), spec(0, 1, 1)),
             ([5, 3, 6, 5], 4, (3, 2), spec(2, 2, 2)),
             ([2, 3, 6, 7], 2, (2, 3), spec(1, 1, 1)),
+            // Batched with taps on padding skipped (`Geo::skips_taps`): the U-Net bottleneck's
+            // geometry, padding wider than the kernel span (output rows that read only padding),
+            // and a non-square dilated kernel.
+            ([3, 2, 8, 8], 3, (3, 3), spec(4, 1, 4)),
+            ([2, 2, 3, 3], 2, (3, 3), spec(3, 1, 1)),
+            ([3, 2, 6, 7], 3, (3, 2), spec(3, 1, 3)),
         ]
+    }
+
+    fn geo(x: [usize; 4], o: usize, k: (usize, usize), sp: ConvSpec) -> Geo {
+        Geo::new((x[0], x[1], x[2], x[3]), (o, x[1], k.0, k.1), sp).unwrap()
+    }
+
+    #[test]
+    fn tap_classes_partition_the_output_by_the_taps_that_read_the_image() {
+        // Dilation 4 on 8x8: each quadrant reads through a 2x2 corner of the kernel.
+        let g = geo([8, 512, 8, 8], 512, (3, 3), spec(4, 1, 4));
+        let want = [
+            ((0, 4), (0, 4), (1, 3), (1, 3)),
+            ((0, 4), (4, 8), (1, 3), (0, 2)),
+            ((4, 8), (0, 4), (0, 2), (1, 3)),
+            ((4, 8), (4, 8), (0, 2), (0, 2)),
+        ];
+        let got: Vec<_> = g.tap_classes().iter().map(|c| (c.ys, c.xs, c.kys, c.kxs)).collect();
+        assert_eq!(got, want);
+        assert!(g.skips_taps());
+        // Every (pixel, tap) pair that reads the image is in exactly one class.
+        for (x, o, k, sp) in cases().into_iter().filter(|c| c.3.stride == 1) {
+            let g = geo(x, o, k, sp);
+            let mut seen = vec![0u8; g.pixels() * g.kh * g.kw];
+            for c in g.tap_classes() {
+                for (y, xx) in c.coords() {
+                    for ky in c.kys.0..c.kys.1 {
+                        for kx in c.kxs.0..c.kxs.1 {
+                            seen[((y * g.ow + xx) * g.kh + ky) * g.kw + kx] += 1;
+                        }
+                    }
+                }
+            }
+            for (i, &n) in seen.iter().enumerate() {
+                let (pix, t) = (i / (g.kh * g.kw), i % (g.kh * g.kw));
+                let reads = g.in_row(pix / g.ow, t / g.kw).is_some() && {
+                    let (lo, hi, _) = g.x_span(t % g.kw);
+                    (lo..hi).contains(&(pix % g.ow))
+                };
+                assert_eq!(n, u8::from(reads), "{x:?} {sp:?}: pixel {pix} tap {t}");
+            }
+        }
+        // Dilation 2 on 8x8 (31 % padding) and ResNet's 7x7 planes (18 %) keep one GEMM.
+        assert!(!geo([8, 256, 8, 8], 512, (3, 3), spec(2, 1, 2)).skips_taps());
+        assert!(!geo([8, 512, 7, 7], 512, (3, 3), spec(1, 1, 1)).skips_taps());
+        // A single image runs per image, never batched.
+        assert!(!geo([1, 512, 8, 8], 512, (3, 3), spec(4, 1, 4)).skips_taps());
     }
 
     #[test]
@@ -1349,6 +1630,7 @@ mod tests {
             ([3, 5, 66, 70], 7, 3, spec(1, 1, 1)), // weight gradient as shifted dot products
             ([3, 4, 64, 71], 6, 3, spec(2, 1, 2)), // the same, dilated
             ([2, 5, 64, 64], 6, 2, spec(0, 2, 1)), // kernel = stride: weight gradient as dot products
+            ([8, 16, 8, 8], 12, 3, spec(4, 1, 4)), // the U-Net bottleneck: taps on padding skipped
         ] {
             let x = Var::from_tensor(&randn(&mut rng, &shape, DType::F32)).unwrap();
             let w = Var::from_tensor(&randn(&mut rng, &[o, shape[1], k, k], DType::F32)).unwrap();
