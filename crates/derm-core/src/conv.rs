@@ -251,11 +251,14 @@ impl Geo {
 
     /// For kernel column `kx`, the output columns whose input column lies inside the image, as
     /// (first, end), and the input column of the first one.
+    #[inline]
     fn x_span(&self, kx: usize) -> (usize, usize, usize) {
         let off = kx * self.d;
-        // Output column ox reads input column ox * s + off - p.
-        let lo = if off >= self.p { 0 } else { (self.p - off).div_ceil(self.s) };
-        let hi = if self.w + self.p <= off { 0 } else { (self.w + self.p - off).div_ceil(self.s) };
+        // Output column ox reads input column ox * s + off - p. (This runs for every kernel tap of
+        // every channel of every tile: no integer division for stride 1.)
+        let div = |v: usize| if self.s == 1 { v } else { v.div_ceil(self.s) };
+        let lo = if off >= self.p { 0 } else { div(self.p - off) };
+        let hi = if self.w + self.p <= off { 0 } else { div(self.w + self.p - off) };
         let hi = hi.min(self.ow);
         let lo = lo.min(hi);
         (lo, hi, (lo * self.s + off).saturating_sub(self.p))
@@ -461,8 +464,44 @@ fn reach(rows: usize, cols: usize, rs: usize, cs: usize) -> usize {
 /// its rows (the crate then transposes the whole product).
 #[allow(clippy::too_many_arguments)]
 fn gemm<T: WithDType>(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [T],
+    dst_strides: (usize, usize),
+    accumulate: bool,
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    par: bool,
+) -> CResult<()> {
+    // SAFETY: `dst` is a live slice of `dst.len()` initialised elements, borrowed mutably, so it
+    // overlaps neither operand.
+    unsafe { gemm_raw(dims, (dst.as_mut_ptr(), dst.len()), dst_strides, accumulate, lhs, rhs, par) }
+}
+
+/// [`gemm`] into uninitialised memory, which it overwrites without reading: afterwards every
+/// element of the m x n view of `dst` is initialised.
+fn gemm_uninit<T: WithDType>(
+    dims: (usize, usize, usize),
+    dst: &mut [MaybeUninit<T>],
+    dst_strides: (usize, usize),
+    lhs: View<'_, T>,
+    rhs: View<'_, T>,
+    par: bool,
+) -> CResult<()> {
+    // SAFETY: `dst` is a live, mutably borrowed slice of `dst.len()` elements with the layout of
+    // `T`; `gemm_raw` only writes it when `accumulate` is false (the GEMM crate stores without
+    // loading when told not to read the destination, and the k = 0 case writes zeros).
+    unsafe { gemm_raw(dims, (dst.as_mut_ptr().cast::<T>(), dst.len()), dst_strides, false, lhs, rhs, par) }
+}
+
+/// The body of [`gemm`] and [`gemm_uninit`].
+///
+/// # Safety
+/// `dst` must be valid for reads and writes of `len` elements and overlap neither operand; its
+/// elements may be uninitialised only when `accumulate` is false.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_raw<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (dst, len): (*mut T, usize),
     (dst_rs, dst_cs): (usize, usize),
     accumulate: bool,
     lhs: View<'_, T>,
@@ -472,7 +511,7 @@ fn gemm<T: WithDType>(
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if reach(m, n, dst_rs, dst_cs) > dst.len()
+    if reach(m, n, dst_rs, dst_cs) > len
         || reach(m, k, lhs.rs, lhs.cs) > lhs.data.len()
         || reach(k, n, rhs.rs, rhs.cs) > rhs.data.len()
     {
@@ -482,7 +521,8 @@ fn gemm<T: WithDType>(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    dst[i * dst_rs + j * dst_cs] = T::zero();
+                    // SAFETY: the index is inside the view, checked above to fit in `len`.
+                    unsafe { dst.add(i * dst_rs + j * dst_cs).write(T::zero()) };
                 }
             }
         }
@@ -490,15 +530,15 @@ fn gemm<T: WithDType>(
     }
     let parallelism =
         if par { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
-    // SAFETY: the three views were checked above to lie inside their slices, `dst` is borrowed
-    // mutably so it overlaps neither operand, and every stride fits in an isize because it is at
-    // most a slice length.
+    // SAFETY: the three views were checked above to lie inside their buffers, the caller
+    // guarantees that `dst` overlaps neither operand, and every stride fits in an isize because
+    // it is at most a buffer length.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_cs as isize,
             dst_rs as isize,
             accumulate,
@@ -536,12 +576,12 @@ fn batch_split(n: usize) -> usize {
 }
 
 /// Forward of one image: `out = W · im2col(x)`, tile by tile, each tile followed by the
-/// epilogue.
+/// epilogue. Every element of `out` (O planes of OH x OW) is written, never read before.
 fn fwd_image<T: WithDType>(
     x: &[T],
     wt: &[T],
     g: &Geo,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     col: &mut Vec<T>,
     par: bool,
     epi: Epilogue<'_, T>,
@@ -552,16 +592,18 @@ fn fwd_image<T: WithDType>(
         let dst = &mut out[tile.0 * g.ow..];
         let w = View { data: wt, rs: k, cs: 1 };
         if g.is_pointwise() {
-            gemm((g.o, t, k), dst, (pix, 1), false, w, View { data: &x[tile.0 * g.ow..], rs: pix, cs: 1 }, par)?;
+            gemm_uninit((g.o, t, k), dst, (pix, 1), w, View { data: &x[tile.0 * g.ow..], rs: pix, cs: 1 }, par)?;
         } else {
             col.resize(k * t, T::zero());
             im2col(x, g, tile, &mut col[..k * t], par);
-            gemm((g.o, t, k), dst, (pix, 1), false, w, View { data: &col[..k * t], rs: t, cs: 1 }, par)?;
+            gemm_uninit((g.o, t, k), dst, (pix, 1), w, View { data: &col[..k * t], rs: t, cs: 1 }, par)?;
         }
-        if !epi.is_none() {
-            for o in 0..g.o {
-                epi.apply(&mut out[o * pix + tile.0 * g.ow..o * pix + tile.1 * g.ow], o);
-            }
+        for o in (0..g.o).filter(|_| !epi.is_none()) {
+            let part = &mut out[o * pix + tile.0 * g.ow..o * pix + tile.1 * g.ow];
+            // SAFETY: the GEMM just wrote this tile's columns of every output plane, and
+            // `MaybeUninit<T>` has the layout of `T`.
+            let part = unsafe { &mut *(part as *mut [MaybeUninit<T>] as *mut [T]) };
+            epi.apply(part, o);
         }
     }
     Ok(())
@@ -780,14 +822,17 @@ fn from_okkc<T: WithDType>(acc: &[T], g: &Geo) -> Vec<T> {
 /// Maps each of `n` images of `src` (`src_len` values each) to its `out_len` values of a new
 /// vector with `f(src_image, out_image, scratch, par)`: whole images one per rayon task with
 /// single-threaded GEMMs, and the few left over (fewer than the threads) one at a time with
-/// multi-threaded GEMMs. Each output image is zeroed by the task that fills it, in parallel and
-/// just before use, rather than all at once up front on one thread.
-fn per_image<T: WithDType>(
+/// multi-threaded GEMMs. `f` gets its output image uninitialised (a pass that accumulates
+/// zeroes it first with [`zeroed`], in its task, just before use).
+///
+/// # Safety
+/// When it returns `Ok`, `f` must have initialised every element of the output image it was given.
+unsafe fn per_image<T: WithDType>(
     src: &[T],
     src_len: usize,
     n: usize,
     out_len: usize,
-    f: impl Fn(&[T], &mut [T], &mut Vec<T>, bool) -> CResult<()> + Sync,
+    f: impl Fn(&[T], &mut [MaybeUninit<T>], &mut Vec<T>, bool) -> CResult<()> + Sync,
 ) -> CResult<Vec<T>> {
     let total = n * out_len;
     if src.len() != n * src_len {
@@ -802,13 +847,14 @@ fn per_image<T: WithDType>(
     out_par
         .par_chunks_mut(out_len)
         .zip(src.par_chunks(src_len))
-        .try_for_each_init(Vec::new, |col, (o, x)| f(x, zeroed(o), col, false))?;
+        .try_for_each_init(Vec::new, |col, (o, x)| f(x, o, col, false))?;
     let mut col = Vec::new();
     for (o, x) in out_seq.chunks_mut(out_len).zip(src[split * src_len..].chunks(src_len)) {
-        f(x, zeroed(o), &mut col, multi_threaded())?;
+        f(x, o, &mut col, multi_threaded())?;
     }
-    // SAFETY: `zeroed` initialised every chunk of the first `total` elements above: both zips
-    // pair all `n` output chunks with an image, as `src` holds exactly `n` images of `src_len`.
+    // SAFETY: every call of `f` returned `Ok`, so (the caller's contract) each initialised its
+    // chunk, and both zips pair all `n` output chunks of the first `total` elements with an image,
+    // as `src` holds exactly `n` images of `src_len`.
     unsafe { out.set_len(total) };
     Ok(out)
 }
@@ -1100,7 +1146,8 @@ fn conv_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo, epi: Epilogue<'_, T>) -> C
         return batched_fwd(x, wt, g, epi);
     }
     let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
-    per_image(x, xi, g.n, oi, |x, o, col, par| fwd_image(x, wt, g, o, col, par, epi))
+    // SAFETY: `fwd_image` writes every element of its output image.
+    unsafe { per_image(x, xi, g.n, oi, |x, o, col, par| fwd_image(x, wt, g, o, col, par, epi)) }
 }
 
 /// For a stride-1 convolution with a square kernel and padding at most the kernel span, the
@@ -1139,7 +1186,8 @@ fn conv_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>>
         return conv_fwd(go, &flip_transpose(wt, g), &t, Epilogue::NONE);
     }
     let (xi, oi) = (g.c * g.h * g.w, g.o * g.pixels());
-    per_image(go, oi, g.n, xi, |go, gx, col, par| grad_input_image(go, wt, g, gx, col, par))
+    // SAFETY: each input-gradient image is zeroed before `grad_input_image` adds into it.
+    unsafe { per_image(go, oi, g.n, xi, |go, gx, col, par| grad_input_image(go, wt, g, zeroed(gx), col, par)) }
 }
 
 /// Output pixels per image from which [`patchify_grad_weight`] runs: the U-Net's 2x2/2
