@@ -36,7 +36,8 @@
 //! are split into rectangles that read through the same kernel taps, and only the taps that read
 //! the image are computed, one GEMM per (rectangle, tap).
 //!
-//! The GEMMs are the `gemm` crate's, the one candle itself uses. The ops work in f32 and f64;
+//! The GEMMs are the `gemm` crate's, the one candle itself uses, with its AVX-512 kernels enabled
+//! (feature `x86-v4`, chosen at run time on CPUs that have them). The ops work in f32 and f64;
 //! the backward ops have no second-order gradient. Results equal `Tensor::conv2d` (groups 1) and
 //! `Tensor::conv_transpose2d` up to rounding, for any stride, padding, dilation and non-square
 //! input. Grouped convolutions and tensors on other devices are left to candle (see
