@@ -99,9 +99,25 @@ impl TapClass {
         (self.ys.1 - self.ys.0) * (self.xs.1 - self.xs.0)
     }
 
+    /// Kernel taps each pixel reads the image through.
+    fn taps(&self) -> usize {
+        (self.kys.1 - self.kys.0) * (self.kxs.1 - self.kxs.0)
+    }
+
+    /// Whether the class reads the image through tap (ky, kx).
+    fn reads(&self, (ky, kx): (usize, usize)) -> bool {
+        (self.kys.0..self.kys.1).contains(&ky) && (self.kxs.0..self.kxs.1).contains(&kx)
+    }
+
     /// The class's output pixels as (row, column), row by row.
     fn coords(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
         (self.ys.0..self.ys.1).flat_map(move |y| (self.xs.0..self.xs.1).map(move |x| (y, x)))
+    }
+
+    /// The class's pixels of images `imgs` as (image, (row, column)), image by image: the order
+    /// of its GEMM columns in a group.
+    fn image_coords(&self, imgs: std::ops::Range<usize>) -> impl Iterator<Item = (usize, (usize, usize))> + '_ {
+        imgs.flat_map(move |img| self.coords().map(move |c| (img, c)))
     }
 }
 
@@ -219,11 +235,7 @@ impl Geo {
         if self.s != 1 || !self.batched() || self.is_pointwise() {
             return false;
         }
-        let valid: usize = self
-            .tap_classes()
-            .iter()
-            .map(|c| (c.ys.1 - c.ys.0) * (c.xs.1 - c.xs.0) * (c.kys.1 - c.kys.0) * (c.kxs.1 - c.kxs.0))
-            .sum();
+        let valid: usize = self.tap_classes().iter().map(|c| c.pixels() * c.taps()).sum();
         let all = self.pixels() * self.kh * self.kw;
         (all - valid) as f64 >= TAP_SKIP_MIN_FRACTION * all as f64
     }
@@ -989,9 +1001,7 @@ fn tap_skip_fwd<T: WithDType>(x: &[T], wt: &[T], g: &Geo, epi: Epilogue<'_, T>) 
         for oi in 0..g.o {
             for (cl, &off) in classes.iter().zip(&offs) {
                 let src = &ob[oi * np + off..];
-                for (&v, (img, (y, x))) in
-                    src.iter().zip((0..n1 - n0).flat_map(|img| cl.coords().map(move |c| (img, c))))
-                {
+                for (&v, (img, (y, x))) in src.iter().zip(cl.image_coords(0..n1 - n0)) {
                     o[(img * g.o + oi) * pix + y * g.ow + x] = v;
                 }
             }
@@ -1013,7 +1023,7 @@ fn tap_skip_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec
         // with contiguous columns.
         let mut got = vec![T::zero(); (n1 - n0) * pix * g.o];
         for (cl, &off) in classes.iter().zip(&offs) {
-            for (j, (img, (y, x))) in (n0..n1).flat_map(|img| cl.coords().map(move |c| (img, c))).enumerate() {
+            for (j, (img, (y, x))) in cl.image_coords(n0..n1).enumerate() {
                 let row = &mut got[(off + j) * g.o..(off + j + 1) * g.o];
                 for (oi, v) in row.iter_mut().enumerate() {
                     *v = go[(img * g.o + oi) * pix + y * g.ow + x];
@@ -1024,15 +1034,14 @@ fn tap_skip_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec
         // every such pixel of the group (per class it would be a few dozen).
         let (mut lhs, mut rhs) = (Vec::new(), Vec::new());
         for (ky, kx) in (0..g.kh).flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx))) {
-            let reads = |c: &&TapClass| (c.kys.0..c.kys.1).contains(&ky) && (c.kxs.0..c.kxs.1).contains(&kx);
-            let nv: usize = classes.iter().filter(reads).map(|c| (n1 - n0) * c.pixels()).sum();
+            let nv: usize = classes.iter().filter(|c| c.reads((ky, kx))).map(|c| (n1 - n0) * c.pixels()).sum();
             if nv == 0 {
                 continue;
             }
             lhs.clear();
             rhs.resize(g.c * nv, T::zero());
             let mut col0 = 0;
-            for (cl, &off) in classes.iter().zip(&offs).filter(|(c, _)| reads(c)) {
+            for (cl, &off) in classes.iter().zip(&offs).filter(|(c, _)| c.reads((ky, kx))) {
                 let ncl = (n1 - n0) * cl.pixels();
                 lhs.extend_from_slice(&got[off * g.o..(off + ncl) * g.o]);
                 gather_tap(x, g, (n0, n1), cl, (ky, kx), &mut rhs, (nv, col0));
