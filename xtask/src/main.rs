@@ -29,6 +29,9 @@ enum Cmd {
     Bench(bench::BenchArgs),
 }
 
+/// Formats seconds as `1h02m`, `3m05s` or `12s`.
+pub use derm_core::train::format_duration as hms;
+
 /// The workspace root (the parent of this crate's folder).
 pub fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
@@ -35,8 +35,8 @@ pub struct PipelineArgs {
     /// Split of the real data set to use.
     #[arg(long)]
     pub split: Option<String>,
-    /// quick (about 7 minutes on 2 cores after the build) or full (longer training, larger
-    /// images).
+    /// quick (about 7 minutes on 2 cores after the build), full (longer training, larger
+    /// images) or tiny (two epochs per stage on a few small images: for tests, machine-independent).
     #[arg(long, default_value = "quick")]
     pub budget: String,
     /// Run folder.
@@ -51,6 +51,12 @@ pub struct PipelineArgs {
     /// Skip stages whose record exists with the same commands and inputs.
     #[arg(long)]
     pub resume: bool,
+    /// Only errors and the report's path: no stage progress.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Use this `derm` binary instead of building one.
+    #[arg(long)]
+    pub derm_bin: Option<PathBuf>,
 }
 
 /// Sizes and time budgets of one budget level.
@@ -67,6 +73,9 @@ struct Budget {
     synth_count: usize,
     cls_size: u32,
     cls_minutes: f64,
+    /// Epoch limit of every training stage (the quick and full budgets stop on minutes; `tiny`
+    /// stops on epochs, so its results do not depend on the machine's speed).
+    epochs: usize,
 }
 
 impl Budget {
@@ -84,6 +93,7 @@ impl Budget {
                 synth_count: 40,
                 cls_size: 64,
                 cls_minutes: 0.6,
+                epochs: 1000,
             },
             "full" => Budget {
                 train_count: 1200,
@@ -97,8 +107,24 @@ impl Budget {
                 synth_count: 300,
                 cls_size: 128,
                 cls_minutes: 10.0,
+                epochs: 1000,
             },
-            other => bail!("unknown budget {other:?}: use quick or full"),
+            // For tests: seconds, not minutes, and the same result on any machine.
+            "tiny" => Budget {
+                train_count: 40,
+                test_count: 12,
+                image_size: 64,
+                seg_size: 32,
+                seg_minutes: 1000.0,
+                purify_size: 32,
+                purify_minutes: 1000.0,
+                synth_minutes: 1000.0,
+                synth_count: 6,
+                cls_size: 32,
+                cls_minutes: 1000.0,
+                epochs: 2,
+            },
+            other => bail!("unknown budget {other:?}: use quick, full or tiny"),
         })
     }
 }
@@ -116,6 +142,9 @@ pub struct Record {
     pub metrics: Value,
     /// Wall-clock seconds.
     pub seconds: f64,
+    /// Set when `--resume` reused this record instead of running the stage (not saved).
+    #[serde(skip)]
+    pub skipped: bool,
 }
 
 /// The state of a pipeline run.
@@ -127,6 +156,50 @@ pub struct Run {
     pub records: BTreeMap<String, Record>,
     /// Stage order.
     pub order: Vec<String>,
+    /// Planned seconds per stage, in order (for the overall ETA).
+    plan: Vec<(String, f64)>,
+    /// When the pipeline started.
+    started: Instant,
+}
+
+/// Kills the child when this process dies (Linux): a pipeline killed with SIGKILL must not leave
+/// a stage training on into the folder a `--resume` will write.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag of the calling (child) process and
+        // is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+impl Budget {
+    /// Planned seconds of each stage: the training budgets plus the measured overheads of a
+    /// quick run on 2 cores (data and hair a few seconds per 100 images, predictions, scoring).
+    fn plan(&self) -> Vec<(String, f64)> {
+        let per_image = (self.train_count + self.test_count) as f64 / 100.0;
+        let train = |minutes: f64| if self.epochs < 1000 { 5.0 * self.epochs as f64 } else { 60.0 * minutes };
+        vec![
+            ("data".into(), 2.0 * per_image),
+            ("hair".into(), 1.0 * per_image),
+            ("segment".into(), train(self.seg_minutes) + 6.0 * per_image),
+            ("hair_train".into(), 1.0 * per_image),
+            ("purify".into(), train(self.purify_minutes) + 8.0 * per_image),
+            ("synth".into(), train(self.synth_minutes) + 10.0),
+            ("classify".into(), 4.0 * train(self.cls_minutes) + 8.0 * 6.0 * per_image),
+            ("vbp".into(), 20.0),
+        ]
+    }
 }
 
 fn digest(s: &str) -> String {
@@ -143,25 +216,68 @@ impl Run {
         self.path(rel).display().to_string()
     }
 
-    /// Runs `derm` with global options and `args`; returns stdout.
+    /// Runs `derm` with global options and `args`; returns stdout. Its progress (bars on a
+    /// terminal, log lines elsewhere) goes to this process's stderr unless `--quiet`. The child
+    /// dies with the pipeline (a killed pipeline leaves no stage writing on behind it).
     fn derm(&self, args: &[String]) -> anyhow::Result<String> {
         let mut cmd = Command::new(&self.derm);
-        cmd.args(["--device", &self.args.device, "-q"]);
+        cmd.args(["--device", &self.args.device]);
+        if self.args.quiet {
+            cmd.arg("-q");
+        }
         if !args.iter().any(|a| a == "--seed") {
             cmd.args(["--seed", &self.args.seed.to_string()]);
         }
         cmd.args(args);
-        eprintln!("  $ derm {}", args.join(" "));
+        // A stage cut short by a crash continues its training from the last checkpoint (the
+        // flag is not part of the stage's key, so records still match on `--resume`).
+        let training = args.get(1).is_some_and(|a| a == "train");
+        if self.args.resume && training {
+            cmd.arg("--resume");
+        }
+        if !self.args.quiet {
+            eprintln!("  $ derm {}{}", args.join(" "), if self.args.resume && training { " --resume" } else { "" });
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(if self.args.quiet {
+            Stdio::piped()
+        } else {
+            Stdio::inherit()
+        });
+        die_with_parent(&mut cmd);
         let out = cmd.output().with_context(|| format!("running {}", self.derm.display()))?;
         if !out.status.success() {
-            bail!(
-                "derm {} failed:\n{}{}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let stderr = if self.args.quiet {
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            } else {
+                "(its error is above)".into()
+            };
+            bail!("derm {} failed:\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), stderr);
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Prints where the run is: stage k of n, time so far and an estimate of what is left
+    /// (the remaining stages' planned seconds, scaled by how the finished ones compared with
+    /// their plan).
+    fn announce(&self, name: &str) {
+        if self.args.quiet {
+            return;
+        }
+        let k = self.order.len();
+        let n = self.plan.len();
+        let planned = |st: &str| self.plan.iter().find(|(s, _)| s == st).map(|(_, v)| *v).unwrap_or(0.0);
+        let (done_real, done_plan) = self
+            .records
+            .values()
+            .filter(|r| !r.skipped)
+            .fold((0.0, 0.0), |(a, b), r| (a + r.seconds, b + planned(&r.stage)));
+        let scale = if done_plan > 0.0 { (done_real / done_plan).clamp(0.3, 5.0) } else { 1.0 };
+        let left: f64 = self.plan.iter().filter(|(s, _)| !self.records.contains_key(s)).map(|(_, v)| v * scale).sum();
+        eprintln!(
+            "[{k}/{n} {name}] elapsed {}, about {} left",
+            crate::hms(self.started.elapsed().as_secs_f64()),
+            crate::hms(left)
+        );
     }
 
     /// Runs a stage: skipped under `--resume` when its record matches, else `body` runs the
@@ -179,21 +295,33 @@ impl Run {
         let rec_path = dir.join("record.json");
         self.order.push(name.to_string());
         if self.args.resume {
-            if let Ok(r) = derm_core::fsutil::read_json::<Record>(&rec_path) {
+            if let Ok(mut r) = derm_core::fsutil::read_json::<Record>(&rec_path) {
                 if r.key == key {
-                    eprintln!("[{name}] unchanged, skipped (--resume)");
+                    if !self.args.quiet {
+                        eprintln!("[{}/{} {name}] unchanged, skipped (--resume)", self.order.len(), self.plan.len());
+                    }
+                    r.skipped = true;
                     self.records.insert(name.to_string(), r);
                     return Ok(());
                 }
             }
         }
-        eprintln!("[{name}]");
+        self.announce(name);
         derm_core::fsutil::create_dir_all(&dir)?;
         let t = Instant::now();
         let metrics = body(self, &commands).with_context(|| format!("stage {name}"))?;
-        let rec = Record { stage: name.to_string(), commands, key, metrics, seconds: t.elapsed().as_secs_f64() };
+        let rec = Record {
+            stage: name.to_string(),
+            commands,
+            key,
+            metrics,
+            seconds: t.elapsed().as_secs_f64(),
+            skipped: false,
+        };
         derm_core::fsutil::write_json(&rec_path, &rec)?;
-        eprintln!("[{name}] done in {:.1} s", rec.seconds);
+        if !self.args.quiet {
+            eprintln!("[{name}] done in {}", crate::hms(rec.seconds));
+        }
         self.records.insert(name.to_string(), rec);
         Ok(())
     }
@@ -230,6 +358,7 @@ fn materialise(d: &derm_data::dataset::Dataset, dir: &Path) -> anyhow::Result<()
         derm_core::fsutil::create_dir_all(&p)?;
     }
     let mut csv = String::from("image_id,label\n");
+    let mut groups = String::from("image_id,group\n");
     let mut masks = 0;
     for smp in &d.samples {
         let abs = |p: &Path| std::fs::canonicalize(p).with_context(|| format!("{}", p.display()));
@@ -241,16 +370,27 @@ fn materialise(d: &derm_data::dataset::Dataset, dir: &Path) -> anyhow::Result<()
         if let Some(l) = smp.label.and_then(|l| d.classes.get(l)) {
             csv.push_str(&format!("{},{l}\n", smp.id));
         }
+        if let Some(g) = &smp.group {
+            groups.push_str(&format!("{},{g}\n", smp.id));
+        }
     }
-    derm_core::fsutil::write_atomic(&dir.join("labels.csv"), csv.as_bytes())?;
     let classes: Vec<String> = d.classes.iter().map(|c| format!("{c:?}")).collect();
     let masks_line = if masks > 0 { "masks = \"masks/{id}_segmentation.png\"\n".to_string() } else { String::new() };
-    let toml = format!(
-        "name = {name:?}\ntitle = {title:?}\nclasses = [{classes}]\n\n[[split]]\nname = \"train\"\nimages = \"images/{{id}}.{ext}\"\n{masks_line}\n[split.labels]\ncsv = \"labels.csv\"\nid_column = \"image_id\"\ncolumn = \"label\"\n",
+    let mut toml = format!(
+        "name = {name:?}\ntitle = {title:?}\nclasses = [{classes}]\n\n[[split]]\nname = \"train\"\nimages = \"images/{{id}}.{ext}\"\n{masks_line}",
         name = d.name,
-        title = format!("{} ({}), a part split by id for the pipeline", d.name, d.split),
+        title = format!("{} ({}), a part split by lesion group or id for the pipeline", d.name, d.split),
         classes = classes.join(", "),
     );
+    if !d.classes.is_empty() {
+        derm_core::fsutil::write_atomic(&dir.join("labels.csv"), csv.as_bytes())?;
+        toml.push_str("\n[split.labels]\ncsv = \"labels.csv\"\nid_column = \"image_id\"\ncolumn = \"label\"\n");
+    }
+    // The stages split this part again (training / validation): they keep each lesion on one side.
+    if d.samples.iter().any(|s| s.group.is_some()) {
+        derm_core::fsutil::write_atomic(&dir.join("groups.csv"), groups.as_bytes())?;
+        toml.push_str("\n[split.groups]\ncsv = \"groups.csv\"\nid_column = \"image_id\"\ncolumn = \"group\"\n");
+    }
     derm_core::fsutil::write_atomic(&dir.join("manifest.toml"), toml.as_bytes())?;
     Ok(())
 }
@@ -311,16 +451,32 @@ impl PipelineArgs {
         let budget = Budget::of(&self.budget)?;
         let t0 = Instant::now();
         let root = crate::project_root();
-        eprintln!("building derm ...");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(&cargo).current_dir(&root).args(["build", "-q", "-p", "derm-cli"]).status()?;
-        if !st.success() {
-            bail!("cargo build -p derm-cli failed");
-        }
-        let derm = root.join("target/debug/derm");
+        let derm = match &self.derm_bin {
+            Some(bin) => bin.clone(),
+            None => {
+                if !self.quiet {
+                    eprintln!("building derm ...");
+                }
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let st = Command::new(&cargo).current_dir(&root).args(["build", "-q", "-p", "derm-cli"]).status()?;
+                if !st.success() {
+                    bail!("cargo build -p derm-cli failed");
+                }
+                root.join("target/debug/derm")
+            }
+        };
         let out = if self.out.is_absolute() { self.out.clone() } else { root.join(&self.out) };
         derm_core::fsutil::create_dir_all(&out)?;
-        let mut run = Run { args: self.clone(), derm, out: out.clone(), records: BTreeMap::new(), order: Vec::new() };
+        let _lock = derm_core::fsutil::DirLock::acquire(&out)?;
+        let mut run = Run {
+            args: self.clone(),
+            derm,
+            out: out.clone(),
+            records: BTreeMap::new(),
+            order: Vec::new(),
+            plan: budget.plan(),
+            started: t0,
+        };
         let seed = self.seed;
 
         // Data: a train and a test folder, each loadable with its own manifest.
@@ -357,7 +513,14 @@ impl PipelineArgs {
             let (tr, te) = data.split_by_id(0.2, seed);
             materialise(&tr, &run.path("data/train"))?;
             materialise(&te, &run.path("data/test"))?;
-            eprintln!("{}: {} training and {} test images (split by id)", data.name, tr.len(), te.len());
+            if !self.quiet {
+                eprintln!(
+                    "{}: {} training and {} test images (split by lesion group where known, else by id)",
+                    data.name,
+                    tr.len(),
+                    te.len()
+                );
+            }
             let source = vec![
                 s("data"),
                 s("check"),
@@ -421,7 +584,7 @@ impl PipelineArgs {
                 s("--size"),
                 s(budget.seg_size),
                 s("--epochs"),
-                s(1000),
+                s(budget.epochs),
                 s("--minutes"),
                 s(budget.seg_minutes),
                 s("--lr"),
@@ -507,7 +670,7 @@ impl PipelineArgs {
                 s("--size"),
                 s(budget.purify_size),
                 s("--epochs"),
-                s(1000),
+                s(budget.epochs),
                 s("--minutes"),
                 s(budget.purify_minutes),
                 s("--out"),
@@ -571,7 +734,7 @@ impl PipelineArgs {
                 s("--preset"),
                 s("small"),
                 s("--epochs"),
-                s(1000),
+                s(budget.epochs),
                 s("--minutes"),
                 s(budget.synth_minutes),
                 s("--out"),
@@ -618,7 +781,7 @@ impl PipelineArgs {
                 s("--size"),
                 s(budget.cls_size),
                 s("--epochs"),
-                s(1000),
+                s(budget.epochs),
                 s("--minutes"),
                 s(budget.cls_minutes),
                 s("--optimizer"),
@@ -694,8 +857,21 @@ impl PipelineArgs {
         })?;
 
         let report = report::write(&run, &out)?;
-        eprintln!("pipeline finished in {:.1} min; report: {}", t0.elapsed().as_secs_f64() / 60.0, report.display());
+        if !self.quiet {
+            eprintln!(
+                "pipeline finished in {:.1} min; report: {}",
+                t0.elapsed().as_secs_f64() / 60.0,
+                report.display()
+            );
+        }
         println!("{}", report.display());
+        if !self.quiet {
+            eprintln!(
+                "browse the run and analyse images at http://127.0.0.1:8080/ with: {} serve --models {}",
+                run.derm.display(),
+                out.display()
+            );
+        }
         Ok(())
     }
 }

@@ -41,6 +41,7 @@ pub fn add_sources(train: &mut Dataset, src: &ExtraSources) -> Result<(usize, us
                     image: p,
                     mask: None,
                     label: s.label,
+                    group: s.group.clone(),
                     extras: Default::default(),
                 });
                 n_purified += 1;
@@ -73,6 +74,7 @@ pub fn add_sources(train: &mut Dataset, src: &ExtraSources) -> Result<(usize, us
                 image: s.image.clone(),
                 mask: None,
                 label: Some(*k),
+                group: None,
                 extras: Default::default(),
             });
             n_synth += 1;

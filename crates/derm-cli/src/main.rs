@@ -72,6 +72,8 @@ enum Command {
     Vbp(cmd::vbp::VbpArgs),
     /// One image through every stage with the models of a pipeline run.
     Analyze(cmd::analyze::AnalyzeArgs),
+    /// A local web page and JSON API: analyse an image with a run's models, browse the run.
+    Serve(cmd::serve::ServeArgs),
 }
 
 fn init_logging(g: &GlobalOpts) {
@@ -103,6 +105,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Classify(a) => a.run(g),
         Command::Vbp(a) => a.run(g),
         Command::Analyze(a) => a.run(g),
+        Command::Serve(a) => a.run(g),
     }
 }
 

@@ -181,6 +181,7 @@ pub struct CheckpointData<'a, C: Serialize, S: Serialize> {
 /// Writes a whole checkpoint folder at `dir`, atomically.
 pub fn save<C: Serialize, S: Serialize>(dir: &Path, data: &CheckpointData<'_, C, S>) -> Result<()> {
     let tmp = temp_sibling(dir);
+    crate::fsutil::remove_stale_temps(dir);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }

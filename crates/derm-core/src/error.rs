@@ -63,6 +63,14 @@ pub enum Error {
         /// Global step.
         step: usize,
     },
+    /// Another run holds the output folder.
+    #[error("{} is in use by another derm run ({holder}); wait for it, or choose another output folder", path.display())]
+    Locked {
+        /// The folder.
+        path: PathBuf,
+        /// What the lock file says of its holder.
+        holder: String,
+    },
     /// Arguments or shapes that do not fit together.
     #[error("{0}")]
     Invalid(String),

@@ -4,6 +4,12 @@
 //! 16-bit or palette, with EXIF orientation applied, always returned as 8-bit RGB. Masks go
 //! through [`load_mask`], which accepts 0/255, 0/1 and RGB masks and returns a binary mask
 //! (0 or 255), checked against the size of its image.
+//!
+//! Decoding is strict: decoders fill a JPEG that was cut short with flat grey and say nothing,
+//! so before decoding, a JPEG's segments are walked to its end-of-image marker
+//! ([`check_jpeg_structure`]), a PNG's chunks to `IEND` ([`check_png_structure`]) and a BMP's
+//! recorded size is compared with its length ([`check_bmp_size`]); TIFF and everything else
+//! rely on the decoder's own errors. A truncated or corrupt file is an error naming the file.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -18,6 +24,10 @@ use crate::{Error, Result};
 /// Image file extensions derm reads (lowercase).
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
 
+/// The largest decoded image derm accepts, in bytes (1 GiB: a 16-bit RGBA image of 11 000 x
+/// 11 000 pixels; dermoscopy runs to about 6000 x 4000).
+pub const MAX_DECODED_BYTES: u64 = 1 << 30;
+
 /// True when `path` has one of [`IMAGE_EXTENSIONS`].
 pub fn is_image_path(path: &Path) -> bool {
     path.extension()
@@ -28,16 +38,43 @@ pub fn is_image_path(path: &Path) -> bool {
 
 fn decode(path: &Path) -> Result<DynamicImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    decode_bytes(bytes, path)
+}
+
+/// Decodes an image held in memory (an upload, say); `origin` names it in errors. The same
+/// checks as for files apply.
+pub fn load_rgb_bytes(bytes: Vec<u8>, origin: &Path) -> Result<RgbImage> {
+    Ok(decode_bytes(bytes, origin)?.to_rgb8())
+}
+
+fn decode_bytes(bytes: Vec<u8>, path: &Path) -> Result<DynamicImage> {
     if bytes.is_empty() {
         return Err(Error::Image { path: path.into(), msg: "empty file".into() });
     }
     let img_err = |msg: String| Error::Image { path: path.into(), msg };
+    let format = image::guess_format(&bytes).ok();
+    match format {
+        Some(image::ImageFormat::Jpeg) => check_jpeg_structure(&bytes).map_err(img_err)?,
+        Some(image::ImageFormat::Png) => check_png_structure(&bytes).map_err(img_err)?,
+        Some(image::ImageFormat::Bmp) => check_bmp_size(&bytes).map_err(img_err)?,
+        _ => {}
+    }
     let reader =
         ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| img_err(format!("cannot read: {e}")))?;
     if reader.format().is_none() {
         return Err(img_err("not a recognised image format (png, jpeg, bmp, tiff)".into()));
     }
     let mut decoder = reader.into_decoder().map_err(|e| img_err(format!("cannot decode: {e}")))?;
+    // Not every decoder honours the allocation limit (a corrupt TIFF header declaring 75 GB made
+    // one abort the process): check the declared size before anything is allocated.
+    let (w, h) = decoder.dimensions();
+    if decoder.total_bytes() > MAX_DECODED_BYTES {
+        return Err(img_err(format!(
+            "declares {w}x{h} pixels ({} MB decoded), above derm's limit of {} MB: corrupt header or not a dermoscopy image",
+            decoder.total_bytes() >> 20,
+            MAX_DECODED_BYTES >> 20
+        )));
+    }
     let orientation = decoder.orientation().ok();
     let mut img =
         DynamicImage::from_decoder(decoder).map_err(|e| img_err(format!("corrupt or truncated image: {e}")))?;
@@ -48,6 +85,115 @@ fn decode(path: &Path) -> Result<DynamicImage> {
         return Err(img_err("image has zero width or height".into()));
     }
     Ok(img)
+}
+
+/// Walks a JPEG's marker segments and entropy-coded data up to its end-of-image marker.
+///
+/// Decoders fill a JPEG cut short with flat grey and report success, so a download that stopped
+/// half-way would enter training unnoticed; a complete file reaches `FF D9` by its segment
+/// structure. Segment lengths are followed (so an embedded EXIF thumbnail's own end marker is
+/// skipped), entropy-coded data is scanned for the next marker (stuffed `FF 00` and restart
+/// markers belong to the data), and bytes after the end marker are allowed.
+pub fn check_jpeg_structure(bytes: &[u8]) -> std::result::Result<(), String> {
+    let truncated = |what: &str| Err(format!("truncated jpeg: the file ends {what} before its end-of-image marker"));
+    if bytes.len() < 4 || bytes[0] != 0xFF || bytes[1] != 0xD8 {
+        return Err("not a jpeg: no start-of-image marker".into());
+    }
+    let n = bytes.len();
+    let mut i = 2;
+    loop {
+        // Junk between segments is tolerated (as libjpeg does, with a warning): find the next 0xFF.
+        while i < n && bytes[i] != 0xFF {
+            i += 1;
+        }
+        // Fill bytes.
+        while i + 1 < n && bytes[i + 1] == 0xFF {
+            i += 1;
+        }
+        if i + 1 >= n {
+            return truncated("after the last segment");
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xD9 => return Ok(()),
+            0x01 | 0xD0..=0xD7 => {
+                i += 2;
+                continue;
+            }
+            0x00 => return Err(format!("corrupt jpeg: stray 0xFF00 at byte {i}")),
+            _ => {}
+        }
+        if i + 4 > n {
+            return truncated("inside a segment header");
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        if len < 2 {
+            return Err(format!("corrupt jpeg: segment 0xFF{marker:02X} at byte {i} has length {len}"));
+        }
+        let end = i + 2 + len;
+        if end > n {
+            return truncated(&format!("inside segment 0xFF{marker:02X}"));
+        }
+        i = end;
+        if marker == 0xDA {
+            // Entropy-coded data runs to the next marker that is not a stuffed byte or a restart.
+            loop {
+                match bytes[i..].iter().position(|&b| b == 0xFF) {
+                    None => return truncated("inside the compressed image data"),
+                    Some(k) => i += k,
+                }
+                match bytes.get(i + 1) {
+                    None => return truncated("inside the compressed image data"),
+                    Some(0x00) | Some(0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
+}
+
+/// Walks a PNG's chunks up to `IEND`: a file cut after its last image-data chunk still decodes.
+pub fn check_png_structure(bytes: &[u8]) -> std::result::Result<(), String> {
+    const SIG: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
+    if bytes.len() < 8 || bytes[..8] != SIG {
+        return Err("not a png: bad signature".into());
+    }
+    let mut i = 8usize;
+    loop {
+        if i + 8 > bytes.len() {
+            return Err("truncated png: the file ends before its IEND chunk".into());
+        }
+        let len = u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize;
+        let kind = &bytes[i + 4..i + 8];
+        let end = i.checked_add(12).and_then(|v| v.checked_add(len));
+        match end {
+            Some(e) if e <= bytes.len() => {
+                if kind == b"IEND" {
+                    return Ok(());
+                }
+                i = e;
+            }
+            _ => {
+                return Err(format!(
+                    "truncated png: chunk {} at byte {i} needs {len} bytes, the file ends first",
+                    String::from_utf8_lossy(kind)
+                ))
+            }
+        }
+    }
+}
+
+/// Compares a BMP's recorded file size with its length (when the header records one).
+pub fn check_bmp_size(bytes: &[u8]) -> std::result::Result<(), String> {
+    if bytes.len() < 14 {
+        return Err("truncated bmp: shorter than its file header".into());
+    }
+    let size = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) as usize;
+    if size > bytes.len() {
+        return Err(format!("truncated bmp: the header says {size} bytes, the file has {}", bytes.len()));
+    }
+    Ok(())
 }
 
 /// Reads an image as 8-bit RGB, with EXIF orientation applied. 16-bit sources are scaled to 8
@@ -396,6 +542,66 @@ mod tests {
         assert!(e.contains("t.jpg") && e.contains("not a recognised"), "{e}");
         let e = load_rgb(&d.path().join("missing.png")).unwrap_err().to_string();
         assert!(e.contains("missing.png"), "{e}");
+    }
+
+    fn encoded(format: image::ImageFormat) -> Vec<u8> {
+        // A noisy image, so compressed data is long and not one repeated run.
+        let img = RgbImage::from_fn(40, 30, |x, y| {
+            let v = (x * 37 + y * 101 + x * y * 7) as u8;
+            image::Rgb([v, v.wrapping_mul(3), 255 - v])
+        });
+        let mut buf = Vec::new();
+        img.write_to(&mut Cursor::new(&mut buf), format).unwrap();
+        buf
+    }
+
+    #[test]
+    fn truncated_files_of_every_format_are_errors_naming_the_file() {
+        let d = tmp();
+        for (format, ext) in [
+            (image::ImageFormat::Jpeg, "jpg"),
+            (image::ImageFormat::Png, "png"),
+            (image::ImageFormat::Bmp, "bmp"),
+            (image::ImageFormat::Tiff, "tif"),
+        ] {
+            let full = encoded(format);
+            let p = d.path().join(format!("whole.{ext}"));
+            std::fs::write(&p, &full).unwrap();
+            assert_eq!(load_rgb(&p).unwrap().dimensions(), (40, 30), "{ext}");
+            // Cut anywhere from the header to the last byte: never accepted.
+            for keep in [full.len() / 10, full.len() / 2, full.len() * 9 / 10, full.len() - 2, full.len() - 1] {
+                let p = d.path().join(format!("cut_{keep}.{ext}"));
+                std::fs::write(&p, &full[..keep]).unwrap();
+                let e = load_rgb(&p).expect_err(&format!("{ext} cut to {keep} of {} bytes was accepted", full.len()));
+                assert!(e.to_string().contains(&format!("cut_{keep}.{ext}")), "{e}");
+            }
+        }
+    }
+
+    #[test]
+    fn jpeg_walk_skips_thumbnails_and_allows_trailing_bytes() {
+        let full = encoded(image::ImageFormat::Jpeg);
+        let mut trailing = full.clone();
+        trailing.extend_from_slice(b"\0\0camera padding");
+        assert!(check_jpeg_structure(&trailing).is_ok());
+        // An APP1 segment holding a complete thumbnail (with its own FF D9) before the image data:
+        // cutting the main image must still be caught.
+        let mut thumb = vec![0xFF, 0xE1, 0x00, 0x00];
+        thumb.extend_from_slice(b"Exif\0\0");
+        thumb.extend_from_slice(&[0xFF, 0xD8, 0xFF, 0xD9]);
+        let len = (thumb.len() - 2) as u16;
+        thumb[2..4].copy_from_slice(&len.to_be_bytes());
+        let mut with_thumb = full[..2].to_vec();
+        with_thumb.extend_from_slice(&thumb);
+        with_thumb.extend_from_slice(&full[2..]);
+        assert!(check_jpeg_structure(&with_thumb).is_ok());
+        let cut = &with_thumb[..with_thumb.len() - 100];
+        assert!(check_jpeg_structure(cut).unwrap_err().contains("truncated"));
+        let d = tmp();
+        let p = d.path().join("thumb.jpg");
+        std::fs::write(&p, &with_thumb).unwrap();
+        assert_eq!(load_rgb(&p).unwrap().dimensions(), (40, 30));
+        assert!(load_rgb_bytes(cut.to_vec(), Path::new("upload.jpg")).unwrap_err().to_string().contains("upload.jpg"));
     }
 
     #[test]

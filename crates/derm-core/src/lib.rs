@@ -26,6 +26,7 @@
 //! - [`train`]: one training loop with evaluation, best-model keeping, periodic checkpoints,
 //!   resume, a time budget, and a stop on a non-finite loss.
 //! - [`rng`]: the one seeded generator.
+//! - [`mutate`]: seeded byte mutations for the loaders' property tests and fuzz targets.
 //! - [`profile`]: opt-in per-kernel timing (`DERM_PROFILE=1`).
 //! - [`runtime`]: process settings for fast CPU training (heap reuse for large buffers).
 //!
@@ -42,6 +43,7 @@ pub mod fsutil;
 pub mod fused;
 pub mod image_io;
 pub mod metrics;
+pub mod mutate;
 pub mod nn;
 pub mod ops;
 pub mod optim;

@@ -5,7 +5,8 @@
 //! keeping the best model (`<out>/best`), a checkpoint every N steps and at the end
 //! (`<out>/last`, with optimiser and training state), resuming from `<out>/last`, a time budget,
 //! and a stop with [`Error::NonFiniteLoss`] on a NaN or infinite loss, in which case nothing is
-//! written after the last good checkpoint.
+//! written after the last good checkpoint. The output folder is locked while the loop runs
+//! ([`crate::fsutil::DirLock`]): a second run into it is refused.
 //!
 //! Batch order is a function of (seed, epoch), and each step draws from a generator derived from
 //! (seed, step), so a resumed run continues exactly as an uninterrupted one would.
@@ -119,6 +120,16 @@ pub enum Event {
     Saved(PathBuf),
 }
 
+/// Formats seconds for progress lines: `1h02m`, `3m05s` or `12s`.
+pub fn format_duration(secs: f64) -> String {
+    let s = secs.max(0.0).round() as u64;
+    match (s / 3600, (s % 3600) / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
 /// `<out>/last`: the latest checkpoint, for resuming.
 pub fn last_dir(out: &Path) -> PathBuf {
     out.join("last")
@@ -159,7 +170,7 @@ pub fn fit(
     mut state: TrainState,
     on_event: &mut dyn FnMut(&Event),
 ) -> Result<TrainState> {
-    crate::fsutil::create_dir_all(out)?;
+    let _lock = crate::fsutil::DirLock::acquire(out)?;
     let per_epoch = task.batches_per_epoch();
     if per_epoch == 0 {
         return Err(Error::invalid("training set gives no batches (is it empty, or smaller than one batch?)"));
@@ -379,6 +390,13 @@ mod tests {
         assert!(e.to_string().contains("last good checkpoint"));
         let state: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
         assert_eq!(state.step, 6);
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(format_duration(12.2), "12s");
+        assert_eq!(format_duration(185.0), "3m05s");
+        assert_eq!(format_duration(3720.0), "1h02m");
     }
 
     #[test]

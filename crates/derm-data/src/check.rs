@@ -10,7 +10,7 @@ use derm_core::{Error, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::{rel, scan_split, Sample};
+use crate::dataset::{rel, scan_split, Dataset, Sample};
 use crate::manifest::{pattern_base, ExtraKind, Manifest};
 
 /// How many file names an issue lists before it only counts.
@@ -46,6 +46,8 @@ pub enum IssueKind {
     MaskSizeMismatch,
     /// The number of images (per class) differs from the published count.
     CountMismatch,
+    /// The manifest names a lesion/patient grouping table that is missing or unreadable.
+    GroupsMissing,
 }
 
 impl IssueKind {
@@ -65,6 +67,7 @@ impl IssueKind {
             IssueKind::UnreadableMask => "unreadable or corrupt masks",
             IssueKind::MaskSizeMismatch => "masks of the wrong size",
             IssueKind::CountMismatch => "counts differ from the published ones",
+            IssueKind::GroupsMissing => "lesion/patient grouping table missing (splits fall back to ids)",
         }
     }
 }
@@ -165,6 +168,10 @@ pub struct SplitReport {
     pub masks: usize,
     /// Images with a label.
     pub labelled: usize,
+    /// Distinct lesion/patient groups (images without one count as their own), when the
+    /// manifest declares a grouping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<usize>,
     /// Per-class counts (empty for unlabelled data sets).
     pub classes: Vec<ClassCount>,
     /// Everything wrong.
@@ -223,7 +230,12 @@ impl fmt::Display for CheckReport {
                 continue;
             }
             let exp = s.expected_images.map(|e| format!(" (expected {e})")).unwrap_or_default();
-            writeln!(f, "  {}: {} images{exp}, {} with masks, {} labelled", s.split, s.images, s.masks, s.labelled)?;
+            let groups = s.groups.map(|g| format!(", {g} lesion/patient groups")).unwrap_or_default();
+            writeln!(
+                f,
+                "  {}: {} images{exp}, {} with masks, {} labelled{groups}",
+                s.split, s.images, s.masks, s.labelled
+            )?;
             for c in &s.classes {
                 let exp = c.expected.map(|e| format!(" (expected {e})")).unwrap_or_default();
                 writeln!(f, "    {:<28} {:>6}{exp}", c.class, c.found)?;
@@ -284,6 +296,7 @@ pub fn check(
                 expected_images: spec.count,
                 masks: 0,
                 labelled: 0,
+                groups: None,
                 classes: Vec::new(),
                 issues: issues.summarise(),
             });
@@ -332,11 +345,62 @@ pub fn check(
             expected_images: spec.count,
             masks: samples.iter().filter(|s| s.mask.is_some()).count(),
             labelled: samples.iter().filter(|s| s.label.is_some()).count(),
+            groups: spec
+                .groups
+                .as_ref()
+                .map(|_| samples.iter().map(Sample::split_key).collect::<std::collections::BTreeSet<_>>().len()),
             classes,
             issues: issues.summarise(),
         });
     }
     Ok(CheckReport { manifest: manifest.name.clone(), root: root.to_path_buf(), decoded: !opts.no_decode, splits })
+}
+
+/// A sample left out of training because one of its files could not be used.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BadSample {
+    /// The sample id.
+    pub id: String,
+    /// What is wrong, naming the file (relative to the root).
+    pub problem: String,
+}
+
+/// Decodes every image, mask and extra file of `ds` once, in parallel, before training starts,
+/// so that a corrupt or truncated file stops the run at once (naming it) instead of after
+/// minutes of training. With `skip_bad` the samples concerned are left out instead and listed.
+/// `progress` is called once per sample (from several threads).
+pub fn screen(ds: &Dataset, skip_bad: bool, progress: &(dyn Fn() + Sync)) -> Result<(Dataset, Vec<BadSample>)> {
+    let bad: Vec<BadSample> = ds
+        .samples
+        .par_iter()
+        .filter_map(|s| {
+            let problems = decode_sample(&ds.root, s);
+            progress();
+            (!problems.is_empty()).then(|| BadSample {
+                id: s.id.clone(),
+                problem: problems.into_iter().map(|(_, w)| w).collect::<Vec<_>>().join("; "),
+            })
+        })
+        .collect();
+    if bad.is_empty() {
+        return Ok((ds.clone(), bad));
+    }
+    if !skip_bad {
+        let shown: Vec<&str> = bad.iter().take(5).map(|b| b.problem.as_str()).collect();
+        let more = if bad.len() > 5 { format!(" (and {} more)", bad.len() - 5) } else { String::new() };
+        return Err(Error::invalid(format!(
+            "{} of {} samples in {} have unusable files: {}{more}; run `derm data check` for the full list, or pass --skip-bad to train without them",
+            bad.len(),
+            ds.len(),
+            ds.root.display(),
+            shown.join("; ")
+        )));
+    }
+    for b in &bad {
+        tracing::warn!(id = %b.id, "skipped: {}", b.problem);
+    }
+    let dropped: std::collections::HashSet<&str> = bad.iter().map(|b| b.id.as_str()).collect();
+    Ok((ds.filter(|s| !dropped.contains(s.id.as_str())), bad))
 }
 
 /// Decodes one sample's files; returns its problems.
@@ -413,6 +477,33 @@ mod tests {
         assert!(r.clone().into_strict().is_err());
         let json = serde_json::to_string(&r).unwrap();
         assert!(json.contains("split_absent"), "{json}");
+    }
+
+    #[test]
+    fn truncated_jpeg_is_reported_and_screening_refuses_or_skips_it() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        isic2017_tree(r, 6);
+        let img = r.join("ISIC-2017_Training_Data/ISIC_0000004.jpg");
+        let bytes = std::fs::read(&img).unwrap();
+        std::fs::write(&img, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        let rep = run(r, Some("train"));
+        let i = issue(&rep, IssueKind::UnreadableImage).unwrap();
+        assert!(i.examples[0].contains("ISIC_0000004.jpg") && i.examples[0].contains("truncated"), "{i}");
+
+        let ds = Dataset::open(&Manifest::builtin("isic2017").unwrap(), r, "train").unwrap();
+        let e = screen(&ds, false, &|| {}).unwrap_err().to_string();
+        assert!(e.contains("ISIC_0000004.jpg") && e.contains("--skip-bad"), "{e}");
+        let seen = std::sync::atomic::AtomicUsize::new(0);
+        let (kept, bad) = screen(&ds, true, &|| {
+            seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .unwrap();
+        assert_eq!(seen.into_inner(), 6);
+        assert_eq!(kept.len(), 5);
+        assert_eq!(bad.len(), 1);
+        assert_eq!(bad[0].id, "ISIC_0000004");
+        assert!(kept.samples.iter().all(|s| s.id != "ISIC_0000004"));
     }
 
     #[test]

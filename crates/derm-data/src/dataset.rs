@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::{IssueKind, Issues};
 use crate::manifest::{
-    fill_pattern, match_pattern, pattern_base, resolve_filled, ExtraKind, LabelSpec, Manifest, SplitSpec,
+    fill_pattern, match_pattern, pattern_base, resolve_filled, ExtraKind, GroupSpec, LabelSpec, Manifest, SplitSpec,
 };
 use crate::table::Table;
 
@@ -24,12 +24,20 @@ pub struct Sample {
     pub mask: Option<PathBuf>,
     /// Class index into [`Dataset::classes`], when known.
     pub label: Option<usize>,
+    /// The lesion or patient this image belongs to, where the manifest knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     /// Extra files by name (`clean`, `occlusion` for phantoms), with their kind.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub extras: BTreeMap<String, (ExtraKind, PathBuf)>,
 }
 
 impl Sample {
+    /// What a train/validation split keeps together: the group where known, else the id.
+    pub fn split_key(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.id)
+    }
+
     /// The path of extra file `name`, if this sample has it.
     pub fn extra(&self, name: &str) -> Option<&Path> {
         self.extras.get(name).map(|(_, p)| p.as_path())
@@ -162,15 +170,28 @@ impl Dataset {
         }
     }
 
-    /// Splits into (train, validation) by hashing each id with `seed`: a sample goes to
-    /// validation when its hash falls below `val_fraction`. The assignment of a sample depends
-    /// only on its id and the seed, so it does not change when samples are added or removed.
+    /// Splits into (train, validation) by hashing each sample's [`Sample::split_key`] (its
+    /// lesion or patient group where the manifest gives one, else its id) with `seed`: a sample
+    /// goes to validation when its hash falls below `val_fraction`. All images of one group land
+    /// on the same side, so one lesion is never both trained on and validated on. The assignment
+    /// depends only on the key and the seed, so it does not change when samples are added or
+    /// removed.
     pub fn split_by_id(&self, val_fraction: f64, seed: u64) -> (Dataset, Dataset) {
         let (mut train, mut val) = (self.meta(), self.meta());
         train.split = format!("{}-train", self.split);
         val.split = format!("{}-val", self.split);
+        let grouped = self.samples.iter().filter(|s| s.group.is_some()).count();
+        if grouped > 0 {
+            let groups: std::collections::BTreeSet<&str> = self.samples.iter().map(Sample::split_key).collect();
+            tracing::info!(
+                images = self.samples.len(),
+                groups = groups.len(),
+                grouped,
+                "splitting by lesion/patient group"
+            );
+        }
         for s in &self.samples {
-            if id_unit(&s.id, seed) < val_fraction {
+            if id_unit(s.split_key(), seed) < val_fraction {
                 val.samples.push(s.clone());
             } else {
                 train.samples.push(s.clone());
@@ -225,8 +246,14 @@ pub(crate) fn scan_split(m: &Manifest, spec: &SplitSpec, root: &Path) -> Result<
             );
             continue;
         }
-        let mut sample =
-            Sample { id: id.clone(), image: hit.path.clone(), mask: None, label: None, extras: BTreeMap::new() };
+        let mut sample = Sample {
+            id: id.clone(),
+            image: hit.path.clone(),
+            mask: None,
+            label: None,
+            group: None,
+            extras: BTreeMap::new(),
+        };
         if let Some(mp) = &spec.masks {
             if let Some(filled) = fill_pattern(mp, &hit.vars) {
                 sample.mask = resolve_filled(root, &filled)?;
@@ -263,6 +290,9 @@ pub(crate) fn scan_split(m: &Manifest, spec: &SplitSpec, root: &Path) -> Result<
             label_from_table(m, ls, root, &mut samples, &by_id, &mut issues);
         }
     }
+    if let Some(gs) = &spec.groups {
+        groups_from_table(gs, spec.labels.as_ref(), root, &mut samples, &by_id, &mut issues);
+    }
     samples.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(Scan { present: true, samples, issues })
 }
@@ -291,7 +321,7 @@ fn label_from_table(
         );
         return;
     }
-    let table = match Table::read(&path, ls.delimiter.as_deref().unwrap_or(",")) {
+    let table = match Table::read_with(&path, ls.delimiter.as_deref().unwrap_or(","), opt_columns(&ls.columns)) {
         Ok(t) => t,
         Err(e) => {
             issues.push_fatal(IssueKind::LabelsMissing, format!("{csv}: {e}"), e);
@@ -353,6 +383,60 @@ fn label_from_table(
             issues.push(IssueKind::UnlabelledImage, format!("{} (not in {csv})", rel(root, &s.image)));
         }
     }
+}
+
+/// Joins the group table onto the samples. A missing group table is reported (the split then
+/// falls back to ids) rather than fatal: the grouping CSV is often a separate download.
+fn groups_from_table(
+    gs: &GroupSpec,
+    labels: Option<&LabelSpec>,
+    root: &Path,
+    samples: &mut [Sample],
+    by_id: &HashMap<String, usize>,
+    issues: &mut Issues,
+) {
+    let (csv, delimiter, columns) = match (&gs.csv, labels) {
+        (Some(c), _) => (c.clone(), gs.delimiter.clone(), gs.columns.clone()),
+        (None, Some(LabelSpec { csv: Some(c), delimiter, columns, .. })) => {
+            (c.clone(), gs.delimiter.clone().or(delimiter.clone()), columns.clone())
+        }
+        (None, _) => return,
+    };
+    let path = root.join(&csv);
+    if !path.is_file() {
+        issues.push(
+            IssueKind::GroupsMissing,
+            format!("{csv} not found: images are split by id, and one lesion may fall on both sides"),
+        );
+        return;
+    }
+    let table = match Table::read_with(&path, delimiter.as_deref().unwrap_or(","), opt_columns(&columns)) {
+        Ok(t) => t,
+        Err(e) => {
+            issues.push(IssueKind::GroupsMissing, format!("{csv}: {e}"));
+            return;
+        }
+    };
+    let (id_i, g_i) = match (table.column(&gs.id_column), table.column(&gs.column)) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            issues.push_fatal(IssueKind::CsvMissingColumn, format!("{csv}: {e}"), e);
+            return;
+        }
+    };
+    for (_, row) in &table.rows {
+        let group = row[g_i].trim();
+        if group.is_empty() {
+            continue;
+        }
+        if let Some(&i) = by_id.get(row[id_i].as_str()) {
+            samples[i].group = Some(group.to_string());
+        }
+    }
+}
+
+fn opt_columns(columns: &[String]) -> Option<&[String]> {
+    (!columns.is_empty()).then_some(columns)
 }
 
 fn one_hot_label(row: &[String], cols: &[(usize, usize)], rest: Option<usize>) -> std::result::Result<usize, String> {
@@ -503,6 +587,120 @@ pub(crate) mod tests {
         let m = Manifest::builtin("isic2017").unwrap();
         let e = Dataset::open(&m, d.path(), "train").unwrap_err().to_string();
         assert!(e.contains("ISIC-2017_Training_Part3_GroundTruth.csv") && e.contains("seborrheic_keratosis"), "{e}");
+    }
+
+    #[test]
+    fn isic2016_headerless_tables_with_words_and_numbers() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let (mut train, mut test) = (String::new(), String::new());
+        for i in 0..4 {
+            let id = format!("ISIC_{i:07}");
+            put_rgb(&r.join(format!("ISBI2016_ISIC_Part3_Training_Data/{id}.jpg")), 6, 4);
+            train.push_str(&format!("{id},{}\n", if i == 1 { "malignant" } else { "benign" }));
+            put_rgb(&r.join(format!("ISBI2016_ISIC_Part3_Test_Data/{id}.jpg")), 6, 4);
+            test.push_str(&format!("{id},{}\n", if i < 2 { "1.0" } else { "0.0" }));
+            put_rgb(&r.join(format!("ISBI2016_ISIC_Part1_Training_Data/{id}.jpg")), 6, 4);
+            put_mask(&r.join(format!("ISBI2016_ISIC_Part1_Training_GroundTruth/{id}_Segmentation.png")), 6, 4);
+        }
+        put_text(&r.join("ISBI2016_ISIC_Part3_Training_GroundTruth.csv"), &train);
+        put_text(&r.join("ISBI2016_ISIC_Part3_Test_GroundTruth.csv"), &test);
+        let m = Manifest::builtin("isic2016-task3").unwrap();
+        // The first line is data, not a header: all four images are labelled.
+        assert_eq!(Dataset::open(&m, r, "train").unwrap().class_counts(), [3, 1]);
+        assert_eq!(Dataset::open(&m, r, "test").unwrap().class_counts(), [2, 2]);
+        let seg = Dataset::open(&Manifest::builtin("isic2016-task1").unwrap(), r, "train").unwrap();
+        assert!(seg.len() == 4 && seg.samples.iter().all(|s| s.mask.is_some()));
+    }
+
+    #[test]
+    fn isic2019_one_hot_with_lesion_groups_from_the_metadata() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let codes = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"];
+        let mut gt = format!("image,{}\n", codes.join(","));
+        let mut meta = String::from("image,age_approx,anatom_site_general,lesion_id,sex\n");
+        for i in 0..8 {
+            let id = format!("ISIC_{i:07}");
+            put_rgb(&r.join(format!("ISIC_2019_Training_Input/{id}.jpg")), 6, 4);
+            let row: Vec<&str> = (0..9).map(|c| if c == i { "1.0" } else { "0.0" }).collect();
+            gt.push_str(&format!("{id},{}\n", row.join(",")));
+            // Two images per lesion, and one image without a lesion id.
+            let lesion = if i == 7 { String::new() } else { format!("BCN_{:07}", i / 2) };
+            meta.push_str(&format!("{id},55.0,anterior torso,{lesion},male\n"));
+        }
+        put_text(&r.join("ISIC_2019_Training_GroundTruth.csv"), &gt);
+        put_text(&r.join("ISIC_2019_Training_Metadata.csv"), &meta);
+        let m = Manifest::builtin("isic2019").unwrap();
+        let ds = Dataset::open(&m, r, "train").unwrap();
+        assert_eq!(ds.class_counts(), [1, 1, 1, 1, 1, 1, 1, 1, 0]);
+        assert_eq!(ds.samples[0].group.as_deref(), Some("BCN_0000000"));
+        assert_eq!(ds.samples[1].group.as_deref(), Some("BCN_0000000"));
+        assert_eq!(ds.samples[7].group, None);
+        assert_eq!(ds.samples[7].split_key(), "ISIC_0000007");
+        // Without the metadata file the split still opens, reporting the missing grouping.
+        std::fs::remove_file(r.join("ISIC_2019_Training_Metadata.csv")).unwrap();
+        let scan = scan_split(&m, m.split("train").unwrap(), r).unwrap();
+        assert!(scan.issues.summarise().iter().any(|i| i.kind == IssueKind::GroupsMissing));
+        assert!(Dataset::open(&m, r, "train").unwrap().samples.iter().all(|s| s.group.is_none()));
+    }
+
+    #[test]
+    fn isic2020_groups_by_patient_from_the_label_table() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        let mut gt = String::from("image_name,patient_id,lesion_id,sex,age_approx,anatom_site_general_challenge,diagnosis,benign_malignant,target\n");
+        for i in 0..6 {
+            let id = format!("ISIC_{:07}", 2637011 + i);
+            put_rgb(&r.join(format!("ISIC_2020_Training_JPEG/train/{id}.jpg")), 6, 4);
+            let t = usize::from(i == 4);
+            gt.push_str(&format!("{id},IP_{:07},IL_{i:07},male,45.0,head/neck,unknown,benign,{t}\n", i / 3));
+        }
+        put_text(&r.join("ISIC_2020_Training_GroundTruth.csv"), &gt);
+        let m = Manifest::builtin("isic2020").unwrap();
+        let ds = Dataset::open(&m, r, "train").unwrap();
+        assert_eq!(ds.class_counts(), [5, 1]);
+        assert_eq!(ds.samples[4].group.as_deref(), Some("IP_0000001"));
+    }
+
+    /// HAM10000-like: many lesions with one to six images each.
+    fn grouped_tree(root: &Path, lesions: usize) -> Dataset {
+        let mut gt = String::from("image,MEL,NV,BCC,AKIEC,BKL,DF,VASC\n");
+        let mut groups = String::from("image,lesion_id,diagnosis_confirm_type\n");
+        let mut n = 0;
+        for l in 0..lesions {
+            for _ in 0..(1 + (l * 7) % 6) {
+                let id = format!("ISIC_{n:07}");
+                put_rgb(&root.join(format!("ISIC2018_Task3_Training_Input/{id}.jpg")), 4, 3);
+                gt.push_str(&format!("{id},0.0,1.0,0.0,0.0,0.0,0.0,0.0\n"));
+                groups.push_str(&format!("{id},HAM_{l:07},histo\n"));
+                n += 1;
+            }
+        }
+        put_text(&root.join("ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv"), &gt);
+        put_text(&root.join("ISIC2018_Task3_Training_LesionGroupings.csv"), &groups);
+        Dataset::open(&Manifest::builtin("isic2018-task3").unwrap(), root, "train").unwrap()
+    }
+
+    #[test]
+    fn no_lesion_group_crosses_the_split() {
+        let d = tempfile::tempdir().unwrap();
+        let ds = grouped_tree(d.path(), 60);
+        assert!(ds.samples.iter().all(|s| s.group.is_some()));
+        for seed in 0..5 {
+            let (t, v) = ds.split_by_id(0.25, seed);
+            assert_eq!(t.len() + v.len(), ds.len());
+            assert!(!v.is_empty() && !t.is_empty());
+            let train_groups: std::collections::BTreeSet<_> = t.samples.iter().map(|s| s.group.clone()).collect();
+            assert!(v.samples.iter().all(|s| !train_groups.contains(&s.group)), "seed {seed}: a lesion crosses");
+        }
+        // By id alone the same data would leak: some lesion has images on both sides.
+        let ungrouped =
+            Dataset { samples: ds.samples.iter().map(|s| Sample { group: None, ..s.clone() }).collect(), ..ds.clone() };
+        let (t, v) = ungrouped.split_by_id(0.25, 0);
+        let lesion_of = |s: &Sample| ds.samples.iter().find(|o| o.id == s.id).and_then(|o| o.group.clone());
+        let train_groups: std::collections::BTreeSet<_> = t.samples.iter().map(lesion_of).collect();
+        assert!(v.samples.iter().any(|s| train_groups.contains(&lesion_of(s))));
     }
 
     #[test]

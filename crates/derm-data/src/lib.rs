@@ -4,14 +4,16 @@
 //! saliency maps (after Bisla et al., "Skin Lesion Segmentation and Classification with Deep
 //! Learning System"). This crate is how every stage gets its data.
 //!
-//! - [`manifest`]: one TOML per public data set (ISIC 2017, ISIC 2018 tasks 1 and 3, PH2,
-//!   Dermofit, phantoms), embedded in the crate, describing the official download layout;
-//!   users write their own in the same format (`data-manifests/README.md`).
-//! - [`dataset`]: a split as a list of [`Sample`]s (image, mask, extra files, label), with
-//!   deterministic id-hash splitting.
+//! - [`manifest`]: one TOML per public data set (ISIC 2016 tasks 1 and 3, ISIC 2017, ISIC 2018
+//!   tasks 1 and 3, ISIC 2019, ISIC 2020, PH2, Dermofit, phantoms), embedded in the crate,
+//!   describing the official download layout; users write their own in the same format
+//!   (`data-manifests/README.md`).
+//! - [`dataset`]: a split as a list of [`Sample`]s (image, mask, extra files, label, lesion or
+//!   patient group), with deterministic hash splitting that keeps each group on one side.
 //! - [`check`]: validates a folder against its manifest (counts per class and split, missing
-//!   masks, unlabelled images, orphan labels, corrupt files, wrong-size masks, duplicate ids,
-//!   missing columns), naming the files.
+//!   masks, unlabelled images, orphan labels, corrupt or truncated files, wrong-size masks,
+//!   duplicate ids, missing columns), naming the files; [`check::screen`] decodes a split once
+//!   before training and refuses it, or with `--skip-bad` leaves out and lists, unusable samples.
 //! - [`cache`]: lazy, parallel decoding through a byte-bounded LRU cache of resized images.
 //! - [`phantom`]: procedural dermoscopy with exact ground truth (clean image, lesion mask,
 //!   occlusion mask, class), the default data of every stage.
@@ -38,7 +40,7 @@ pub mod table;
 
 pub use augment::{augment_item, AugmentConfig};
 pub use cache::{ImageCache, Item};
-pub use check::{check, CheckOptions, CheckReport};
+pub use check::{check, screen, BadSample, CheckOptions, CheckReport};
 pub use dataset::{Dataset, Sample};
 pub use loader::{collate, Batch, BatchLoader, LoaderConfig};
 pub use manifest::Manifest;

@@ -20,6 +20,10 @@ const BUILTIN: &[(&str, &str)] = &[
     ("isic2018-task3", include_str!("../../../data-manifests/isic2018-task3.toml")),
     ("ph2", include_str!("../../../data-manifests/ph2.toml")),
     ("dermofit", include_str!("../../../data-manifests/dermofit.toml")),
+    ("isic2016-task1", include_str!("../../../data-manifests/isic2016-task1.toml")),
+    ("isic2016-task3", include_str!("../../../data-manifests/isic2016-task3.toml")),
+    ("isic2019", include_str!("../../../data-manifests/isic2019.toml")),
+    ("isic2020", include_str!("../../../data-manifests/isic2020.toml")),
     ("phantom", include_str!("../../../data-manifests/phantom.toml")),
 ];
 
@@ -75,6 +79,10 @@ pub struct SplitSpec {
     /// Where the labels come from; absent for unlabelled splits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<LabelSpec>,
+    /// Which lesion or patient each image belongs to, where the data set publishes it: images of
+    /// one group never fall on both sides of a train/validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<GroupSpec>,
     /// Published number of images of the split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<usize>,
@@ -132,6 +140,28 @@ pub struct LabelSpec {
     /// Label values (cells or folder names) to class names, where they differ.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub values: BTreeMap<String, String>,
+    /// Column names of a table that has no header line (its first line is already data).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
+}
+
+/// Where a split's lesion or patient groups come from: a column of a table keyed by image id.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// The table, relative to the root; default: the split's label table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csv: Option<String>,
+    /// Cell separator (`,` unless given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delimiter: Option<String>,
+    /// Column holding the image id.
+    pub id_column: String,
+    /// Column holding the group (`lesion_id`, `patient_id`); an empty cell is a group of one.
+    pub column: String,
+    /// Column names of a table without a header line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<String>,
 }
 
 impl Manifest {
@@ -142,8 +172,8 @@ impl Manifest {
         Ok(m)
     }
 
-    /// A built-in manifest by name (`isic2017`, `isic2018-task1`, `isic2018-task3`, `ph2`,
-    /// `dermofit`, `phantom`).
+    /// A built-in manifest by name (`isic2016-task1`, `isic2016-task3`, `isic2017`,
+    /// `isic2018-task1`, `isic2018-task3`, `isic2019`, `isic2020`, `ph2`, `dermofit`, `phantom`).
     pub fn builtin(name: &str) -> Result<Manifest> {
         let (n, text) = BUILTIN.iter().find(|(n, _)| *n == name).ok_or_else(|| {
             Error::invalid(format!("no built-in manifest {name:?}; built-in: {}", builtin_names().join(", ")))
@@ -206,6 +236,15 @@ impl Manifest {
             }
             if let Some(l) = &s.labels {
                 l.validate(self, &s.images).map_err(at)?;
+            }
+            if let Some(g) = &s.groups {
+                if g.csv.is_none() && s.labels.as_ref().and_then(|l| l.csv.as_ref()).is_none() {
+                    return Err(at("groups need a csv (the split has no label table to default to)".into()));
+                }
+                let named = |c: &String| g.columns.is_empty() || g.columns.contains(c);
+                if !named(&g.id_column) || !named(&g.column) {
+                    return Err(at("groups name a column that is not in its `columns`".into()));
+                }
             }
         }
         Ok(())

@@ -22,8 +22,23 @@ impl Table {
     /// Reads `path`. With the comma delimiter, quoted cells (`"a,b"`, `""` for a quote) are
     /// honoured. With another delimiter, lines without it are not table rows and are skipped.
     pub fn read(path: &Path, delimiter: &str) -> Result<Table> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        Table::read_with(path, delimiter, None)
+    }
+
+    /// Like [`Table::read`]; when `columns` is given the file has no header line and its cells
+    /// are named by `columns` (ISIC 2016's ground-truth CSVs are bare `id,label` lines).
+    pub fn read_with(path: &Path, delimiter: &str, columns: Option<&[String]>) -> Result<Table> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let text = String::from_utf8(bytes).map_err(|e| Error::Parse {
+            path: path.into(),
+            msg: format!("not UTF-8 text (invalid byte at offset {})", e.utf8_error().valid_up_to()),
+        })?;
+        Table::parse(&text, path, delimiter, columns)
+    }
+
+    /// Parses table text read from `path` (which names it in errors), as [`Table::read_with`].
+    pub fn parse(text: &str, path: &Path, delimiter: &str, columns: Option<&[String]>) -> Result<Table> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let csv = delimiter == ",";
         let mut lines = text
             .lines()
@@ -31,14 +46,17 @@ impl Table {
             .map(|(i, l)| (i + 1, l.trim_end_matches('\r')))
             .filter(|(_, l)| !l.trim().is_empty())
             .filter(|(_, l)| csv || l.contains(delimiter));
-        let Some((_, head)) = lines.next() else {
+        let Some(head) = lines.next() else {
             return Err(Error::Parse { path: path.into(), msg: "empty table, no header".into() });
         };
         let split = |l: &str| if csv { split_csv(l) } else { split_delim(l, delimiter) };
-        let header = split(head);
+        let (header, first) = match columns {
+            Some(cols) => (cols.to_vec(), Some(head)),
+            None => (split(head.1), None),
+        };
         let mut rows = Vec::new();
         let mut malformed = Vec::new();
-        for (no, line) in lines {
+        for (no, line) in first.into_iter().chain(lines) {
             let cells = split(line);
             if cells.len() == header.len() {
                 rows.push((no, cells));
@@ -100,6 +118,22 @@ mod tests {
         assert_eq!(t.malformed, [5]);
         let e = t.column("label").unwrap_err().to_string();
         assert!(e.contains("l.csv") && e.contains("\"label\"") && e.contains("image_id, dx"), "{e}");
+    }
+
+    #[test]
+    fn headerless_table_takes_the_given_column_names() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("gt.csv");
+        std::fs::write(&p, "ISIC_0000000,benign\nISIC_0000001,malignant\nbroken\n").unwrap();
+        let cols = ["image_id".to_string(), "label".to_string()];
+        let t = Table::read_with(&p, ",", Some(&cols)).unwrap();
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.rows[0], (1, vec!["ISIC_0000000".to_string(), "benign".to_string()]));
+        assert_eq!(t.malformed, [3]);
+        assert_eq!(t.column("label").unwrap(), 1);
+        std::fs::write(&p, [0xffu8, 0xfe, 0x00]).unwrap();
+        let e = Table::read(&p, ",").unwrap_err().to_string();
+        assert!(e.contains("gt.csv") && e.contains("UTF-8"), "{e}");
     }
 
     #[test]

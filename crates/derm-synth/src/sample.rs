@@ -195,6 +195,7 @@ pub fn write_synthetic_set(
                 column: Some("label".into()),
                 ..Default::default()
             }),
+            groups: None,
             count: Some(images.len()),
             class_counts: counts,
         }],

@@ -552,6 +552,8 @@ pub fn train(
     on_event: &mut dyn FnMut(&SynthEvent),
 ) -> Result<(GanTrainer, GanState)> {
     cfg.validate()?;
+    // One writer per model folder: a second run into it is refused.
+    let _lock = derm_core::fsutil::DirLock::acquire(out)?;
     let reals = load_class_images(data, &cfg.classes, cfg.model.size as u32, cfg.normalize, device)?;
     for (c, r) in cfg.classes.iter().zip(&reals) {
         tracing::info!(class = %c, images = r.dim(0)?, "gan training data");

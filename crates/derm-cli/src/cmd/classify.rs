@@ -136,7 +136,7 @@ impl TrainArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
         let device = g.device()?;
-        let data = self.data.open()?;
+        let data = self.data.open(g.quiet)?;
         let extra = ExtraSources { purified: self.purified.clone(), synthetic: self.synthetic.clone() };
         let mut progress = StageProgress::new("classify", g.quiet);
         let (mut task, state) =
@@ -276,7 +276,7 @@ impl EvalArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
         let clf = Classifier::load(&self.model, &device)?;
-        let mut data: Dataset = self.data.open()?;
+        let mut data: Dataset = self.data.open(g.quiet)?;
         if let Some(dir) = &self.purified_input {
             data = with_purified_images(data, dir)?;
         }

@@ -8,7 +8,6 @@ use derm_core::plot::{self, PlotOptions, Series};
 use derm_core::train::{Event, TrainState};
 use derm_data::dataset::Dataset;
 use image::{GrayImage, RgbImage};
-use indicatif::ProgressBar;
 
 /// Where a data set is and how it is laid out.
 #[derive(Debug, Clone, clap::Args)]
@@ -23,13 +22,29 @@ pub struct DataArgs {
     /// Split to use (default: the first split present).
     #[arg(long)]
     pub split: Option<String>,
+    /// Leave out (and list) samples whose image or mask is corrupt, truncated or of the wrong
+    /// size, instead of refusing the data set.
+    #[arg(long)]
+    pub skip_bad: bool,
 }
 
 impl DataArgs {
-    /// Opens the data set.
-    pub fn open(&self) -> anyhow::Result<Dataset> {
-        Dataset::open_dir(&self.root, self.manifest.as_deref(), self.split.as_deref())
-            .with_context(|| format!("opening the data set at {}", self.root.display()))
+    /// Opens the data set and decodes every file once: a corrupt or truncated one is an error
+    /// naming it, or with `--skip-bad` is left out and listed.
+    pub fn open(&self, quiet: bool) -> anyhow::Result<Dataset> {
+        let data = Dataset::open_dir(&self.root, self.manifest.as_deref(), self.split.as_deref())
+            .with_context(|| format!("opening the data set at {}", self.root.display()))?;
+        let bar = crate::progress::bar(data.len() as u64, "decoding", quiet);
+        let screened = derm_data::screen(&data, self.skip_bad, &|| bar.inc(1));
+        bar.finish_and_clear();
+        let (kept, bad) = screened.with_context(|| format!("checking the images of {}", self.root.display()))?;
+        if !bad.is_empty() {
+            eprintln!("skipped {} of {} samples (--skip-bad):", bad.len(), data.len());
+            for b in &bad {
+                eprintln!("  {}: {}", b.id, b.problem);
+            }
+        }
+        Ok(kept)
     }
 }
 
@@ -69,7 +84,7 @@ pub fn mask_overlay(img: &RgbImage, mask: &GrayImage, truth: Option<&GrayImage>)
 
 /// A progress bar driven by training events.
 pub struct StageProgress {
-    bar: ProgressBar,
+    bar: crate::progress::Progress,
     last_metric: Option<f64>,
 }
 

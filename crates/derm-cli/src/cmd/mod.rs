@@ -9,5 +9,6 @@ pub mod info;
 pub mod phantom;
 pub mod purify;
 pub mod segment;
+pub mod serve;
 pub mod synth;
 pub mod vbp;

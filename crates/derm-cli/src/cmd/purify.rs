@@ -113,7 +113,7 @@ impl TrainArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
         let device = g.device()?;
-        let data = self.data.open()?;
+        let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("purify", g.quiet);
         let (task, state) = derm_purify::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
             .with_context(|| format!("training the purifier into {}", self.out.display()))?;
@@ -246,7 +246,7 @@ impl EvalArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
         let model = Purifier::load(&self.model, &device)?;
-        let data = self.data.open()?;
+        let data = self.data.open(g.quiet)?;
         if data.samples.iter().all(|s| s.extra("clean").is_none() || s.extra("occlusion").is_none()) {
             bail!("{} split {} has no clean images with occlusion masks (use a phantom set)", data.name, data.split);
         }

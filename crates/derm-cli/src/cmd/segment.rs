@@ -93,7 +93,7 @@ impl TrainArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
         let device = g.device()?;
-        let data = self.data.open()?;
+        let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("segment", g.quiet);
         let (task, state) =
             derm_segment::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
@@ -177,7 +177,7 @@ impl EvalArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
         let seg = Segmenter::load(&self.model, &device)?;
-        let data: Dataset = self.data.open()?;
+        let data: Dataset = self.data.open(g.quiet)?;
         if data.samples.iter().all(|s| s.mask.is_none()) {
             bail!("{} split {} has no lesion masks to score against", data.name, data.split);
         }

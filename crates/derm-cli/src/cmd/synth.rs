@@ -116,7 +116,7 @@ impl TrainArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
         let device = g.device()?;
-        let data = self.data.open()?;
+        let data = self.data.open(g.quiet)?;
         let source = DataSource {
             manifest: self.data.manifest.clone(),
             root: self.data.root.clone(),
