@@ -1104,8 +1104,12 @@ fn batched_grad_input<T: WithDType>(wt: &[T], go: &[T], g: &Geo) -> CResult<Vec<
 }
 
 /// Sums the contributions of `items` to a weight gradient of `len` values: `f(acc, scratch,
-/// item)` adds one item into its rayon task's accumulator (each task with its own scratch `S`),
-/// and the tasks' accumulators are then added.
+/// item)` adds one item into its block's accumulator (each block with its own scratch `S`).
+///
+/// The items are cut into one contiguous block per rayon thread and the blocks' sums are added
+/// in block order, so the result is the same bit for bit from run to run (for a given thread
+/// count). rayon's `fold`/`reduce` group items as work stealing happens to, which made two runs
+/// with the same seed drift apart in the last bits (seen on the DCGAN's batch of 64).
 fn accumulate<T, I, S>(
     items: I,
     len: usize,
@@ -1113,24 +1117,30 @@ fn accumulate<T, I, S>(
 ) -> CResult<Vec<T>>
 where
     T: WithDType,
-    I: ParallelIterator,
+    I: IndexedParallelIterator,
     S: Default + Send,
 {
-    let total = items
-        .try_fold(
-            || (vec![T::zero(); len], S::default()),
-            |(mut acc, mut sc), item| {
+    let n = items.len();
+    if n == 0 {
+        return Ok(vec![T::zero(); len]);
+    }
+    let blocks = rayon::current_num_threads().clamp(1, n);
+    let partial = items
+        .chunks(n.div_ceil(blocks))
+        .map(|block| {
+            let (mut acc, mut sc) = (vec![T::zero(); len], S::default());
+            for item in block {
                 f(&mut acc, &mut sc, item)?;
-                Ok::<_, candle_core::Error>((acc, sc))
-            },
-        )
-        .map(|r| r.map(|(acc, _)| acc))
-        .try_reduce_with(|mut a, b| {
-            a.iter_mut().zip(&b).for_each(|(a, &b)| *a += b);
-            Ok(a)
+            }
+            Ok(acc)
         })
-        .transpose()?;
-    Ok(total.unwrap_or_else(|| vec![T::zero(); len]))
+        .collect::<CResult<Vec<Vec<T>>>>()?;
+    let mut parts = partial.into_iter();
+    let mut total = parts.next().unwrap_or_else(|| vec![T::zero(); len]);
+    for p in parts {
+        total.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+    }
+    Ok(total)
 }
 
 fn batched_grad_weight<T: WithDType>(x: &[T], go: &[T], g: &Geo) -> CResult<Vec<T>> {
