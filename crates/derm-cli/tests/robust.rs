@@ -385,5 +385,24 @@ fn the_same_seed_gives_bit_identical_gan_and_classifier_weights() {
         cls.push(weights(&c, "last/model.safetensors"));
     }
     assert!(gan[0] == gan[1], "two GAN runs with one seed differ");
+    // Resuming a finished GAN run changes nothing: its sample grids once updated the generator's
+    // batch-norm running averages, so a resumed run ended with other weights.
+    let g = d.path().join("gan_a");
+    ok(&[
+        "synth",
+        "train",
+        "--root",
+        p(&ph),
+        "--classes",
+        "melanoma",
+        "--preset",
+        "small",
+        "--epochs",
+        "2",
+        "--resume",
+        "--out",
+        p(&g),
+    ]);
+    assert!(weights(&g, "melanoma/last/model.safetensors") == gan[0], "resuming a finished GAN run changed it");
     assert!(cls[0] == cls[1], "two classifier runs with one seed differ");
 }

@@ -65,7 +65,31 @@ impl Synthesizer {
 
     /// Images (N, C, S, S) in [-1, 1] from head `head` for latents (N, L), generated in chunks
     /// of the training batch size (batch norm as `sample_batch_stats` says).
+    ///
+    /// Sampling with batch statistics leaves the generator's running averages as they were: a
+    /// sample grid or quality check during training must not change the model (else a run
+    /// resumed after a crash, which draws its grids at other steps, ends with other weights).
     pub fn generate_tensor(&self, head: usize, z: &Tensor) -> Result<Tensor> {
+        let running: Vec<(candle_core::Var, Tensor)> = if self.cfg.sample_batch_stats {
+            checkpoint::sorted_vars(&self.varmap)
+                .into_iter()
+                .filter(|(name, _)| name.starts_with("g.") && name.contains(".running_"))
+                .map(|(_, v)| {
+                    let saved = v.as_tensor().copy()?;
+                    Ok((v, saved))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let out = self.generate_chunks(head, z);
+        for (var, saved) in &running {
+            var.set(saved)?;
+        }
+        out
+    }
+
+    fn generate_chunks(&self, head: usize, z: &Tensor) -> Result<Tensor> {
         let n = z.dim(0)?;
         let bs = self.cfg.batch_size.max(2);
         let mut parts = Vec::new();
