@@ -9,25 +9,151 @@
 //! second custom op (scatter-add), so gradients accumulate correctly whatever else consumes the
 //! input. Each op has a finite-difference gradient test in f64.
 //!
-//! Tensors are NCHW. The custom ops run on the CPU; on another device the input is moved to the
-//! CPU and back (differentiably), so results stay correct, if slower.
+//! Tensors are NCHW. The custom ops run on the CPU. On another device (CUDA, Metal), pooling and
+//! resizing are composed from candle ops whose generic backward is right, so nothing leaves the
+//! device: pooling as a maximum or sum over the window's strided views of the padded input,
+//! resizing as index selections (whose backward is a scatter-add) blended with per-row and
+//! per-column weights, integer nearest upsampling as a broadcast. [`with_device_path`] forces
+//! that path on CPU tensors, which is how it is tested without a GPU: forward and gradients
+//! equal the CPU kernels' on the same shapes.
+//!
+//! Ties in max pooling: the CPU kernel gives a window's whole gradient to its first maximum in
+//! row-major order; the device path shares it among the tied elements (candle's `maximum`
+//! backward halves the gradient at each tie of the chained comparisons, so the shares are not
+//! equal). Ties only matter on plateaus such as ReLU zeros.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
+use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 
 use crate::cpu::{data, float_dispatch};
 
 type CResult<T> = candle_core::Result<T>;
 
-/// Runs `f` on the CPU: a CPU tensor is passed through, another is moved there and back.
-fn on_cpu(x: &Tensor, f: impl FnOnce(&Tensor) -> CResult<Tensor>) -> CResult<Tensor> {
-    if x.device().is_cpu() {
-        f(&x.contiguous()?)
-    } else {
-        let dev = x.device().clone();
-        f(&x.to_device(&candle_core::Device::Cpu)?.contiguous()?)?.to_device(&dev)
+thread_local! {
+    static FORCE_DEVICE_PATH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with pooling and resizing of CPU tensors taking the path of CUDA and Metal tensors
+/// (this thread only): how that path is tested on a machine without a GPU.
+pub fn with_device_path<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCE_DEVICE_PATH.with(|c| c.set(self.0));
+        }
     }
+    let _restore = Restore(FORCE_DEVICE_PATH.with(|c| c.replace(true)));
+    f()
+}
+
+/// Whether `x` takes the composed (device) path: not on the CPU, or forced.
+fn device_path(x: &Tensor) -> bool {
+    !x.device().is_cpu() || FORCE_DEVICE_PATH.with(|c| c.get())
+}
+
+/// `count` slices of `dim` from `start`, `step` apart, as a strided view made of a narrow and a
+/// reshape (so its backward is candle's, a zero-padded scatter). Needs `start + count * step`
+/// elements along `dim`.
+fn strided(x: &Tensor, dim: usize, start: usize, count: usize, step: usize) -> CResult<Tensor> {
+    if step == 1 {
+        return x.narrow(dim, start, count);
+    }
+    let t = x.narrow(dim, start, count * step)?;
+    let mut shape = t.dims().to_vec();
+    shape[dim] = count;
+    shape.insert(dim + 1, step);
+    t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+}
+
+/// `x` with `before` rows of `fill` in front along `dim` and then cut or filled to `total`.
+fn pad_dim(x: &Tensor, dim: usize, before: usize, total: usize, fill: f64) -> CResult<Tensor> {
+    let len = x.dim(dim)?;
+    let block = |n: usize| -> CResult<Tensor> {
+        let mut shape = x.dims().to_vec();
+        shape[dim] = n;
+        Tensor::zeros(shape, x.dtype(), x.device())?.affine(1.0, fill)
+    };
+    let mut parts = Vec::with_capacity(3);
+    if before > 0 {
+        parts.push(block(before)?);
+    }
+    let keep = len.min(total.saturating_sub(before));
+    parts.push(x.narrow(dim, 0, keep)?);
+    if before + keep < total {
+        parts.push(block(total - before - keep)?);
+    }
+    Tensor::cat(&parts, dim)
+}
+
+/// Pooling composed from candle ops (see the module doc): the padded input is read through one
+/// strided view per window tap, combined with `maximum` or summed.
+fn composed_pool(x: &Tensor, geo: Pool2d, kind: PoolKind) -> CResult<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (oh, ow) = geo.out_size(h, w)?;
+    let ((kh, kw), (sh, sw), (ph, pw)) = (geo.kernel, geo.stride, geo.padding);
+    let fill = match kind {
+        PoolKind::Max => f64::NEG_INFINITY,
+        PoolKind::Avg => 0.0,
+    };
+    // Tap (dy, dx) reads padded rows dy, dy + sh, ..., dy + (oh - 1) sh; the strided view takes
+    // oh * sh rows from dy, so the padded input has kh - 1 + oh * sh rows (likewise columns).
+    let xp = pad_dim(x, 2, ph, kh - 1 + oh * sh, fill)?;
+    let xp = pad_dim(&xp, 3, pw, kw - 1 + ow * sw, fill)?;
+    let mut acc: Option<Tensor> = None;
+    for dy in 0..kh {
+        let rows = strided(&xp, 2, dy, oh, sh)?;
+        for dx in 0..kw {
+            let tap = strided(&rows, 3, dx, ow, sw)?;
+            acc = Some(match (acc, kind) {
+                (None, _) => tap,
+                (Some(a), PoolKind::Max) => a.maximum(&tap)?,
+                (Some(a), PoolKind::Avg) => (a + tap)?,
+            });
+        }
+    }
+    let y = acc.ok_or_else(|| candle_core::Error::Msg("pool2d: empty window".into()))?;
+    match kind {
+        PoolKind::Max => Ok(y),
+        PoolKind::Avg => y.affine(1.0 / (kh * kw) as f64, 0.0),
+    }
+}
+
+/// Resizing composed from candle ops (see the module doc).
+fn composed_resize(x: &Tensor, oh: usize, ow: usize, mode: ResizeMode) -> CResult<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if mode == ResizeMode::Nearest && oh.is_multiple_of(h) && ow.is_multiple_of(w) {
+        // Integer factors: every source pixel repeated fh x fw times, a broadcast whose backward
+        // sums the copies.
+        let (fh, fw) = (oh / h, ow / w);
+        return x.reshape((n, c, h, 1, w, 1))?.broadcast_as((n, c, h, fh, w, fw))?.reshape((n, c, oh, ow));
+    }
+    let y = resize_axis(x, 2, h, oh, mode)?;
+    resize_axis(&y, 3, w, ow, mode)
+}
+
+/// Resizes along one axis: the taps' source rows picked by `index_select` and blended.
+fn resize_axis(x: &Tensor, dim: usize, src: usize, dst: usize, mode: ResizeMode) -> CResult<Tensor> {
+    if src == dst {
+        return Ok(x.clone());
+    }
+    let taps = resize_taps(src, dst, mode);
+    let ids = |pick: fn(&(usize, usize, f64)) -> usize| -> CResult<Tensor> {
+        Tensor::from_vec(taps.iter().map(|t| pick(t) as u32).collect::<Vec<_>>(), dst, x.device())
+    };
+    let a = x.index_select(&ids(|t| t.0)?, dim)?;
+    if mode == ResizeMode::Nearest {
+        return Ok(a);
+    }
+    let b = x.index_select(&ids(|t| t.1)?, dim)?;
+    let mut shape = vec![1usize; 4];
+    shape[dim] = dst;
+    let wt = |f: fn(f64) -> f64| -> CResult<Tensor> {
+        Tensor::from_vec(taps.iter().map(|t| f(t.2)).collect::<Vec<f64>>(), shape.as_slice(), x.device())?
+            .to_dtype(x.dtype())
+    };
+    a.broadcast_mul(&wt(|t| 1.0 - t)?)? + b.broadcast_mul(&wt(|t| t)?)?
 }
 
 /// Geometry of a 2-D pooling window.
@@ -317,13 +443,19 @@ impl CustomOp1 for AvgPoolBwd {
 /// Max pooling of an (N, C, H, W) tensor with any kernel, stride and padding (padding acts as
 /// -inf). The gradient goes in full to the first maximum of each window.
 pub fn max_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
-    on_cpu(x, |x| x.apply_op1(PoolFwd::new(geo, PoolKind::Max)))
+    if device_path(x) {
+        return composed_pool(x, geo, PoolKind::Max);
+    }
+    x.contiguous()?.apply_op1(PoolFwd::new(geo, PoolKind::Max))
 }
 
 /// Average pooling of an (N, C, H, W) tensor with any kernel, stride and padding (zero padding,
 /// counted in the divisor as PyTorch's default `count_include_pad=True`).
 pub fn avg_pool2d(x: &Tensor, geo: Pool2d) -> CResult<Tensor> {
-    on_cpu(x, |x| x.apply_op1(PoolFwd::new(geo, PoolKind::Avg)))
+    if device_path(x) {
+        return composed_pool(x, geo, PoolKind::Avg);
+    }
+    x.contiguous()?.apply_op1(PoolFwd::new(geo, PoolKind::Avg))
 }
 
 /// Resizing modes.
@@ -451,7 +583,10 @@ pub fn resize2d(x: &Tensor, out_h: usize, out_w: usize, mode: ResizeMode) -> CRe
     if (h, w) == (out_h, out_w) {
         return Ok(x.clone());
     }
-    on_cpu(x, |x| x.apply_op1(ResizeFwd { out: (out_h, out_w), mode }))
+    if device_path(x) {
+        return composed_resize(x, out_h, out_w, mode);
+    }
+    x.contiguous()?.apply_op1(ResizeFwd { out: (out_h, out_w), mode })
 }
 
 /// Nearest upsampling by an integer factor.
@@ -679,6 +814,88 @@ pub(crate) mod tests {
         let g = y.sum_all().unwrap().backward().unwrap();
         let g: Vec<f64> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!(g, vec![2.0; 4]);
+    }
+
+    /// The forward and the gradient of `sum(f(x) * R)` for one f64 input, on the CPU kernels or
+    /// (when `device`) the composed path.
+    fn run_path(
+        shape: &[usize],
+        seed: u64,
+        device: bool,
+        f: &dyn Fn(&Tensor) -> CResult<Tensor>,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let go = || {
+            let mut rng = Rng::new(seed);
+            let n: usize = shape.iter().product();
+            let x = Var::from_vec(rng.normal_vec(n, 0.0, 1.0).iter().map(|&v| v as f64).collect(), shape, &Device::Cpu)
+                .unwrap();
+            let y = f(x.as_tensor()).unwrap();
+            let r: Vec<f64> = (0..y.elem_count()).map(|_| rng.normal()).collect();
+            let r = Tensor::from_vec(r, y.shape(), &Device::Cpu).unwrap();
+            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            (y.flatten_all().unwrap().to_vec1::<f64>().unwrap(), g)
+        };
+        if device {
+            with_device_path(go)
+        } else {
+            go()
+        }
+    }
+
+    fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+    }
+
+    #[test]
+    fn device_path_pooling_and_resizing_equal_the_cpu_kernels() {
+        type Op = Box<dyn Fn(&Tensor) -> CResult<Tensor>>;
+        let cases: Vec<(&str, Vec<usize>, Op)> = vec![
+            ("max 2x2/2", vec![2, 3, 8, 9], Box::new(|x| max_pool2d(x, Pool2d::square(2, 2, 0)))),
+            ("max 3x3/2 p1 (stem)", vec![1, 2, 9, 8], Box::new(|x| max_pool2d(x, Pool2d::square(3, 2, 1)))),
+            ("max 3x3/1 p1", vec![1, 2, 5, 7], Box::new(|x| max_pool2d(x, Pool2d::square(3, 1, 1)))),
+            (
+                "max 2x3/(1,2) p(0,1)",
+                vec![1, 1, 6, 7],
+                Box::new(|x| max_pool2d(x, Pool2d { kernel: (2, 3), stride: (1, 2), padding: (0, 1) })),
+            ),
+            ("avg 3x3/1 p1", vec![1, 2, 5, 6], Box::new(|x| avg_pool2d(x, Pool2d::square(3, 1, 1)))),
+            ("avg 3x3/2", vec![2, 1, 7, 9], Box::new(|x| avg_pool2d(x, Pool2d::square(3, 2, 0)))),
+            ("avg 7x7/7 (global)", vec![2, 3, 7, 7], Box::new(|x| avg_pool2d(x, Pool2d::square(7, 7, 0)))),
+            ("nearest x2", vec![1, 2, 4, 5], Box::new(|x| upsample_nearest(x, 2))),
+            ("nearest 8x12", vec![1, 2, 4, 5], Box::new(|x| resize2d(x, 8, 12, ResizeMode::Nearest))),
+            ("nearest 3x5", vec![1, 2, 4, 5], Box::new(|x| resize2d(x, 3, 5, ResizeMode::Nearest))),
+            ("bilinear 7x11", vec![1, 2, 4, 5], Box::new(|x| resize2d(x, 7, 11, ResizeMode::Bilinear))),
+            ("bilinear 3x2", vec![1, 2, 4, 5], Box::new(|x| resize2d(x, 3, 2, ResizeMode::Bilinear))),
+            ("bilinear 16x16", vec![2, 1, 9, 6], Box::new(|x| resize2d(x, 16, 16, ResizeMode::Bilinear))),
+        ];
+        for (name, shape, f) in &cases {
+            let (y_cpu, g_cpu) = run_path(shape, 7, false, f.as_ref());
+            let (y_dev, g_dev) = run_path(shape, 7, true, f.as_ref());
+            assert!(max_diff(&y_cpu, &y_dev) < 1e-12, "{name}: forward differs");
+            assert!(max_diff(&g_cpu, &g_dev) < 1e-12, "{name}: gradient differs");
+            // And the device path's gradient against finite differences.
+            let e = with_device_path(|| grad_error(shape, 8, |x| f(x)));
+            assert!(e < 1e-6, "{name}: device-path gradient error {e}");
+        }
+        // The forcing is scoped: the CPU kernels are back afterwards (their max-pool ties go to
+        // the first maximum; the composed path splits them).
+        let x = Var::from_vec(vec![1f64, 1., 0., 0.], (1, 1, 2, 2), &Device::Cpu).unwrap();
+        let tie_grad = |device: bool| {
+            let go = || {
+                let y = max_pool2d(x.as_tensor(), Pool2d::square(2, 2, 0)).unwrap();
+                let g = y.sum_all().unwrap().backward().unwrap();
+                g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            };
+            if device {
+                with_device_path(go)
+            } else {
+                go()
+            }
+        };
+        assert_eq!(tie_grad(true), vec![0.5, 0.5, 0.0, 0.0]);
+        assert_eq!(tie_grad(false), vec![1.0, 0.0, 0.0, 0.0]);
     }
 
     #[test]
