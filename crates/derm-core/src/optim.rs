@@ -469,7 +469,10 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
     if g.device().is_cpu() && g.dtype() == DType::F32 {
         let (st, l) = g.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
-            return Ok(v[a..b].par_chunks(1 << 14).map(crate::fused::sum_of_squares).sum());
+            // Partial sums collected in order and added in order: rayon's parallel `sum` groups
+            // them as work stealing happens to, and the clipped step would differ run to run.
+            let parts: Vec<f64> = v[a..b].par_chunks(1 << 14).map(crate::fused::sum_of_squares).collect();
+            return Ok(parts.iter().sum());
         }
     }
     Ok(g.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>()?)
