@@ -1552,7 +1552,10 @@ pub fn conv2d_bias(x: &Tensor, w: &Tensor, b: &Tensor, spec: ConvSpec, relu: boo
 
 /// Whether [`conv2d`] handles these operands: CPU tensors of one float dtype (f32 or f64).
 pub fn supports(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && w.device().is_cpu() && x.dtype() == w.dtype() && matches!(x.dtype(), DType::F32 | DType::F64)
+    crate::ops::host_kernels(x)
+        && w.device().is_cpu()
+        && x.dtype() == w.dtype()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// 2-D convolution (groups 1) of (N, C, H, W) by (O, C, KH, KW) into

@@ -44,7 +44,7 @@ fn ncs(name: &str, shape: &Shape) -> CResult<(usize, usize, usize)> {
 
 /// Whether the fused kernels apply: CPU tensors of f32 or f64.
 fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64)
+    crate::ops::host_kernels(x) && matches!(x.dtype(), DType::F32 | DType::F64)
 }
 
 /// `x` reshaped so that a per-channel vector broadcasts against it: (1, C, 1, ...).
@@ -525,6 +525,56 @@ pub struct BnStats {
     pub count: usize,
 }
 
+/// The statistics of a train-mode batch-norm call, for the caller's running averages: host
+/// vectors from the CPU kernels (which computed them anyway), tensors left on their device from
+/// the composed path (reading them back would stall a GPU once per layer).
+#[derive(Debug, Clone)]
+pub enum BatchStats {
+    /// From the CPU kernels.
+    Host(BnStats),
+    /// From the composed path: per-channel mean and biased variance, (C,), on the input's device.
+    Device {
+        /// Mean of each channel.
+        mean: Tensor,
+        /// Biased variance of each channel.
+        var: Tensor,
+        /// Values per channel.
+        count: usize,
+    },
+}
+
+impl BatchStats {
+    /// Values per channel.
+    pub fn count(&self) -> usize {
+        match self {
+            BatchStats::Host(s) => s.count,
+            BatchStats::Device { count, .. } => *count,
+        }
+    }
+
+    /// Mean and biased variance as f64 tensors of shape (C,) on `device` (no copy for device
+    /// statistics already there).
+    pub fn tensors(&self, device: &candle_core::Device) -> CResult<(Tensor, Tensor)> {
+        match self {
+            BatchStats::Host(s) => {
+                Ok((Tensor::new(s.mean.as_slice(), device)?, Tensor::new(s.var.as_slice(), device)?))
+            }
+            BatchStats::Device { mean, var, .. } => {
+                let f = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_device(device);
+                Ok((f(mean)?, f(var)?))
+            }
+        }
+    }
+
+    /// The host statistics, if these came from the CPU kernels.
+    pub fn host(&self) -> Option<&BnStats> {
+        match self {
+            BatchStats::Host(s) => Some(s),
+            BatchStats::Device { .. } => None,
+        }
+    }
+}
+
 /// The forward op on (x, gamma, beta).
 struct BnFwd {
     core: BnCore,
@@ -876,9 +926,9 @@ fn launch(
     op: Box<dyn CustomOp3 + Send + Sync>,
     stats: &Mutex<Option<BnStats>>,
     train: bool,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let y = args[0].contiguous()?.apply_op3_arc(&args[1].contiguous()?, &args[2].contiguous()?, Arc::new(op))?;
-    let st = if train { stats.lock().ok().and_then(|g| g.clone()) } else { None };
+    let st = if train { stats.lock().ok().and_then(|g| g.clone()).map(BatchStats::Host) } else { None };
     Ok((y, st))
 }
 
@@ -1060,7 +1110,7 @@ pub fn batch_norm(
     fixed: Option<(&Tensor, &Tensor)>,
     eps: f64,
     relu: bool,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let (_, c, _) = ncs("batch norm", x.shape())?;
     for (what, t) in [("weight", gamma), ("bias", beta)] {
         if t.elem_count() != c {
@@ -1087,7 +1137,7 @@ pub fn batch_norm_add_relu(
     residual: &Tensor,
     fixed: Option<(&Tensor, &Tensor)>,
     eps: f64,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let (_, c, _) = ncs("batch norm", x.shape())?;
     if residual.shape() != x.shape() {
         candle_core::bail!("batch norm: residual {:?} for an input {:?}", residual.dims(), x.dims())
@@ -1227,7 +1277,7 @@ pub fn conv_batch_norm(
     fixed: Option<(&Tensor, &Tensor)>,
     eps: f64,
     relu: bool,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let c = w.dim(0)?;
     let same = [gamma, beta].iter().all(|t| t.dtype() == x.dtype() && t.device().is_cpu() && t.elem_count() == c);
     if !crate::conv::supports(x, w) || !fusable(x) || !same {
@@ -1256,7 +1306,7 @@ pub fn conv_batch_norm_add_relu(
     residual: &Tensor,
     fixed: Option<(&Tensor, &Tensor)>,
     eps: f64,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let c = w.dim(0)?;
     let same = [gamma, beta].iter().all(|t| t.dtype() == x.dtype() && t.device().is_cpu() && t.elem_count() == c);
     if !crate::conv::supports(x, w) || !fusable(x) || !same || residual.dtype() != x.dtype() {
@@ -1285,16 +1335,15 @@ fn batch_norm_composed(
     fixed: Option<(&Tensor, &Tensor)>,
     eps: f64,
     relu: bool,
-) -> CResult<(Tensor, Option<BnStats>)> {
+) -> CResult<(Tensor, Option<BatchStats>)> {
     let dims: Vec<usize> = (0..x.rank()).filter(|&d| d != 1).collect();
     let (mean, var, stats) = match fixed {
         Some((m, v)) => (channel_view(m, x)?.to_dtype(x.dtype())?, channel_view(v, x)?.to_dtype(x.dtype())?, None),
         None => {
             let mean = x.mean_keepdim(dims.as_slice())?;
             let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim(dims.as_slice())?;
-            let to64 = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
             let count = x.elem_count() / x.dim(1)?;
-            let st = BnStats { mean: to64(&mean)?, var: to64(&var)?, count };
+            let st = BatchStats::Device { mean: mean.detach().flatten_all()?, var: var.detach().flatten_all()?, count };
             (mean, var, Some(st))
         }
     };
@@ -1400,7 +1449,7 @@ mod tests {
             let z = crate::conv::conv2d(&xin, &wt, spec).unwrap();
             let (b, sb) = batch_norm(&z, &gamma, &beta, None, 1e-5, relu).unwrap();
             assert!(max_diff(&a, &b) < 1e-12);
-            assert_eq!(sa, sb);
+            assert_eq!(sa.as_ref().and_then(BatchStats::host), sb.as_ref().and_then(BatchStats::host));
         }
         // The parity interleave against its slicing definition, and its gradient.
         let y6 = randn(&mut rng, &[2, 8, 4, 5], DType::F64);
@@ -1454,8 +1503,11 @@ mod tests {
             let (b, sb) = batch_norm_composed(&x, &gamma, &beta, None, 1e-5, relu).unwrap();
             assert!(max_diff(&a, &b) < 1e-4, "forward {}", max_diff(&a, &b));
             let (sa, sb) = (sa.unwrap(), sb.unwrap());
-            assert_eq!(sa.count, sb.count);
-            for (p, q) in sa.var.iter().zip(&sb.var) {
+            assert_eq!(sa.count(), sb.count());
+            // The composed path keeps its statistics as tensors (no host read).
+            assert!(sb.host().is_none());
+            let host = |s: &BatchStats| s.tensors(&Device::Cpu).unwrap().1.to_vec1::<f64>().unwrap();
+            for (p, q) in host(&sa).iter().zip(&host(&sb)) {
                 assert!((p - q).abs() < 1e-4 * q.abs().max(1.0), "{p} {q}");
             }
             let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
@@ -1494,10 +1546,11 @@ mod tests {
             false,
         )
         .unwrap();
-        let st = st.unwrap();
+        let (sm, sv) = st.unwrap().tensors(&Device::Cpu).unwrap();
+        let (sm, sv) = (sm.to_vec1::<f64>().unwrap(), sv.to_vec1::<f64>().unwrap());
         for ch in 0..2 {
-            assert!((m[ch] - st.mean[ch]).abs() < 1e-6);
-            assert!((var[ch] - st.var[ch]).abs() < 1e-3 * st.var[ch], "{} {}", var[ch], st.var[ch]);
+            assert!((m[ch] - sm[ch]).abs() < 1e-6);
+            assert!((var[ch] - sv[ch]).abs() < 1e-3 * sv[ch], "{} {}", var[ch], sv[ch]);
         }
         let g = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
         assert!(batch_norm(&x, &g, &g, None, 1e-5, false).is_err());

@@ -35,8 +35,10 @@ thread_local! {
     static FORCE_DEVICE_PATH: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with pooling and resizing of CPU tensors taking the path of CUDA and Metal tensors
-/// (this thread only): how that path is tested on a machine without a GPU.
+/// Runs `f` with CPU tensors taking the path of CUDA and Metal tensors (this thread only): pooling
+/// and resizing composed from candle ops, candle's convolution, batch norm from candle ops with
+/// its statistics and running averages kept as tensors, the optimiser's tensor update. How that
+/// path is tested on a machine without a GPU.
 pub fn with_device_path<R>(f: impl FnOnce() -> R) -> R {
     struct Restore(bool);
     impl Drop for Restore {
@@ -51,6 +53,13 @@ pub fn with_device_path<R>(f: impl FnOnce() -> R) -> R {
 /// Whether `x` takes the composed (device) path: not on the CPU, or forced.
 fn device_path(x: &Tensor) -> bool {
     !x.device().is_cpu() || FORCE_DEVICE_PATH.with(|c| c.get())
+}
+
+/// Whether `x` goes to derm's CPU kernels (convolution, fused batch norm and bias, the in-place
+/// optimiser): a CPU tensor, with the device path not forced ([`with_device_path`] forces every
+/// one of those decisions, so a whole training step can take the device path on the CPU).
+pub(crate) fn host_kernels(x: &Tensor) -> bool {
+    !device_path(x)
 }
 
 /// `count` slices of `dim` from `start`, `step` apart, as a strided view made of a narrow and a

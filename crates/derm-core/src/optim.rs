@@ -455,7 +455,7 @@ impl Optimizer {
 /// Whether a parameter and its gradient take the fused in-place update: CPU f32, contiguous.
 fn in_place_ok(var: &Var, g: &Tensor) -> bool {
     let t = var.as_tensor();
-    t.device().is_cpu()
+    crate::ops::host_kernels(t)
         && t.dtype() == DType::F32
         && g.dtype() == DType::F32
         && g.device().is_cpu()
