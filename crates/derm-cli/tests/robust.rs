@@ -344,65 +344,31 @@ fn the_same_seed_gives_bit_identical_gan_and_classifier_weights() {
     let d = tempfile::tempdir().unwrap();
     let ph = phantoms(d.path(), 40);
     let weights = |out: &Path, file: &str| std::fs::read(out.join(file)).unwrap();
+    let gan_train = |out: &Path, resume: bool| {
+        let mut args = vec!["synth", "train", "--root", p(&ph), "--classes", "melanoma", "--preset", "small"];
+        args.extend(["--epochs", "2", "--out", p(out)]);
+        if resume {
+            args.push("--resume");
+        }
+        ok(&args);
+    };
     let mut gan = Vec::new();
     let mut cls = Vec::new();
     for run in ["a", "b"] {
         let g = d.path().join(format!("gan_{run}"));
-        ok(&[
-            "synth",
-            "train",
-            "--root",
-            p(&ph),
-            "--classes",
-            "melanoma",
-            "--preset",
-            "small",
-            "--epochs",
-            "2",
-            "--out",
-            p(&g),
-        ]);
+        gan_train(&g, false);
         gan.push(weights(&g, "melanoma/last/model.safetensors"));
         let c = d.path().join(format!("cls_{run}"));
-        ok(&[
-            "classify",
-            "train",
-            "--root",
-            p(&ph),
-            "--arch",
-            "resnet18",
-            "--width",
-            "8",
-            "--size",
-            "32",
-            "--epochs",
-            "2",
-            "--batch",
-            "8",
-            "--out",
-            p(&c),
-        ]);
+        let mut args = vec!["classify", "train", "--root", p(&ph), "--arch", "resnet18", "--width", "8"];
+        args.extend(["--size", "32", "--epochs", "2", "--batch", "8", "--out", p(&c)]);
+        ok(&args);
         cls.push(weights(&c, "last/model.safetensors"));
     }
     assert!(gan[0] == gan[1], "two GAN runs with one seed differ");
     // Resuming a finished GAN run changes nothing: its sample grids once updated the generator's
     // batch-norm running averages, so a resumed run ended with other weights.
     let g = d.path().join("gan_a");
-    ok(&[
-        "synth",
-        "train",
-        "--root",
-        p(&ph),
-        "--classes",
-        "melanoma",
-        "--preset",
-        "small",
-        "--epochs",
-        "2",
-        "--resume",
-        "--out",
-        p(&g),
-    ]);
+    gan_train(&g, true);
     assert!(weights(&g, "melanoma/last/model.safetensors") == gan[0], "resuming a finished GAN run changed it");
     assert!(cls[0] == cls[1], "two classifier runs with one seed differ");
 }
