@@ -37,12 +37,14 @@ pub struct PipelineArgs {
     pub split: Option<String>,
     /// quick (about 7 minutes on 2 cores after the build), full (longer training, larger
     /// images) or tiny (two epochs per stage on a few small images: for tests, machine-independent).
-    #[arg(long, default_value = "quick")]
-    pub budget: String,
+    /// Default: quick, or full with `--device cuda`.
+    #[arg(long)]
+    pub budget: Option<String>,
     /// Run folder.
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
-    /// Compute device for every stage.
+    /// Compute device for every stage: cpu, or cuda[:N] (derm is then built with `--features
+    /// cuda` into target/cuda; the toolkit comes from `eval "$(scripts/cuda-env.sh)"`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Seed of every stage.
@@ -445,24 +447,119 @@ fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::
     )
 }
 
+/// Makes the CUDA toolkit visible to the build and to the `derm` processes: nothing to do when
+/// `nvcc` runs (a system CUDA, or `eval "$(scripts/cuda-env.sh)"` done already); otherwise the
+/// variables of scripts/cuda-env.sh are taken over when it has installed the toolkit in `.cuda/`;
+/// otherwise an error says how to get it.
+fn cuda_toolkit_env(root: &Path) -> anyhow::Result<()> {
+    let nvcc = std::env::var_os("NVCC").unwrap_or_else(|| "nvcc".into());
+    let runs = |nvcc: &std::ffi::OsStr| {
+        Command::new(nvcc)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if runs(&nvcc) {
+        return Ok(());
+    }
+    let script = root.join("scripts/cuda-env.sh");
+    if !root.join(".cuda/root/bin/nvcc").exists() {
+        bail!(
+            "--device cuda builds derm with --features cuda, which needs the CUDA toolkit (nvcc), and {} \
+             does not run. Install it locally (about 1 GB of NVIDIA wheels into .cuda/, no root) and retry:\n    \
+             eval \"$(scripts/cuda-env.sh)\"",
+            nvcc.to_string_lossy()
+        );
+    }
+    // The script's exports, evaluated by bash, taken into this process (its children inherit them).
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("eval \"$('{}')\" && env -0", script.display()))
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running scripts/cuda-env.sh")?;
+    if !out.status.success() {
+        bail!("scripts/cuda-env.sh failed; run `eval \"$(scripts/cuda-env.sh)\"` to see why");
+    }
+    const VARS: [&str; 10] = [
+        "CUDA_ROOT",
+        "CUDA_PATH",
+        "CUDA_HOME",
+        "CUDA_TOOLKIT_ROOT_DIR",
+        "NVCC",
+        "PATH",
+        "LD_LIBRARY_PATH",
+        "LIBRARY_PATH",
+        "CUDA_COMPUTE_CAP",
+        "CUDARC_CUDA_VERSION",
+    ];
+    for entry in String::from_utf8_lossy(&out.stdout).split('\0') {
+        if let Some((k, v)) = entry.split_once('=') {
+            if VARS.contains(&k) {
+                std::env::set_var(k, v);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl PipelineArgs {
+    /// Whether the stages run on a CUDA GPU.
+    fn on_cuda(&self) -> bool {
+        let d = self.device.trim().to_ascii_lowercase();
+        d == "cuda" || d == "gpu" || d.starts_with("cuda:")
+    }
+
+    /// The budget asked for, or the device's default: full on a GPU, quick on the CPU.
+    fn budget_name(&self) -> &str {
+        match &self.budget {
+            Some(b) => b,
+            None if self.on_cuda() => "full",
+            None => "quick",
+        }
+    }
+
     /// Runs the pipeline.
     pub fn run(&self) -> anyhow::Result<()> {
-        let budget = Budget::of(&self.budget)?;
+        let budget = Budget::of(self.budget_name())?;
         let t0 = Instant::now();
         let root = crate::project_root();
         let derm = match &self.derm_bin {
             Some(bin) => bin.clone(),
             None => {
                 if !self.quiet {
-                    eprintln!("building derm ...");
+                    eprintln!("building derm{} ...", if self.on_cuda() { " with --features cuda" } else { "" });
                 }
                 let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-                let st = Command::new(&cargo).current_dir(&root).args(["build", "-q", "-p", "derm-cli"]).status()?;
-                if !st.success() {
-                    bail!("cargo build -p derm-cli failed");
+                let target = match std::env::var_os("CARGO_TARGET_DIR") {
+                    Some(t) => root.join(t),
+                    None => root.join("target"),
+                };
+                if self.on_cuda() {
+                    // A separate target folder, so the CPU build is not rebuilt after a CUDA one.
+                    let target = target.join("cuda");
+                    cuda_toolkit_env(&root)?;
+                    let st = Command::new(&cargo)
+                        .current_dir(&root)
+                        .env("CARGO_TARGET_DIR", &target)
+                        .args(["build", "-q", "-p", "derm-cli", "--features", "cuda"])
+                        .status()?;
+                    if !st.success() {
+                        bail!(
+                            "cargo build -p derm-cli --features cuda failed (see scripts/cuda-env.sh for the toolkit)"
+                        );
+                    }
+                    target.join("debug/derm")
+                } else {
+                    let st =
+                        Command::new(&cargo).current_dir(&root).args(["build", "-q", "-p", "derm-cli"]).status()?;
+                    if !st.success() {
+                        bail!("cargo build -p derm-cli failed");
+                    }
+                    target.join("debug/derm")
                 }
-                root.join("target/debug/derm")
             }
         };
         let out = if self.out.is_absolute() { self.out.clone() } else { root.join(&self.out) };

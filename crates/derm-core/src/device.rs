@@ -108,11 +108,12 @@ fn cuda_libraries_present() -> std::result::Result<(), String> {
                     driver (one supporting CUDA 13.x, R580 or newer) on a machine with an NVIDIA GPU"
             .into());
     }
-    let missing: Vec<&str> = [(cublas, "libcublas.so.13"), (cublaslt, "libcublasLt.so.13"), (curand, "libcurand.so.10")]
-        .into_iter()
-        .filter(|(ok, _)| !ok)
-        .map(|(_, name)| name)
-        .collect();
+    let missing: Vec<&str> =
+        [(cublas, "libcublas.so.13"), (cublaslt, "libcublasLt.so.13"), (curand, "libcurand.so.10")]
+            .into_iter()
+            .filter(|(ok, _)| !ok)
+            .map(|(_, name)| name)
+            .collect();
     if !missing.is_empty() {
         return Err(format!(
             "the NVIDIA driver is present but the CUDA 13 libraries {} could not be loaded; \
