@@ -130,7 +130,7 @@ fn bench_unet_train(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         let mut opt = derm_core::optim::Optimizer::from_varmap(&vm, Default::default(), |_| true);
         let (x, y) = seg_batch(8, size, 0)?;
         rows.push(time(&format!("unet_train_step b8 {size}x{size}"), a.warmup, a.repeats, || {
-            let loss = derm_core::ops::bce_with_logits(&net.forward_t(&x, true)?, &y)?;
+            let loss = derm_kernels::ops::bce_with_logits(&net.forward_t(&x, true)?, &y)?;
             opt.backward_step(&loss)?;
             Ok(())
         })?);
@@ -416,9 +416,9 @@ impl BenchArgs {
                     eprintln!("[{}]", g.name);
                 }
                 merge_rows(&mut rows, (g.run)(self)?);
-                if derm_core::profile::enabled() {
+                if derm_kernels::profile::enabled() {
                     eprintln!("  kernel time over the whole group (warm-up and repeats), DERM_PROFILE:");
-                    for (name, ms, calls) in derm_core::profile::report() {
+                    for (name, ms, calls) in derm_kernels::profile::report() {
                         eprintln!("    {name:<28} {ms:>10.1} ms {calls:>7} calls");
                     }
                 }

@@ -43,7 +43,7 @@ pub fn project_root() -> PathBuf {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    derm_core::runtime::tune_allocator();
+    derm_kernels::runtime::tune_allocator();
     let r = match cli.cmd {
         Cmd::Pipeline(a) => a.run(),
         Cmd::Bench(a) => a.run(),

@@ -3,16 +3,16 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};
-use derm_core::fused;
 use derm_core::nn::{batch_norm, bn, conv2d, BatchNorm, Conv2d, Conv2dConfig};
-use derm_core::ops::{self, Pool2d};
+use derm_kernels::fused;
+use derm_kernels::ops::{self, Pool2d};
 
 /// A k2/s2 transposed convolution through derm-core's GEMM kernel where it applies (CPU f32),
 /// else candle's.
 fn transposed(up: &ConvTranspose2d, x: &Tensor) -> Result<Tensor> {
-    if derm_core::conv::supports(x, up.weight()) {
-        let spec = derm_core::conv::ConvSpec { padding: 0, stride: 2, dilation: 1 };
-        let y = derm_core::conv::conv_transpose2d(x, up.weight(), spec, 0)?;
+    if derm_kernels::conv::supports(x, up.weight()) {
+        let spec = derm_kernels::conv::ConvSpec { padding: 0, stride: 2, dilation: 1 };
+        let y = derm_kernels::conv::conv_transpose2d(x, up.weight(), spec, 0)?;
         match up.bias() {
             Some(b) => fused::add_channel_bias(&y, b),
             None => Ok(y),

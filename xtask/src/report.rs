@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use derm_core::report::Report;
+use derm_visual::report::Report;
 use serde_json::Value;
 
 use crate::pipeline::Run;

@@ -255,7 +255,8 @@ impl Classifier {
             for (c, chunk) in views.chunks(bs).enumerate() {
                 let flipped: Vec<RgbImage> = chunk.iter().map(|v| data::flip_view(v, f)).collect();
                 let refs: Vec<&RgbImage> = flipped.iter().collect();
-                let p = derm_core::ops::softmax(&self.logits(&refs)?, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+                let p =
+                    derm_kernels::ops::softmax(&self.logits(&refs)?, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
                 for (i, row) in p.iter().enumerate() {
                     for (o, v) in out[c * bs + i].iter_mut().zip(row) {
                         *o += *v as f64 / flips as f64;
@@ -348,10 +349,10 @@ pub fn evaluate(
 /// (the weighted mean divides by the sum of the targets' weights, as PyTorch).
 pub fn loss(logits: &Tensor, y: &Tensor, class_weights: Option<&Tensor>) -> Result<Tensor> {
     let Some(w) = class_weights else {
-        return Ok(derm_core::ops::cross_entropy(logits, y, None)?);
+        return Ok(derm_kernels::ops::cross_entropy(logits, y, None)?);
     };
-    // derm_core::ops::cross_entropy reads the weight sum as f64, which fails for f32 logits.
-    let lsm = derm_core::ops::log_softmax(logits, 1)?;
+    // derm_kernels::ops::cross_entropy reads the weight sum as f64, which fails for f32 logits.
+    let lsm = derm_kernels::ops::log_softmax(logits, 1)?;
     let t = y.to_dtype(DType::U32)?;
     let nll = lsm.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
     let wt = w.to_dtype(logits.dtype())?.gather(&t, 0)?;
@@ -555,7 +556,7 @@ impl ClassifyTask {
         self.ensure_bank()?;
         if let Some(b) = &self.bank {
             let logits = self.clf.net.head().forward(&b.val)?;
-            let p = derm_core::ops::softmax(&logits, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
+            let p = derm_kernels::ops::softmax(&logits, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
             return Ok(p.into_iter().map(|r| r.into_iter().map(f64::from).collect()).collect());
         }
         let idx: Vec<usize> = (0..self.val.len()).collect();
@@ -721,7 +722,7 @@ mod tests {
         let idx: Vec<usize> = (0..12).collect();
         let (x, y) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
         let loss = |t: &ClassifyTask| {
-            derm_core::ops::cross_entropy(&t.clf.net.forward_t(&x, true).unwrap(), &y, None)
+            derm_kernels::ops::cross_entropy(&t.clf.net.forward_t(&x, true).unwrap(), &y, None)
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()

@@ -3,7 +3,7 @@
 //! Basic blocks (ResNet-18/34) and bottleneck blocks (ResNet-50/101, stride on the 3x3
 //! convolution as torchvision's "v1.5") come from the same code. Unlike candle-transformers'
 //! inference-only ResNet, batch norm runs in training mode when asked, the stem's 3x3/2 max
-//! pooling has a correct gradient ([`derm_core::ops::max_pool2d`]), and every stage's feature map
+//! pooling has a correct gradient ([`derm_kernels::ops::max_pool2d`]), and every stage's feature map
 //! is returned by [`ResNet::forward_features`] (VisualBackProp needs them).
 //!
 //! Variable names are torchvision's state-dict keys, so ImageNet weights converted from
@@ -19,7 +19,7 @@ use candle_nn::init::{FanInOut, NonLinearity, NormalOrUniform};
 use candle_nn::{Init, VarBuilder, VarMap};
 use derm_core::checkpoint::{self, Strictness};
 use derm_core::nn::{batch_norm, conv2d, torch_default_init, BatchNorm, Conv2d, Conv2dConfig};
-use derm_core::ops::{self, ConvParams, Pool2d};
+use derm_kernels::ops::{self, ConvParams, Pool2d};
 use serde::{Deserialize, Serialize};
 
 /// Residual block type.
@@ -566,7 +566,7 @@ mod tests {
         let x = input(4, 48, 48, 7);
         let y = Tensor::new(&[0u32, 1, 2, 0], &Device::Cpu).unwrap();
         let loss =
-            derm_core::ops::cross_entropy(&net.forward_from(&x, true, Stage::Layer3).unwrap(), &y, None).unwrap();
+            derm_kernels::ops::cross_entropy(&net.forward_from(&x, true, Stage::Layer3).unwrap(), &y, None).unwrap();
         let grads = loss.backward().unwrap();
         let vars = checkpoint::sorted_vars(&vm);
         let get = |n: &str| vars.iter().find(|(k, _)| k == n).unwrap().1.clone();

@@ -112,7 +112,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.global);
-    derm_core::runtime::tune_allocator();
+    derm_kernels::runtime::tune_allocator();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -63,7 +63,8 @@ impl DeviceSpec {
                     });
                 }
                 #[cfg(feature = "cuda")]
-                cuda_libraries_present().map_err(|msg| Error::Device { spec: self.to_string(), msg })?;
+                derm_kernels::sys::cuda_libraries_present()
+                    .map_err(|msg| Error::Device { spec: self.to_string(), msg })?;
                 // cudarc panics (rather than erring) on a missing library or driver symbol.
                 match std::panic::catch_unwind(|| Device::new_cuda(n)) {
                     Ok(r) => r.map_err(|e| Error::Device { spec: self.to_string(), msg: e.to_string() }),
@@ -86,42 +87,6 @@ impl DeviceSpec {
             }
         }
     }
-}
-
-/// Checks, without panicking, that the libraries candle's CUDA device loads at run time
-/// (cudarc's dynamic loading) can be found: the driver's `libcuda.so` and the toolkit's cuBLAS,
-/// cuBLASLt and cuRAND.
-#[cfg(feature = "cuda")]
-fn cuda_libraries_present() -> std::result::Result<(), String> {
-    use candle_core::cuda_backend::cudarc;
-    // SAFETY: each only tries to dlopen the library by its usual names and closes it again.
-    let (driver, cublas, cublaslt, curand) = unsafe {
-        (
-            cudarc::driver::sys::is_culib_present(),
-            cudarc::cublas::sys::is_culib_present(),
-            cudarc::cublaslt::sys::is_culib_present(),
-            cudarc::curand::sys::is_culib_present(),
-        )
-    };
-    if !driver {
-        return Err("no NVIDIA driver found: libcuda.so (libcuda.so.1) could not be loaded. Install the NVIDIA \
-                    driver (one supporting CUDA 13.x, R580 or newer) on a machine with an NVIDIA GPU"
-            .into());
-    }
-    let missing: Vec<&str> =
-        [(cublas, "libcublas.so.13"), (cublaslt, "libcublasLt.so.13"), (curand, "libcurand.so.10")]
-            .into_iter()
-            .filter(|(ok, _)| !ok)
-            .map(|(_, name)| name)
-            .collect();
-    if !missing.is_empty() {
-        return Err(format!(
-            "the NVIDIA driver is present but the CUDA 13 libraries {} could not be loaded; \
-             run `eval \"$(scripts/cuda-env.sh)\"` (it sets LD_LIBRARY_PATH) or install the CUDA 13 toolkit",
-            missing.join(", ")
-        ));
-    }
-    Ok(())
 }
 
 /// Parses and opens a device in one go.

@@ -95,21 +95,20 @@ impl DirLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
-        #[cfg(unix)]
-        {
-            use std::io::{Read, Seek};
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a descriptor this function owns; no memory is involved.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if rc != 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() == std::io::ErrorKind::WouldBlock {
-                    let mut holder = String::new();
-                    let _ = file.read_to_string(&mut holder);
-                    return Err(Error::Locked { path: dir.to_path_buf(), holder: holder.trim().to_string() });
-                }
-                return Err(Error::io(&path, err));
+        // An advisory lock on the open file (flock on Unix, LockFileEx on Windows); the system
+        // drops it when the process ends, however it ends.
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                use std::io::Read;
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(Error::Locked { path: dir.to_path_buf(), holder: holder.trim().to_string() });
             }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        {
+            use std::io::Seek;
             file.set_len(0).map_err(|e| Error::io(&path, e))?;
             file.rewind().map_err(|e| Error::io(&path, e))?;
         }

@@ -9,10 +9,10 @@
 use candle_core::{DType, Device, Module, ModuleT, Result, Shape, Tensor, Var};
 use candle_nn::{Init, VarBuilder, VarMap};
 
-use crate::conv;
-use crate::fused;
-use crate::ops::{self, ConvParams};
 use crate::Rng;
+use derm_kernels::conv;
+use derm_kernels::fused;
+use derm_kernels::ops::{self, ConvParams};
 
 /// FNV-1a hash of a variable name, for per-name random streams.
 fn name_hash(s: &str) -> u64 {
@@ -282,9 +282,9 @@ impl BatchNorm {
 }
 
 /// The geometry of a convolution that [`fused::conv_batch_norm`] can take (no bias, one group).
-fn fusable_spec(conv: &Conv2d) -> Option<crate::conv::ConvSpec> {
+fn fusable_spec(conv: &Conv2d) -> Option<derm_kernels::conv::ConvSpec> {
     let p = conv.params;
-    (conv.bias.is_none() && p.groups == 1).then_some(crate::conv::ConvSpec {
+    (conv.bias.is_none() && p.groups == 1).then_some(derm_kernels::conv::ConvSpec {
         padding: p.padding,
         stride: p.stride,
         dilation: p.dilation,
@@ -331,8 +331,8 @@ mod tests {
     /// stages use: convolution + batch norm + ReLU, max pooling, a convolution with bias and ReLU,
     /// average pooling, nearest and bilinear resizing, BCE. Returns every variable after them.
     fn three_steps() -> Vec<(String, Vec<f32>)> {
-        use crate::ops::{Pool2d, ResizeMode};
         use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+        use derm_kernels::ops::{Pool2d, ResizeMode};
         let vm = VarMap::new();
         let vb = seeded_var_builder(&vm, 3, DType::F32, &Device::Cpu);
         let no_bias = Conv2dConfig { bias: false, ..Conv2dConfig::same(3, 1) };

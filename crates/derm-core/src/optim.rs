@@ -205,7 +205,7 @@ impl Optimizer {
     /// clipping).
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<f64> {
         let grads = {
-            let _span = crate::profile::span("backward (whole)");
+            let _span = derm_kernels::profile::span("backward (whole)");
             loss.backward()?
         };
         self.step(&grads)
@@ -217,7 +217,7 @@ impl Optimizer {
     /// bias correction, weight decay and clipping together); other devices and dtypes take the
     /// same arithmetic through tensor ops.
     pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
-        let _span = crate::profile::span("optimiser-step");
+        let _span = derm_kernels::profile::span("optimiser-step");
         let mut sq = 0f64;
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for (_, var) in &self.params {
@@ -455,7 +455,7 @@ impl Optimizer {
 /// Whether a parameter and its gradient take the fused in-place update: CPU f32, contiguous.
 fn in_place_ok(var: &Var, g: &Tensor) -> bool {
     let t = var.as_tensor();
-    crate::ops::host_kernels(t)
+    derm_kernels::ops::host_kernels(t)
         && t.dtype() == DType::F32
         && g.dtype() == DType::F32
         && g.device().is_cpu()
@@ -471,7 +471,7 @@ fn sum_of_squares(g: &Tensor) -> Result<f64> {
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
             // Partial sums collected in order and added in order: rayon's parallel `sum` groups
             // them as work stealing happens to, and the clipped step would differ run to run.
-            let parts: Vec<f64> = v[a..b].par_chunks(1 << 14).map(crate::fused::sum_of_squares).collect();
+            let parts: Vec<f64> = v[a..b].par_chunks(1 << 14).map(derm_kernels::fused::sum_of_squares).collect();
             return Ok(parts.iter().sum());
         }
     }

@@ -2,7 +2,7 @@
 //! one `cargo xtask bench --only hair` uses), and the line closing in each orientation.
 //!
 //! `cargo run -p derm-hair --example hair_stages` (set `TUNE=1` to keep freed buffers in the heap
-//! as the `derm` binary and `xtask` do, see `derm_core::runtime`).
+//! as the `derm` binary and `xtask` do, see `derm_kernels::runtime`).
 
 use derm_hair::{color::luminance_u8, morph::*, HairConfig};
 use std::time::Instant;
@@ -18,7 +18,7 @@ fn t<R>(name: &str, n: usize, mut f: impl FnMut() -> R) -> R {
 fn main() -> derm_core::Result<()> {
     let img = derm_hair::eval::benchmark_image();
     if std::env::var("TUNE").is_ok() {
-        derm_core::runtime::tune_allocator();
+        derm_kernels::runtime::tune_allocator();
     }
     let cfg = HairConfig { rulers: false, ..Default::default() };
     let (w, h) = (512, 512);

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Tensor};
 use derm_core::image_io::Normalize;
-use derm_core::ops::ConvParams;
 use derm_core::Result;
+use derm_kernels::ops::ConvParams;
 use serde::{Deserialize, Serialize};
 
 use crate::model::composite;

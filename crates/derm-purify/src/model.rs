@@ -12,7 +12,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use derm_core::nn::{batch_norm, BatchNorm};
-use derm_core::ops;
+use derm_kernels::ops;
 use serde::{Deserialize, Serialize};
 
 use crate::pconv::{partial_conv2d, PartialConv2d, PartialConv2dConfig};
@@ -234,8 +234,8 @@ pub fn composite(x: &Tensor, out: &Tensor, valid: &Tensor) -> Result<Tensor> {
 /// Applies an activation (fused kernels on the CPU).
 fn apply(act: Act, h: Tensor) -> Result<Tensor> {
     match act {
-        Act::Relu => derm_core::fused::relu(&h),
-        Act::Leaky(s) => derm_core::fused::leaky_relu(&h, s),
+        Act::Relu => derm_kernels::fused::relu(&h),
+        Act::Leaky(s) => derm_kernels::fused::leaky_relu(&h, s),
         Act::None => Ok(h),
     }
 }

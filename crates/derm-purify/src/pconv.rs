@@ -18,14 +18,14 @@
 use candle_core::{Result, Tensor};
 use candle_nn::VarBuilder;
 use derm_core::nn::torch_default_init;
-use derm_core::ops::{self, ConvParams};
+use derm_kernels::ops::{self, ConvParams};
 
 /// A convolution (groups 1) through derm-core's GEMM convolution on the CPU (forward and both
 /// gradients are GEMMs), or [`ops::conv2d`] elsewhere.
 pub fn conv(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Tensor> {
-    if derm_core::conv::supports(x, w) {
-        let spec = derm_core::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
-        derm_core::conv::conv2d(x, w, spec)
+    if derm_kernels::conv::supports(x, w) {
+        let spec = derm_kernels::conv::ConvSpec { padding: p.padding, stride: p.stride, dilation: p.dilation };
+        derm_kernels::conv::conv2d(x, w, spec)
     } else {
         ops::conv2d(x, w, p)
     }

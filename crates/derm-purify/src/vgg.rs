@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use derm_core::ops::{self, ConvParams, Pool2d};
 use derm_core::{Error, Result};
+use derm_kernels::ops::{self, ConvParams, Pool2d};
 
 /// The convolutions of torchvision's `vgg16().features`: (index, in, out), by block.
 pub const VGG16_BLOCKS: [&[(usize, usize, usize)]; 5] = [

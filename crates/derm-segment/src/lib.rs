@@ -165,7 +165,8 @@ impl Segmenter {
             for (k, img) in chunk.iter().enumerate() {
                 let (w, h) = img.dimensions();
                 let p = probs.get(k)?.unsqueeze(0)?;
-                let p = derm_core::ops::resize2d(&p, h as usize, w as usize, derm_core::ops::ResizeMode::Bilinear)?;
+                let p =
+                    derm_kernels::ops::resize2d(&p, h as usize, w as usize, derm_kernels::ops::ResizeMode::Bilinear)?;
                 let v = p.flatten_all()?.to_vec1::<f32>()?;
                 out.push(self.postprocess(&v, w, h));
             }
@@ -303,7 +304,7 @@ impl SegmentTask {
             let items = self.val.load_items(chunk, Some((s, s)), &self.cache)?;
             let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;
             let Some(m) = b.masks else { continue };
-            let l = derm_core::ops::bce_with_logits(&self.seg.net.forward_t(&b.images, false)?, &m)?;
+            let l = derm_kernels::ops::bce_with_logits(&self.seg.net.forward_t(&b.images, false)?, &m)?;
             sum += l.to_scalar::<f32>()? as f64 * chunk.len() as f64;
             n += chunk.len();
         }
@@ -324,7 +325,7 @@ impl Task for SegmentTask {
         let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;
         let masks = b.masks.ok_or_else(|| Error::invalid("training batch without masks"))?;
         let logits = self.seg.net.forward_t(&b.images, true)?;
-        let loss = derm_core::ops::bce_with_logits(&logits, &masks)?;
+        let loss = derm_kernels::ops::bce_with_logits(&logits, &masks)?;
         let v = loss.to_scalar::<f32>()? as f64;
         if v.is_finite() {
             self.opt.backward_step(&loss)?;

@@ -9,7 +9,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use derm_core::nn::{batch_norm, conv2d, BatchNorm, Conv2d, Conv2dConfig};
-use derm_core::ops::{self, Pool2d};
+use derm_kernels::ops::{self, Pool2d};
 use serde::{Deserialize, Serialize};
 
 /// Shape of the U-Net.

@@ -10,9 +10,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarMap;
 use derm_core::image_io::{self, Normalize};
 use derm_core::nn::{batch_norm, conv2d, Conv2dConfig};
-use derm_core::ops::ConvParams;
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind};
 use derm_core::{Error, Result, Rng};
+use derm_kernels::ops::ConvParams;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
@@ -90,7 +90,7 @@ impl Net {
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = x.clone();
         for (conv, bn) in &self.convs {
-            x = derm_core::fused::leaky_relu(&derm_core::nn::bn(bn, &conv.forward(&x)?, train)?, 0.2)?;
+            x = derm_kernels::fused::leaky_relu(&derm_core::nn::bn(bn, &conv.forward(&x)?, train)?, 0.2)?;
         }
         let pooled = x.flatten_from(2)?.mean(2)?;
         Ok(self.head.forward(&pooled)?.flatten_all()?)
@@ -144,7 +144,7 @@ pub fn real_vs_fake(
         };
         let (ir, ifk) = (pick(&mut brng)?, pick(&mut brng)?);
         let x = Tensor::cat(&[real_tr.index_select(&ir, 0)?, fake_tr.index_select(&ifk, 0)?], 0)?;
-        let loss = derm_core::ops::bce_with_logits(&net.forward(&x, true)?, &targets)?;
+        let loss = derm_kernels::ops::bce_with_logits(&net.forward(&x, true)?, &targets)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
         opt.backward_step(&loss)?;
     }

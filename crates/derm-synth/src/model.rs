@@ -20,7 +20,7 @@
 use candle_core::{Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use derm_core::nn::{batch_norm_dcgan, BatchNorm};
-use derm_core::ops::ConvParams;
+use derm_kernels::ops::ConvParams;
 use serde::{Deserialize, Serialize};
 
 /// The DCGAN weight initialisation: N(0, 0.02).
@@ -221,10 +221,10 @@ impl GLayer {
 /// A fast convolution: derm-core's GEMM convolution where it applies, candle's otherwise.
 fn conv(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if derm_core::conv::supports(&x, w) {
-        derm_core::conv::conv2d(&x, w, derm_core::conv::ConvSpec { padding, stride, dilation: 1 })
+    if derm_kernels::conv::supports(&x, w) {
+        derm_kernels::conv::conv2d(&x, w, derm_kernels::conv::ConvSpec { padding, stride, dilation: 1 })
     } else {
-        derm_core::ops::conv2d(&x, w, ConvParams { padding, stride, ..Default::default() })
+        derm_kernels::ops::conv2d(&x, w, ConvParams { padding, stride, ..Default::default() })
     }
 }
 
@@ -250,9 +250,9 @@ pub fn conv_transpose_4x4_from_1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// path: the DCGAN step measured 1340-1390 ms this way and 1235-1255 ms that way.)
 pub fn conv_transpose_4x4_s2(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let x = x.contiguous()?;
-    if derm_core::conv::supports(&x, w) {
-        let spec = derm_core::conv::ConvSpec { padding: 1, stride: 2, dilation: 1 };
-        return derm_core::conv::conv_transpose2d(&x, w, spec, 0);
+    if derm_kernels::conv::supports(&x, w) {
+        let spec = derm_kernels::conv::ConvSpec { padding: 1, stride: 2, dilation: 1 };
+        return derm_kernels::conv::conv_transpose2d(&x, w, spec, 0);
     }
     conv_transpose_4x4_by_parity(&x, w)
 }
@@ -266,7 +266,7 @@ fn conv_transpose_4x4_by_parity(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let k = w.index_select(&taps, 2)?.index_select(&taps, 3)?;
     let k = k.reshape((ci, co, 2, 2, 2, 2))?.permute((2, 4, 1, 0, 3, 5))?.reshape((4 * co, ci, 2, 2))?;
     let y = conv(x, &k.contiguous()?, 1, 1)?; // (n, 4 co, h + 1, w + 1)
-    derm_core::fused::parity_interleave(&y, co, h, wd)
+    derm_kernels::fused::parity_interleave(&y, co, h, wd)
 }
 
 /// One discriminator layer: convolution, then (batch norm and) LeakyReLU, or nothing for the
@@ -296,7 +296,7 @@ impl DLayer {
             y = derm_core::nn::bn(bn, &y, train)?;
         }
         match self.act {
-            Some(s) => derm_core::fused::leaky_relu(&y, s),
+            Some(s) => derm_kernels::fused::leaky_relu(&y, s),
             None => Ok(y),
         }
     }
@@ -640,7 +640,7 @@ mod tests {
         for c in 0..2 {
             let x = g.forward_head(&z, c, true).unwrap();
             let out = d.forward_head(&x, c, true).unwrap();
-            let loss = derm_core::ops::bce_with_logits(&out.logits, &out.logits.ones_like().unwrap()).unwrap();
+            let loss = derm_kernels::ops::bce_with_logits(&out.logits, &out.logits.ones_like().unwrap()).unwrap();
             let grads = loss.backward().unwrap();
             let gs =
                 grads.get(shared.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -661,8 +661,8 @@ mod tests {
         let before = shared.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let mut opt = derm_core::optim::Optimizer::from_varmap(&vm, Default::default(), |n| n.starts_with("g."));
         let outs = d.forward_heads(&xs, true, None).unwrap();
-        let loss = (derm_core::ops::bce_with_logits(&outs[0].logits, &outs[0].logits.ones_like().unwrap()).unwrap()
-            + derm_core::ops::bce_with_logits(&outs[1].logits, &outs[1].logits.ones_like().unwrap()).unwrap())
+        let loss = (derm_kernels::ops::bce_with_logits(&outs[0].logits, &outs[0].logits.ones_like().unwrap()).unwrap()
+            + derm_kernels::ops::bce_with_logits(&outs[1].logits, &outs[1].logits.ones_like().unwrap()).unwrap())
         .unwrap();
         opt.backward_step(&loss).unwrap();
         let after = shared.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -192,7 +192,7 @@ pub fn pairs_figure(rows: &[(&NoveltyReport, &[RgbImage], &[RgbImage])]) -> RgbI
             }
         }
     }
-    derm_core::plot::grid(&imgs, 2, 160, Some(&labels))
+    derm_visual::plot::grid(&imgs, 2, 160, Some(&labels))
 }
 
 #[cfg(test)]

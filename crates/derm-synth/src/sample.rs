@@ -371,7 +371,7 @@ pub fn sample_run(
     write_synthetic_set(&req.out, &info.dataset_classes, &written, gen)?;
     derm_core::fsutil::write_json(&req.out.join("novelty.json"), &summary)?;
     let title = format!("nearest-training-image MSE of {} generated images", hist_values.len());
-    let hist = derm_core::plot::histogram(
+    let hist = derm_visual::plot::histogram(
         &title,
         "MSE (pixels in [0, 1])",
         &hist_values,

@@ -10,7 +10,7 @@
 //!    discriminator's last layer) of the real batch and of the generated one; the first
 //!    generator update reuses step 1's images, the others draw new latents.
 //!
-//! Every loss is the stable binary cross-entropy with logits (`derm_core::ops`), so a confident
+//! Every loss is the stable binary cross-entropy with logits (`derm_kernels::ops`), so a confident
 //! discriminator gives large but finite losses. Every `eval_every` steps a *check* computes a
 //! cheap quality proxy on a fixed latent batch (a diagonal Fréchet distance between real and
 //! generated images' 8x8 colour layouts, see [`quality_distance`]), keeps `best/` at its lowest,
@@ -286,8 +286,11 @@ impl GanTrainer {
         let d_fake = self.synth.discriminator.forward_heads(&detached, true, None)?;
         let (mut lr, mut lf) = (Vec::new(), Vec::new());
         for (r, f) in d_real.iter().zip(&d_fake) {
-            lr.push(derm_core::ops::bce_with_logits(&r.logits, &r.logits.ones_like()?.affine(cfg.real_label, 0.0)?)?);
-            lf.push(derm_core::ops::bce_with_logits(&f.logits, &f.logits.zeros_like()?)?);
+            lr.push(derm_kernels::ops::bce_with_logits(
+                &r.logits,
+                &r.logits.ones_like()?.affine(cfg.real_label, 0.0)?,
+            )?);
+            lf.push(derm_kernels::ops::bce_with_logits(&f.logits, &f.logits.zeros_like()?)?);
         }
         let loss_real = (Tensor::stack(&lr, 0)?.mean_all()?).detach();
         let loss_fake = (Tensor::stack(&lf, 0)?.mean_all()?).detach();
@@ -315,7 +318,7 @@ impl GanTrainer {
                 terms.push(if cfg.feature_matching {
                     (o.features.mean(0)? - &real_feats[c])?.sqr()?.mean_all()?
                 } else {
-                    derm_core::ops::bce_with_logits(&o.logits, &o.logits.ones_like()?)?
+                    derm_kernels::ops::bce_with_logits(&o.logits, &o.logits.ones_like()?)?
                 });
             }
             let loss_g = Tensor::stack(&terms, 0)?.mean_all()?;
@@ -669,14 +672,14 @@ pub(crate) mod tests {
         let logits = Tensor::new(&[-1e4f32, -110.0, -20.0, 0.0, 17.0, 20.0, 110.0, 1e4], &dev).unwrap();
         for t in [0.0f32, 0.9, 1.0] {
             let target = logits.ones_like().unwrap().affine(t as f64, 0.0).unwrap();
-            let v = derm_core::ops::bce_with_logits_elementwise(&logits, &target).unwrap().to_vec1::<f32>().unwrap();
+            let v = derm_kernels::ops::bce_with_logits_elementwise(&logits, &target).unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "target {t}: {v:?}");
             // A confident wrong answer costs about |logit|.
             if t == 0.0 {
                 assert!((v[7] - 1e4).abs() < 1.0 && v[0] < 1e-6);
             }
             let x = candle_core::Var::from_tensor(&logits).unwrap();
-            let l = derm_core::ops::bce_with_logits(x.as_tensor(), &target).unwrap();
+            let l = derm_kernels::ops::bce_with_logits(x.as_tensor(), &target).unwrap();
             let g = l.backward().unwrap().get(x.as_tensor()).unwrap().to_vec1::<f32>().unwrap();
             assert!(g.iter().all(|x| x.is_finite()), "target {t}: {g:?}");
         }

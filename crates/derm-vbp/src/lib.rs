@@ -86,7 +86,7 @@ pub fn conv_transpose_ones(map: &[f32], h: usize, w: usize, step: Step, out_h: u
 /// Channel means of a (N, C, H, W) activation: N maps of H x W.
 fn channel_means(t: &Tensor) -> Result<(Vec<Vec<f32>>, usize, usize)> {
     let (_, _, h, w) = t.dims4()?;
-    Ok((derm_core::fused::channel_mean_maps(t)?, h, w))
+    Ok((derm_kernels::fused::channel_mean_maps(t)?, h, w))
 }
 
 /// VisualBackProp saliency for each image of a batch.
@@ -146,7 +146,7 @@ pub fn to_gray(map: &[f32], w: u32, h: u32) -> GrayImage {
 
 /// The saliency map laid over the image as a heat map.
 pub fn overlay(img: &RgbImage, map: &[f32]) -> RgbImage {
-    derm_core::plot::heatmap_overlay(img, map, 0.5)
+    derm_visual::plot::heatmap_overlay(img, map, 0.5)
 }
 
 /// The share of total saliency that falls inside `mask` (non-zero pixels), and the mask's area

@@ -6,8 +6,8 @@ use anyhow::{bail, Context};
 use derm_classify::{ClassificationReport, Classifier, ClassifyConfig, ExtraSources, ResNetConfig, Stage};
 use derm_core::image_io;
 use derm_core::optim::OptimizerKind;
-use derm_core::plot::{self, PlotOptions, Series};
 use derm_data::dataset::Dataset;
+use derm_visual::plot::{self, PlotOptions, Series};
 
 use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;

@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use derm_core::plot::{self, PlotOptions, Series};
 use derm_core::train::{Event, TrainState};
 use derm_data::dataset::Dataset;
+use derm_visual::plot::{self, PlotOptions, Series};
 use image::{GrayImage, RgbImage};
 
 /// Where a data set is and how it is laid out.

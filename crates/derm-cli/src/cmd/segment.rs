@@ -203,7 +203,7 @@ impl EvalArgs {
                 let mut img = common::mask_overlay(&item.image, &p.mask, item.mask.as_ref());
                 let label = format!("J = {:.3}", c.jaccard());
                 let px = (img.height() as f32 / 12.0).max(10.0);
-                derm_core::plot::draw_text(&mut img, 4, 4, px, &label, [255, 255, 255]);
+                derm_visual::plot::draw_text(&mut img, 4, 4, px, &label, [255, 255, 255]);
                 image_io::save_png(&out.join(format!("overlay_{id}.png")), &img)?;
             }
         }

@@ -141,7 +141,7 @@ impl VbpArgs {
                 let (inside, area) = derm_vbp::mass_inside(&map, &mask);
                 row.mass_inside = Some(inside);
                 row.area_fraction = Some(area);
-                over = derm_core::plot::mask_overlay(&over, &mask, [40, 230, 60], true);
+                over = derm_visual::plot::mask_overlay(&over, &mask, [40, 230, 60], true);
             }
             image_io::save_png(&self.out.join(format!("{id}_overlay.png")), &over)?;
             rows.push(row);

@@ -295,7 +295,7 @@ fn render_overlay(root: &Path, id: &str) -> Result<Vec<u8>, ApiError> {
     let mut out = common::mask_overlay(&img, &pred, truth.as_ref());
     if let Some((_, j, _)) = per_image(root).into_iter().find(|(i, _, _)| i == id) {
         let px = (out.height() as f32 / 12.0).max(10.0);
-        derm_core::plot::draw_text(&mut out, 4, 4, px, &format!("J = {j:.3}"), [255, 255, 255]);
+        derm_visual::plot::draw_text(&mut out, 4, 4, px, &format!("J = {j:.3}"), [255, 255, 255]);
     }
     let mut buf = Vec::new();
     out.write_to(&mut std::io::Cursor::new(&mut buf), image::ImageFormat::Png)

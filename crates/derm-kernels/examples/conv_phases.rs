@@ -2,14 +2,14 @@
 //! separately at shapes from the benchmark models (and the U-Net decoder's transposed
 //! convolutions), with GFLOP/s; each time is the best of seven runs after one warm-up.
 //!
-//! `cargo run -p derm-core --example conv_phases [FILTER]`: only the shapes whose name contains
+//! `cargo run -p derm-kernels --example conv_phases [FILTER]`: only the shapes whose name contains
 //! FILTER (for example `unet`) when one is given.
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use derm_core::conv::{conv2d, conv_transpose2d, ConvSpec};
 use derm_core::Rng;
+use derm_kernels::conv::{conv2d, conv_transpose2d, ConvSpec};
 
 fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_core::Result<f64> {
     f()?;
@@ -23,7 +23,7 @@ fn time(reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> candle_c
 }
 
 fn main() -> candle_core::Result<()> {
-    derm_core::runtime::tune_allocator();
+    derm_kernels::runtime::tune_allocator();
     let mut rng = Rng::new(0);
     // (name, n, c, h, o, k, stride, pad, dilation)
     let shapes = [

@@ -60,7 +60,7 @@ const MIN_TILE_PIXELS: usize = 256;
 /// images (column matrices side by side, channel-major outputs): per-image GEMMs a few dozen
 /// columns wide pack the weight again for every image and, for the weight gradient, read and
 /// write the whole accumulator per image (ResNet-50's 7x7 and 14x14 stages: 45-140 GFLOP/s per
-/// image; `cargo run -p derm-core --example conv_phases`). Measured on the ResNet-50 step: 1380
+/// image; `cargo run -p derm-kernels --example conv_phases`). Measured on the ResNet-50 step: 1380
 /// ms with this bound, 1470 ms with none, 1400-1500 ms with 1024 (28x28 planes included).
 const BATCHED_MAX_PIXELS: usize = 196;
 /// A batched stride-1 convolution whose taps read padding for at least this fraction of its
@@ -1581,8 +1581,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, spec: ConvSpec) -> CResult<Tensor> {
 mod tests {
     use super::*;
     use crate::ops::tests::grad_error;
-    use crate::Rng;
     use candle_core::{Device, Var};
+    use derm_core::Rng;
 
     fn randn(rng: &mut Rng, shape: &[usize], dtype: DType) -> Tensor {
         let n = shape.iter().product();

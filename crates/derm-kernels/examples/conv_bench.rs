@@ -1,14 +1,14 @@
-//! Times candle's native conv2d against derm's GEMM conv2d (`derm_core::conv`), forward and
+//! Times candle's native conv2d against derm's GEMM conv2d (`derm_kernels::conv`), forward and
 //! forward + backward, at the U-Net shapes of the peer benchmark (3x3 convolutions and the
 //! decoder's 2x2 stride-2 transposed convolutions). Run with
-//! `cargo run -p derm-core --example conv_bench` (add `--release` for release numbers).
+//! `cargo run -p derm-kernels --example conv_bench` (add `--release` for release numbers).
 //!
 //! Each timing is the median of five runs after two warm-up runs. GFLOP/s counts 2*N*O*OH*OW*C*KH*KW
 //! per pass: one pass forward, three forward + backward (two where the input is a constant data
 //! batch and gets no gradient).
 
 use candle_core::{Device, Tensor, Var};
-use derm_core::conv::{conv2d, conv_transpose2d, ConvSpec};
+use derm_kernels::conv::{conv2d, conv_transpose2d, ConvSpec};
 use std::time::Instant;
 
 type Res<T> = candle_core::Result<T>;

@@ -7,7 +7,7 @@
 //!
 //! ```no_run
 //! # fn main() -> derm_core::Result<()> {
-//! let mut r = derm_core::report::Report::new("Segmentation run");
+//! let mut r = derm_visual::report::Report::new("Segmentation run");
 //! r.section("Training")
 //!     .paragraph("U-Net, 40 epochs.")
 //!     .image("loss.png", "loss and validation Jaccard");
@@ -20,7 +20,7 @@
 
 use std::path::Path;
 
-use crate::{Error, Result};
+use derm_core::{Error, Result};
 
 /// One piece of a section, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -227,7 +227,7 @@ impl Report {
     pub fn write(&self, path: &Path) -> Result<()> {
         let base = path.parent().unwrap_or(Path::new(""));
         let html = self.to_html(base)?;
-        crate::fsutil::write_atomic(path, html.as_bytes())
+        derm_core::fsutil::write_atomic(path, html.as_bytes())
     }
 }
 
@@ -351,7 +351,7 @@ mod tests {
     fn writes_headings_and_images() {
         let d = tempfile::tempdir().unwrap();
         let png = crate::plot::grid(&[image::RgbImage::new(4, 4)], 1, 8, None);
-        crate::image_io::save_png(&d.path().join("fig.png"), &png).unwrap();
+        derm_core::image_io::save_png(&d.path().join("fig.png"), &png).unwrap();
         let mut r = Report::new("Run");
         r.section("Training").image("fig.png", "loss");
         r.section("Samples").images_row(vec![("fig.png", "a"), ("fig.png", "b")]);

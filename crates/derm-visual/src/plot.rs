@@ -1,4 +1,4 @@
-//! Figures drawn straight into [`RgbImage`]s, ready for [`crate::image_io::save_png`]: line plots
+//! Figures drawn straight into [`RgbImage`]s, ready for [`derm_core::image_io::save_png`]: line plots
 //! (loss curves, ROC curves), histograms, confusion matrices, heat-map and mask overlays, and
 //! sample grids.
 //!
@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use ab_glyph::{point, Font, FontRef, Glyph, PxScale, ScaleFont};
 use image::{GrayImage, Rgb, RgbImage};
 
-use crate::image_io::{resize_mask, resize_rgb};
+use derm_core::image_io::{resize_mask, resize_rgb};
 
 static FONT_BYTES: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
@@ -1401,7 +1401,7 @@ mod tests {
     fn render_samples_when_asked() {
         let Ok(dir) = std::env::var("DERM_PLOT_SAMPLES") else { return };
         let dir = std::path::PathBuf::from(dir);
-        let save = |name: &str, img: &RgbImage| crate::image_io::save_png(&dir.join(name), img).unwrap();
+        let save = |name: &str, img: &RgbImage| derm_core::image_io::save_png(&dir.join(name), img).unwrap();
         let loss: Vec<(f64, f64)> = (1..=60)
             .map(|e| (e as f64, 0.9 * (-(e as f64) / 15.0).exp() + 0.08 + 0.02 * ((e * 7) % 5) as f64 / 5.0))
             .collect();
@@ -1436,7 +1436,7 @@ mod tests {
             "roc.png",
             &line_plot("ROC, ISIC 2017 test", "false positive rate", "true positive rate", &roc, &PlotOptions::roc()),
         );
-        let mut rng = crate::Rng::new(3);
+        let mut rng = derm_core::Rng::new(3);
         let vals: Vec<f64> = (0..2000)
             .map(|_| {
                 let u: f64 = (0..6).map(|_| rng.f64()).sum::<f64>() / 6.0;

@@ -58,7 +58,7 @@ fn device_path(x: &Tensor) -> bool {
 /// Whether `x` goes to derm's CPU kernels (convolution, fused batch norm and bias, the in-place
 /// optimiser): a CPU tensor, with the device path not forced ([`with_device_path`] forces every
 /// one of those decisions, so a whole training step can take the device path on the CPU).
-pub(crate) fn host_kernels(x: &Tensor) -> bool {
+pub fn host_kernels(x: &Tensor) -> bool {
     !device_path(x)
 }
 
@@ -702,8 +702,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&T
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::Rng;
     use candle_core::{Device, Var};
+    use derm_core::Rng;
 
     /// Checks the gradient of `f` at a random f64 input of `shape` against central finite
     /// differences of `sum(f(x) * R)`. Returns the relative error (max abs difference over the

@@ -1,4 +1,4 @@
-//! What derm-core's candle custom ops share on the CPU: the data of a storage as a slice, and a
+//! What derm-kernels' candle custom ops share on the CPU: the data of a storage as a slice, and a
 //! dispatch over the two float dtypes the kernels are written for.
 
 use candle_core::{CpuStorage, Layout, WithDType};

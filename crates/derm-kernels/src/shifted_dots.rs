@@ -232,7 +232,7 @@ unsafe fn block<const M: usize, const N: usize>(k: &Block) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Rng;
+    use derm_core::Rng;
 
     #[test]
     fn matches_naive_dot_products_for_every_block_shape() {

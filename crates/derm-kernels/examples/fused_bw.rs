@@ -1,15 +1,15 @@
 //! Memory throughput of the fused element-wise kernels on a ResNet layer-1 sized activation
 //! (8x256x56x56), forward and backward, in GB/s of data read and written.
 //!
-//! `cargo run -p derm-core --example fused_bw`
+//! `cargo run -p derm-kernels --example fused_bw`
 
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use derm_core::fused;
+use derm_kernels::fused;
 
 fn main() -> candle_core::Result<()> {
-    derm_core::runtime::tune_allocator();
+    derm_kernels::runtime::tune_allocator();
     let mut rng = derm_core::Rng::new(0);
     let shape = (8, 256, 56, 56);
     let n = 8 * 256 * 56 * 56;
@@ -34,7 +34,7 @@ fn main() -> candle_core::Result<()> {
         (fused::batch_norm(&x, &gamma, &beta, None, 1e-5, true)?.0 * &r)?.sum_all()?.backward().map(|_| ())
     })?;
     println!("relu fwd {relu:.1} GB/s, relu fwd+loss+bwd {relu_b:.1}, bn fwd {bn:.1}, bn fwd+loss+bwd {bn_b:.1}");
-    for (name, ms, calls) in derm_core::profile::report() {
+    for (name, ms, calls) in derm_kernels::profile::report() {
         let per = ms / calls as f64;
         println!("  {name:<24} {per:>7.2} ms per call ({calls} calls)");
     }

@@ -15,7 +15,7 @@
 //! Two details decide the speed: the per-channel sums (batch statistics and the backward's
 //! reductions) use AVX2 + FMA when the CPU has them (the compiler keeps float sums in order and
 //! will not vectorise them), and element-wise loops are written branch-free and into
-//! uninitialised outputs (no zeroing pass). `cargo run -p derm-core --example fused_bw` measures
+//! uninitialised outputs (no zeroing pass). `cargo run -p derm-kernels --example fused_bw` measures
 //! their memory throughput.
 //!
 //! Tensors are (N, C, ...) with any number of trailing dimensions (batch norm of (N, C) works too).
@@ -689,7 +689,7 @@ const RUN: usize = 512;
 const LANES: usize = 8;
 
 /// The sum of squares of `v`, in f64 (vectorised, in runs of [`RUN`] values).
-pub(crate) fn sum_of_squares(v: &[f32]) -> f64 {
+pub fn sum_of_squares(v: &[f32]) -> f64 {
     v.chunks(RUN).map(|run| shifted_sums(run, 0f32).1).sum()
 }
 
@@ -1356,8 +1356,8 @@ fn batch_norm_composed(
 mod tests {
     use super::*;
     use crate::ops::tests::grad_error;
-    use crate::Rng;
     use candle_core::{Device, Var};
+    use derm_core::Rng;
 
     fn randn(rng: &mut Rng, shape: &[usize], dtype: DType) -> Tensor {
         let n = shape.iter().product();
