@@ -209,7 +209,7 @@ impl Classifier {
     /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
     /// is used).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let dir = resolve_model_dir(dir);
+        let dir = train::resolve_model_dir(dir);
         checkpoint::read_meta(&dir, "classify")?;
         let cfg: ClassifyConfig = checkpoint::read_config(&dir)?;
         let c = Classifier::new(ClassifyConfig { pretrained: None, ..cfg }, device)?;
@@ -265,17 +265,6 @@ impl Classifier {
             }
         }
         Ok(out)
-    }
-}
-
-/// A run folder resolves to its `best` checkpoint; a checkpoint folder to itself.
-pub fn resolve_model_dir(dir: &Path) -> PathBuf {
-    if dir.join(checkpoint::WEIGHTS).exists() || dir.with_extension("old").exists() {
-        dir.to_path_buf()
-    } else if train::best_dir(dir).join(checkpoint::WEIGHTS).exists() {
-        train::best_dir(dir)
-    } else {
-        train::last_dir(dir)
     }
 }
 
@@ -474,23 +463,6 @@ impl ClassifyTask {
         })
     }
 
-    /// Loads weights and optimiser state from a checkpoint folder (for `--resume`).
-    pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        let dir = checkpoint::resolve(dir)?;
-        checkpoint::load_varmap(
-            &self.clf.varmap,
-            &dir.join(checkpoint::WEIGHTS),
-            checkpoint::Strictness::Exact,
-            |_| false,
-        )?;
-        let o = dir.join(checkpoint::OPTIM);
-        if o.exists() {
-            self.opt.load(&o)?;
-        }
-        self.bank = None;
-        Ok(())
-    }
-
     /// The classifier being trained.
     pub fn classifier(&self) -> &Classifier {
         &self.clf
@@ -650,16 +622,20 @@ impl Task for ClassifyTask {
         m.extra["val_mean_auc"] = serde_json::json!(self.last_report.as_ref().and_then(|r| r.mean_auc));
         m.extra["val_auc"] = serde_json::json!(self.last_report.as_ref().map(|r| r.auc.clone()));
         m.extra["step"] = serde_json::json!(state.step);
-        checkpoint::save(
-            dir,
-            &CheckpointData {
-                varmap: &self.clf.varmap,
-                config: &self.clf.cfg,
-                meta: &m,
-                optimizer: Some(&self.opt),
-                state: Some(state),
-            },
-        )
+        checkpoint::save(dir, &CheckpointData::training(&self.clf.varmap, &self.clf.cfg, &m, &self.opt, state))
+    }
+
+    fn restore(&mut self, dir: &Path, _state: &TrainState) -> Result<()> {
+        checkpoint::restore_training(dir, &self.clf.varmap, &mut self.opt)?;
+        self.bank = None;
+        Ok(())
+    }
+
+    fn check_resumable(&self, dir: &Path) -> Result<()> {
+        let now = &self.clf.cfg;
+        let compatible =
+            |s: &ClassifyConfig| s.model == now.model && s.input_size == now.input_size && s.classes == now.classes;
+        train::check_saved(dir, compatible, "model shape, input size or class list")
     }
 }
 
@@ -675,17 +651,7 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(ClassifyTask, TrainState)> {
     let mut task = ClassifyTask::new(cfg.clone(), data, extra, device)?;
-    let now = task.clf.cfg.clone();
-    let compatible =
-        |s: &ClassifyConfig| s.model == now.model && s.input_size == now.input_size && s.classes == now.classes;
-    let state = match train::resume_point(out, resume, compatible, "model shape, input size or class list")? {
-        Some((last, state)) => {
-            task.restore(&last)?;
-            state
-        }
-        None => TrainState::default(),
-    };
-    let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
+    let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
     Ok((task, state))
 }
 

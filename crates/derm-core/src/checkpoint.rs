@@ -176,6 +176,41 @@ pub struct CheckpointData<'a, C: Serialize, S: Serialize> {
     pub optimizer: Option<&'a crate::optim::Optimizer>,
     /// The training state, for resuming.
     pub state: Option<&'a S>,
+    /// Further optimisers by file name (a GAN's generator optimiser beside the discriminator's).
+    pub extra_optimizers: &'a [(&'a str, &'a crate::optim::Optimizer)],
+}
+
+impl<'a, C: Serialize, S: Serialize> CheckpointData<'a, C, S> {
+    /// A training checkpoint: weights, config, meta, the optimiser and the training state.
+    pub fn training(
+        varmap: &'a VarMap,
+        config: &'a C,
+        meta: &'a Meta,
+        optimizer: &'a crate::optim::Optimizer,
+        state: &'a S,
+    ) -> Self {
+        CheckpointData { varmap, config, meta, optimizer: Some(optimizer), state: Some(state), extra_optimizers: &[] }
+    }
+}
+
+/// Loads a training checkpoint back for resuming: the weights into `varmap` (every tensor, same
+/// shapes) and, when the folder has one, the optimiser state into `optimizer`. Returns the
+/// resolved folder.
+pub fn restore_training(dir: &Path, varmap: &VarMap, optimizer: &mut crate::optim::Optimizer) -> Result<PathBuf> {
+    let dir = resolve(dir)?;
+    load_varmap(varmap, &dir.join(WEIGHTS), Strictness::Exact, |_| false)?;
+    load_optimizer(&dir, OPTIM, optimizer)?;
+    Ok(dir)
+}
+
+/// Loads `<dir>/<file>` into `optimizer` when the checkpoint has it (a checkpoint written without
+/// optimiser state resumes with fresh moments).
+pub fn load_optimizer(dir: &Path, file: &str, optimizer: &mut crate::optim::Optimizer) -> Result<()> {
+    let o = dir.join(file);
+    if o.exists() {
+        optimizer.load(&o)?;
+    }
+    Ok(())
 }
 
 /// Writes a whole checkpoint folder at `dir`, atomically.
@@ -191,6 +226,9 @@ pub fn save<C: Serialize, S: Serialize>(dir: &Path, data: &CheckpointData<'_, C,
     write_json(&tmp.join(META), data.meta)?;
     if let Some(o) = data.optimizer {
         o.save(&tmp.join(OPTIM))?;
+    }
+    for (name, o) in data.extra_optimizers {
+        o.save(&tmp.join(name))?;
     }
     if let Some(s) = data.state {
         write_json(&tmp.join(STATE), s)?;
@@ -288,6 +326,7 @@ mod tests {
                 meta: &meta,
                 optimizer: None,
                 state: None,
+                extra_optimizers: &[],
             },
         )
         .unwrap();
@@ -319,7 +358,14 @@ mod tests {
         let vm = VarMap::new();
         let _ = model(&vm, 2);
         let meta = Meta::new("segment", "test");
-        let data = CheckpointData::<_, ()> { varmap: &vm, config: &1, meta: &meta, optimizer: None, state: None };
+        let data = CheckpointData::<_, ()> {
+            varmap: &vm,
+            config: &1,
+            meta: &meta,
+            optimizer: None,
+            state: None,
+            extra_optimizers: &[],
+        };
         save(&dir, &data).unwrap();
         // A second write killed half way: its temporary folder has a truncated weights file.
         let tmp = temp_sibling(&dir);

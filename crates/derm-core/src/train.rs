@@ -10,7 +10,15 @@
 //!
 //! Batch order is a function of (seed, epoch), and each step draws from a generator derived from
 //! (seed, step), so a resumed run continues exactly as an uninterrupted one would.
+//!
+//! [`run`] is the entry every stage's `train` goes through: it checks that `<out>/last` was
+//! written by a compatible model ([`Task::check_resumable`]), restores it when resuming, and fits.
+//! The validation metric has a [`Direction`] (Jaccard and PSNR higher, a GAN's sample-quality
+//! proxy lower); a task may add loss components to the history ([`Task::history_parts`]), stop
+//! early ([`Task::stop_reason`]), write figures during training ([`Task::after_step`]) and at the
+//! end ([`Task::finish`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -55,6 +63,31 @@ pub struct HistoryPoint {
     pub metric: Option<f64>,
     /// Seconds of training so far.
     pub elapsed_s: f64,
+    /// The task's own loss components since the previous row (a GAN's discriminator and
+    /// generator losses), by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parts: BTreeMap<String, f64>,
+}
+
+/// Whether a larger or a smaller validation metric is better.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Larger is better (Jaccard, PSNR, AUC).
+    #[default]
+    Higher,
+    /// Smaller is better (a distance, a loss).
+    Lower,
+}
+
+impl Direction {
+    /// Whether `new` improves on `best`.
+    pub fn improves(self, new: f64, best: f64) -> bool {
+        match self {
+            Direction::Higher => new > best,
+            Direction::Lower => new < best,
+        }
+    }
 }
 
 /// What a resumed run needs to continue.
@@ -66,18 +99,24 @@ pub struct TrainState {
     pub batch_in_epoch: usize,
     /// Optimiser steps done.
     pub step: usize,
-    /// Best validation metric so far (higher is better).
+    /// Best validation metric so far (in the task's [`Direction`]).
     pub best_metric: Option<f64>,
     /// Step of the best metric.
     pub best_step: Option<usize>,
+    /// Evaluations since the metric last improved.
+    #[serde(default)]
+    pub evals_since_best: usize,
     /// Seconds of training so far.
     pub elapsed_s: f64,
     /// History rows.
     pub history: Vec<HistoryPoint>,
     /// True once the loop ended normally.
     pub finished: bool,
-    /// Why it stopped (`epochs`, `max_steps`, `time_budget`).
+    /// Why it stopped (`epochs`, `max_steps`, `time_budget`, or the task's own reason).
     pub stop_reason: Option<String>,
+    /// The task's own resumable counters (for example a GAN's early-stopping streak).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub task: serde_json::Value,
 }
 
 /// What [`fit`] needs from a stage.
@@ -87,10 +126,89 @@ pub trait Task {
     /// One optimiser step on batch `batch` of epoch `epoch`; returns the loss. `rng` is derived
     /// from (seed, step) for augmentation and sampling.
     fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64>;
-    /// Validation metric (higher is better), or `None` when there is no validation data.
+    /// Validation metric (better in [`Task::metric_direction`]), or `None` when there is no
+    /// validation data.
     fn evaluate(&mut self) -> Result<Option<f64>>;
     /// Writes a checkpoint folder (weights, config, meta, optimiser state, `state`).
     fn save(&self, dir: &Path, state: &TrainState) -> Result<()>;
+    /// Loads the weights and optimiser state of a checkpoint written by [`Task::save`], to
+    /// continue from it.
+    fn restore(&mut self, dir: &Path, state: &TrainState) -> Result<()>;
+    /// Fails, naming what differs, when the checkpoint in `dir` was written by a model this task
+    /// cannot continue (another architecture, input size or class list); see [`check_saved`].
+    fn check_resumable(&self, dir: &Path) -> Result<()>;
+    /// Which way the metric improves.
+    fn metric_direction(&self) -> Direction {
+        Direction::Higher
+    }
+    /// Loss components since the previous call, recorded with each history row.
+    fn history_parts(&mut self) -> BTreeMap<String, f64> {
+        BTreeMap::new()
+    }
+    /// After each evaluation: a reason to stop now (recorded as the stop reason), if any. May
+    /// keep counters in `state.task` so that they survive a resume.
+    fn stop_reason(&mut self, _state: &mut TrainState) -> Option<String> {
+        None
+    }
+    /// After each step (for example to write a sample grid into `out`).
+    fn after_step(&mut self, _out: &Path, _step: usize, _on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        Ok(())
+    }
+    /// After the last checkpoint of a run that ended normally.
+    fn finish(&mut self, _out: &Path, _state: &TrainState, _on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// For [`Task::check_resumable`]: reads the config saved in `dir` and fails, naming the
+/// checkpoint and `what` differs, unless `compatible` accepts it.
+pub fn check_saved<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    compatible: impl Fn(&C) -> bool,
+    what: &str,
+) -> Result<()> {
+    let saved: C = crate::checkpoint::read_config(dir)?;
+    if compatible(&saved) {
+        Ok(())
+    } else {
+        Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            msg: format!("cannot resume: the saved run has another {what}"),
+        })
+    }
+}
+
+/// A run folder resolves to its `best` checkpoint (else `last`); a checkpoint folder to itself.
+pub fn resolve_model_dir(dir: &Path) -> PathBuf {
+    if crate::checkpoint::resolve(dir).is_ok() {
+        dir.to_path_buf()
+    } else if crate::checkpoint::resolve(&best_dir(dir)).is_ok() {
+        best_dir(dir)
+    } else {
+        last_dir(dir)
+    }
+}
+
+/// Trains `task` into `out` from scratch, or, when `resume` is set and `<out>/last` exists,
+/// continues from it (after [`Task::check_resumable`] and [`Task::restore`]).
+pub fn run(
+    task: &mut dyn Task,
+    cfg: &LoopConfig,
+    out: &Path,
+    resume: bool,
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<TrainState> {
+    let last = last_dir(out);
+    let state = if resume && crate::checkpoint::resolve(&last).is_ok() {
+        task.check_resumable(&last)?;
+        let state: TrainState = crate::checkpoint::read_state(&last)?.unwrap_or_default();
+        task.restore(&last, &state)?;
+        tracing::info!(step = state.step, "resuming");
+        state
+    } else {
+        TrainState::default()
+    };
+    fit(task, cfg, out, state, on_event)
 }
 
 /// Progress reports from [`fit`].
@@ -118,6 +236,8 @@ pub enum Event {
     },
     /// A checkpoint was written.
     Saved(PathBuf),
+    /// A figure (for example a sample grid) was written.
+    Figure(PathBuf),
 }
 
 /// Formats seconds for progress lines: `1h02m`, `3m05s` or `12s`.
@@ -140,28 +260,6 @@ pub fn best_dir(out: &Path) -> PathBuf {
     out.join("best")
 }
 
-/// Where a `--resume` continues: `None` for a fresh run (not asked, or no `<out>/last` yet), else
-/// `<out>/last` and its training state. The saved config must pass `compatible` (same model
-/// shape and input size, typically), else the error names the checkpoint and `what` differs.
-pub fn resume_point<C: serde::de::DeserializeOwned>(
-    out: &Path,
-    resume: bool,
-    compatible: impl Fn(&C) -> bool,
-    what: &str,
-) -> Result<Option<(PathBuf, TrainState)>> {
-    let last = last_dir(out);
-    if !resume || crate::checkpoint::resolve(&last).is_err() {
-        return Ok(None);
-    }
-    let saved: C = crate::checkpoint::read_config(&last)?;
-    if !compatible(&saved) {
-        return Err(Error::Checkpoint { path: last, msg: format!("cannot resume: the saved run has another {what}") });
-    }
-    let state: TrainState = crate::checkpoint::read_state(&last)?.unwrap_or_default();
-    tracing::info!(step = state.step, "resuming");
-    Ok(Some((last, state)))
-}
-
 /// Runs the loop from `state` (default for a new run, or the state read from `<out>/last`).
 pub fn fit(
     task: &mut dyn Task,
@@ -182,29 +280,41 @@ pub fn fit(
     let base = Rng::new(cfg.seed);
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
     state.finished = false;
+    state.stop_reason = None;
 
-    let evaluate =
-        |task: &mut dyn Task, state: &mut TrainState, on_event: &mut dyn FnMut(&Event), loss: f64| -> Result<()> {
-            let el = state.elapsed_s;
-            let metric = task.evaluate()?;
-            let best = match (metric, state.best_metric) {
-                (Some(m), Some(b)) => m > b,
-                (Some(_), None) => true,
-                _ => false,
-            };
-            state.history.push(HistoryPoint { step: state.step, epoch: state.epoch, loss, metric, elapsed_s: el });
-            if let Some(m) = metric {
-                if best {
-                    state.best_metric = Some(m);
-                    state.best_step = Some(state.step);
-                }
-                on_event(&Event::Eval { step: state.step, metric: m, best });
-            }
-            if best || (metric.is_none() && state.best_step.is_none()) {
-                task.save(&best_dir(out), state)?;
-            }
-            Ok(())
+    let direction = task.metric_direction();
+    let evaluate = |task: &mut dyn Task,
+                    state: &mut TrainState,
+                    on_event: &mut dyn FnMut(&Event),
+                    loss: f64|
+     -> Result<()> {
+        let el = state.elapsed_s;
+        let metric = task.evaluate()?;
+        let best = match (metric, state.best_metric) {
+            (Some(m), Some(b)) => direction.improves(m, b),
+            (Some(_), None) => true,
+            _ => false,
         };
+        let parts = task.history_parts();
+        state.history.push(HistoryPoint { step: state.step, epoch: state.epoch, loss, metric, elapsed_s: el, parts });
+        if let Some(m) = metric {
+            if best {
+                state.best_metric = Some(m);
+                state.best_step = Some(state.step);
+                state.evals_since_best = 0;
+            } else {
+                state.evals_since_best += 1;
+            }
+            on_event(&Event::Eval { step: state.step, metric: m, best });
+        }
+        if best || (metric.is_none() && state.best_step.is_none()) {
+            task.save(&best_dir(out), state)?;
+        }
+        if let Some(reason) = task.stop_reason(state) {
+            state.stop_reason = Some(reason);
+        }
+        Ok(())
+    };
 
     'outer: while state.epoch < cfg.epochs {
         while state.batch_in_epoch < per_epoch {
@@ -228,6 +338,7 @@ pub fn fit(
             loss_sum += loss;
             loss_n += 1;
             on_event(&Event::Step { step: state.step, epoch: state.epoch, loss, total });
+            task.after_step(out, state.step, on_event)?;
             let end_of_epoch = state.batch_in_epoch == per_epoch;
             if end_of_epoch {
                 state.epoch += 1;
@@ -252,6 +363,9 @@ pub fn fit(
                 task.save(&last_dir(out), &state)?;
                 on_event(&Event::Saved(last_dir(out)));
             }
+            if state.stop_reason.is_some() {
+                break 'outer;
+            }
             if end_of_epoch {
                 break;
             }
@@ -265,10 +379,14 @@ pub fn fit(
         state.elapsed_s = elapsed(&start);
         evaluate(task, &mut state, on_event, l)?;
     }
+    if state.best_step.is_none() && !best_dir(out).exists() {
+        task.save(&best_dir(out), &state)?;
+    }
     state.finished = true;
     state.elapsed_s = elapsed(&start);
     task.save(&last_dir(out), &state)?;
     on_event(&Event::Saved(last_dir(out)));
+    task.finish(out, &state, on_event)?;
     Ok(state)
 }
 
@@ -289,6 +407,11 @@ mod tests {
         y: Tensor,
         nan_at: Option<usize>,
         steps: usize,
+        /// Report the loss itself (lower is better) instead of its negative.
+        lower: bool,
+        /// Ask to stop after this many evaluations.
+        stop_after: Option<usize>,
+        evals: usize,
     }
 
     impl Toy {
@@ -305,7 +428,7 @@ mod tests {
             let mut r = Rng::new(2);
             let x = Tensor::from_vec(r.normal_vec(16 * 3, 0.0, 1.0), (16, 3), &Device::Cpu).unwrap();
             let y = x.matmul(&Tensor::new(&[[1f32], [-2.0], [0.5]], &Device::Cpu).unwrap()).unwrap();
-            Toy { vm, w, opt, x, y, nan_at, steps: 0 }
+            Toy { vm, w, opt, x, y, nan_at, steps: 0, lower: false, stop_after: None, evals: 0 }
         }
         fn loss(&self, b: usize) -> Tensor {
             let xb = self.x.narrow(0, b * 4, 4).unwrap();
@@ -330,19 +453,34 @@ mod tests {
         }
         fn evaluate(&mut self) -> Result<Option<f64>> {
             let l = (self.x.matmul(self.w.as_tensor())? - &self.y)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
-            Ok(Some(-l))
+            self.evals += 1;
+            Ok(Some(if self.lower { l } else { -l }))
+        }
+        fn metric_direction(&self) -> Direction {
+            if self.lower {
+                Direction::Lower
+            } else {
+                Direction::Higher
+            }
+        }
+        fn history_parts(&mut self) -> BTreeMap<String, f64> {
+            BTreeMap::from([("evals".to_string(), self.evals as f64)])
+        }
+        fn stop_reason(&mut self, state: &mut TrainState) -> Option<String> {
+            state.task = serde_json::json!({ "evals": self.evals });
+            (Some(self.evals) == self.stop_after).then(|| "enough".to_string())
         }
         fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
             checkpoint::save(
                 dir,
-                &CheckpointData {
-                    varmap: &self.vm,
-                    config: &0,
-                    meta: &Meta::new("toy", "linear"),
-                    optimizer: Some(&self.opt),
-                    state: Some(state),
-                },
+                &CheckpointData::training(&self.vm, &0, &Meta::new("toy", "linear"), &self.opt, state),
             )
+        }
+        fn restore(&mut self, dir: &Path, _state: &TrainState) -> Result<()> {
+            checkpoint::restore_training(dir, &self.vm, &mut self.opt).map(drop)
+        }
+        fn check_resumable(&self, dir: &Path) -> Result<()> {
+            check_saved(dir, |c: &i32| *c == 0, "config")
         }
     }
 
@@ -390,6 +528,35 @@ mod tests {
         assert!(e.to_string().contains("last good checkpoint"));
         let state: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
         assert_eq!(state.step, 6);
+    }
+
+    #[test]
+    fn lower_is_better_metrics_early_stops_and_resume_checks() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("run");
+        let mut t = Toy::new(None);
+        t.lower = true;
+        t.stop_after = Some(3);
+        let cfg = LoopConfig { epochs: 10, ..Default::default() };
+        let st = run(&mut t, &cfg, &out, false, &mut |_| {}).unwrap();
+        // The task's stop after its third evaluation ends the run after epoch 3.
+        assert_eq!(st.stop_reason.as_deref(), Some("enough"));
+        assert_eq!(st.step, 12);
+        // The loss falls, so with a lower-is-better metric the last evaluation is the best.
+        assert_eq!(st.best_step, Some(12));
+        assert_eq!(st.evals_since_best, 0);
+        assert_eq!(st.history[2].parts["evals"], 3.0);
+        let saved: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
+        assert_eq!(saved.task["evals"], 3);
+        assert_eq!(resolve_model_dir(&out), best_dir(&out));
+        // Resuming into a run saved with another config is refused, naming the checkpoint.
+        checkpoint::save(
+            &last_dir(&out),
+            &CheckpointData::training(&t.vm, &1, &Meta::new("toy", "linear"), &t.opt, &saved),
+        )
+        .unwrap();
+        let e = run(&mut Toy::new(None), &cfg, &out, true, &mut |_| {}).unwrap_err().to_string();
+        assert!(e.contains("cannot resume") && e.contains("last"), "{e}");
     }
 
     #[test]

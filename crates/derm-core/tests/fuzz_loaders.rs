@@ -48,7 +48,14 @@ fn mutated_checkpoint_json_never_panics() {
         epoch: 3,
         step: 40,
         best_metric: Some(0.5),
-        history: vec![derm_core::train::HistoryPoint { step: 4, epoch: 0, loss: 0.7, metric: None, elapsed_s: 1.0 }],
+        history: vec![derm_core::train::HistoryPoint {
+            step: 4,
+            epoch: 0,
+            loss: 0.7,
+            metric: None,
+            elapsed_s: 1.0,
+            parts: Default::default(),
+        }],
         ..Default::default()
     })
     .unwrap();

@@ -190,7 +190,7 @@ impl Purifier {
     /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
     /// is used).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let dir = resolve_model_dir(dir);
+        let dir = train::resolve_model_dir(dir);
         checkpoint::read_meta(&dir, "purify")?;
         let cfg: PurifyConfig = checkpoint::read_config(&dir)?;
         let p = Purifier::new(cfg, device)?;
@@ -283,17 +283,6 @@ pub fn purify_image(model: &Purifier, img: &RgbImage, hole: &GrayImage) -> Resul
     let small_hole = resize_hole(hole, s, s);
     let filled = model.inpaint(&[&small], &[&small_hole])?.remove(0);
     Ok(paste(img, &image_io::resize_rgb(&filled, w, h), hole))
-}
-
-/// A run folder resolves to its `best` checkpoint; a checkpoint folder to itself.
-pub fn resolve_model_dir(dir: &Path) -> PathBuf {
-    if dir.join(checkpoint::WEIGHTS).exists() || dir.with_extension("old").exists() {
-        dir.to_path_buf()
-    } else if train::best_dir(dir).join(checkpoint::WEIGHTS).exists() {
-        train::best_dir(dir)
-    } else {
-        train::last_dir(dir)
-    }
 }
 
 /// Hole PSNR and SSIM of one image.
@@ -445,28 +434,6 @@ impl PurifyTask {
             last_val: None,
             last_parts: None,
         })
-    }
-
-    /// Loads weights, the phase and the optimiser state from a checkpoint folder.
-    pub fn restore(&mut self, dir: &Path, state: &TrainState) -> Result<()> {
-        let dir = checkpoint::resolve(dir)?;
-        checkpoint::load_varmap(
-            &self.pur.varmap,
-            &dir.join(checkpoint::WEIGHTS),
-            checkpoint::Strictness::Exact,
-            |_| false,
-        )?;
-        let m = checkpoint::read_meta(&dir, "purify")?;
-        if m.extra.get("finetune").and_then(|v| v.as_bool()) == Some(true) {
-            self.start_finetune();
-        }
-        let o = dir.join(checkpoint::OPTIM);
-        if o.exists() {
-            self.opt.load(&o)?;
-        }
-        self.elapsed0 = state.elapsed_s;
-        self.started = Instant::now();
-        Ok(())
     }
 
     /// The purifier being trained.
@@ -635,16 +602,25 @@ impl Task for PurifyTask {
         m.extra["val_hole_psnr"] = serde_json::json!(self.last_val);
         m.extra["step"] = serde_json::json!(state.step);
         m.extra["finetune"] = serde_json::json!(self.finetuning);
-        checkpoint::save(
-            dir,
-            &CheckpointData {
-                varmap: &self.pur.varmap,
-                config: &self.pur.cfg,
-                meta: &m,
-                optimizer: Some(&self.opt),
-                state: Some(state),
-            },
-        )
+        checkpoint::save(dir, &CheckpointData::training(&self.pur.varmap, &self.pur.cfg, &m, &self.opt, state))
+    }
+
+    /// Weights, the phase (Adam, or SGD fine-tuning) and the optimiser state.
+    fn restore(&mut self, dir: &Path, state: &TrainState) -> Result<()> {
+        let m = checkpoint::read_meta(&checkpoint::resolve(dir)?, "purify")?;
+        if m.extra.get("finetune").and_then(|v| v.as_bool()) == Some(true) {
+            self.start_finetune();
+        }
+        checkpoint::restore_training(dir, &self.pur.varmap, &mut self.opt)?;
+        self.elapsed0 = state.elapsed_s;
+        self.started = Instant::now();
+        tracing::info!(finetune = self.finetuning, "resuming");
+        Ok(())
+    }
+
+    fn check_resumable(&self, dir: &Path) -> Result<()> {
+        let cfg = &self.pur.cfg;
+        train::check_saved(dir, |s: &PurifyConfig| s.model == cfg.model && s.size == cfg.size, "model shape or size")
     }
 }
 
@@ -658,16 +634,7 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(PurifyTask, TrainState)> {
     let mut task = PurifyTask::new(cfg.clone(), data, device)?;
-    let compatible = |s: &PurifyConfig| s.model == cfg.model && s.size == cfg.size;
-    let state = match train::resume_point(out, resume, compatible, "model shape or size")? {
-        Some((last, state)) => {
-            task.restore(&last, &state)?;
-            tracing::info!(finetune = task.finetuning, "resuming");
-            state
-        }
-        None => TrainState::default(),
-    };
-    let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
+    let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
     Ok((task, state))
 }
 

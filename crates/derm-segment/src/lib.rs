@@ -15,7 +15,7 @@
 
 pub mod model;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -138,7 +138,7 @@ impl Segmenter {
     /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
     /// is used).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let dir = resolve_model_dir(dir);
+        let dir = train::resolve_model_dir(dir);
         checkpoint::read_meta(&dir, "segment")?;
         let cfg: SegmentConfig = checkpoint::read_config(&dir)?;
         let s = Segmenter::new(cfg, device)?;
@@ -186,17 +186,6 @@ impl Segmenter {
             image::Luma([(probs[(y * w + x) as usize] * 255.0).round().clamp(0.0, 255.0) as u8])
         });
         Prediction { mask, probability }
-    }
-}
-
-/// A run folder resolves to its `best` checkpoint; a checkpoint folder to itself.
-pub fn resolve_model_dir(dir: &Path) -> PathBuf {
-    if dir.join(checkpoint::WEIGHTS).exists() || dir.with_extension("old").exists() {
-        dir.to_path_buf()
-    } else if train::best_dir(dir).join(checkpoint::WEIGHTS).exists() {
-        train::best_dir(dir)
-    } else {
-        train::last_dir(dir)
     }
 }
 
@@ -258,22 +247,6 @@ impl SegmentTask {
         let opt = Optimizer::from_varmap(&seg.varmap, cfg.optim, |_| true);
         let cache = ImageCache::new(cfg.cache_bytes);
         Ok(SegmentTask { seg, opt, train, val, cache, last_val: None })
-    }
-
-    /// Loads weights and optimiser state from a checkpoint folder (for `--resume`).
-    pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        let dir = checkpoint::resolve(dir)?;
-        checkpoint::load_varmap(
-            &self.seg.varmap,
-            &dir.join(checkpoint::WEIGHTS),
-            checkpoint::Strictness::Exact,
-            |_| false,
-        )?;
-        let o = dir.join(checkpoint::OPTIM);
-        if o.exists() {
-            self.opt.load(&o)?;
-        }
-        Ok(())
     }
 
     /// The segmenter being trained.
@@ -362,16 +335,16 @@ impl Task for SegmentTask {
         let mut m = meta(&self.seg.cfg);
         m.extra["val_jaccard"] = serde_json::json!(self.last_val);
         m.extra["step"] = serde_json::json!(state.step);
-        checkpoint::save(
-            dir,
-            &CheckpointData {
-                varmap: &self.seg.varmap,
-                config: &self.seg.cfg,
-                meta: &m,
-                optimizer: Some(&self.opt),
-                state: Some(state),
-            },
-        )
+        checkpoint::save(dir, &CheckpointData::training(&self.seg.varmap, &self.seg.cfg, &m, &self.opt, state))
+    }
+
+    fn restore(&mut self, dir: &Path, _state: &TrainState) -> Result<()> {
+        checkpoint::restore_training(dir, &self.seg.varmap, &mut self.opt).map(drop)
+    }
+
+    fn check_resumable(&self, dir: &Path) -> Result<()> {
+        let cfg = &self.seg.cfg;
+        train::check_saved(dir, |s: &SegmentConfig| s.model == cfg.model && s.size == cfg.size, "model shape or size")
     }
 }
 
@@ -385,15 +358,7 @@ pub fn train(
     on_event: &mut dyn FnMut(&train::Event),
 ) -> Result<(SegmentTask, TrainState)> {
     let mut task = SegmentTask::new(cfg.clone(), data, device)?;
-    let compatible = |s: &SegmentConfig| s.model == cfg.model && s.size == cfg.size;
-    let state = match train::resume_point(out, resume, compatible, "model shape or size")? {
-        Some((last, state)) => {
-            task.restore(&last)?;
-            state
-        }
-        None => TrainState::default(),
-    };
-    let state = train::fit(&mut task, &cfg.train, out, state, on_event)?;
+    let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
     Ok((task, state))
 }
 

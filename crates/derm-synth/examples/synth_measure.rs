@@ -77,13 +77,18 @@ fn phantoms(minutes: f64, count: usize) -> anyhow::Result<()> {
         st.step,
         s.elapsed().as_secs_f64(),
         st.stop_reason.as_deref().unwrap_or(""),
-        st.best_quality,
+        st.best_metric,
         st.best_step
     );
     for h in st.history.iter().step_by((st.history.len() / 10).max(1)) {
         println!(
             "  step {:5} D {:.3} (real {:.3} fake {:.3}) G {:.3} quality {:.5}",
-            h.step, h.d_loss, h.d_real_loss, h.d_fake_loss, h.g_loss, h.quality
+            h.step,
+            h.parts["d_real"] + h.parts["d_fake"],
+            h.parts["d_real"],
+            h.parts["d_fake"],
+            h.parts["g"],
+            h.metric.unwrap_or(f64::NAN)
         );
     }
     let fresh = Dataset::open_dir(&d.join("fresh"), None, None)?;

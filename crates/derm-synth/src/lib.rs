@@ -24,7 +24,7 @@
 //! decoupled runs): `synth.json` ([`RunInfo`]), checkpoints `last/` and `best/`
 //! (`model.safetensors` with the generator under `g.` and the discriminator under `d.`,
 //! `config.json` = [`SynthConfig`], `meta.json`, `optim.safetensors` (discriminator),
-//! `optim_g.safetensors`, `state.json` = [`GanState`]), sample grids `samples/step_*.png`,
+//! `optim_g.safetensors`, `state.json` = [`derm_core::train::TrainState`]), sample grids `samples/step_*.png`,
 //! `history.json`; and sampled folders: PNG images, `labels.csv` (`image_id,label`),
 //! `manifest.toml` with the training set's class names, and `novelty.json`.
 
@@ -45,7 +45,7 @@ pub use audit::{real_vs_fake, RealFakeConfig, RealFakeReport};
 pub use model::{Discriminator, GanConfig, Generator};
 pub use novelty::{nearest_neighbours, Nearest, NoveltyReport};
 pub use sample::{write_synthetic_set, Synthesizer};
-pub use train::{train, GanState, GanTrainer, SynthEvent};
+pub use train::{train, GanTrainer};
 
 /// When training stops before its epoch, step or time budget.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

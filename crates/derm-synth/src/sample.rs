@@ -55,7 +55,7 @@ impl Synthesizer {
 
     /// Loads a checkpoint folder, or a model folder (its `best/`, else its `last/`).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let dir = resolve_model_dir(dir)?;
+        let dir = derm_core::train::resolve_model_dir(dir);
         checkpoint::read_meta(&dir, "synth")?;
         let cfg: SynthConfig = checkpoint::read_config(&dir)?;
         let s = Synthesizer::new(cfg, device)?;
@@ -146,20 +146,6 @@ impl Synthesizer {
         m.extra = serde_json::json!({ "classes": c.classes, "size": c.model.size });
         m
     }
-}
-
-/// A checkpoint folder resolves to itself; a model folder to its `best/`, else its `last/`.
-pub fn resolve_model_dir(dir: &Path) -> Result<PathBuf> {
-    if checkpoint::resolve(dir).is_ok() {
-        return Ok(dir.to_path_buf());
-    }
-    for sub in ["best", "last"] {
-        let d = dir.join(sub);
-        if checkpoint::resolve(&d).is_ok() {
-            return Ok(d);
-        }
-    }
-    Err(Error::Checkpoint { path: dir.into(), msg: "no synth checkpoint here (nor in best/ or last/)".into() })
 }
 
 /// One image of a synthetic set.

@@ -16,75 +16,30 @@
 //! generated images' 8x8 colour layouts, see [`quality_distance`]), keeps `best/` at its lowest,
 //! and stops the run when the discriminator has won `d_win_checks` checks in a row or the proxy
 //! has not improved for `patience` checks. `last/` (both networks, both optimisers, config,
-//! [`GanState`]) is written every `checkpoint_every` steps and at the end; a run resumes from it
-//! exactly, because each step's random draws depend only on (seed, step).
+//! [`TrainState`]) is written every `checkpoint_every` steps and at the end; a run resumes from it
+//! exactly, because each step's random draws depend only on (seed, step). The loop itself is
+//! derm-core's ([`derm_core::train::run`]); [`GanTrainer`] is its [`Task`].
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::collections::BTreeMap;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use derm_core::checkpoint::{self, Strictness};
+use derm_core::checkpoint::{self, CheckpointData};
 use derm_core::image_io::{self, Normalize};
 use derm_core::optim::Optimizer;
+use derm_core::train::{self, Direction, Event, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::cache::ImageCache;
 use derm_data::dataset::Dataset;
 use image::RgbImage;
-use serde::{Deserialize, Serialize};
 
 use crate::sample::{Synthesizer, OPTIM_G};
 use crate::{DataSource, RunInfo, RunKind, SynthConfig};
 
-/// One row of the training history (means over the steps since the previous row).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GanHistoryPoint {
-    /// Step after which this was recorded.
-    pub step: usize,
-    /// Epoch (0-based).
-    pub epoch: usize,
-    /// Discriminator loss (real + fake).
-    pub d_loss: f64,
-    /// Its part on real images.
-    pub d_real_loss: f64,
-    /// Its part on generated images.
-    pub d_fake_loss: f64,
-    /// Generator loss (adversarial or feature matching).
-    pub g_loss: f64,
-    /// Quality proxy (lower is better).
-    pub quality: f64,
-    /// Whether the discriminator won this check.
-    pub d_won: bool,
-    /// Seconds of training so far.
-    pub elapsed_s: f64,
-}
-
-/// What a resumed run needs to continue; the checkpoint's `state.json`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct GanState {
-    /// Steps done.
-    pub step: usize,
-    /// Current epoch (0-based).
-    pub epoch: usize,
-    /// Steps of the current epoch already done.
-    pub batch_in_epoch: usize,
-    /// Seconds of training so far.
-    pub elapsed_s: f64,
-    /// Lowest quality proxy so far.
-    pub best_quality: Option<f64>,
-    /// Its step.
-    pub best_step: Option<usize>,
-    /// Checks since the proxy last improved.
-    pub checks_since_best: usize,
-    /// Consecutive checks the discriminator won.
-    pub d_win_streak: usize,
-    /// One row per check.
-    pub history: Vec<GanHistoryPoint>,
-    /// True once the loop ended normally.
-    pub finished: bool,
-    /// Why it stopped: `epochs`, `max_steps`, `time_budget`, `discriminator_won`,
-    /// `quality_plateau`.
-    pub stop_reason: Option<String>,
-}
+/// The loss components a GAN adds to each history row ([`derm_core::train::HistoryPoint::parts`]):
+/// means since the previous row of the discriminator's loss on real and on generated images, the
+/// generator's loss, and whether the discriminator won that check (1) or not (0).
+pub const PARTS: [&str; 4] = ["d_real", "d_fake", "g", "d_won"];
 
 /// Losses of one step.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -95,26 +50,6 @@ pub struct StepLosses {
     pub d_fake: f64,
     /// Generator loss of the last generator update.
     pub g: f64,
-}
-
-/// Progress reports from [`GanTrainer::run`].
-#[derive(Debug, Clone)]
-pub enum SynthEvent {
-    /// A step finished.
-    Step {
-        /// Steps done.
-        step: usize,
-        /// Steps the run takes at most.
-        total: usize,
-        /// Its losses.
-        losses: StepLosses,
-    },
-    /// A check finished.
-    Check(GanHistoryPoint),
-    /// A sample grid was written.
-    Grid(PathBuf),
-    /// A checkpoint was written.
-    Saved(PathBuf),
 }
 
 /// Summary statistics of a batch's 8x8 colour layouts, for [`quality_distance`].
@@ -194,6 +129,8 @@ pub struct GanTrainer {
     reals: Vec<Tensor>,
     real_stats: Vec<LayoutStats>,
     fixed_z: Tensor,
+    /// Sums of the step losses since the last check, and their count.
+    acc: (StepLosses, usize),
 }
 
 impl GanTrainer {
@@ -219,7 +156,7 @@ impl GanTrainer {
         let real_stats = reals.iter().map(layout_stats).collect::<Result<_>>()?;
         let nz = cfg.grid_images.max(cfg.quality_samples).max(2);
         let fixed_z = synth.latents(nz, cfg.train.seed ^ 0xf1ed)?;
-        Ok(GanTrainer { synth, opt_g, opt_d, reals, real_stats, fixed_z })
+        Ok(GanTrainer { synth, opt_g, opt_d, reals, real_stats, fixed_z, acc: (StepLosses::default(), 0) })
     }
 
     /// The configuration.
@@ -231,20 +168,6 @@ impl GanTrainer {
     pub fn steps_per_epoch(&self) -> usize {
         let bs = self.config().batch_size.max(1);
         self.reals.iter().map(|r| r.dim(0).unwrap_or(0) / bs).max().unwrap_or(0).max(1)
-    }
-
-    /// Loads weights and both optimisers' states from a checkpoint folder.
-    pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        let dir = checkpoint::resolve(dir)?;
-        checkpoint::load_varmap(&self.synth.varmap, &dir.join(checkpoint::WEIGHTS), Strictness::Exact, |_| false)?;
-        let (od, og) = (dir.join(checkpoint::OPTIM), dir.join(OPTIM_G));
-        if od.exists() {
-            self.opt_d.load(&od)?;
-        }
-        if og.exists() {
-            self.opt_g.load(&og)?;
-        }
-        Ok(())
     }
 
     /// The real batch of class `head` for (epoch, batch): a seeded permutation per epoch and
@@ -364,167 +287,103 @@ impl GanTrainer {
         Ok(tile(&blocks, 1, 6))
     }
 
-    /// Writes a checkpoint folder (both networks, both optimisers, config, meta, `state`)
-    /// atomically: into a temporary sibling first, then swapped in with the previous one kept
-    /// at `<dir>.old` until the new one is in place (as `derm_core::checkpoint::save` does).
-    pub fn save(&self, dir: &Path, state: &GanState) -> Result<()> {
-        let tmp = derm_core::fsutil::temp_sibling(dir);
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        derm_core::fsutil::create_dir_all(&tmp)?;
-        checkpoint::save_varmap(&self.synth.varmap, &tmp.join(checkpoint::WEIGHTS))?;
-        derm_core::fsutil::write_json(&tmp.join(checkpoint::CONFIG), &self.synth.cfg)?;
-        let mut meta = self.synth.meta();
-        meta.extra["step"] = serde_json::json!(state.step);
-        meta.extra["quality"] = serde_json::json!(state.history.last().map(|h| h.quality));
-        derm_core::fsutil::write_json(&tmp.join(checkpoint::META), &meta)?;
-        self.opt_d.save(&tmp.join(checkpoint::OPTIM))?;
-        self.opt_g.save(&tmp.join(OPTIM_G))?;
-        derm_core::fsutil::write_json(&tmp.join(checkpoint::STATE), state)?;
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let old = dir.with_file_name(format!("{name}.old"));
-        if dir.exists() {
-            if old.exists() {
-                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-            }
-            std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        }
-        Ok(())
-    }
-
-    /// Trains from `state` (default for a new run) into the model folder `out`: `last/`,
-    /// `best/`, `samples/step_*.png`, `history.json`.
-    pub fn run(&mut self, out: &Path, mut state: GanState, on_event: &mut dyn FnMut(&SynthEvent)) -> Result<GanState> {
-        derm_core::fsutil::create_dir_all(out)?;
-        let cfg = self.synth.cfg.clone();
-        let lc = &cfg.train;
-        let per_epoch = self.steps_per_epoch();
-        let total = lc.max_steps.unwrap_or(usize::MAX).min(lc.epochs.saturating_mul(per_epoch));
-        let start = Instant::now();
-        let elapsed0 = state.elapsed_s;
-        let elapsed = |s: &Instant| elapsed0 + s.elapsed().as_secs_f64();
-        let base = Rng::new(lc.seed);
-        let mut acc = (0.0, 0.0, 0.0, 0usize);
-        state.finished = false;
-        state.stop_reason = None;
-        while state.step < total {
-            if lc.minutes.is_some_and(|m| elapsed(&start) >= m * 60.0) {
-                state.stop_reason = Some("time_budget".into());
-                break;
-            }
-            let mut rng = base.fork(state.step as u64);
-            let l = self.step(state.epoch, state.batch_in_epoch, &mut rng)?;
-            for v in [l.d_real, l.d_fake, l.g] {
-                if !v.is_finite() {
-                    return Err(Error::NonFiniteLoss { value: v, epoch: state.epoch, step: state.step });
-                }
-            }
-            state.step += 1;
-            state.batch_in_epoch += 1;
-            acc = (acc.0 + l.d_real, acc.1 + l.d_fake, acc.2 + l.g, acc.3 + 1);
-            on_event(&SynthEvent::Step { step: state.step, total, losses: l });
-            let end_of_epoch = state.batch_in_epoch == per_epoch;
-            if end_of_epoch {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-            }
-            if cfg.sample_every > 0 && state.step.is_multiple_of(cfg.sample_every) {
-                self.write_grid(out, state.step, on_event)?;
-            }
-            let check_now = lc.eval_every.map_or(end_of_epoch, |n| state.step.is_multiple_of(n.max(1)));
-            if check_now {
-                state.elapsed_s = elapsed(&start);
-                self.check(out, &mut state, &mut acc, on_event)?;
-            }
-            let save_now = lc.checkpoint_every.map_or(end_of_epoch, |n| state.step.is_multiple_of(n.max(1)));
-            if save_now {
-                state.elapsed_s = elapsed(&start);
-                self.save(&out.join("last"), &state)?;
-                on_event(&SynthEvent::Saved(out.join("last")));
-            }
-            if state.stop_reason.is_some() {
-                break;
-            }
-        }
-        if state.stop_reason.is_none() {
-            state.stop_reason =
-                Some(if state.step >= lc.epochs.saturating_mul(per_epoch) { "epochs" } else { "max_steps" }.into());
-        }
-        if acc.3 > 0 {
-            state.elapsed_s = elapsed(&start);
-            self.check(out, &mut state, &mut acc, on_event)?;
-        }
-        if state.best_step.is_none() {
-            self.save(&out.join("best"), &state)?;
-        }
-        self.write_grid(out, state.step, on_event)?;
-        state.finished = true;
-        state.elapsed_s = elapsed(&start);
-        self.save(&out.join("last"), &state)?;
-        on_event(&SynthEvent::Saved(out.join("last")));
-        derm_core::fsutil::write_json(&out.join("history.json"), &state)?;
-        Ok(state)
-    }
-
-    fn write_grid(&self, out: &Path, step: usize, on_event: &mut dyn FnMut(&SynthEvent)) -> Result<()> {
+    fn write_grid(&self, out: &Path, step: usize, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         let p = out.join("samples").join(format!("step_{step:06}.png"));
         image_io::save_png(&p, &self.grid()?)?;
-        on_event(&SynthEvent::Grid(p));
+        on_event(&Event::Figure(p));
+        Ok(())
+    }
+}
+
+/// The GAN through derm-core's training loop: a step is [`GanTrainer::step`], the metric the
+/// quality proxy (lower is better), and the early stops are the discriminator winning
+/// `d_win_checks` checks in a row or the proxy not improving for `patience` checks.
+impl Task for GanTrainer {
+    fn batches_per_epoch(&self) -> usize {
+        self.steps_per_epoch()
+    }
+
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+        let l = self.step(epoch, batch, rng)?;
+        let (sum, n) = &mut self.acc;
+        (sum.d_real, sum.d_fake, sum.g, *n) = (sum.d_real + l.d_real, sum.d_fake + l.d_fake, sum.g + l.g, *n + 1);
+        // Any non-finite part makes the sum non-finite, which stops the loop.
+        Ok(l.d_real + l.d_fake + l.g)
+    }
+
+    fn evaluate(&mut self) -> Result<Option<f64>> {
+        self.quality().map(Some)
+    }
+
+    fn metric_direction(&self) -> Direction {
+        Direction::Lower
+    }
+
+    fn history_parts(&mut self) -> BTreeMap<String, f64> {
+        let (sum, n) = std::mem::take(&mut self.acc);
+        let n = n.max(1) as f64;
+        let (d_real, d_fake, g) = (sum.d_real / n, sum.d_fake / n, sum.g / n);
+        let es = &self.config().early_stop;
+        let d_won = d_fake < es.d_fake_loss_below && g > es.g_loss_above;
+        PARTS.iter().map(|k| k.to_string()).zip([d_real, d_fake, g, f64::from(u8::from(d_won))]).collect()
+    }
+
+    fn stop_reason(&mut self, state: &mut TrainState) -> Option<String> {
+        let es = &self.config().early_stop;
+        let d_won = state.history.last().and_then(|h| h.parts.get("d_won")).is_some_and(|v| *v > 0.5);
+        let streak = if d_won { state.task["d_win_streak"].as_u64().unwrap_or(0) + 1 } else { 0 };
+        state.task = serde_json::json!({ "d_win_streak": streak });
+        if es.d_win_checks > 0 && streak >= es.d_win_checks as u64 {
+            tracing::warn!(step = state.step, "the discriminator won {streak} checks in a row; stopping");
+            Some("discriminator_won".into())
+        } else if es.patience > 0 && state.evals_since_best >= es.patience {
+            tracing::info!(step = state.step, best_step = ?state.best_step, "sample quality stopped improving; stopping");
+            Some("quality_plateau".into())
+        } else {
+            None
+        }
+    }
+
+    fn after_step(&mut self, out: &Path, step: usize, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        let every = self.config().sample_every;
+        if every > 0 && step.is_multiple_of(every) {
+            self.write_grid(out, step, on_event)?;
+        }
         Ok(())
     }
 
-    /// A check: quality proxy, best model, early-stopping counters.
-    fn check(
-        &self,
-        out: &Path,
-        state: &mut GanState,
-        acc: &mut (f64, f64, f64, usize),
-        on_event: &mut dyn FnMut(&SynthEvent),
-    ) -> Result<()> {
-        let es = &self.config().early_stop;
-        let n = acc.3.max(1) as f64;
-        let (d_real, d_fake, g) = (acc.0 / n, acc.1 / n, acc.2 / n);
-        *acc = (0.0, 0.0, 0.0, 0);
-        let quality = self.quality()?;
-        let d_won = d_fake < es.d_fake_loss_below && g > es.g_loss_above;
-        state.d_win_streak = if d_won { state.d_win_streak + 1 } else { 0 };
-        let improved = state.best_quality.is_none_or(|b| quality < b);
-        if improved {
-            state.best_quality = Some(quality);
-            state.best_step = Some(state.step);
-            state.checks_since_best = 0;
-        } else {
-            state.checks_since_best += 1;
-        }
-        let point = GanHistoryPoint {
-            step: state.step,
-            epoch: state.epoch,
-            d_loss: d_real + d_fake,
-            d_real_loss: d_real,
-            d_fake_loss: d_fake,
-            g_loss: g,
-            quality,
-            d_won,
-            elapsed_s: state.elapsed_s,
-        };
-        state.history.push(point.clone());
-        on_event(&SynthEvent::Check(point));
-        if improved {
-            self.save(&out.join("best"), state)?;
-        }
-        if es.d_win_checks > 0 && state.d_win_streak >= es.d_win_checks {
-            state.stop_reason = Some("discriminator_won".into());
-            tracing::warn!(step = state.step, "the discriminator won {} checks in a row; stopping", state.d_win_streak);
-        } else if es.patience > 0 && state.checks_since_best >= es.patience {
-            state.stop_reason = Some("quality_plateau".into());
-            tracing::info!(step = state.step, best_step = ?state.best_step, "sample quality stopped improving; stopping");
-        }
-        Ok(())
+    fn finish(&mut self, out: &Path, state: &TrainState, on_event: &mut dyn FnMut(&Event)) -> Result<()> {
+        self.write_grid(out, state.step, on_event)?;
+        derm_core::fsutil::write_json(&out.join("history.json"), state)
+    }
+
+    /// Both networks, both optimisers (`optim.safetensors` for the discriminator,
+    /// `optim_g.safetensors` for the generator), config, meta and `state`, atomically.
+    fn save(&self, dir: &Path, state: &TrainState) -> Result<()> {
+        let mut meta = self.synth.meta();
+        meta.extra["step"] = serde_json::json!(state.step);
+        meta.extra["quality"] = serde_json::json!(state.history.last().and_then(|h| h.metric));
+        checkpoint::save(
+            dir,
+            &CheckpointData {
+                extra_optimizers: &[(OPTIM_G, &self.opt_g)],
+                ..CheckpointData::training(&self.synth.varmap, &self.synth.cfg, &meta, &self.opt_d, state)
+            },
+        )
+    }
+
+    fn restore(&mut self, dir: &Path, _state: &TrainState) -> Result<()> {
+        let dir = checkpoint::restore_training(dir, &self.synth.varmap, &mut self.opt_d)?;
+        checkpoint::load_optimizer(&dir, OPTIM_G, &mut self.opt_g)
+    }
+
+    fn check_resumable(&self, dir: &Path) -> Result<()> {
+        let cfg = self.config();
+        train::check_saved(
+            dir,
+            |s: &SynthConfig| s.model == cfg.model && s.classes == cfg.classes,
+            "model shape or classes",
+        )
     }
 }
 
@@ -552,31 +411,15 @@ pub fn train(
     device: &Device,
     out: &Path,
     resume: bool,
-    on_event: &mut dyn FnMut(&SynthEvent),
-) -> Result<(GanTrainer, GanState)> {
+    on_event: &mut dyn FnMut(&Event),
+) -> Result<(GanTrainer, TrainState)> {
     cfg.validate()?;
-    // One writer per model folder: a second run into it is refused.
-    let _lock = derm_core::fsutil::DirLock::acquire(out)?;
     let reals = load_class_images(data, &cfg.classes, cfg.model.size as u32, cfg.normalize, device)?;
     for (c, r) in cfg.classes.iter().zip(&reals) {
         tracing::info!(class = %c, images = r.dim(0)?, "gan training data");
     }
     let mut trainer = GanTrainer::new(cfg.clone(), reals, device)?;
-    let mut state = GanState::default();
-    let last = out.join("last");
-    if resume && checkpoint::resolve(&last).is_ok() {
-        let saved: SynthConfig = checkpoint::read_config(&last)?;
-        if saved.model != cfg.model || saved.classes != cfg.classes {
-            return Err(Error::Checkpoint {
-                path: last,
-                msg: "cannot resume: the saved run has another model shape or classes".into(),
-            });
-        }
-        trainer.restore(&last)?;
-        state = checkpoint::read_state(&last)?.unwrap_or_default();
-        tracing::info!(step = state.step, "resuming");
-    }
-    let state = trainer.run(out, state, on_event)?;
+    let state = train::run(&mut trainer, &cfg.train, out, resume, on_event)?;
     Ok((trainer, state))
 }
 
@@ -594,8 +437,8 @@ pub fn train_run(
     device: &Device,
     out: &Path,
     resume: bool,
-    on_event: &mut dyn FnMut(&str, &SynthEvent),
-) -> Result<Vec<(String, GanState)>> {
+    on_event: &mut dyn FnMut(&str, &Event),
+) -> Result<Vec<(String, TrainState)>> {
     if classes.is_empty() {
         return Err(Error::invalid("synth: no class to train on"));
     }
@@ -723,7 +566,10 @@ pub(crate) mod tests {
         let (t, state) = train(cfg.clone(), &data, &Device::Cpu, &out, false, &mut |_| {}).unwrap();
         assert_eq!(state.step, 3 * t.steps_per_epoch());
         assert_ne!(w(&t, "g.0.conv.weight"), g0, "the generator did not change");
-        assert!(state.history.iter().all(|h| h.d_loss.is_finite() && h.g_loss.is_finite() && h.quality.is_finite()));
+        assert!(state
+            .history
+            .iter()
+            .all(|h| PARTS.iter().all(|k| h.parts[*k].is_finite()) && h.metric.is_some_and(f64::is_finite)));
         assert!(out.join("samples").join("step_000003.png").exists());
         assert!(out.join("best/model.safetensors").exists() && out.join("last/optim_g.safetensors").exists());
         // Resuming to more epochs continues from the saved step; the result equals a straight run.
@@ -751,29 +597,28 @@ pub(crate) mod tests {
         cfg.train.epochs = 2;
         let (t, state) = train(cfg, &data, &Device::Cpu, &d.path().join("run"), false, &mut |_| {}).unwrap();
         assert_eq!(state.stop_reason.as_deref(), Some("epochs"));
-        assert!(state.history.iter().all(|h| h.g_loss.is_finite() && h.g_loss >= 0.0));
+        assert!(state.history.iter().all(|h| h.parts["g"].is_finite() && h.parts["g"] >= 0.0));
         let grid = image::open(d.path().join("run/samples").join(format!("step_{:06}.png", state.step))).unwrap();
         assert!(grid.height() > grid.width(), "two class blocks stacked");
         // A proxy that does not beat the best for `patience` checks stops the run.
-        let mut st = GanState { best_quality: Some(0.0), ..Default::default() };
         let mut t = t;
         t.synth.cfg.early_stop.patience = 2;
-        for k in 0..2 {
-            assert!(st.stop_reason.is_none(), "stopped after {k} checks");
-            let mut acc = (0.5, 0.5, 1.0, 1);
-            t.check(&d.path().join("run3"), &mut st, &mut acc, &mut |_| {}).unwrap();
+        let mut st = TrainState { evals_since_best: 1, ..Default::default() };
+        assert_eq!(t.stop_reason(&mut st), None);
+        st.evals_since_best = 2;
+        assert_eq!(t.stop_reason(&mut st).as_deref(), Some("quality_plateau"));
+        // A discriminator that wins (low loss on fakes, high generator loss) two checks in a row
+        // stops the run too; the streak survives in the saved state.
+        t.synth.cfg.early_stop.patience = 0;
+        t.synth.cfg.early_stop.d_win_checks = 2;
+        let mut st = TrainState::default();
+        for expect in [None, Some("discriminator_won")] {
+            t.acc = (StepLosses { d_real: 0.3, d_fake: 0.001, g: 9.0 }, 1);
+            let parts = t.history_parts();
+            assert_eq!(parts["d_won"], 1.0);
+            st.history.push(train::HistoryPoint { step: 0, epoch: 0, loss: 0.0, metric: None, elapsed_s: 0.0, parts });
+            assert_eq!(t.stop_reason(&mut st).as_deref(), expect);
         }
-        assert_eq!(st.stop_reason.as_deref(), Some("quality_plateau"));
-        // A discriminator that always wins stops the run too.
-        let mut st = GanState::default();
-        let mut cfg2 = t.config().clone();
-        cfg2.early_stop.d_win_checks = 2;
-        let mut t2 = t;
-        t2.synth.cfg = cfg2;
-        for _ in 0..2 {
-            let mut acc = (0.3, 0.001, 9.0, 1);
-            t2.check(&d.path().join("run2"), &mut st, &mut acc, &mut |_| {}).unwrap();
-        }
-        assert_eq!(st.stop_reason.as_deref(), Some("discriminator_won"));
+        assert_eq!(st.task["d_win_streak"], 2);
     }
 }

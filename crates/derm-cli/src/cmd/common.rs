@@ -109,6 +109,7 @@ impl StageProgress {
                 tracing::info!(step, metric, best, "evaluation");
             }
             Event::Saved(p) => tracing::debug!(path = %p.display(), "checkpoint"),
+            Event::Figure(p) => tracing::debug!(path = %p.display(), "figure"),
         }
     }
     /// Clears the bar.

@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use derm_core::train::Event;
 use derm_synth::sample::{sample_run, SampleRequest};
-use derm_synth::train::{train_run, SynthEvent};
+use derm_synth::train::train_run;
 use derm_synth::{DataSource, GanConfig, RealFakeConfig, RunKind, SynthConfig};
 
 use crate::cmd::common;
@@ -123,39 +124,24 @@ impl TrainArgs {
             split: self.data.split.clone(),
         };
         let kind = if self.coupled { RunKind::Coupled } else { RunKind::Decoupled };
-        let bar = crate::progress::bar(0, "synth", g.quiet);
-        let mut on_event = |name: &str, e: &SynthEvent| match e {
-            SynthEvent::Step { step, total, losses } => {
-                if *total != usize::MAX && bar.length() != Some(*total as u64) {
-                    bar.set_length(*total as u64);
-                }
-                bar.set_position(*step as u64);
-                bar.set_message(format!("{name} D {:.3} G {:.3}", losses.d_real + losses.d_fake, losses.g));
+        let mut progress = super::common::StageProgress::new("synth", g.quiet);
+        let mut on_event = |name: &str, e: &Event| {
+            if let Event::Eval { step, metric, .. } = e {
+                tracing::debug!(model = name, step, quality = metric, "check");
             }
-            SynthEvent::Check(h) => {
-                tracing::info!(
-                    model = name,
-                    step = h.step,
-                    d_loss = h.d_loss,
-                    g_loss = h.g_loss,
-                    quality = h.quality,
-                    "check"
-                )
-            }
-            SynthEvent::Grid(p) => tracing::debug!(path = %p.display(), "sample grid"),
-            SynthEvent::Saved(p) => tracing::debug!(path = %p.display(), "checkpoint"),
+            progress.event(e)
         };
         let results =
             train_run(&cfg, kind, &self.classes, &data, Some(source), &device, &self.out, self.resume, &mut on_event)
                 .with_context(|| format!("training the GAN run {}", self.out.display()))?;
-        bar.finish_and_clear();
+        progress.finish();
         for (name, st) in &results {
             println!(
                 "{name}: {} steps in {:.1} min ({}); best quality proxy {} at step {}",
                 st.step,
                 st.elapsed_s / 60.0,
                 st.stop_reason.as_deref().unwrap_or("done"),
-                st.best_quality.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a".into()),
+                st.best_metric.map(|v| format!("{v:.5}")).unwrap_or_else(|| "n/a".into()),
                 st.best_step.unwrap_or(0)
             );
         }
