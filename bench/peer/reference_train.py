@@ -51,7 +51,7 @@ import time
 import numpy as np
 
 CLASSES = ["melanoma", "seborrheic_keratosis", "nevus"]
-DEFAULT_DATA = "/work/shared/data/isic2017-train-256"
+DEFAULT_DATA = None  # --data is required: an ISIC 2017 training folder
 IMAGES = "ISIC-2017_Training_Data"
 MASKS = "ISIC-2017_Training_Part1_GroundTruth"
 LABELS = "ISIC-2017_Training_Part3_GroundTruth.csv"
@@ -402,7 +402,7 @@ def train_cls(o, train_ids, val_ids):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("task", nargs="?", choices=["seg", "cls"])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="ISIC 2017 training layout (see its README.md)")
+    ap.add_argument("--data", required=True, help="ISIC 2017 training layout (see its README.md)")
     ap.add_argument("--make-split", metavar="DIR", help="write the split files into DIR and exit")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="for --make-split")
     ap.add_argument("--train-ids", help="file of training image ids")

@@ -40,7 +40,7 @@ pub struct BenchArgs {
     /// median is over the samples of all rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// The peer folder (default ../shared/peer beside the repository).
+    /// The peer folder holding `peer_bench.py` (default: the repository's `bench/peer`).
     #[arg(long)]
     peer_dir: Option<PathBuf>,
     /// The peer's Python environment (default $PEER_VENV or ~/.cache/derm-peer-venv).
@@ -151,7 +151,7 @@ fn bench_unet_infer(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
 fn bench_metrics(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     use derm_core::metrics::{roc_auc, SegmentationScores};
     use derm_core::rng::splitmix_counter as u;
-    // The peer's inputs (RESULTS.md): 1000 masks of 256x256 from the counter SplitMix64.
+    // The peer's inputs (bench/peer/peer_bench.py `metrics`): 1000 masks of 256x256 from the counter SplitMix64.
     let words = 256 * 256 / 64;
     let bits =
         |stream: u64, img: usize| -> Vec<u64> { (0..words).map(|w| u(0, stream, (img * words + w) as u64)).collect() };
@@ -368,7 +368,7 @@ fn peer_rows(rows: Vec<PeerRow>) -> Vec<Row> {
 }
 
 fn run_peer(a: &BenchArgs, g: &Group) -> anyhow::Result<Vec<PeerRow>> {
-    let dir = a.peer_dir.clone().unwrap_or_else(|| crate::project_root().join("../shared/peer"));
+    let dir = a.peer_dir.clone().unwrap_or_else(|| crate::project_root().join("bench/peer"));
     let venv = a.peer_venv.clone().or_else(|| std::env::var_os("PEER_VENV").map(PathBuf::from)).unwrap_or_else(|| {
         PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| ".".into())).join(".cache/derm-peer-venv")
     });

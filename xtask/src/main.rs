@@ -5,6 +5,8 @@
 //! - `cargo xtask bench`: benchmarks with the peer's shapes; `--peer` runs the PyTorch peer
 //!   interleaved and prints the ratio ours/peer.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};

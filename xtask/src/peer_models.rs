@@ -1,5 +1,5 @@
 //! The peer's benchmark models rebuilt from derm-core layers with its exact definitions
-//! (../shared/peer/RESULTS.md), so timings compare like with like.
+//! (bench/peer/peer_bench.py), so timings compare like with like.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{ConvTranspose2d, ConvTranspose2dConfig, VarBuilder};

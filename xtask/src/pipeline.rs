@@ -164,27 +164,6 @@ pub struct Run {
     started: Instant,
 }
 
-/// Kills the child when this process dies (Linux): a pipeline killed with SIGKILL must not leave
-/// a stage training on into the folder a `--resume` will write.
-fn die_with_parent(cmd: &mut Command) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag of the calling (child) process and
-        // is async-signal-safe, as pre_exec requires.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = cmd;
-}
-
 impl Budget {
     /// Planned seconds of each stage: the training budgets plus the measured overheads of a
     /// quick run on 2 cores (data and hair a few seconds per 100 images, predictions, scoring).
@@ -245,7 +224,7 @@ impl Run {
         } else {
             Stdio::inherit()
         });
-        die_with_parent(&mut cmd);
+        derm_kernels::sys::die_with_parent(&mut cmd);
         let out = cmd.output().with_context(|| format!("running {}", self.derm.display()))?;
         if !out.status.success() {
             let stderr = if self.args.quiet {

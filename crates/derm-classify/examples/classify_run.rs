@@ -1,5 +1,5 @@
-//! Measurements of the classifier (not a test: it writes to a temporary folder or reads
-//! `../shared`).
+//! Measurements of the classifier (not a test: it writes to a temporary folder, or reads an ISIC
+//! 2017 training folder given as ROOT).
 //!
 //! - `bench ARCH BATCH SIZE REPS [WIDTH]`: eval forward and SGD train-step times.
 //! - `phantom TRAIN TEST SIZE WIDTH EPOCHS [MINUTES]`: trains a ResNet-18 layout from scratch on
@@ -163,7 +163,8 @@ fn phantom(a: &[String]) -> anyhow::Result<()> {
 }
 
 fn isic(a: &[String]) -> anyhow::Result<()> {
-    let root: String = arg(a, 2, "/work/shared/data/isic2017-train-256".to_string());
+    let root: String =
+        a.get(2).cloned().ok_or_else(|| anyhow::anyhow!("usage: isic ROOT MINUTES SIZE WIDTH [freeze]"))?;
     let (minutes, size, width): (f64, u32, usize) = (arg(a, 3, 10.0), arg(a, 4, 112), arg(a, 5, 16));
     let freeze = a.get(6).map(|s| s == "freeze").unwrap_or(false);
     let data = Dataset::open_dir(std::path::Path::new(&root), Some("isic2017"), Some("train"))?;

@@ -21,6 +21,8 @@
 //! `config.json` = [`ClassifyConfig`], `meta.json`), class probabilities (N, K) summing to 1,
 //! and a [`ClassificationReport`].
 
+#![forbid(unsafe_code)]
+
 pub mod data;
 pub mod eval;
 pub mod model;

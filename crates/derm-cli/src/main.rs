@@ -1,6 +1,8 @@
 //! `derm`: the command-line front of derm. One subcommand per pipeline stage, so each stage can be
 //! run (and swapped) alone; stages hand work to each other through folders.
 
+#![forbid(unsafe_code)]
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};

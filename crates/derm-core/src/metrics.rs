@@ -347,7 +347,7 @@ mod tests {
         (a - b).abs() < 1e-9
     }
 
-    /// Regenerates mask image `img` of the peer's metric inputs (RESULTS.md): A = bits of stream 1,
+    /// Regenerates mask image `img` of the peer's metric inputs (bench/peer/peer_bench.py): A = bits of stream 1,
     /// B = A xor (bits(2) & bits(3) & bits(4)).
     fn peer_masks(img: usize) -> (Vec<u8>, Vec<u8>) {
         let words = 256 * 256 / 64;

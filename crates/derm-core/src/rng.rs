@@ -19,7 +19,7 @@ pub fn splitmix_mix(mut z: u64) -> u64 {
 
 /// Counter-based SplitMix64: the `i`-th value of stream `stream` for `seed`.
 ///
-/// This is the recipe used by the peer reference (../shared/peer/RESULTS.md) to make its metric
+/// This is the recipe used by the peer reference (bench/peer/peer_bench.py) to make its metric
 /// inputs, so that the reference values can be regenerated bit for bit without files.
 #[inline]
 pub fn splitmix_counter(seed: u64, stream: u64, i: u64) -> u64 {
@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn peer_counter_stream_matches_reference() {
-        // Values printed by ../shared/peer/peer_bench.py metrics (seed 0, stream 1).
+        // Values printed by bench/peer/peer_bench.py metrics (seed 0, stream 1).
         assert_eq!(splitmix_counter(0, 1, 0), 0x2d0f28c7e7e786b2);
         assert_eq!(splitmix_counter(0, 1, 1), 0x75856f745165f252);
         assert_eq!(splitmix_counter(0, 1, 2), 0x8674bbc2735955af);

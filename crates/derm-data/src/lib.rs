@@ -28,6 +28,8 @@
 //! `manifest.toml`), check reports (text or JSON), and batches: images (N, 3, H, W) f32
 //! normalised, masks (N, 1, H, W) f32 in {0, 1}, labels (N,) u32.
 
+#![forbid(unsafe_code)]
+
 pub mod augment;
 pub mod cache;
 pub mod check;

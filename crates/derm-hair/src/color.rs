@@ -146,7 +146,7 @@ mod tests {
 
     #[test]
     fn known_lstar_values() {
-        // palette 0.7.7 (CANDLE.md 6): sRGB(200,120,90) -> L 58.47.
+        // palette 0.7.7 (docs/candle-notes.md#colour): sRGB(200,120,90) -> L 58.47.
         assert!((lstar([200, 120, 90]) - 58.47).abs() < 0.01, "{}", lstar([200, 120, 90]));
         assert!((lstar([255, 255, 255]) - 100.0).abs() < 1e-3);
         assert_eq!(lstar([0, 0, 0]), 0.0);

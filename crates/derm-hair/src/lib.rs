@@ -26,6 +26,8 @@
 //! the same size. **Produces:** a binary occlusion mask (0/255, same size), the inpainted RGB
 //! image (unmasked pixels unchanged), and the masked fraction.
 
+#![forbid(unsafe_code)]
+
 pub mod color;
 pub mod config;
 pub mod eval;

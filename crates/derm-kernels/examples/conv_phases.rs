@@ -1,4 +1,4 @@
-//! Times the three phases of derm-core's conv2d (forward, input gradient, weight gradient)
+//! Times the three phases of derm-kernels' conv2d (forward, input gradient, weight gradient)
 //! separately at shapes from the benchmark models (and the U-Net decoder's transposed
 //! convolutions), with GFLOP/s; each time is the best of seven runs after one warm-up.
 //!

@@ -4,7 +4,7 @@
 //! candle 0.11's CPU conv2d forward is a tiled im2col + GEMM, but its input gradient goes through
 //! a naive `conv_transpose2d` loop (one dot product per output pixel) and its weight gradient
 //! through a second conv2d with batch and channels swapped, so training a small-channel U-Net
-//! runs at about 5 GFLOP/s on two cores (../shared/CANDLE.md, section 5); its transposed
+//! runs at about 5 GFLOP/s on two cores (docs/candle-notes.md#cpu-convolution); its transposed
 //! convolution (the U-Net decoder's upsampling) is that naive loop in the forward pass too. Here
 //! the convolution is a custom op on (input, weight) whose three passes are all the same kind of
 //! work:

@@ -1,6 +1,6 @@
 //! Differentiable ops with correct gradients at every shape.
 //!
-//! candle 0.11 on CPU gets several gradients wrong or has none (../shared/CANDLE.md):
+//! candle 0.11 on CPU gets several gradients wrong or has none (docs/candle-notes.md#gradients):
 //! `max_pool2d` backward is scaled by 1/(k*k), pooling with kernel != stride has no backward,
 //! nearest upsampling overwrites its accumulated gradient, fractional and bilinear resizing have no
 //! backward, conv2d with stride 2 fails in backward on non-square inputs, BCE with logits gives

@@ -36,3 +36,25 @@ pub fn cuda_libraries_present() -> std::result::Result<(), String> {
     }
     Ok(())
 }
+
+/// Makes the child that `cmd` starts receive SIGKILL when this process dies (Linux; elsewhere a
+/// no-op): a parent killed with SIGKILL must not leave a child training on into a folder that a
+/// resumed run will write.
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl with PR_SET_PDEATHSIG only sets a flag of the calling (child) process and
+        // is async-signal-safe, as pre_exec requires.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}

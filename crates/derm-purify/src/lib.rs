@@ -26,6 +26,8 @@
 //! checkpoint folder (`model.safetensors`, `config.json` = [`PurifyConfig`], `meta.json`) and
 //! purified RGB images of the input's size, identical to the input outside the hole.
 
+#![forbid(unsafe_code)]
+
 pub mod loss;
 pub mod masks;
 pub mod metrics;

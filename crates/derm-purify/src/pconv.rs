@@ -20,7 +20,7 @@ use candle_nn::VarBuilder;
 use derm_core::nn::torch_default_init;
 use derm_kernels::ops::{self, ConvParams};
 
-/// A convolution (groups 1) through derm-core's GEMM convolution on the CPU (forward and both
+/// A convolution (groups 1) through derm-kernels' GEMM convolution on the CPU (forward and both
 /// gradients are GEMMs), or [`ops::conv2d`] elsewhere.
 pub fn conv(x: &Tensor, w: &Tensor, p: ConvParams) -> Result<Tensor> {
     if derm_kernels::conv::supports(x, w) {

@@ -3,7 +3,7 @@
 //! Only the convolutional part is built, from a local safetensors file with torchvision's names
 //! `features.N.weight` and `features.N.bias` (timm uses the same ones); the classifier, if the
 //! file has it, is ignored. Blocks: 2, 2, 3, 3, 3 convolutions 3x3 (padding 1) with ReLU, each
-//! followed by 2x2 max pooling (derm-core's, whose gradient is right). The weights are constants:
+//! followed by 2x2 max pooling (derm-kernels', whose gradient is right). The weights are constants:
 //! gradients flow to the input only.
 
 use std::collections::HashMap;

@@ -13,6 +13,8 @@
 //! (`model.safetensors`, `config.json` = [`SegmentConfig`], `meta.json`), masks (0/255 PNG at the
 //! input's size), probability maps, and metrics.
 
+#![forbid(unsafe_code)]
+
 pub mod model;
 
 use std::path::Path;

@@ -28,6 +28,8 @@
 //! `history.json`; and sampled folders: PNG images, `labels.csv` (`image_id,label`),
 //! `manifest.toml` with the training set's class names, and `novelty.json`.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod model;
 pub mod novelty;

@@ -218,7 +218,7 @@ impl GLayer {
     }
 }
 
-/// A fast convolution: derm-core's GEMM convolution where it applies, candle's otherwise.
+/// A fast convolution: derm-kernels' GEMM convolution where it applies, candle's otherwise.
 fn conv(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let x = x.contiguous()?;
     if derm_kernels::conv::supports(&x, w) {
@@ -238,7 +238,7 @@ pub fn conv_transpose_4x4_from_1x1(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 /// `ConvTranspose2d(k=4, stride 2, padding 1)` (weight (C_in, C_out, 4, 4)).
 ///
-/// On the CPU, derm-core's transposed convolution: one GEMM of the transposed kernel with the
+/// On the CPU, derm-kernels' transposed convolution: one GEMM of the transposed kernel with the
 /// input and a col2im with stride 2, backward as a strided convolution and its weight gradient.
 ///
 /// Elsewhere, one ordinary 2x2 convolution with 4 * C_out outputs, one group per output parity,

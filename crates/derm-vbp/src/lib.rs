@@ -15,6 +15,8 @@
 //! between them. **Produces:** saliency maps `(H, W)` in [0, 1] per image, overlays, and the
 //! share of saliency inside a lesion mask.
 
+#![forbid(unsafe_code)]
+
 use candle_core::Tensor;
 use derm_core::{Error, Result};
 use image::{GrayImage, RgbImage};
