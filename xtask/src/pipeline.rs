@@ -10,6 +10,7 @@
 //! the full model, and `report.html`. With `--resume`, a stage whose record exists with the same
 //! commands and inputs is skipped.
 
+use derm_data::handoff;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -345,7 +346,7 @@ fn materialise(d: &derm_data::dataset::Dataset, dir: &Path) -> anyhow::Result<()
         let abs = |p: &Path| std::fs::canonicalize(p).with_context(|| format!("{}", p.display()));
         std::os::unix::fs::symlink(abs(&smp.image)?, dir.join(format!("images/{}.{ext}", smp.id)))?;
         if let Some(m) = &smp.mask {
-            std::os::unix::fs::symlink(abs(m)?, dir.join(format!("masks/{}_segmentation.png", smp.id)))?;
+            std::os::unix::fs::symlink(abs(m)?, dir.join("masks").join(handoff::segmentation(&smp.id)))?;
             masks += 1;
         }
         if let Some(l) = smp.label.and_then(|l| d.classes.get(l)) {
@@ -393,17 +394,17 @@ fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::
     let mut n = 0;
     for e in std::fs::read_dir(truth_dir)? {
         let p = e?.path();
-        let Some(id) = p.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_suffix("_occlusion.png")) else {
+        let Some(id) = p.file_name().and_then(|f| f.to_str()).and_then(|f| handoff::id_of(f, handoff::OCCLUSION))
+        else {
             continue;
         };
-        let pred = pred_dir.join(format!("{id}_occlusion.png"));
+        let pred = pred_dir.join(handoff::occlusion(id));
         if !pred.exists() {
             continue;
         }
         let t = derm_core::image_io::load_mask(&p, None)?;
         let q = derm_core::image_io::load_mask(&pred, Some(t.dimensions()))?;
-        let l =
-            derm_core::image_io::load_mask(&lesion_dir.join(format!("{id}_segmentation.png")), Some(t.dimensions()))?;
+        let l = derm_core::image_io::load_mask(&lesion_dir.join(handoff::segmentation(id)), Some(t.dimensions()))?;
         for ((a, b), c) in q.as_raw().iter().zip(t.as_raw()).zip(l.as_raw()) {
             match (*a > 0, *b > 0) {
                 (true, true) => tp += 1,

@@ -1,6 +1,7 @@
 //! The pipeline's `report.html`: one self-contained page gathering every stage's figures and
 //! numbers, next to the paper's reference figures.
 
+use derm_data::handoff;
 use std::path::{Path, PathBuf};
 
 use derm_visual::report::Report;
@@ -108,7 +109,7 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     for img in &test_imgs {
         let id = Path::new(img).file_stem().and_then(|s| s.to_str()).unwrap_or("");
         row.push((img.clone(), format!("{id} input")));
-        for (suffix, cap) in [("_occlusion.png", "occlusion mask"), ("_clean.png", "classic inpainting")] {
+        for (suffix, cap) in [(handoff::OCCLUSION, "occlusion mask"), (handoff::CLEAN, "classic inpainting")] {
             let p = format!("hair/test/{id}{suffix}");
             if exists(out, &p) {
                 row.push((p, cap.to_string()));
@@ -153,7 +154,7 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let mut row = Vec::new();
     for img in &test_imgs {
         let id = Path::new(img).file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        let pp = format!("purify/test/{id}_purified.png");
+        let pp = format!("purify/test/{}", handoff::purified(&id));
         if exists(out, &pp) {
             row.push((img.clone(), format!("{id} before")));
             row.push((pp, "purified".into()));
@@ -248,7 +249,7 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     }
     for v in ["baseline", "both"] {
         let row: Vec<(String, String)> =
-            files(out, &format!("vbp/{v}"), "_overlay.png", 6).into_iter().map(|p| (p, v.to_string())).collect();
+            files(out, &format!("vbp/{v}"), handoff::OVERLAY, 6).into_iter().map(|p| (p, v.to_string())).collect();
         sec.images_row(row);
     }
 

@@ -34,7 +34,7 @@ pub fn add_sources(train: &mut Dataset, src: &ExtraSources) -> Result<(usize, us
             return Err(Error::invalid(format!("purified images: {} is not a folder", dir.display())));
         }
         for s in train.samples.iter().filter(|s| s.label.is_some()) {
-            let p = dir.join(format!("{}_purified.png", s.id));
+            let p = dir.join(derm_data::handoff::purified(&s.id));
             if p.is_file() {
                 added.push(Sample {
                     id: format!("{}_purified", s.id),

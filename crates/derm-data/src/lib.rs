@@ -14,6 +14,8 @@
 //!   masks, unlabelled images, orphan labels, corrupt or truncated files, wrong-size masks,
 //!   duplicate ids, missing columns), naming the files; [`check::screen`] decodes a split once
 //!   before training and refuses it, or with `--skip-bad` leaves out and lists, unusable samples.
+//! - [`handoff`]: the file names through which the stages hand images and masks to each other
+//!   (`<id>_occlusion.png`, `_clean`, `_segmentation`, `_purified`), and the lesion-mask look-up.
 //! - [`cache`]: lazy, parallel decoding through a byte-bounded LRU cache of resized images.
 //! - [`phantom`]: procedural dermoscopy with exact ground truth (clean image, lesion mask,
 //!   occlusion mask, class), the default data of every stage.
@@ -34,6 +36,7 @@ pub mod augment;
 pub mod cache;
 pub mod check;
 pub mod dataset;
+pub mod handoff;
 pub mod loader;
 pub mod manifest;
 pub mod phantom;

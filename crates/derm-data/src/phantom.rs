@@ -749,9 +749,9 @@ pub fn write_phantom_set_with(
             .map(|i| -> Result<(String, usize)> {
                 let p = draw_phantom(cfg, seed, i as u64);
                 save_png(&dir.join("images").join(format!("{}.png", p.id)), &p.image)?;
-                save_png(&dir.join("clean").join(format!("{}_clean.png", p.id)), &p.clean)?;
-                save_png(&dir.join("masks").join(format!("{}_segmentation.png", p.id)), &p.lesion)?;
-                save_png(&dir.join("occlusion").join(format!("{}_occlusion.png", p.id)), &p.occlusion)?;
+                save_png(&dir.join("clean").join(crate::handoff::clean(&p.id)), &p.clean)?;
+                save_png(&dir.join("masks").join(crate::handoff::segmentation(&p.id)), &p.lesion)?;
+                save_png(&dir.join("occlusion").join(crate::handoff::occlusion(&p.id)), &p.occlusion)?;
                 Ok((p.id, p.class))
             })
             .collect::<Result<_>>()?;

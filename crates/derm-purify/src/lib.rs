@@ -538,7 +538,7 @@ fn add_clean(it: &mut Item, clean_dir: Option<&Path>, s: u32, cache: &ImageCache
         return Ok(());
     }
     if let Some(d) = clean_dir {
-        let p = d.join(format!("{}_clean.png", it.id));
+        let p = d.join(derm_data::handoff::clean(&it.id));
         if p.is_file() {
             it.extra_images.insert("clean".into(), (*cache.rgb(&p, Some((s, s)))?).clone());
         }

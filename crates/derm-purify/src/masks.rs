@@ -93,7 +93,11 @@ impl MaskLibrary {
         let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
         let mut paths: Vec<_> = rd
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("_occlusion.png")))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| derm_data::handoff::id_of(n, derm_data::handoff::OCCLUSION).is_some())
+            })
             .collect();
         paths.sort();
         let mut masks = Vec::with_capacity(paths.len());

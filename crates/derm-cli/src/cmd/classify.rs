@@ -253,7 +253,7 @@ pub struct EvalArgs {
 /// Replaces each sample's image by `<dir>/<id>_purified.png`, which must exist.
 fn with_purified_images(mut data: Dataset, dir: &Path) -> anyhow::Result<Dataset> {
     for s in &mut data.samples {
-        let p = dir.join(format!("{}_purified.png", s.id));
+        let p = dir.join(derm_data::handoff::purified(&s.id));
         if !p.is_file() {
             bail!("{}: no purified image for {} (expected {})", dir.display(), s.id, p.display());
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use derm_core::image_io::{is_image_path, load_mask, load_rgb, save_png};
+use derm_data::handoff;
 use derm_hair::{HairConfig, HairSummary, InpaintMethod};
 use rayon::prelude::*;
 use serde::Serialize;
@@ -162,7 +163,7 @@ impl HairArgs {
     fn one(&self, path: &Path, id: &str, cfg: &HairConfig) -> anyhow::Result<Entry> {
         let img = load_rgb(path)?;
         let lesion = match &self.lesion_masks {
-            Some(dir) => match find_mask(dir, id) {
+            Some(dir) => match handoff::find_mask(dir, id) {
                 Some(mp) => Some(load_mask(&mp, Some(img.dimensions()))?),
                 None => {
                     tracing::warn!("{id}: no lesion mask in {}; lesion texture may be called hair", dir.display());
@@ -172,8 +173,8 @@ impl HairArgs {
             None => None,
         };
         let res = derm_hair::clean(&img, lesion.as_ref(), cfg).with_context(|| path.display().to_string())?;
-        let occlusion = format!("{id}_occlusion.png");
-        let clean = format!("{id}_clean.png");
+        let occlusion = handoff::occlusion(id);
+        let clean = handoff::clean(id);
         save_png(&self.out.join(&occlusion), &res.occlusion)?;
         save_png(&self.out.join(&clean), &res.clean)?;
         Ok(Entry { summary: res.summary(lesion.is_some()), occlusion, clean })
@@ -183,28 +184,4 @@ impl HairArgs {
 /// The file stem of an image.
 fn image_id(p: &Path) -> String {
     p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
-}
-
-/// The lesion mask of image `id` in `dir`, by the names ISIC and derm use.
-fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
-    [format!("{id}_segmentation.png"), format!("{id}.png"), format!("{id}_lesion.png")]
-        .into_iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn masks_are_found_by_id() {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("a_segmentation.png"), b"x").unwrap();
-        std::fs::write(d.path().join("b_lesion.png"), b"x").unwrap();
-        assert!(find_mask(d.path(), "a").unwrap().ends_with("a_segmentation.png"));
-        assert!(find_mask(d.path(), "b").unwrap().ends_with("b_lesion.png"));
-        assert!(find_mask(d.path(), "c").is_none());
-        assert_eq!(image_id(Path::new("/x/ISIC_1.jpg")), "ISIC_1");
-    }
 }

@@ -155,14 +155,6 @@ pub struct RunArgs {
     pub hair_config: Option<PathBuf>,
 }
 
-/// The lesion mask of image `id` in `dir`, by the names ISIC and derm use.
-fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
-    [format!("{id}_segmentation.png"), format!("{id}.png"), format!("{id}_lesion.png")]
-        .into_iter()
-        .map(|n| dir.join(n))
-        .find(|p| p.is_file())
-}
-
 fn hair_config(p: Option<&Path>) -> anyhow::Result<HairConfig> {
     let cfg: HairConfig = match p {
         Some(p) => derm_core::fsutil::read_json(p)?,
@@ -187,7 +179,7 @@ impl RunArgs {
             let img = image_io::load_rgb(f)?;
             let id = common::file_id(f);
             let lesion = match &self.lesion_masks {
-                Some(dir) => match find_mask(dir, &id) {
+                Some(dir) => match derm_data::handoff::find_mask(dir, &id) {
                     Some(p) => Some(image_io::load_mask(&p, Some(img.dimensions()))?),
                     None => {
                         tracing::warn!("{id}: no lesion mask in {}", dir.display());
@@ -203,8 +195,8 @@ impl RunArgs {
             let out = purify_image(&model, &img, &hole)?;
             t_net += t1.elapsed().as_secs_f64();
             frac += derm_purify::masks::hole_fraction(&hole);
-            image_io::save_png(&self.out.join(format!("{id}_purified.png")), &out)?;
-            image_io::save_png(&self.out.join(format!("{id}_occlusion.png")), &hole)?;
+            image_io::save_png(&self.out.join(derm_data::handoff::purified(&id)), &out)?;
+            image_io::save_png(&self.out.join(derm_data::handoff::occlusion(&id)), &hole)?;
             pb.inc(1);
         }
         pb.finish_and_clear();

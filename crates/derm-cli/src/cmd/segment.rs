@@ -140,9 +140,9 @@ impl PredictArgs {
             let img = image_io::load_rgb(f)?;
             let p = seg.predict(&[&img])?.remove(0);
             let id = common::file_id(f);
-            image_io::save_png(&self.out.join(format!("{id}_segmentation.png")), &p.mask)?;
+            image_io::save_png(&self.out.join(derm_data::handoff::segmentation(&id)), &p.mask)?;
             image_io::save_png(
-                &self.out.join(format!("{id}_overlay.png")),
+                &self.out.join(derm_data::handoff::overlay(&id)),
                 &common::mask_overlay(&img, &p.mask, None),
             )?;
             pb.inc(1);

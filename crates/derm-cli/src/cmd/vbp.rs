@@ -106,14 +106,6 @@ impl Saliency {
     }
 }
 
-/// Finds `<id>_segmentation.png`, `<id>.png` or `<id>_mask.png` in `dir`.
-pub fn find_mask(dir: &Path, id: &str) -> Option<PathBuf> {
-    ["_segmentation.png", ".png", "_mask.png", "_lesion.png"]
-        .iter()
-        .map(|s| dir.join(format!("{id}{s}")))
-        .find(|p| p.exists())
-}
-
 impl VbpArgs {
     /// Writes the maps and prints the summary.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
@@ -134,7 +126,7 @@ impl VbpArgs {
             let mut over = derm_vbp::overlay(&view, &map);
             let mut row = Row { id: id.clone(), mass_inside: None, area_fraction: None };
             if let Some(dir) = &self.lesion_masks {
-                let Some(mp) = find_mask(dir, &id) else {
+                let Some(mp) = derm_data::handoff::find_mask(dir, &id) else {
                     bail!("no lesion mask for {id} in {}", dir.display());
                 };
                 let mask = model.mask_view(&image_io::load_mask(&mp, Some(img.dimensions()))?);
@@ -143,7 +135,7 @@ impl VbpArgs {
                 row.area_fraction = Some(area);
                 over = derm_visual::plot::mask_overlay(&over, &mask, [40, 230, 60], true);
             }
-            image_io::save_png(&self.out.join(format!("{id}_overlay.png")), &over)?;
+            image_io::save_png(&self.out.join(derm_data::handoff::overlay(&id)), &over)?;
             rows.push(row);
             pb.inc(1);
         }

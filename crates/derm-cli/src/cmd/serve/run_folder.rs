@@ -198,7 +198,7 @@ fn summarise(root: &Path) -> Value {
 
     let mut vbp = Vec::new();
     for variant in subdirs(root, "vbp") {
-        for f in list(root, &format!("vbp/{variant}"), "_overlay.png").into_iter().take(6) {
+        for f in list(root, &format!("vbp/{variant}"), derm_data::handoff::OVERLAY).into_iter().take(6) {
             vbp.push(Figure { url: url(&format!("vbp/{variant}/{f}")), caption: variant.clone() });
         }
     }
@@ -281,14 +281,14 @@ fn render_overlay(root: &Path, id: &str) -> Result<Vec<u8>, ApiError> {
     }
     let test = test_dir(root);
     let img_path = find_image(&test.join("images"), id).ok_or_else(|| nf("test image"))?;
-    let pred_path = root.join(format!("segment/test_masks/{id}_segmentation.png"));
+    let pred_path = root.join("segment/test_masks").join(derm_data::handoff::segmentation(id));
     if !pred_path.is_file() {
         return Err(nf("predicted mask"));
     }
     let bad = |e: derm_core::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     let img = derm_core::image_io::load_rgb(&img_path).map_err(bad)?;
     let pred = derm_core::image_io::load_mask(&pred_path, None).map_err(bad)?;
-    let truth = match crate::cmd::vbp::find_mask(&test.join("masks"), id) {
+    let truth = match derm_data::handoff::find_mask(&test.join("masks"), id) {
         Some(p) => Some(derm_core::image_io::load_mask(&p, None).map_err(bad)?),
         None => None,
     };
