@@ -4,6 +4,7 @@
 //!   folder and `report.html`.
 //! - `cargo xtask bench`: benchmarks with the peer's shapes; `--peer` runs the PyTorch peer
 //!   interleaved and prints the ratio ours/peer.
+//! - `cargo xtask vendor [--check]`: third_party/candle-core from candle-core 0.11.1 + its patch.
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ mod bench;
 mod peer_models;
 mod pipeline;
 mod report;
+mod vendor;
 
 #[derive(Debug, Parser)]
 #[command(name = "xtask", about = "derm developer tasks")]
@@ -29,6 +31,8 @@ enum Cmd {
     Pipeline(pipeline::PipelineArgs),
     /// Benchmarks with the peer's shapes.
     Bench(bench::BenchArgs),
+    /// Rebuild (or --check) third_party/candle-core from crates.io's 0.11.1 and the patch file.
+    Vendor(vendor::VendorArgs),
 }
 
 /// Formats seconds as `1h02m`, `3m05s` or `12s`.
@@ -49,6 +53,7 @@ fn main() -> std::process::ExitCode {
     let r = match cli.cmd {
         Cmd::Pipeline(a) => a.run(),
         Cmd::Bench(a) => a.run(),
+        Cmd::Vendor(a) => a.run(),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -721,8 +721,6 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to the gradient accumulated for `tensor`. The first gradient to arrive is
     /// stored as it is (contiguous) rather than added into a fresh zero-filled tensor, which cost
     /// a full-size fill, addition and allocation per graph edge (derm patch, see DERM-PATCH.md).
@@ -739,6 +737,8 @@ impl GradStore {
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
