@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod contract;
 mod peer_models;
 mod pipeline;
 mod report;

@@ -18,7 +18,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
+
+use crate::contract::{
+    ClassifyMetrics, DataMetrics, HairMetrics, HairScores, PurifyMetrics, SegmentMetrics, SynthMetrics, VariantScores,
+    VbpMetrics,
+};
 
 use crate::report;
 
@@ -63,8 +68,8 @@ pub struct PipelineArgs {
 }
 
 /// Sizes and time budgets of one budget level.
-#[derive(Debug, Clone, Serialize)]
-struct Budget {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Budget {
     train_count: usize,
     test_count: usize,
     image_size: u32,
@@ -264,12 +269,12 @@ impl Run {
 
     /// Runs a stage: skipped under `--resume` when its record matches, else `body` runs the
     /// commands and returns metrics.
-    fn stage(
+    fn stage<T: Serialize + serde::de::DeserializeOwned>(
         &mut self,
         name: &str,
         deps: &[&str],
         commands: Vec<Vec<String>>,
-        body: impl FnOnce(&Run, &[Vec<String>]) -> anyhow::Result<Value>,
+        body: impl FnOnce(&Run, &[Vec<String>]) -> anyhow::Result<T>,
     ) -> anyhow::Result<()> {
         let dep_keys: Vec<String> = deps.iter().filter_map(|d| self.records.get(*d).map(|r| r.key.clone())).collect();
         let key = digest(&format!("{commands:?}{dep_keys:?}"));
@@ -278,7 +283,8 @@ impl Run {
         self.order.push(name.to_string());
         if self.args.resume {
             if let Ok(mut r) = derm_core::fsutil::read_json::<Record>(&rec_path) {
-                if r.key == key {
+                // A record of an older layout (its metrics no longer read as `T`) runs again.
+                if r.key == key && serde_json::from_value::<T>(r.metrics.clone()).is_ok() {
                     if !self.args.quiet {
                         eprintln!("[{}/{} {name}] unchanged, skipped (--resume)", self.order.len(), self.plan.len());
                     }
@@ -291,7 +297,7 @@ impl Run {
         self.announce(name);
         derm_core::fsutil::create_dir_all(&dir)?;
         let t = Instant::now();
-        let metrics = body(self, &commands).with_context(|| format!("stage {name}"))?;
+        let metrics = serde_json::to_value(body(self, &commands).with_context(|| format!("stage {name}"))?)?;
         let rec = Record {
             stage: name.to_string(),
             commands,
@@ -317,9 +323,10 @@ fn run_all(run: &Run, cmds: &[Vec<String>]) -> anyhow::Result<Vec<String>> {
     cmds.iter().map(|c| run.derm(c)).collect()
 }
 
-fn parse_json(text: &str) -> anyhow::Result<Value> {
+/// The JSON a `derm ... --json` command printed, as the type that command writes.
+fn parse_typed<T: serde::de::DeserializeOwned>(text: &str) -> anyhow::Result<T> {
     let start = text.find(['{', '[']).context("no JSON in the output")?;
-    Ok(serde_json::from_str(&text[start..])?)
+    serde_json::from_str(&text[start..]).with_context(|| format!("the output is not a {}", std::any::type_name::<T>()))
 }
 
 /// Writes a part of a real data set as a folder derm loads on its own: `images/` and `masks/`
@@ -359,10 +366,11 @@ fn materialise(d: &derm_data::dataset::Dataset, dir: &Path) -> anyhow::Result<()
     let classes: Vec<String> = d.classes.iter().map(|c| format!("{c:?}")).collect();
     let masks_line = if masks > 0 { "masks = \"masks/{id}_segmentation.png\"\n".to_string() } else { String::new() };
     let mut toml = format!(
-        "name = {name:?}\ntitle = {title:?}\nclasses = [{classes}]\n\n[[split]]\nname = \"train\"\nimages = \"images/{{id}}.{ext}\"\n{masks_line}",
+        "name = {name:?}\ntitle = {title:?}\nclasses = [{classes}]\n{melanoma}\n[[split]]\nname = \"train\"\nimages = \"images/{{id}}.{ext}\"\n{masks_line}",
         name = d.name,
         title = format!("{} ({}), a part split by lesion group or id for the pipeline", d.name, d.split),
         classes = classes.join(", "),
+        melanoma = d.melanoma_class.and_then(|k| d.classes.get(k)).map(|c| format!("melanoma_class = {c:?}\n")).unwrap_or_default(),
     );
     if !d.classes.is_empty() {
         derm_core::fsutil::write_atomic(&dir.join("labels.csv"), csv.as_bytes())?;
@@ -388,43 +396,30 @@ fn rare_classes(dir: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// Pixel recall and precision of predicted occlusion masks against drawn ones, and the share of
-/// lesion pixels wrongly marked.
-fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::Result<Value> {
-    let (mut tp, mut fp, mut fneg, mut leak, mut lesion) = (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut n = 0;
-    for e in std::fs::read_dir(truth_dir)? {
-        let p = e?.path();
-        let Some(id) = p.file_name().and_then(|f| f.to_str()).and_then(|f| handoff::id_of(f, handoff::OCCLUSION))
-        else {
-            continue;
-        };
-        let pred = pred_dir.join(handoff::occlusion(id));
+/// lesion pixels wrongly marked, pooled over the images (`derm_hair::eval`'s measures).
+fn hair_scores(pred_dir: &Path, truth_dir: &Path, lesion_dir: &Path) -> anyhow::Result<HairScores> {
+    let mut pooled = derm_hair::eval::PixelScores::default();
+    let (mut leak, mut lesion, mut images) = (0.0, 0u64, 0usize);
+    for (id, truth) in handoff::list(truth_dir, handoff::OCCLUSION)? {
+        let pred = pred_dir.join(handoff::occlusion(&id));
         if !pred.exists() {
             continue;
         }
-        let t = derm_core::image_io::load_mask(&p, None)?;
+        let t = derm_core::image_io::load_mask(&truth, None)?;
         let q = derm_core::image_io::load_mask(&pred, Some(t.dimensions()))?;
-        let l = derm_core::image_io::load_mask(&lesion_dir.join(handoff::segmentation(id)), Some(t.dimensions()))?;
-        for ((a, b), c) in q.as_raw().iter().zip(t.as_raw()).zip(l.as_raw()) {
-            match (*a > 0, *b > 0) {
-                (true, true) => tp += 1,
-                (true, false) => fp += 1,
-                (false, true) => fneg += 1,
-                _ => {}
-            }
-            if *c > 0 {
-                lesion += 1;
-                if *a > 0 && *b == 0 {
-                    leak += 1;
-                }
-            }
-        }
-        n += 1;
+        let l = derm_core::image_io::load_mask(&lesion_dir.join(handoff::segmentation(&id)), Some(t.dimensions()))?;
+        pooled = pooled.merge(&derm_hair::eval::pixel_scores(&q, &t)?);
+        let area = l.as_raw().iter().filter(|&&v| v > 0).count() as u64;
+        leak += derm_hair::eval::lesion_leak(&q, &l, &t)? * area as f64;
+        lesion += area;
+        images += 1;
     }
-    let r = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-    Ok(
-        json!({ "images": n, "recall": r(tp, tp + fneg), "precision": r(tp, tp + fp), "lesion_pixels_wrongly_marked": r(leak, lesion) }),
-    )
+    Ok(HairScores {
+        images,
+        recall: pooled.recall,
+        precision: pooled.precision,
+        lesion_pixels_wrongly_marked: if lesion == 0 { 0.0 } else { leak / lesion as f64 },
+    })
 }
 
 /// Makes the CUDA toolkit visible to the build and to the `derm` processes: nothing to do when
@@ -554,6 +549,38 @@ impl PipelineArgs {
             plan: budget.plan(),
             started: t0,
         };
+        let (train, test) = self.data_stage(&mut run, &budget)?;
+        let rare = rare_classes(&PathBuf::from(&train))?;
+        let c = Ctx { budget, phantom: self.data == "phantom", train, test, rare };
+        hair_stage(&mut run, &c)?;
+        segment_stage(&mut run, &c)?;
+        hair_train_stage(&mut run, &c)?;
+        purify_stage(&mut run, &c)?;
+        synth_stage(&mut run, &c)?;
+        classify_stage(&mut run, &c)?;
+        vbp_stage(&mut run, &c)?;
+        let report = report::write(&run, &out)?;
+        if !self.quiet {
+            eprintln!(
+                "pipeline finished in {:.1} min; report: {}",
+                t0.elapsed().as_secs_f64() / 60.0,
+                report.display()
+            );
+        }
+        println!("{}", report.display());
+        if !self.quiet {
+            eprintln!(
+                "browse the run and analyse images at http://127.0.0.1:8080/ with: {} serve --models {}",
+                run.derm.display(),
+                out.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// The data stage: a train and a test folder, each loadable with its own manifest
+    /// (phantoms drawn with two seeds, or the real set split by lesion group or id).
+    fn data_stage(&self, run: &mut Run, budget: &Budget) -> anyhow::Result<(String, String)> {
         let seed = self.seed;
 
         // Data: a train and a test folder, each loadable with its own manifest.
@@ -609,10 +636,9 @@ impl PipelineArgs {
             ];
             (run.p("data/train"), run.p("data/test"), vec![source])
         };
-        let phantom = self.data == "phantom";
         run.stage("data", &[], data_cmds, |r, c| {
             run_all(r, c)?;
-            let check = parse_json(&r.derm(&[
+            let check = parse_typed(&r.derm(&[
                 s("data"),
                 s("check"),
                 s("--root"),
@@ -620,169 +646,197 @@ impl PipelineArgs {
                 s("--json"),
                 s("--no-decode"),
             ])?)?;
-            Ok(json!({ "budget": budget, "train": train, "test": test, "check": check }))
+            Ok(DataMetrics { budget: budget.clone(), train: train.clone(), test: test.clone(), check })
         })?;
+        Ok((train, test))
+    }
+}
 
-        let rare = rare_classes(&PathBuf::from(&train))?;
+/// What every stage after the data stage needs.
+struct Ctx {
+    budget: Budget,
+    /// The training folder and the test folder.
+    train: String,
+    test: String,
+    /// Phantom data (with drawn occlusion masks and clean images to score against).
+    phantom: bool,
+    /// The two rarest classes of the training set (the ones synthesis adds to).
+    rare: Vec<String>,
+}
 
-        // Hair: occlusion masks and classic cleaning on the test set with true lesion masks
-        // (scored against the drawn occlusion masks).
-        let hair_cmds = vec![vec![
-            s("hair"),
-            s("--input"),
-            format!("{test}/images"),
-            s("--lesion-masks"),
-            format!("{test}/masks"),
-            s("--out"),
-            run.p("hair/test"),
-            s("--json"),
-        ]];
-        run.stage("hair", &["data"], hair_cmds, |r, c| {
-            let out = run_all(r, c)?;
-            if phantom {
+/// Hair: occlusion masks and classic cleaning of the test images with their true lesion masks
+/// (scored against the drawn occlusion masks on phantoms).
+fn hair_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (test, phantom) = (&c.test, c.phantom);
+    let hair_cmds = vec![vec![
+        s("hair"),
+        s("--input"),
+        format!("{test}/images"),
+        s("--lesion-masks"),
+        format!("{test}/masks"),
+        s("--out"),
+        run.p("hair/test"),
+        s("--json"),
+    ]];
+    run.stage("hair", &["data"], hair_cmds, |r, c| {
+        run_all(r, c)?;
+        let scores = phantom
+            .then(|| {
                 hair_scores(
                     &r.path("hair/test"),
                     &PathBuf::from(format!("{test}/occlusion")),
                     &PathBuf::from(format!("{test}/masks")),
                 )
-            } else {
-                Ok(json!({ "summary": parse_json(&out[0]).unwrap_or(Value::Null) }))
-            }
-        })?;
+            })
+            .transpose()?;
+        Ok(HairMetrics { scores })
+    })?;
+    Ok(())
+}
 
-        // Segmentation: train, score on the test set, predict lesion masks for train and test.
-        let seg = run.p("segment/model");
-        let seg_cmds = vec![
-            vec![
-                s("segment"),
-                s("train"),
-                s("--root"),
-                train.clone(),
-                s("--size"),
-                s(budget.seg_size),
-                s("--epochs"),
-                s(budget.epochs),
-                s("--minutes"),
-                s(budget.seg_minutes),
-                s("--lr"),
-                s(1e-3),
-                s("--out"),
-                seg.clone(),
-            ],
-            vec![
-                s("segment"),
-                s("eval"),
-                s("--model"),
-                seg.clone(),
-                s("--root"),
-                test.clone(),
-                s("--json"),
-                s("--out"),
-                run.p("segment/eval"),
-            ],
-            vec![
-                s("segment"),
-                s("predict"),
-                s("--model"),
-                seg.clone(),
-                s("--input"),
-                format!("{train}/images"),
-                s("--out"),
-                run.p("segment/train_masks"),
-            ],
-            vec![
-                s("segment"),
-                s("predict"),
-                s("--model"),
-                seg.clone(),
-                s("--input"),
-                format!("{test}/images"),
-                s("--out"),
-                run.p("segment/test_masks"),
-            ],
-        ];
-        run.stage("segment", &["data"], seg_cmds, |r, c| {
-            let outs = run_all(r, c)?;
-            let eval = parse_json(&outs[1])?;
-            let hist: Value =
-                derm_core::fsutil::read_json(&r.path("segment/model/history.json")).unwrap_or(Value::Null);
-            Ok(json!({ "eval": eval, "train_seconds": hist.get("elapsed_s"), "steps": hist.get("step") }))
-        })?;
-
-        // Occlusion masks of the training images, found with the segmenter's lesion masks: the
-        // hole shapes for purification training (the paper's way).
-        let hair_train = vec![vec![
-            s("hair"),
+/// Segmentation: train, score on the test set, predict lesion masks for train and test.
+fn segment_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (budget, train, test) = (&c.budget, &c.train, &c.test);
+    let seg = run.p("segment/model");
+    let seg_cmds = vec![
+        vec![
+            s("segment"),
+            s("train"),
+            s("--root"),
+            train.clone(),
+            s("--size"),
+            s(budget.seg_size),
+            s("--epochs"),
+            s(budget.epochs),
+            s("--minutes"),
+            s(budget.seg_minutes),
+            s("--lr"),
+            s(1e-3),
+            s("--out"),
+            seg.clone(),
+        ],
+        vec![
+            s("segment"),
+            s("eval"),
+            s("--model"),
+            seg.clone(),
+            s("--root"),
+            test.clone(),
+            s("--json"),
+            s("--out"),
+            run.p("segment/eval"),
+        ],
+        vec![
+            s("segment"),
+            s("predict"),
+            s("--model"),
+            seg.clone(),
             s("--input"),
             format!("{train}/images"),
-            s("--lesion-masks"),
-            run.p("segment/train_masks"),
             s("--out"),
-            run.p("hair/train"),
-            s("--json"),
-        ]];
-        run.stage("hair_train", &["segment"], hair_train, |r, c| {
-            run_all(r, c)?;
-            if phantom {
+            run.p("segment/train_masks"),
+        ],
+        vec![
+            s("segment"),
+            s("predict"),
+            s("--model"),
+            seg.clone(),
+            s("--input"),
+            format!("{test}/images"),
+            s("--out"),
+            run.p("segment/test_masks"),
+        ],
+    ];
+    run.stage("segment", &["data"], seg_cmds, |r, c| {
+        let outs = run_all(r, c)?;
+        let hist: derm_core::train::TrainState = derm_core::fsutil::read_json(&r.path("segment/model/history.json"))?;
+        Ok(SegmentMetrics { eval: parse_typed(&outs[1])?, train_seconds: hist.elapsed_s, steps: hist.step })
+    })?;
+    Ok(())
+}
+
+/// Occlusion masks of the training images, found with the segmenter's lesion masks: the hole
+/// shapes for purification training (the paper's way).
+fn hair_train_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (train, phantom) = (&c.train, c.phantom);
+    let hair_train = vec![vec![
+        s("hair"),
+        s("--input"),
+        format!("{train}/images"),
+        s("--lesion-masks"),
+        run.p("segment/train_masks"),
+        s("--out"),
+        run.p("hair/train"),
+        s("--json"),
+    ]];
+    run.stage("hair_train", &["segment"], hair_train, |r, c| {
+        run_all(r, c)?;
+        let scores = phantom
+            .then(|| {
                 hair_scores(
                     &r.path("hair/train"),
                     &PathBuf::from(format!("{train}/occlusion")),
                     &PathBuf::from(format!("{train}/masks")),
                 )
-            } else {
-                Ok(Value::Null)
-            }
-        })?;
+            })
+            .transpose()?;
+        Ok(HairMetrics { scores })
+    })?;
+    Ok(())
+}
 
-        // Purification: train the partial-convolution U-Net, then purify train and test images.
-        let pur = run.p("purify/model");
-        let pur_cmds = vec![
-            vec![
-                s("purify"),
-                s("train"),
-                s("--root"),
-                train.clone(),
-                s("--hole-masks"),
-                run.p("hair/train"),
-                s("--size"),
-                s(budget.purify_size),
-                s("--epochs"),
-                s(budget.epochs),
-                s("--minutes"),
-                s(budget.purify_minutes),
-                s("--out"),
-                pur.clone(),
-            ],
-            vec![
-                s("purify"),
-                s("run"),
-                s("--model"),
-                pur.clone(),
-                s("--input"),
-                format!("{train}/images"),
-                s("--lesion-masks"),
-                run.p("segment/train_masks"),
-                s("--out"),
-                run.p("purify/train"),
-            ],
-            vec![
-                s("purify"),
-                s("run"),
-                s("--model"),
-                pur.clone(),
-                s("--input"),
-                format!("{test}/images"),
-                s("--lesion-masks"),
-                run.p("segment/test_masks"),
-                s("--out"),
-                run.p("purify/test"),
-            ],
-        ];
-        run.stage("purify", &["hair_train"], pur_cmds, |r, c| {
-            run_all(r, c)?;
-            // Scoring needs the clean images only phantoms have.
-            let eval = if phantom {
-                let out = r.derm(&[
+/// Purification: train the partial-convolution U-Net, then purify the train and test images.
+fn purify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (budget, train, test, phantom) = (&c.budget, &c.train, &c.test, c.phantom);
+    let pur = run.p("purify/model");
+    let pur_cmds = vec![
+        vec![
+            s("purify"),
+            s("train"),
+            s("--root"),
+            train.clone(),
+            s("--hole-masks"),
+            run.p("hair/train"),
+            s("--size"),
+            s(budget.purify_size),
+            s("--epochs"),
+            s(budget.epochs),
+            s("--minutes"),
+            s(budget.purify_minutes),
+            s("--out"),
+            pur.clone(),
+        ],
+        vec![
+            s("purify"),
+            s("run"),
+            s("--model"),
+            pur.clone(),
+            s("--input"),
+            format!("{train}/images"),
+            s("--lesion-masks"),
+            run.p("segment/train_masks"),
+            s("--out"),
+            run.p("purify/train"),
+        ],
+        vec![
+            s("purify"),
+            s("run"),
+            s("--model"),
+            pur.clone(),
+            s("--input"),
+            format!("{test}/images"),
+            s("--lesion-masks"),
+            run.p("segment/test_masks"),
+            s("--out"),
+            run.p("purify/test"),
+        ],
+    ];
+    run.stage("purify", &["hair_train"], pur_cmds, |r, c| {
+        run_all(r, c)?;
+        // Scoring needs the clean images only phantoms have.
+        let eval = phantom
+            .then(|| {
+                parse_typed(&r.derm(&[
                     s("purify"),
                     s("eval"),
                     s("--model"),
@@ -790,172 +844,171 @@ impl PipelineArgs {
                     s("--root"),
                     test.clone(),
                     s("--json"),
-                ])?;
-                parse_json(&out).unwrap_or(Value::Null)
-            } else {
-                Value::Null
-            };
-            Ok(json!({ "eval": eval }))
-        })?;
-
-        // Synthesis of the rare classes, with the novelty check.
-        let syn = run.p("synth/model");
-        let syn_cmds = vec![
-            vec![
-                s("synth"),
-                s("train"),
-                s("--root"),
-                train.clone(),
-                s("--classes"),
-                rare.join(","),
-                s("--preset"),
-                s("small"),
-                s("--epochs"),
-                s(budget.epochs),
-                s("--minutes"),
-                s(budget.synth_minutes),
-                s("--out"),
-                syn.clone(),
-            ],
-            vec![
-                s("synth"),
-                s("sample"),
-                s("--model"),
-                syn.clone(),
-                s("--class"),
-                rare.join(","),
-                s("--count"),
-                s(budget.synth_count),
-                s("--root"),
-                train.clone(),
-                s("--real-vs-fake"),
-                s("--out"),
-                run.p("synth/samples"),
-            ],
-        ];
-        run.stage("synth", &["data"], syn_cmds, |r, c| {
-            run_all(r, c)?;
-            let novelty: Value =
-                derm_core::fsutil::read_json(&r.path("synth/samples/novelty.json")).unwrap_or(Value::Null);
-            Ok(json!({ "novelty": novelty }))
-        })?;
-
-        // Classification: four variants, each scored with test-time purification off and on.
-        let variants: [(&str, bool, bool); 4] =
-            [("baseline", false, false), ("purified", true, false), ("synthetic", false, true), ("both", true, true)];
-        let mut cls_cmds = Vec::new();
-        for (name, pur_on, syn_on) in variants {
-            let model = run.p(&format!("classify/{name}"));
-            let mut t = vec![
-                s("classify"),
-                s("train"),
-                s("--root"),
-                train.clone(),
-                s("--arch"),
-                s("resnet18"),
-                s("--width"),
-                s(16),
-                s("--size"),
-                s(budget.cls_size),
-                s("--epochs"),
-                s(budget.epochs),
-                s("--minutes"),
-                s(budget.cls_minutes),
-                s("--optimizer"),
-                s("adam"),
-                s("--lr"),
-                s(1e-3),
-                s("--balanced"),
-                s("--out"),
-                model.clone(),
-            ];
-            if pur_on {
-                t.extend([s("--purified"), run.p("purify/train")]);
-            }
-            if syn_on {
-                t.extend([s("--synthetic"), run.p("synth/samples")]);
-            }
-            cls_cmds.push(t);
-            for (tag, extra) in [("plain", None), ("ttp", Some(run.p("purify/test")))] {
-                let mut e = vec![
-                    s("classify"),
-                    s("eval"),
-                    s("--model"),
-                    model.clone(),
-                    s("--root"),
-                    test.clone(),
-                    s("--json"),
-                    s("--out"),
-                    run.p(&format!("classify/{name}/eval_{tag}")),
-                ];
-                if let Some(x) = extra {
-                    e.extend([s("--purified-input"), x]);
-                }
-                cls_cmds.push(e);
-            }
-        }
-        run.stage("classify", &["purify", "synth"], cls_cmds, |r, c| {
-            let outs = run_all(r, c)?;
-            let mut m = serde_json::Map::new();
-            for (i, (name, _, _)) in variants.iter().enumerate() {
-                let plain = parse_json(&outs[3 * i + 1])?;
-                let ttp = parse_json(&outs[3 * i + 2])?;
-                m.insert(name.to_string(), json!({ "plain": plain, "test_time_purification": ttp }));
-            }
-            Ok(Value::Object(m))
-        })?;
-
-        // VisualBackProp of the baseline and the full model on the same test images.
-        let has_masks = PathBuf::from(format!("{test}/masks")).is_dir();
-        let vbp_cmds: Vec<Vec<String>> = ["baseline", "both"]
-            .iter()
-            .map(|name| {
-                let mut v = vec![
-                    s("vbp"),
-                    s("--model"),
-                    run.p(&format!("classify/{name}")),
-                    s("--input"),
-                    format!("{test}/images"),
-                    s("--limit"),
-                    s(24),
-                    s("--json"),
-                    s("--out"),
-                    run.p(&format!("vbp/{name}")),
-                ];
-                if has_masks {
-                    v.extend([s("--lesion-masks"), format!("{test}/masks")]);
-                }
-                v
+                ])?)
             })
-            .collect();
-        run.stage("vbp", &["classify"], vbp_cmds, |r, c| {
-            let outs = run_all(r, c)?;
-            Ok(json!({ "baseline": parse_json(&outs[0])?, "both": parse_json(&outs[1])? }))
-        })?;
+            .transpose()?;
+        Ok(PurifyMetrics { eval })
+    })?;
+    Ok(())
+}
 
-        let report = report::write(&run, &out)?;
-        if !self.quiet {
-            eprintln!(
-                "pipeline finished in {:.1} min; report: {}",
-                t0.elapsed().as_secs_f64() / 60.0,
-                report.display()
-            );
+/// Synthesis of the rare classes, with the novelty check.
+fn synth_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (budget, train) = (&c.budget, &c.train);
+    let rare = &c.rare;
+    let syn = run.p("synth/model");
+    let syn_cmds = vec![
+        vec![
+            s("synth"),
+            s("train"),
+            s("--root"),
+            train.clone(),
+            s("--classes"),
+            rare.join(","),
+            s("--preset"),
+            s("small"),
+            s("--epochs"),
+            s(budget.epochs),
+            s("--minutes"),
+            s(budget.synth_minutes),
+            s("--out"),
+            syn.clone(),
+        ],
+        vec![
+            s("synth"),
+            s("sample"),
+            s("--model"),
+            syn.clone(),
+            s("--class"),
+            rare.join(","),
+            s("--count"),
+            s(budget.synth_count),
+            s("--root"),
+            train.clone(),
+            s("--real-vs-fake"),
+            s("--out"),
+            run.p("synth/samples"),
+        ],
+    ];
+    run.stage("synth", &["data"], syn_cmds, |r, c| {
+        run_all(r, c)?;
+        Ok(SynthMetrics { novelty: derm_core::fsutil::read_json(&r.path("synth/samples/novelty.json"))? })
+    })?;
+    Ok(())
+}
+
+/// Classification: four variants, each scored with test-time purification off and on.
+fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let (budget, train, test) = (&c.budget, &c.train, &c.test);
+    let variants: [(&str, bool, bool); 4] =
+        [("baseline", false, false), ("purified", true, false), ("synthetic", false, true), ("both", true, true)];
+    let mut cls_cmds = Vec::new();
+    for (name, pur_on, syn_on) in variants {
+        let model = run.p(&format!("classify/{name}"));
+        let mut t = vec![
+            s("classify"),
+            s("train"),
+            s("--root"),
+            train.clone(),
+            s("--arch"),
+            s("resnet18"),
+            s("--width"),
+            s(16),
+            s("--size"),
+            s(budget.cls_size),
+            s("--epochs"),
+            s(budget.epochs),
+            s("--minutes"),
+            s(budget.cls_minutes),
+            s("--optimizer"),
+            s("adam"),
+            s("--lr"),
+            s(1e-3),
+            s("--balanced"),
+            s("--out"),
+            model.clone(),
+        ];
+        if pur_on {
+            t.extend([s("--purified"), run.p("purify/train")]);
         }
-        println!("{}", report.display());
-        if !self.quiet {
-            eprintln!(
-                "browse the run and analyse images at http://127.0.0.1:8080/ with: {} serve --models {}",
-                run.derm.display(),
-                out.display()
-            );
+        if syn_on {
+            t.extend([s("--synthetic"), run.p("synth/samples")]);
         }
-        Ok(())
+        cls_cmds.push(t);
+        for (tag, extra) in [("plain", None), ("ttp", Some(run.p("purify/test")))] {
+            let mut e = vec![
+                s("classify"),
+                s("eval"),
+                s("--model"),
+                model.clone(),
+                s("--root"),
+                test.clone(),
+                s("--json"),
+                s("--out"),
+                run.p(&format!("classify/{name}/eval_{tag}")),
+            ];
+            if let Some(x) = extra {
+                e.extend([s("--purified-input"), x]);
+            }
+            cls_cmds.push(e);
+        }
     }
+    run.stage("classify", &["purify", "synth"], cls_cmds, |r, c| {
+        let outs = run_all(r, c)?;
+        let mut m = ClassifyMetrics::new();
+        for (i, (name, _, _)) in variants.iter().enumerate() {
+            let plain = parse_typed(&outs[3 * i + 1])?;
+            let test_time_purification = parse_typed(&outs[3 * i + 2])?;
+            m.insert(name.to_string(), VariantScores { plain, test_time_purification });
+        }
+        Ok(m)
+    })?;
+    Ok(())
+}
+
+/// VisualBackProp of the baseline and the full model on the same test images.
+fn vbp_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
+    let test = &c.test;
+    let has_masks = PathBuf::from(format!("{test}/masks")).is_dir();
+    let vbp_cmds: Vec<Vec<String>> = ["baseline", "both"]
+        .iter()
+        .map(|name| {
+            let mut v = vec![
+                s("vbp"),
+                s("--model"),
+                run.p(&format!("classify/{name}")),
+                s("--input"),
+                format!("{test}/images"),
+                s("--limit"),
+                s(24),
+                s("--json"),
+                s("--out"),
+                run.p(&format!("vbp/{name}")),
+            ];
+            if has_masks {
+                v.extend([s("--lesion-masks"), format!("{test}/masks")]);
+            }
+            v
+        })
+        .collect();
+    run.stage("vbp", &["classify"], vbp_cmds, |r, c| {
+        let outs = run_all(r, c)?;
+        Ok(VbpMetrics { baseline: parse_typed(&outs[0])?, both: parse_typed(&outs[1])? })
+    })?;
+    Ok(())
 }
 
 impl Run {
     /// The record of a stage.
     pub fn record(&self, stage: &str) -> Option<&Record> {
         self.records.get(stage)
+    }
+
+    /// The metrics a stage recorded, as the type it writes: an error naming the stage when it
+    /// did not run or its record does not read as `T`.
+    pub fn metrics<T: serde::de::DeserializeOwned>(&self, stage: &str) -> anyhow::Result<T> {
+        let r = self.record(stage).with_context(|| format!("no record of stage {stage}"))?;
+        serde_json::from_value(r.metrics.clone())
+            .with_context(|| format!("stage {stage}'s record.json is not a {}", std::any::type_name::<T>()))
     }
 }

@@ -5,8 +5,10 @@ use derm_data::handoff;
 use std::path::{Path, PathBuf};
 
 use derm_visual::report::Report;
-use serde_json::Value;
 
+use crate::contract::{
+    ClassifyMetrics, DataMetrics, HairMetrics, PurifyMetrics, SegmentMetrics, SynthMetrics, VbpMetrics,
+};
 use crate::pipeline::Run;
 
 /// Paper reference figures (ISIC 2017 challenge winners, as Bisla et al. compare against).
@@ -14,8 +16,42 @@ const REF_MEL_AUC: f64 = 0.874;
 const REF_MEAN_AUC: f64 = 0.911;
 const REF_JACCARD: f64 = 0.765;
 
-fn num(v: Option<&Value>) -> String {
-    v.and_then(Value::as_f64).map(|x| format!("{x:.3}")).unwrap_or_else(|| "n/a".into())
+/// A measured value; `None` where the stage cannot measure it (said where it happens).
+fn num(v: Option<f64>) -> String {
+    v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "n/a".into())
+}
+
+/// The summary table next to the paper: segmentation Jaccard, and the AUC of the data set's
+/// melanoma class (from its manifest, through the classifier's report) and the mean AUC of the
+/// baseline and the full system.
+fn results_rows(seg: &SegmentMetrics, cls: &ClassifyMetrics) -> anyhow::Result<Vec<Vec<String>>> {
+    let variant = |v: &str| {
+        cls.get(v).map(|s| s.clone()).ok_or_else(|| anyhow::anyhow!("the classify record has no variant {v:?}"))
+    };
+    let base = variant("baseline")?.plain.report;
+    let both = variant("both")?.test_time_purification.report;
+    let mel = |r: &derm_classify::ClassificationReport| {
+        let k = r.melanoma_class;
+        (r.classes.get(k).cloned().unwrap_or_default(), r.auc.get(k).copied().flatten())
+    };
+    let (base_name, base_auc) = mel(&base);
+    let (both_name, both_auc) = mel(&both);
+    Ok(vec![
+        vec![
+            "segmentation Jaccard (per-image mean)".into(),
+            num(Some(seg.eval.summary.jaccard_mean)),
+            format!("{REF_JACCARD}"),
+        ],
+        vec![
+            "segmentation Jaccard (ISIC 2018 thresholded)".into(),
+            num(Some(seg.eval.summary.jaccard_thresholded)),
+            "".into(),
+        ],
+        vec![format!("{base_name} AUC, baseline"), num(base_auc), format!("{REF_MEL_AUC}")],
+        vec!["mean AUC, baseline".into(), num(base.mean_auc), format!("{REF_MEAN_AUC}")],
+        vec![format!("{both_name} AUC, full system"), num(both_auc), format!("{REF_MEL_AUC}")],
+        vec!["mean AUC, full system".into(), num(both.mean_auc), format!("{REF_MEAN_AUC}")],
+    ])
 }
 
 /// Files in `dir` (relative to `root`) whose name ends with `suffix`, sorted, at most `n`.
@@ -41,56 +77,36 @@ fn exists(root: &Path, rel: &str) -> bool {
 /// Writes `report.html` into the run folder and returns its path.
 pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let mut rep = Report::new("derm pipeline report");
-    let m = |stage: &str| run.record(stage).map(|r| r.metrics.clone()).unwrap_or(Value::Null);
+    let data: DataMetrics = run.metrics("data")?;
+    let hair: HairMetrics = run.metrics("hair")?;
+    let seg: SegmentMetrics = run.metrics("segment")?;
+    let pur: PurifyMetrics = run.metrics("purify")?;
+    let syn: SynthMetrics = run.metrics("synth")?;
+    let cls: ClassifyMetrics = run.metrics("classify")?;
+    let vb: VbpMetrics = run.metrics("vbp")?;
 
     // Summary table next to the paper.
-    let seg = m("segment");
-    let cls = m("classify");
     let sec = rep.section("Results next to the paper");
-    let both = &cls["both"]["test_time_purification"]["report"];
-    let base = &cls["baseline"]["plain"]["report"];
     sec.paragraph(
         "Phantom data by default: these numbers show that every stage trains and that its metric moves; they are not \
          comparable to ISIC results. The reference column is the ISIC 2017 challenge winners as cited by Bisla et al.",
     );
-    sec.table(
-        &["metric", "derm (this run)", "paper reference"],
-        vec![
-            vec![
-                "segmentation Jaccard (per-image mean)".into(),
-                num(seg["eval"]["summary"].get("jaccard_mean")),
-                format!("{REF_JACCARD}"),
-            ],
-            vec![
-                "segmentation Jaccard (ISIC 2018 thresholded)".into(),
-                num(seg["eval"]["summary"].get("jaccard_thresholded")),
-                "".into(),
-            ],
-            vec!["melanoma AUC, baseline".into(), num(base["auc"].get(0)), format!("{REF_MEL_AUC}")],
-            vec!["mean AUC, baseline".into(), num(base.get("mean_auc")), format!("{REF_MEAN_AUC}")],
-            vec!["melanoma AUC, full system".into(), num(both["auc"].get(0)), format!("{REF_MEL_AUC}")],
-            vec!["mean AUC, full system".into(), num(both.get("mean_auc")), format!("{REF_MEAN_AUC}")],
-        ],
-    );
+    sec.table(&["metric", "derm (this run)", "paper reference"], results_rows(&seg, &cls)?);
 
     // Data.
-    let data = m("data");
     let sec = rep.section("Data");
-    sec.kv(vec![
-        ("training set", data["train"].as_str().unwrap_or("").to_string()),
-        ("test set", data["test"].as_str().unwrap_or("").to_string()),
-    ]);
-    if let Some(b) = data["budget"].as_object() {
+    sec.kv(vec![("training set", data.train.clone()), ("test set", data.test.clone())]);
+    if let serde_json::Value::Object(b) = serde_json::to_value(&data.budget)? {
         sec.kv(b.iter().map(|(k, v)| (k.replace('_', " "), v.to_string())).collect());
     }
     let mut rows = Vec::new();
-    for split in data["check"]["splits"].as_array().into_iter().flatten() {
-        for c in split["classes"].as_array().into_iter().flatten() {
+    for split in &data.check.splits {
+        for c in &split.classes {
             rows.push(vec![
-                split["split"].as_str().unwrap_or("").to_string(),
-                c["class"].as_str().unwrap_or("").to_string(),
-                c["found"].to_string(),
-                c["expected"].to_string(),
+                split.split.clone(),
+                c.class.clone(),
+                c.found.to_string(),
+                c.expected.map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
             ]);
         }
     }
@@ -98,12 +114,17 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // Hair.
     let sec = rep.section("Hair and ruler masks, classic cleaning");
-    let h = m("hair");
-    sec.kv(vec![
-        ("pixel recall", num(h.get("recall"))),
-        ("pixel precision", num(h.get("precision"))),
-        ("lesion pixels wrongly marked", num(h.get("lesion_pixels_wrongly_marked"))),
-    ]);
+    match hair.scores {
+        Some(h) => sec.kv(vec![
+            ("pixel recall", num(Some(h.recall))),
+            ("pixel precision", num(Some(h.precision))),
+            ("lesion pixels wrongly marked", num(Some(h.lesion_pixels_wrongly_marked))),
+        ]),
+        None => sec.paragraph(
+            "Real images have no drawn occlusion masks to score against (`derm hair eval` measures \
+             the masks on real images with painted hairs).",
+        ),
+    };
     let test_imgs = files(out, "data/test/images", ".png", 4);
     let mut row = Vec::new();
     for img in &test_imgs {
@@ -120,9 +141,10 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // Segmentation.
     let sec = rep.section("Segmentation");
-    if let Some(s) = seg["eval"]["summary"].as_object() {
-        sec.kv(s.iter().map(|(k, v)| (k.clone(), num(Some(v)))).collect());
+    if let serde_json::Value::Object(s) = serde_json::to_value(seg.eval.summary)? {
+        sec.kv(s.iter().map(|(k, v)| (k.replace('_', " "), num(v.as_f64()))).collect());
     }
+    sec.kv(vec![("training", format!("{} steps in {:.0} s", seg.steps, seg.train_seconds))]);
     if exists(out, "segment/model/loss_curve.png") {
         sec.image("segment/model/loss_curve.png", "training loss and validation Jaccard");
     }
@@ -131,22 +153,26 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // Purification.
     let sec = rep.section("Purification (partial-convolution inpainting)");
-    let p = m("purify");
-    if let Some(rows) = p["eval"].as_array() {
-        sec.paragraph("Inside the true occlusion mask, against the clean phantom:");
-        sec.table(
-            &["method", "hole PSNR (dB)", "hole SSIM", "ms per image"],
-            rows.iter()
-                .map(|r| {
-                    vec![
-                        r["method"].as_str().unwrap_or("").to_string(),
-                        num(r.get("hole_psnr")),
-                        num(r.get("hole_ssim")),
-                        num(r.get("ms_per_image")),
-                    ]
-                })
-                .collect(),
-        );
+    match &pur.eval {
+        Some(rows) => {
+            sec.paragraph("Inside the true occlusion mask, against the clean phantom:");
+            sec.table(
+                &["method", "hole PSNR (dB)", "hole SSIM", "ms per image"],
+                rows.iter()
+                    .map(|r| {
+                        vec![
+                            r.method.clone(),
+                            num(Some(r.hole_psnr)),
+                            num(Some(r.hole_ssim)),
+                            num(Some(r.ms_per_image)),
+                        ]
+                    })
+                    .collect(),
+            );
+        }
+        None => {
+            sec.paragraph("Real images have no occlusion-free originals to score the inpainting against.");
+        }
     }
     if exists(out, "purify/model/loss_curve.png") {
         sec.image("purify/model/loss_curve.png", "training loss");
@@ -164,32 +190,30 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // Synthesis.
     let sec = rep.section("Synthesis (DCGAN virtual patients) and novelty check");
-    let sy = m("synth");
-    if let Some(classes) = sy["novelty"]["classes"].as_array() {
-        sec.table(
-            &["class", "generated", "kept (novel)", "min MSE", "median MSE", "max MSE", "real-vs-fake accuracy"],
-            classes
-                .iter()
-                .map(|c| {
-                    let n = &c["novelty"];
-                    vec![
-                        c["class"].as_str().unwrap_or("").to_string(),
-                        n["generated"].to_string(),
-                        n["kept"].to_string(),
-                        format!("{:.4}", n["mse_min"].as_f64().unwrap_or(f64::NAN)),
-                        format!("{:.4}", n["mse_median"].as_f64().unwrap_or(f64::NAN)),
-                        format!("{:.4}", n["mse_max"].as_f64().unwrap_or(f64::NAN)),
-                        num(c["real_vs_fake"].get("test_accuracy")),
-                    ]
-                })
-                .collect(),
-        );
-        sec.paragraph(
-            "Real-vs-fake accuracy near 0.5 means a small CNN cannot tell generated from real images of the class.",
-        );
-    }
+    sec.table(
+        &["class", "generated", "kept (novel)", "min MSE", "median MSE", "max MSE", "real-vs-fake accuracy"],
+        syn.novelty
+            .classes
+            .iter()
+            .map(|c| {
+                let n = &c.novelty;
+                vec![
+                    c.class.clone(),
+                    n.generated.to_string(),
+                    n.kept.to_string(),
+                    format!("{:.4}", n.mse_min),
+                    format!("{:.4}", n.mse_median),
+                    format!("{:.4}", n.mse_max),
+                    num(c.real_vs_fake.as_ref().map(|r| r.test_accuracy)),
+                ]
+            })
+            .collect(),
+    );
+    sec.paragraph(
+        "Real-vs-fake accuracy near 0.5 means a small CNN cannot tell generated from real images of the class.",
+    );
     let mut row = Vec::new();
-    for class in ["melanoma", "seborrheic_keratosis"] {
+    for class in syn.novelty.classes.iter().map(|c| c.class.as_str()) {
         if let Some(last) = files(out, &format!("synth/model/{class}/samples"), ".png", 10_000).pop() {
             row.push((last, format!("{class}: samples at the end of training")));
         }
@@ -207,22 +231,30 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     // Classification ablation.
     let sec = rep.section("Classification: ablation as in the paper");
     let mut rows = Vec::new();
+    let mut mel_name = String::from("melanoma");
     for v in ["baseline", "purified", "synthetic", "both"] {
-        for (tag, key) in [("off", "plain"), ("on", "test_time_purification")] {
-            let e = &cls[v][key]["report"];
+        let Some(scores) = cls.get(v) else { anyhow::bail!("the classify record has no variant {v:?}") };
+        for (tag, e) in [("off", &scores.plain.report), ("on", &scores.test_time_purification.report)] {
+            mel_name = e.classes.get(e.melanoma_class).cloned().unwrap_or_default();
             rows.push(vec![
                 v.to_string(),
                 tag.to_string(),
-                num(e["auc"].get(0)),
-                num(e["auc"].get(1)),
-                num(e.get("mean_auc")),
-                num(e.get("balanced_accuracy")),
-                num(e.get("accuracy")),
+                num(e.auc.get(e.melanoma_class).copied().flatten()),
+                num(e.mean_auc),
+                num(Some(e.balanced_accuracy)),
+                num(Some(e.accuracy)),
             ]);
         }
     }
     sec.table(
-        &["training data", "test-time purification", "melanoma AUC", "SK AUC", "mean AUC", "balanced acc.", "accuracy"],
+        &[
+            "training data",
+            "test-time purification",
+            &format!("{mel_name} AUC"),
+            "mean AUC",
+            "balanced acc.",
+            "accuracy",
+        ],
         rows,
     );
     let mut row = Vec::new();
@@ -240,11 +272,10 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
 
     // VisualBackProp.
     let sec = rep.section("VisualBackProp: where the classifier looks");
-    let vb = m("vbp");
-    for v in ["baseline", "both"] {
+    for (v, s) in [("baseline", &vb.baseline), ("both", &vb.both)] {
         sec.kv(vec![
-            (format!("{v}: saliency inside the lesion"), num(vb[v].get("mean_mass_inside"))),
-            (format!("{v}: lesion area fraction"), num(vb[v].get("mean_area_fraction"))),
+            (format!("{v}: saliency inside the lesion"), num(s.mean_mass_inside)),
+            (format!("{v}: lesion area fraction"), num(s.mean_area_fraction)),
         ]);
     }
     for v in ["baseline", "both"] {
@@ -262,4 +293,56 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let path = out.join("report.html");
     rep.write(&path)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::VariantScores;
+
+    fn eval(classes: &[&str], melanoma: Option<usize>, auc: &[f64]) -> derm_classify::EvalSummary {
+        let classes: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
+        // Probabilities that give class k the AUC asked for is more than this test needs: build the
+        // report, then set the AUCs it would print.
+        let mut report = derm_classify::score(&[vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]], &[0, 2], &classes, melanoma);
+        report.auc = auc.iter().map(|&a| Some(a)).collect();
+        derm_classify::EvalSummary {
+            model: "m".into(),
+            data: derm_classify::eval::DataRef { name: "ph2".into(), split: "test".into(), root: "r".into() },
+            tta: false,
+            purified_input: None,
+            report,
+        }
+    }
+
+    #[test]
+    fn the_melanoma_auc_is_the_manifests_melanoma_class() {
+        // PH2 lists melanoma last; its manifest gives the index through the data set.
+        let ph2 = derm_data::manifest::Manifest::load("ph2").unwrap();
+        let k = ph2.melanoma_index();
+        assert_eq!(k, Some(2));
+        let e = eval(&["common_nevus", "atypical_nevus", "melanoma"], k, &[0.11, 0.22, 0.93]);
+        let cls = ClassifyMetrics::from([
+            ("baseline".to_string(), VariantScores { plain: e.clone(), test_time_purification: e.clone() }),
+            ("both".to_string(), VariantScores { plain: e.clone(), test_time_purification: e }),
+        ]);
+        let seg = SegmentMetrics {
+            eval: derm_segment::EvalSummary { summary: Default::default(), worst: Vec::new() },
+            train_seconds: 1.0,
+            steps: 1,
+        };
+        let rows = results_rows(&seg, &cls).unwrap();
+        assert_eq!(rows[2], vec!["melanoma AUC, baseline".to_string(), "0.930".into(), format!("{REF_MEL_AUC}")]);
+        assert_eq!(rows[4][1], "0.930");
+        // A manifest that names another class (ISIC 2016 task 3's "malignant") is followed too.
+        let isic16 = derm_data::manifest::Manifest::load("isic2016-task3").unwrap();
+        let e = eval(&["benign", "malignant", "x"], isic16.melanoma_index(), &[0.4, 0.8, 0.5]);
+        assert_eq!(e.report.melanoma_class, 1);
+        // A record without the `both` variant is an error, not "n/a".
+        let only = ClassifyMetrics::from([(
+            "baseline".to_string(),
+            VariantScores { plain: e.clone(), test_time_purification: e },
+        )]);
+        assert!(results_rows(&seg, &only).unwrap_err().to_string().contains("both"));
+    }
 }

@@ -50,6 +50,32 @@ pub struct ClassificationReport {
     pub specificity: Vec<Option<f64>>,
 }
 
+/// Which data an evaluation scored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataRef {
+    /// Data set name (its manifest).
+    pub name: String,
+    /// Split.
+    pub split: String,
+    /// Folder.
+    pub root: std::path::PathBuf,
+}
+
+/// What `derm classify eval` reports (`--json`, `metrics.json`), read back typed by the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// The model folder.
+    pub model: std::path::PathBuf,
+    /// The data scored.
+    pub data: DataRef,
+    /// Whether flips were averaged (test-time augmentation).
+    pub tta: bool,
+    /// The folder of purified images classified instead of the originals, if any.
+    pub purified_input: Option<std::path::PathBuf>,
+    /// The scores.
+    pub report: ClassificationReport,
+}
+
 /// The classes ISIC 2017's mean AUC is taken over: melanoma and seborrheic keratosis when both
 /// are among three classes; otherwise every class.
 pub fn scored_classes(classes: &[String]) -> Vec<usize> {
@@ -66,7 +92,14 @@ fn one_vs_rest(probs: &[Vec<f64>], labels: &[usize], k: usize) -> (Vec<f64>, Vec
 }
 
 /// Scores class probabilities (one row per image, summing to 1) against true labels.
-pub fn score(probs: &[Vec<f64>], labels: &[usize], classes: &[String]) -> ClassificationReport {
+/// `melanoma` is the index of the melanoma class (from the data set's manifest); `None` takes
+/// the class named `melanoma`, else the first.
+pub fn score(
+    probs: &[Vec<f64>],
+    labels: &[usize],
+    classes: &[String],
+    melanoma: Option<usize>,
+) -> ClassificationReport {
     let k = classes.len();
     let mut class_counts = vec![0; k];
     for &l in labels {
@@ -83,7 +116,8 @@ pub fn score(probs: &[Vec<f64>], labels: &[usize], classes: &[String]) -> Classi
     let scored = scored_classes(classes);
     let vals: Vec<f64> = scored.iter().filter_map(|&c| auc[c]).collect();
     let mean_auc = (!vals.is_empty()).then(|| vals.iter().sum::<f64>() / vals.len() as f64);
-    let melanoma_class = classes.iter().position(|c| c == "melanoma").unwrap_or(0);
+    let melanoma_class =
+        melanoma.filter(|&m| m < k).or_else(|| classes.iter().position(|c| c == "melanoma")).unwrap_or(0);
     let (s, y) = one_vs_rest(probs, labels, melanoma_class);
     let melanoma_specificity = ISIC2017_SENSITIVITIES
         .iter()
@@ -146,7 +180,7 @@ mod tests {
             vec![0.4, 0.1, 0.5], // nevus with a higher melanoma score than the second melanoma
             vec![0.1, 0.2, 0.7],
         ];
-        let r = score(&probs, &labels, &classes());
+        let r = score(&probs, &labels, &classes(), None);
         // Melanoma scores: positives 0.8, 0.3; negatives 0.1, 0.2, 0.4, 0.1. Pairs won: 0.8 beats
         // all 4; 0.3 beats 3 of 4: AUC 7/8.
         assert_eq!(r.auc[0], Some(7.0 / 8.0));
@@ -173,7 +207,7 @@ mod tests {
     fn other_class_sets_average_every_class_and_absent_classes_are_none() {
         let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
         assert_eq!(scored_classes(&names), vec![0, 1]);
-        let r = score(&[vec![0.9, 0.1], vec![0.6, 0.4]], &[0, 0], &names);
+        let r = score(&[vec![0.9, 0.1], vec![0.6, 0.4]], &[0, 0], &names, None);
         assert_eq!(r.auc, vec![None, None]);
         assert_eq!(r.mean_auc, None);
         assert_eq!(r.selection_metric(), r.balanced_accuracy);

@@ -43,7 +43,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 pub use data::ExtraSources;
-pub use eval::{score, ClassificationReport};
+pub use eval::{score, ClassificationReport, EvalSummary};
 pub use model::{load_torchvision, parameter_count, BlockKind, ResNet, ResNetConfig, ResNetFeatures, Stage};
 
 /// Everything a classification run is made of; saved as the checkpoint's `config.json`.
@@ -332,7 +332,9 @@ pub fn evaluate(
         }
         on_image(chunk.len());
     }
-    let report = score(&probs, &labels, &classes);
+    // The data set's melanoma class, when it names the model's classes in the same order.
+    let melanoma = data.melanoma_class.filter(|_| data.classes == classes);
+    let report = score(&probs, &labels, &classes, melanoma);
     Ok(Evaluation { ids, labels, probs, report })
 }
 
@@ -555,7 +557,7 @@ impl ClassifyTask {
     pub fn val_report(&mut self) -> Result<ClassificationReport> {
         let p = self.val_probabilities()?;
         let labels: Vec<usize> = self.val.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
-        Ok(score(&p, &labels, &self.clf.cfg.classes))
+        Ok(score(&p, &labels, &self.clf.cfg.classes, self.val.melanoma_class))
     }
 
     fn image_batch(&self, indices: &[usize], rng: &mut Rng) -> Result<(Tensor, Tensor)> {

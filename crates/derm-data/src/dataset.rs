@@ -55,6 +55,8 @@ pub struct Dataset {
     pub root: PathBuf,
     /// Class names, in label order.
     pub classes: Vec<String>,
+    /// Index of the melanoma class (from the manifest's `melanoma_class`), if any.
+    pub melanoma_class: Option<usize>,
     /// The samples, sorted by id.
     pub samples: Vec<Sample>,
 }
@@ -104,6 +106,7 @@ impl Dataset {
             split: split.to_string(),
             root: root.to_path_buf(),
             classes: manifest.classes.clone(),
+            melanoma_class: manifest.melanoma_index(),
             samples: scan.samples,
         })
     }
@@ -166,6 +169,7 @@ impl Dataset {
             split: self.split.clone(),
             root: self.root.clone(),
             classes: self.classes.clone(),
+            melanoma_class: self.melanoma_class,
             samples: Vec::new(),
         }
     }

@@ -51,6 +51,10 @@ pub struct Manifest {
     /// Class names, in label order. Empty for segmentation-only data sets.
     #[serde(default)]
     pub classes: Vec<String>,
+    /// The class whose AUC and specificities reports headline as "melanoma" (ISIC 2017's first
+    /// metric); default: the class named `melanoma`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub melanoma_class: Option<String>,
     /// The splits, in the order they are listed.
     #[serde(rename = "split", default)]
     pub splits: Vec<SplitSpec>,
@@ -213,9 +217,20 @@ impl Manifest {
     }
 
     /// Checks the manifest for internal consistency; returns what is wrong.
+    /// Index of the melanoma class ([`Manifest::melanoma_class`], else the class named
+    /// `melanoma`), if the data set has one.
+    pub fn melanoma_index(&self) -> Option<usize> {
+        self.class_index(self.melanoma_class.as_deref().unwrap_or("melanoma"))
+    }
+
     fn validate(&self) -> std::result::Result<(), String> {
         if self.splits.is_empty() {
             return Err(format!("manifest {} declares no [[split]]", self.name));
+        }
+        if let Some(m) = &self.melanoma_class {
+            if self.class_index(m).is_none() {
+                return Err(format!("melanoma_class {m:?} is not one of the classes"));
+            }
         }
         let mut seen = std::collections::BTreeSet::new();
         for s in &self.splits {

@@ -317,6 +317,21 @@ impl HoleScores {
     }
 }
 
+/// One row of `derm purify eval`: a filling method scored inside the true occlusion masks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodScores {
+    /// `none` (the occluded image), `classic` (derm-hair's inpainting) or `network`.
+    pub method: String,
+    /// Images scored.
+    pub images: usize,
+    /// Mean PSNR inside the hole (dB).
+    pub hole_psnr: f64,
+    /// Mean SSIM inside the hole.
+    pub hole_ssim: f64,
+    /// Milliseconds per image.
+    pub ms_per_image: f64,
+}
+
 /// Scores an inpainting method on a data set whose samples have a `clean` image and an
 /// `occlusion` mask (phantom sets have both): `method(image, hole)` fills the occluded image's
 /// hole, and the result is compared with the clean image inside the hole ([`hole_metrics`]).

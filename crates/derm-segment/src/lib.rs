@@ -191,6 +191,15 @@ impl Segmenter {
     }
 }
 
+/// What `derm segment eval` reports (`--json`, `metrics.json`), read back typed by the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// Scores over the split.
+    pub summary: derm_core::metrics::SegmentationSummary,
+    /// The lowest per-image Jaccards, (id, Jaccard), worst first.
+    pub worst: Vec<(String, f64)>,
+}
+
 /// Scores a segmenter on a data set at each image's own resolution.
 pub fn evaluate(seg: &Segmenter, data: &Dataset, on_image: &mut dyn FnMut(usize)) -> Result<SegmentationScores> {
     let cache = ImageCache::new(0);

@@ -193,6 +193,7 @@ pub fn write_synthetic_set(
         notes: "images/ holds generated images that passed the novelty check; labels.csv gives each one's class."
             .into(),
         classes: classes.to_vec(),
+        melanoma_class: None,
         splits: vec![SplitSpec {
             name: "train".into(),
             images: "images/{id}.png".into(),

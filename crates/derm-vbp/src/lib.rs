@@ -166,6 +166,46 @@ pub fn mass_inside(map: &[f32], mask: &GrayImage) -> (f64, f64) {
     (if total > 0.0 { inside / total } else { 0.0 }, frac)
 }
 
+/// One image's row of `vbp.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSaliency {
+    /// The image id.
+    pub id: String,
+    /// Share of the saliency mass inside the lesion mask, when one was given.
+    pub mass_inside: Option<f64>,
+    /// The lesion's share of the image, when a mask was given.
+    pub area_fraction: Option<f64>,
+}
+
+/// `vbp.json`: saliency against lesion masks over a folder, read back typed by the pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaliencySummary {
+    /// Images processed.
+    pub images: usize,
+    /// Mean [`ImageSaliency::mass_inside`] over the images that have it.
+    pub mean_mass_inside: Option<f64>,
+    /// Mean [`ImageSaliency::area_fraction`] over the images that have it.
+    pub mean_area_fraction: Option<f64>,
+    /// Per image.
+    pub per_image: Vec<ImageSaliency>,
+}
+
+impl SaliencySummary {
+    /// The summary of `rows`.
+    pub fn new(per_image: Vec<ImageSaliency>) -> Self {
+        let mean = |f: &dyn Fn(&ImageSaliency) -> Option<f64>| {
+            let v: Vec<f64> = per_image.iter().filter_map(f).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+        };
+        SaliencySummary {
+            images: per_image.len(),
+            mean_mass_inside: mean(&|r| r.mass_inside),
+            mean_area_fraction: mean(&|r| r.area_fraction),
+            per_image,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

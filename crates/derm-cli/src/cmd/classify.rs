@@ -310,13 +310,17 @@ impl EvalArgs {
             &r.confusion.counts,
         );
         image_io::save_png(&out.join("confusion.png"), &cm)?;
-        let doc = serde_json::json!({
-            "model": self.model,
-            "data": { "name": data.name, "split": data.split, "root": data.root },
-            "tta": self.tta,
-            "purified_input": self.purified_input,
-            "report": r,
-        });
+        let doc = derm_classify::EvalSummary {
+            model: self.model.clone(),
+            data: derm_classify::eval::DataRef {
+                name: data.name.clone(),
+                split: data.split.clone(),
+                root: data.root.clone(),
+            },
+            tta: self.tta,
+            purified_input: self.purified_input.clone(),
+            report: r.clone(),
+        };
         derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
         let mut csv = format!("id,label,{}\n", r.classes.join(","));
         for ((id, l), p) in e.ids.iter().zip(&e.labels).zip(&e.probs) {

@@ -258,7 +258,13 @@ impl EvalArgs {
             })?;
             let ms = 1e3 * t0.elapsed().as_secs_f64() / n.max(1) as f64;
             let (psnr, ssim) = scores.means();
-            rows.push(serde_json::json!({ "method": name, "images": scores.per_image.len(), "hole_psnr": psnr, "hole_ssim": ssim, "ms_per_image": ms }));
+            rows.push(derm_purify::MethodScores {
+                method: name.to_string(),
+                images: scores.per_image.len(),
+                hole_psnr: psnr,
+                hole_ssim: ssim,
+                ms_per_image: ms,
+            });
         }
         if self.json {
             println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -273,11 +279,7 @@ impl EvalArgs {
             for r in &rows {
                 println!(
                     "{:<10} {:>7} {:>10.2} {:>10.4} {:>12.1}",
-                    r["method"].as_str().unwrap_or(""),
-                    r["images"],
-                    r["hole_psnr"].as_f64().unwrap_or(f64::NAN),
-                    r["hole_ssim"].as_f64().unwrap_or(f64::NAN),
-                    r["ms_per_image"].as_f64().unwrap_or(f64::NAN)
+                    r.method, r.images, r.hole_psnr, r.hole_ssim, r.ms_per_image
                 );
             }
         }

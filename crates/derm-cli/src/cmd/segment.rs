@@ -184,13 +184,10 @@ impl EvalArgs {
         let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet);
         let scores = derm_segment::evaluate(&seg, &data, &mut |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
-        let s = scores.summary();
-        let worst = scores.worst(10);
+        let doc = derm_segment::EvalSummary { summary: scores.summary(), worst: scores.worst(10) };
+        let s = &doc.summary;
         if let Some(out) = &self.out {
-            derm_core::fsutil::write_json(
-                &out.join("metrics.json"),
-                &serde_json::json!({ "summary": s, "worst": worst }),
-            )?;
+            derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
             let mut csv = String::from("id,jaccard,dice\n");
             for (id, c) in scores.ids.iter().zip(&scores.per_image) {
                 csv.push_str(&format!("{id},{:.6},{:.6}\n", c.jaccard(), c.dice()));
@@ -208,7 +205,7 @@ impl EvalArgs {
             }
         }
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "summary": s, "worst": worst }))?);
+            println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
             println!("{} images of {} ({})", s.images, data.name, data.split);
             println!("jaccard (per-image mean)  {:.4}", s.jaccard_mean);
@@ -217,7 +214,7 @@ impl EvalArgs {
             println!("dice (mean)               {:.4}", s.dice_mean);
             println!("sensitivity / specificity {:.4} / {:.4}", s.sensitivity, s.specificity);
             println!("worst ten:");
-            for (id, j) in worst {
+            for (id, j) in &doc.worst {
                 println!("  {id}  {j:.4}");
             }
         }

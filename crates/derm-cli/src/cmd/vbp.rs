@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use derm_core::image_io;
 use image::{GrayImage, RgbImage};
-use serde::Serialize;
 
 use crate::cmd::common::{self, collect_images};
 use crate::GlobalOpts;
@@ -32,14 +31,6 @@ pub struct VbpArgs {
     /// Print a JSON summary.
     #[arg(long)]
     pub json: bool,
-}
-
-/// One image's numbers.
-#[derive(Debug, Serialize)]
-struct Row {
-    id: String,
-    mass_inside: Option<f64>,
-    area_fraction: Option<f64>,
 }
 
 /// A model VisualBackProp can read.
@@ -124,7 +115,7 @@ impl VbpArgs {
             let (w, h) = view.dimensions();
             image_io::save_png(&self.out.join(format!("{id}_saliency.png")), &derm_vbp::to_gray(&map, w, h))?;
             let mut over = derm_vbp::overlay(&view, &map);
-            let mut row = Row { id: id.clone(), mass_inside: None, area_fraction: None };
+            let mut row = derm_vbp::ImageSaliency { id: id.clone(), mass_inside: None, area_fraction: None };
             if let Some(dir) = &self.lesion_masks {
                 let Some(mp) = derm_data::handoff::find_mask(dir, &id) else {
                     bail!("no lesion mask for {id} in {}", dir.display());
@@ -140,22 +131,13 @@ impl VbpArgs {
             pb.inc(1);
         }
         pb.finish_and_clear();
-        let mean = |f: &dyn Fn(&Row) -> Option<f64>| {
-            let v: Vec<f64> = rows.iter().filter_map(f).collect();
-            (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
-        };
-        let doc = serde_json::json!({
-            "images": rows.len(),
-            "mean_mass_inside": mean(&|r| r.mass_inside),
-            "mean_area_fraction": mean(&|r| r.area_fraction),
-            "per_image": rows,
-        });
+        let doc = derm_vbp::SaliencySummary::new(rows);
         derm_core::fsutil::write_json(&self.out.join("vbp.json"), &doc)?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
-            println!("wrote saliency maps of {} images to {}", rows.len(), self.out.display());
-            if let (Some(m), Some(a)) = (doc["mean_mass_inside"].as_f64(), doc["mean_area_fraction"].as_f64()) {
+            println!("wrote saliency maps of {} images to {}", doc.images, self.out.display());
+            if let (Some(m), Some(a)) = (doc.mean_mass_inside, doc.mean_area_fraction) {
                 println!("saliency inside the lesion: {m:.3} of the total, for a lesion area fraction of {a:.3}");
             }
         }
