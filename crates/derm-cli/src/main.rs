@@ -123,3 +123,67 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--config FILE` plus a flag, the same way in every command with a config: the flag wins,
+    /// the file's other fields stay, and what neither names takes the config's default.
+    #[test]
+    fn flags_override_the_config_file_in_every_stage() {
+        let d = tempfile::tempdir().unwrap();
+        let file = |name: &str, json: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, json).unwrap();
+            p.display().to_string()
+        };
+        let parse = |args: &[&str]| {
+            let mut all = vec!["derm", "--seed", "5"];
+            all.extend_from_slice(args);
+            Cli::try_parse_from(all).unwrap()
+        };
+        let train = ["train", "--root", "r", "--out", "o", "--config"];
+
+        let c = file("segment.json", r#"{"size": 40, "batch_size": 3}"#);
+        let cli = parse(&[&["segment"], &train[..], &[&c, "--size", "48"]].concat());
+        let Command::Segment(cmd::segment::SegmentCommand::Train(a)) = &cli.command else { panic!("segment") };
+        let cfg = a.config(&cli.global).unwrap();
+        let def = derm_segment::SegmentConfig::default();
+        assert_eq!((cfg.size, cfg.batch_size, cfg.train.epochs, cfg.train.seed), (48, 3, def.train.epochs, 5));
+
+        let c = file("purify.json", r#"{"size": 40, "batch_size": 3}"#);
+        let cli = parse(&[&["purify"], &train[..], &[&c, "--size", "48"]].concat());
+        let Command::Purify(cmd::purify::PurifyCommand::Train(a)) = &cli.command else { panic!("purify") };
+        let cfg = a.config(&cli.global).unwrap();
+        let def = derm_purify::PurifyConfig::default();
+        assert_eq!((cfg.size, cfg.batch_size, cfg.train.epochs, cfg.train.seed), (48, 3, def.train.epochs, 5));
+
+        let c = file("classify.json", r#"{"input_size": 40, "batch_size": 3}"#);
+        let cli = parse(&[&["classify"], &train[..], &[&c, "--batch", "7"]].concat());
+        let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
+        let cfg = a.config(&cli.global).unwrap();
+        let def = derm_classify::ClassifyConfig::default();
+        assert_eq!((cfg.input_size, cfg.batch_size, cfg.train.epochs, cfg.train.seed), (40, 7, def.train.epochs, 5));
+
+        let c = file("synth.json", r#"{"batch_size": 3, "g_steps": 4}"#);
+        let cli = parse(&[&["synth"], &train[..], &[&c, "--batch", "9"]].concat());
+        let Command::Synth(cmd::synth::SynthCommand::Train(a)) = &cli.command else { panic!("synth") };
+        let cfg = a.config(&cli.global).unwrap();
+        let def = derm_synth::SynthConfig::default();
+        assert_eq!((cfg.batch_size, cfg.g_steps, cfg.train.epochs, cfg.train.seed), (9, 4, def.train.epochs, 5));
+
+        let c = file("hair.json", r#"{"size_ref": 300, "rulers": false}"#);
+        let cli = parse(&["hair", "--input", "i", "--out", "o", "--config", &c, "--size-ref", "200"]);
+        let Command::Hair(a) = &cli.command else { panic!("hair") };
+        let cfg = a.config().unwrap();
+        assert_eq!((cfg.size_ref, cfg.rulers, cfg.line_length), (200, false, derm_hair::HairConfig::default().line_length));
+
+        // A field the config type does not have is an error naming the file.
+        let c = file("bad.json", r#"{"sise": 40}"#);
+        let cli = parse(&[&["segment"], &train[..], &[&c]].concat());
+        let Command::Segment(cmd::segment::SegmentCommand::Train(a)) = &cli.command else { panic!("segment") };
+        let e = format!("{:#}", a.config(&cli.global).unwrap_err());
+        assert!(e.contains("bad.json") && e.contains("sise"), "{e}");
+    }
+}

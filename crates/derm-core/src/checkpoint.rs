@@ -284,6 +284,14 @@ pub fn read_meta(dir: &Path, stage: &str) -> Result<Meta> {
     Ok(meta)
 }
 
+/// Which stage wrote the checkpoint in `dir` (a checkpoint folder, or a model folder resolved
+/// to its `best/` or `last/`): the `stage` of its `meta.json`.
+pub fn stage_of(dir: &Path) -> Result<String> {
+    let dir = resolve(&crate::train::resolve_model_dir(dir))?;
+    let meta: Meta = read_json(&dir.join(META))?;
+    Ok(meta.stage)
+}
+
 /// Reads the stage config of a checkpoint.
 pub fn read_config<C: DeserializeOwned>(dir: &Path) -> Result<C> {
     read_json(&resolve(dir)?.join(CONFIG))

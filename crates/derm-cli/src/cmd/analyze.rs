@@ -35,15 +35,23 @@ pub struct AnalyzeArgs {
     pub json: bool,
 }
 
+/// The first of `candidates` under `root` whose checkpoint `meta.json` says stage `what`.
 fn model_dir(root: &Path, candidates: &[&str], what: &str) -> anyhow::Result<PathBuf> {
+    let mut seen = Vec::new();
     for c in candidates {
         let p = root.join(c);
-        if p.is_dir() {
-            return Ok(p);
+        if !p.is_dir() {
+            continue;
+        }
+        match derm_core::checkpoint::stage_of(&p) {
+            Ok(stage) if stage == what => return Ok(p),
+            Ok(stage) => seen.push(format!("{c} holds a `{stage}` checkpoint")),
+            Err(e) => seen.push(format!("{c}: {e}")),
         }
     }
+    let found = if seen.is_empty() { String::new() } else { format!(" ({})", seen.join("; ")) };
     bail!(
-        "no {what} model in {}: looked for {} (train it with `derm {what} train`, or run `cargo xtask pipeline`)",
+        "no {what} model in {}: looked for {}{found} (train it with `derm {what} train`, or run `cargo xtask pipeline`)",
         root.display(),
         candidates.join(", ")
     )

@@ -1,5 +1,6 @@
 //! `derm classify train|predict|eval`: the ResNet lesion classifier.
 
+use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -36,55 +37,56 @@ pub struct TrainArgs {
     /// training.
     #[arg(long)]
     pub synthetic: Option<PathBuf>,
-    /// Architecture: resnet18, resnet34, resnet50 or resnet101.
-    #[arg(long, default_value = "resnet50")]
-    pub arch: String,
-    /// Base width (64 = torchvision; smaller for CPU-sized networks trained from scratch).
-    #[arg(long, default_value_t = 64)]
-    pub width: usize,
+    /// Architecture: resnet18, resnet34, resnet50 or resnet101. [config default: resnet50]
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Base width (64 = torchvision; smaller for CPU-sized networks trained from scratch). [config default: 64]
+    #[arg(long)]
+    pub width: Option<usize>,
     /// ImageNet weights with torchvision names (safetensors); the head is replaced.
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
     /// Train only the final layer on features computed once (fast on a CPU).
     #[arg(long)]
     pub freeze_backbone: bool,
-    /// First stage trained (conv1, layer1..layer4, fc); earlier ones stay fixed.
-    #[arg(long, default_value = "conv1")]
-    pub trainable_from: String,
-    /// Network input size in pixels (square crop).
-    #[arg(long, default_value_t = 224)]
-    pub size: u32,
+    /// First stage trained (conv1, layer1..layer4, fc); earlier ones stay fixed. [config default: conv1]
+    #[arg(long)]
+    pub trainable_from: Option<String>,
+    /// Network input size in pixels (square crop). [config default: 224]
+    #[arg(long)]
+    pub size: Option<u32>,
     /// Short side images are scaled to before cropping (default: size * 256 / 224).
     #[arg(long)]
     pub resize: Option<u32>,
-    /// Epochs.
-    #[arg(long, default_value_t = 30)]
-    pub epochs: usize,
+    /// Epochs. [config default: 30]
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Stop after this many minutes of training.
     #[arg(long)]
     pub minutes: Option<f64>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 16)]
-    pub batch: usize,
-    /// Learning rate.
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
-    /// Optimiser: sgd (momentum 0.9, as the authors) or adam.
-    #[arg(long, default_value = "sgd")]
-    pub optimizer: String,
+    /// Images per batch. [config default: 16]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate. [config default: 1e-3]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Optimiser: sgd (momentum 0.9, as the authors) or adam. [config default: sgd]
+    #[arg(long)]
+    pub optimizer: Option<String>,
     /// Class-balanced mini-batches.
     #[arg(long)]
     pub balanced: bool,
     /// Weight the loss by inverse class frequency.
     #[arg(long)]
     pub weighted_loss: bool,
-    /// Fraction of the split held out for validation (by id).
-    #[arg(long, default_value_t = 0.15)]
-    pub val_fraction: f64,
+    /// Fraction of the split held out for validation (by id). [config default: 0.15]
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
     /// Evaluate on the validation part every N steps (default: each epoch).
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// A JSON file with a full ClassifyConfig (the flags above are then ignored, except the seed).
+    /// A JSON file with a ClassifyConfig (missing fields take their defaults); the flags above
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the run in OUT from its last checkpoint.
@@ -96,40 +98,51 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self, g: &GlobalOpts) -> anyhow::Result<ClassifyConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => derm_core::fsutil::read_json(p)?,
-            None => {
-                let mut c = ClassifyConfig::default();
-                let model = ResNetConfig::by_name(&self.arch, 3).with_context(|| {
-                    format!("unknown architecture {:?}: use resnet18, resnet34, resnet50 or resnet101", self.arch)
-                })?;
-                c.model =
-                    ResNetConfig { base_width: self.width, zero_init_residual: self.pretrained.is_none(), ..model };
-                c.input_size = self.size;
-                c.resize = self.resize.unwrap_or((self.size as f64 * 256.0 / 224.0).round() as u32);
-                c.batch_size = self.batch;
-                c.train.epochs = self.epochs;
-                c.train.minutes = self.minutes;
-                c.train.eval_every = self.eval_every;
-                c.val_fraction = self.val_fraction;
-                c.balanced = self.balanced;
-                c.class_weighted_loss = self.weighted_loss;
-                c.freeze_backbone = self.freeze_backbone;
-                c.trainable_from = Stage::parse(&self.trainable_from).with_context(|| {
-                    format!("unknown stage {:?}: use conv1, layer1..layer4 or fc", self.trainable_from)
-                })?;
-                c.pretrained = self.pretrained.clone();
-                c.optim.optimizer = match self.optimizer.as_str() {
-                    "sgd" => OptimizerKind::sgd(self.lr, 0.9),
-                    "adam" => OptimizerKind::adam(self.lr),
-                    o => bail!("unknown optimizer {o:?}: use sgd or adam"),
-                };
-                c
-            }
+    pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<ClassifyConfig> {
+        let mut c: ClassifyConfig = common::base_config(self.config.as_deref())?;
+        if let Some(arch) = &self.arch {
+            let model = ResNetConfig::by_name(arch, 3).with_context(|| {
+                format!("unknown architecture {arch:?}: use resnet18, resnet34, resnet50 or resnet101")
+            })?;
+            c.model = ResNetConfig { num_classes: c.model.num_classes, ..model };
+        }
+        set(&mut c.model.base_width, self.width);
+        if let Some(p) = &self.pretrained {
+            c.pretrained = Some(p.clone());
+        }
+        if c.pretrained.is_some() {
+            // ImageNet weights come with trained residual branches.
+            c.model.zero_init_residual = false;
+        }
+        if let Some(size) = self.size {
+            c.input_size = size;
+            c.resize = (size as f64 * 256.0 / 224.0).round() as u32;
+        }
+        set(&mut c.resize, self.resize);
+        set(&mut c.batch_size, self.batch);
+        set(&mut c.train.epochs, self.epochs);
+        set_some(&mut c.train.minutes, self.minutes);
+        set_some(&mut c.train.eval_every, self.eval_every);
+        set(&mut c.val_fraction, self.val_fraction);
+        c.balanced |= self.balanced;
+        c.class_weighted_loss |= self.weighted_loss;
+        c.freeze_backbone |= self.freeze_backbone;
+        if let Some(t) = &self.trainable_from {
+            c.trainable_from = Stage::parse(t)
+                .with_context(|| format!("unknown stage {t:?}: use conv1, layer1..layer4 or fc"))?;
+        }
+        let lr = self.lr.unwrap_or_else(|| c.optim.optimizer.lr());
+        let kind = match (self.optimizer.as_deref(), &c.optim.optimizer) {
+            (Some("sgd"), _) | (None, OptimizerKind::Sgd { .. }) => OptimizerKind::sgd(lr, 0.9),
+            (Some("adam"), _) | (None, OptimizerKind::Adam { .. }) => OptimizerKind::adam(lr),
+            (Some(o), _) => bail!("unknown optimizer {o:?}: use sgd or adam"),
+            (None, other) => other.clone(),
         };
-        cfg.train.seed = g.seed;
-        Ok(cfg)
+        if self.optimizer.is_some() || self.lr.is_some() {
+            c.optim.optimizer = kind;
+        }
+        c.train.seed = g.seed;
+        Ok(c)
     }
 
     /// Trains and writes the run folder.

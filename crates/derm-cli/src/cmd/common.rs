@@ -133,3 +133,28 @@ pub fn write_history(out: &Path, state: &TrainState) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The config a `train` command starts from: the `--config` JSON file (fields it leaves out
+/// take their defaults, unknown ones are errors), else the stage's defaults. Flags then
+/// override it with [`set`] and [`set_some`], so defaults live in one place: the config's
+/// `Default`.
+pub fn base_config<C: serde::de::DeserializeOwned + Default>(path: Option<&Path>) -> anyhow::Result<C> {
+    match path {
+        Some(p) => Ok(derm_core::fsutil::read_json(p).with_context(|| format!("reading the config {}", p.display()))?),
+        None => Ok(C::default()),
+    }
+}
+
+/// Overrides `dst` with a flag's value when the flag was given.
+pub fn set<T>(dst: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *dst = v;
+    }
+}
+
+/// Overrides an optional setting with a flag's value when the flag was given.
+pub fn set_some<T>(dst: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *dst = flag;
+    }
+}

@@ -65,11 +65,8 @@ struct Summary {
 }
 
 impl HairArgs {
-    fn config(&self) -> anyhow::Result<HairConfig> {
-        let mut cfg: HairConfig = match &self.config {
-            Some(p) => derm_core::fsutil::read_json(p)?,
-            None => HairConfig::default(),
-        };
+    pub(crate) fn config(&self) -> anyhow::Result<HairConfig> {
+        let mut cfg: HairConfig = super::common::base_config(self.config.as_deref())?;
         if let Some(s) = self.size_ref {
             cfg.size_ref = s;
         }

@@ -4,6 +4,7 @@
 //! inpainting, derm-hair's classic inpainting and the network inside the occluded region of
 //! phantoms (PSNR and SSIM against the clean phantom).
 
+use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -35,30 +36,30 @@ pub struct TrainArgs {
     /// the perceptual and style losses; without them only the L1 and TV terms are used.
     #[arg(long)]
     pub vgg: Option<PathBuf>,
-    /// Network preset: small (CPU), peer (5 layers) or paper (7 layers).
-    #[arg(long, default_value = "small")]
-    pub preset: String,
-    /// Working size in pixels (images are resized to SIZE x SIZE).
-    #[arg(long, default_value_t = 128)]
-    pub size: u32,
-    /// Epochs.
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
+    /// Network preset: small (CPU), peer (5 layers) or paper (7 layers). [config default: small]
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Working size in pixels (images are resized to SIZE x SIZE). [config default: 128]
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Epochs. [config default: 20]
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Stop after this many minutes of training.
     #[arg(long)]
     pub minutes: Option<f64>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 6)]
-    pub batch: usize,
-    /// Learning rate of the Adam phase.
-    #[arg(long, default_value_t = 2e-4)]
-    pub lr: f64,
-    /// Share of the run after which SGD fine-tuning (encoder batch norm frozen) starts; 1 = never.
-    #[arg(long, default_value_t = 0.8)]
-    pub finetune_after: f64,
-    /// Learning rate of the fine-tuning phase.
-    #[arg(long, default_value_t = 5e-5)]
-    pub finetune_lr: f64,
+    /// Images per batch. [config default: 6]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate of the Adam phase. [config default: 2e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Share of the run after which SGD fine-tuning (encoder batch norm frozen) starts; 1 = never. [config default: 0.8]
+    #[arg(long)]
+    pub finetune_after: Option<f64>,
+    /// Learning rate of the fine-tuning phase. [config default: 5e-5]
+    #[arg(long)]
+    pub finetune_lr: Option<f64>,
     /// Folder of `*_occlusion.png` masks (from `derm hair` on other images) used as training holes.
     #[arg(long)]
     pub hole_masks: Option<PathBuf>,
@@ -68,7 +69,8 @@ pub struct TrainArgs {
     /// Evaluate on the validation part every N steps (default: each epoch).
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// A JSON file with a full PurifyConfig (the flags above are then ignored, except the seed).
+    /// A JSON file with a PurifyConfig (missing fields take their defaults); the flags above
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the run in OUT from its last checkpoint.
@@ -80,33 +82,30 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self, g: &GlobalOpts) -> anyhow::Result<PurifyConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => derm_core::fsutil::read_json(p)?,
-            None => {
-                let mut c = PurifyConfig {
-                    model: PConvUNetConfig::preset(&self.preset)
-                        .with_context(|| format!("unknown preset {:?}: use small, peer or paper", self.preset))?,
-                    ..Default::default()
-                };
-                c.size = self.size;
-                c.batch_size = self.batch;
-                c.train.epochs = self.epochs;
-                c.train.minutes = self.minutes;
-                c.train.eval_every = self.eval_every;
-                if let derm_core::optim::OptimizerKind::Adam { lr, .. } = &mut c.optim.optimizer {
-                    *lr = self.lr;
-                }
-                c.finetune_after_fraction = self.finetune_after;
-                c.finetune_lr = self.finetune_lr;
-                c.vgg_weights = self.vgg.clone();
-                c.hole_masks = self.hole_masks.clone();
-                c.clean_dir = self.clean_dir.clone();
-                c
+    pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<PurifyConfig> {
+        let mut c: PurifyConfig = common::base_config(self.config.as_deref())?;
+        if let Some(p) = &self.preset {
+            c.model =
+                PConvUNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, peer or paper"))?;
+        }
+        set(&mut c.size, self.size);
+        set(&mut c.batch_size, self.batch);
+        set(&mut c.train.epochs, self.epochs);
+        set_some(&mut c.train.minutes, self.minutes);
+        set_some(&mut c.train.eval_every, self.eval_every);
+        if let Some(new) = self.lr {
+            match &mut c.optim.optimizer {
+                derm_core::optim::OptimizerKind::Adam { lr, .. } => *lr = new,
+                other => *other = derm_core::optim::OptimizerKind::adam(new),
             }
-        };
-        cfg.train.seed = g.seed;
-        Ok(cfg)
+        }
+        set(&mut c.finetune_after_fraction, self.finetune_after);
+        set(&mut c.finetune_lr, self.finetune_lr);
+        set_some(&mut c.vgg_weights, self.vgg.clone());
+        set_some(&mut c.hole_masks, self.hole_masks.clone());
+        set_some(&mut c.clean_dir, self.clean_dir.clone());
+        c.train.seed = g.seed;
+        Ok(c)
     }
 
     /// Trains and writes the run folder.

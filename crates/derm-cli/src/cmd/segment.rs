@@ -1,5 +1,6 @@
 //! `derm segment train|predict|eval`: the dilated U-Net lesion segmenter.
 
+use super::common::{set, set_some};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -26,34 +27,35 @@ pub enum SegmentCommand {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: common::DataArgs,
-    /// Fraction of the split held out for validation (by id).
-    #[arg(long, default_value_t = 0.1)]
-    pub val_fraction: f64,
-    /// Network preset: small (CPU) or paper.
-    #[arg(long, default_value = "small")]
-    pub preset: String,
-    /// Working size in pixels (images are resized to SIZE x SIZE).
-    #[arg(long, default_value_t = 128)]
-    pub size: u32,
-    /// Epochs.
-    #[arg(long, default_value_t = 20)]
-    pub epochs: usize,
+    /// Fraction of the split held out for validation (by id). [config default: 0.1]
+    #[arg(long)]
+    pub val_fraction: Option<f64>,
+    /// Network preset: small (CPU) or paper. [config default: small]
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// Working size in pixels (images are resized to SIZE x SIZE). [config default: 128]
+    #[arg(long)]
+    pub size: Option<u32>,
+    /// Epochs. [config default: 20]
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Stop after this many minutes of training.
     #[arg(long)]
     pub minutes: Option<f64>,
-    /// Images per batch.
-    #[arg(long, default_value_t = 8)]
-    pub batch: usize,
-    /// Learning rate (Adam).
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
+    /// Images per batch. [config default: 8]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Learning rate (Adam). [config default: 1e-4]
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Evaluate on the validation part every N steps (default: each epoch).
     #[arg(long)]
     pub eval_every: Option<usize>,
-    /// Probability threshold of the saved model.
-    #[arg(long, default_value_t = 0.5)]
-    pub threshold: f32,
-    /// A JSON file with a full SegmentConfig (the flags above are then ignored, except the seed).
+    /// Probability threshold of the saved model. [config default: 0.5]
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    /// A JSON file with a SegmentConfig (missing fields take their defaults); the flags above
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue the run in OUT from its last checkpoint.
@@ -65,28 +67,23 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self, g: &GlobalOpts) -> anyhow::Result<SegmentConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => derm_core::fsutil::read_json(p)?,
-            None => {
-                let mut c = SegmentConfig {
-                    model: UNetConfig::preset(&self.preset)
-                        .with_context(|| format!("unknown preset {:?}: use small or paper", self.preset))?,
-                    ..Default::default()
-                };
-                c.size = self.size;
-                c.batch_size = self.batch;
-                c.val_fraction = self.val_fraction;
-                c.threshold = self.threshold;
-                c.train.epochs = self.epochs;
-                c.train.minutes = self.minutes;
-                c.train.eval_every = self.eval_every;
-                c.optim.optimizer = derm_core::optim::OptimizerKind::adam(self.lr);
-                c
-            }
-        };
-        cfg.train.seed = g.seed;
-        Ok(cfg)
+    pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SegmentConfig> {
+        let mut c: SegmentConfig = common::base_config(self.config.as_deref())?;
+        if let Some(p) = &self.preset {
+            c.model = UNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small or paper"))?;
+        }
+        set(&mut c.size, self.size);
+        set(&mut c.batch_size, self.batch);
+        set(&mut c.val_fraction, self.val_fraction);
+        set(&mut c.threshold, self.threshold);
+        set(&mut c.train.epochs, self.epochs);
+        set_some(&mut c.train.minutes, self.minutes);
+        set_some(&mut c.train.eval_every, self.eval_every);
+        if let Some(lr) = self.lr {
+            c.optim.optimizer = derm_core::optim::OptimizerKind::adam(lr);
+        }
+        c.train.seed = g.seed;
+        Ok(c)
     }
 
     /// Trains and writes the run folder.

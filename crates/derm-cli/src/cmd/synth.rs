@@ -1,6 +1,7 @@
 //! `derm synth train|sample`: GANs that make new images of the rare classes, and their sampling
 //! with a novelty check.
 
+use super::common::{set, set_some};
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -35,41 +36,41 @@ pub struct TrainArgs {
     #[arg(long)]
     pub coupled: bool,
     /// Network preset: small (CPU, 64 px), paper (the authors' 256 px DCGAN) or peer64 (the peer
-    /// reference's 64 px DCGAN).
-    #[arg(long, default_value = "small")]
-    pub preset: String,
+    /// reference's 64 px DCGAN). [config default: small]
+    #[arg(long)]
+    pub preset: Option<String>,
     /// Working size in pixels, 4 * 2^k (default: the preset's); layers are added or removed.
     #[arg(long)]
     pub size: Option<usize>,
-    /// Epochs (passes over the largest class).
-    #[arg(long, default_value_t = 200)]
-    pub epochs: usize,
+    /// Epochs (passes over the largest class). [config default: 200]
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Stop each model after this many minutes.
     #[arg(long)]
     pub minutes: Option<f64>,
     /// Stop each model after this many steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Real images per class per step.
-    #[arg(long, default_value_t = 32)]
-    pub batch: usize,
-    /// Generator updates per discriminator update.
-    #[arg(long, default_value_t = 2)]
-    pub g_steps: usize,
+    /// Real images per class per step. [config default: 32]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Generator updates per discriminator update. [config default: 2]
+    #[arg(long)]
+    pub g_steps: Option<usize>,
     /// Feature matching as the generator's loss.
     #[arg(long)]
     pub feature_matching: bool,
-    /// Target of real images in the discriminator's loss (one-sided label smoothing).
-    #[arg(long, default_value_t = 0.9)]
-    pub real_label: f64,
-    /// Check quality (and early stopping) every N steps.
-    #[arg(long, default_value_t = 100)]
-    pub eval_every: usize,
-    /// Write a sample grid every N steps.
-    #[arg(long, default_value_t = 200)]
-    pub sample_every: usize,
-    /// A JSON file with a full SynthConfig (the flags above are then ignored, except the seed
-    /// and the time and step budgets).
+    /// Target of real images in the discriminator's loss (one-sided label smoothing). [config default: 0.9]
+    #[arg(long)]
+    pub real_label: Option<f64>,
+    /// Check quality (and early stopping) every N steps. [config default: 100]
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Write a sample grid every N steps. [config default: 200]
+    #[arg(long)]
+    pub sample_every: Option<usize>,
+    /// A JSON file with a SynthConfig (missing fields take their defaults); the flags above
+    /// override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Continue each model from its last checkpoint.
@@ -81,36 +82,23 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    fn config(&self, g: &GlobalOpts) -> anyhow::Result<SynthConfig> {
-        let mut cfg = match &self.config {
-            Some(p) => derm_core::fsutil::read_json(p)?,
-            None => {
-                let mut c = SynthConfig {
-                    model: GanConfig::preset(&self.preset)
-                        .with_context(|| format!("unknown preset {:?}: use small, paper or peer64", self.preset))?,
-                    ..Default::default()
-                };
-                if let Some(s) = self.size {
-                    c.model.size = s;
-                }
-                c.batch_size = self.batch;
-                c.g_steps = self.g_steps;
-                c.feature_matching = self.feature_matching;
-                c.real_label = self.real_label;
-                c.sample_every = self.sample_every;
-                c.train.epochs = self.epochs;
-                c.train.eval_every = Some(self.eval_every);
-                c
-            }
-        };
-        cfg.train.seed = g.seed;
-        if self.minutes.is_some() {
-            cfg.train.minutes = self.minutes;
+    pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SynthConfig> {
+        let mut c: SynthConfig = common::base_config(self.config.as_deref())?;
+        if let Some(p) = &self.preset {
+            c.model = GanConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, paper or peer64"))?;
         }
-        if self.max_steps.is_some() {
-            cfg.train.max_steps = self.max_steps;
-        }
-        Ok(cfg)
+        set(&mut c.model.size, self.size);
+        set(&mut c.batch_size, self.batch);
+        set(&mut c.g_steps, self.g_steps);
+        c.feature_matching |= self.feature_matching;
+        set(&mut c.real_label, self.real_label);
+        set(&mut c.sample_every, self.sample_every);
+        set(&mut c.train.epochs, self.epochs);
+        set_some(&mut c.train.eval_every, self.eval_every);
+        set_some(&mut c.train.minutes, self.minutes);
+        set_some(&mut c.train.max_steps, self.max_steps);
+        c.train.seed = g.seed;
+        Ok(c)
     }
 
     /// Trains and writes the run folder.

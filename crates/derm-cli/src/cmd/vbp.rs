@@ -42,14 +42,21 @@ pub enum Saliency {
 }
 
 impl Saliency {
-    /// Loads whichever stage wrote the checkpoint.
+    /// Loads the model the checkpoint's `meta.json` says it is (a classifier or a segmenter).
     pub fn load(dir: &Path, device: &derm_core::Device) -> anyhow::Result<Self> {
-        if let Ok(c) = derm_classify::Classifier::load(dir, device) {
-            return Ok(Saliency::Classifier(Box::new(c)));
+        let stage = derm_core::checkpoint::stage_of(dir).with_context(|| format!("reading {}", dir.display()))?;
+        match stage.as_str() {
+            "classify" => Ok(Saliency::Classifier(Box::new(
+                derm_classify::Classifier::load(dir, device).with_context(|| format!("loading {}", dir.display()))?,
+            ))),
+            "segment" => Ok(Saliency::Segmenter(Box::new(
+                derm_segment::Segmenter::load(dir, device).with_context(|| format!("loading {}", dir.display()))?,
+            ))),
+            other => bail!(
+                "{}: a `{other}` checkpoint; VisualBackProp needs a classifier or a segmenter",
+                dir.display()
+            ),
         }
-        let s = derm_segment::Segmenter::load(dir, device)
-            .with_context(|| format!("{}: neither a classifier nor a segmenter checkpoint", dir.display()))?;
-        Ok(Saliency::Segmenter(Box::new(s)))
     }
 
     /// The view of `img` the model sees, and its saliency map (row-major, view size).
