@@ -177,7 +177,10 @@ mod tests {
         let cli = parse(&["hair", "--input", "i", "--out", "o", "--config", &c, "--size-ref", "200"]);
         let Command::Hair(a) = &cli.command else { panic!("hair") };
         let cfg = a.config().unwrap();
-        assert_eq!((cfg.size_ref, cfg.rulers, cfg.line_length), (200, false, derm_hair::HairConfig::default().line_length));
+        assert_eq!(
+            (cfg.size_ref, cfg.rulers, cfg.line_length),
+            (200, false, derm_hair::HairConfig::default().line_length)
+        );
 
         // A field the config type does not have is an error naming the file.
         let c = file("bad.json", r#"{"sise": 40}"#);

@@ -128,8 +128,8 @@ impl TrainArgs {
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
         if let Some(t) = &self.trainable_from {
-            c.trainable_from = Stage::parse(t)
-                .with_context(|| format!("unknown stage {t:?}: use conv1, layer1..layer4 or fc"))?;
+            c.trainable_from =
+                Stage::parse(t).with_context(|| format!("unknown stage {t:?}: use conv1, layer1..layer4 or fc"))?;
         }
         let lr = self.lr.unwrap_or_else(|| c.optim.optimizer.lr());
         let kind = match (self.optimizer.as_deref(), &c.optim.optimizer) {

@@ -85,8 +85,8 @@ impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<PurifyConfig> {
         let mut c: PurifyConfig = common::base_config(self.config.as_deref())?;
         if let Some(p) = &self.preset {
-            c.model =
-                PConvUNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, peer or paper"))?;
+            c.model = PConvUNetConfig::preset(p)
+                .with_context(|| format!("unknown preset {p:?}: use small, peer or paper"))?;
         }
         set(&mut c.size, self.size);
         set(&mut c.batch_size, self.batch);

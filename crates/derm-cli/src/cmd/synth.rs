@@ -85,7 +85,8 @@ impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SynthConfig> {
         let mut c: SynthConfig = common::base_config(self.config.as_deref())?;
         if let Some(p) = &self.preset {
-            c.model = GanConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, paper or peer64"))?;
+            c.model =
+                GanConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, paper or peer64"))?;
         }
         set(&mut c.model.size, self.size);
         set(&mut c.batch_size, self.batch);

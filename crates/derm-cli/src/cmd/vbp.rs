@@ -52,10 +52,9 @@ impl Saliency {
             "segment" => Ok(Saliency::Segmenter(Box::new(
                 derm_segment::Segmenter::load(dir, device).with_context(|| format!("loading {}", dir.display()))?,
             ))),
-            other => bail!(
-                "{}: a `{other}` checkpoint; VisualBackProp needs a classifier or a segmenter",
-                dir.display()
-            ),
+            other => {
+                bail!("{}: a `{other}` checkpoint; VisualBackProp needs a classifier or a segmenter", dir.display())
+            }
         }
     }
 

@@ -5,11 +5,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn derm_cmd(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_derm"));
+    let mut c = Command::new(derm_tests::derm_bin());
     c.args(["-q", "--seed", "5"]).args(args);
     c
 }
@@ -86,24 +86,6 @@ fn saved_step(out: &Path) -> Option<u64> {
     serde_json::from_str::<serde_json::Value>(&text).ok()?["step"].as_u64()
 }
 
-/// Waits until `ready` holds or the child exits; then SIGKILLs it. True when it was killed
-/// while still running.
-fn kill_when(child: &mut Child, ready: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if ready() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    panic!("the run neither reached its kill point nor ended in 120 s");
-}
-
 #[test]
 fn sigkill_at_several_points_then_resume_gives_the_uninterrupted_result() {
     let d = tempfile::tempdir().unwrap();
@@ -132,7 +114,7 @@ fn sigkill_at_several_points_then_resume_gives_the_uninterrupted_result() {
         if i == 0 {
             std::thread::sleep(Duration::from_millis(150));
         }
-        if kill_when(&mut child, || ready(&out)) {
+        if derm_tests::kill_when(&mut child, Duration::from_secs(120), || ready(&out)) {
             kills += 1;
         }
     }
@@ -321,7 +303,7 @@ fn progress_is_logged_as_lines_when_stderr_is_not_a_terminal() {
     let d = tempfile::tempdir().unwrap();
     let ph = phantoms(d.path(), 12);
     let out = d.path().join("run");
-    let o = Command::new(env!("CARGO_BIN_EXE_derm"))
+    let o = Command::new(derm_tests::derm_bin())
         .args(["--seed", "1"])
         .args(seg_train_args(&ph, &out, "2"))
         .env("DERM_PROGRESS_SECS", "0")

@@ -4,27 +4,18 @@
 //! the same folder is refused while the first runs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The `derm` binary `cargo test --workspace` built beside this test; built here otherwise.
-fn derm_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("derm");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo).args(["build", "-q", "-p", "derm-cli"]).status().unwrap();
-        assert!(st.success());
-    }
-    bin
-}
-
 fn pipeline(out: &Path, resume: bool) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_xtask"));
-    c.args(["pipeline", "--budget", "tiny", "--seed", "4", "-q", "--out"]).arg(out).arg("--derm-bin").arg(derm_bin());
+    let mut c = Command::new(derm_tests::xtask_bin());
+    c.args(["pipeline", "--budget", "tiny", "--seed", "4", "-q", "--out"])
+        .arg(out)
+        .arg("--derm-bin")
+        .arg(derm_tests::derm_bin());
     if resume {
         c.arg("--resume");
     }
@@ -61,22 +52,6 @@ fn metrics(out: &Path) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn wait_then_kill(child: &mut Child, ready: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while Instant::now() < deadline {
-        if child.try_wait().unwrap().is_some() {
-            return false;
-        }
-        if ready() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("the pipeline neither reached its kill point nor ended in 300 s");
-}
-
 #[test]
 fn killed_pipeline_resumes_to_the_uninterrupted_result() {
     let d = tempfile::tempdir().unwrap();
@@ -101,7 +76,7 @@ fn killed_pipeline_resumes_to_the_uninterrupted_result() {
     let mut kills = 0;
     for (i, ready) in points.iter().enumerate() {
         let mut child = pipeline(&out, i > 0).spawn().unwrap();
-        if wait_then_kill(&mut child, ready) {
+        if derm_tests::kill_when(&mut child, Duration::from_secs(300), ready) {
             kills += 1;
         }
     }

@@ -1,6 +1,5 @@
 //! Shared by the `derm serve` tests and the load check: a tiny phantom-trained run folder, the
 //! server started on an ephemeral loopback port, and a small HTTP/1.1 client on std's TcpStream.
-#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -8,10 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// The `derm` binary cargo built for this target.
-pub fn derm_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_derm")
-}
+pub use crate::derm_bin;
 
 fn derm(args: &[&str]) {
     let o = Command::new(derm_bin()).args(["-q", "--seed", "3"]).args(args).output().expect("derm runs");

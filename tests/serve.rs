@@ -3,11 +3,10 @@
 //! run browser, and the bounded queue.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
-
 use std::io::Cursor;
 use std::process::Command;
 
+use derm_tests::serve as support;
 use support::{analyze, get, multipart, request, tiny_run, Server};
 
 fn png_bytes(path: &std::path::Path) -> Vec<u8> {
