@@ -1,6 +1,6 @@
 //! `derm classify train|predict|eval`: the ResNet lesion classifier.
 
-use super::common::{set, set_some};
+use super::common::set;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -30,6 +30,8 @@ pub enum ClassifyCommand {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: common::DataArgs,
+    #[command(flatten)]
+    pub run: common::TrainFlags,
     /// A folder of <id>_purified.png (the purify stage's output) added to training.
     #[arg(long)]
     pub purified: Option<PathBuf>,
@@ -58,15 +60,6 @@ pub struct TrainArgs {
     /// Short side images are scaled to before cropping (default: size * 256 / 224).
     #[arg(long)]
     pub resize: Option<u32>,
-    /// Epochs. [config default: 30]
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Stop after this many minutes of training.
-    #[arg(long)]
-    pub minutes: Option<f64>,
-    /// Images per batch. [config default: 16]
-    #[arg(long)]
-    pub batch: Option<usize>,
     /// Learning rate. [config default: 1e-3]
     #[arg(long)]
     pub lr: Option<f64>,
@@ -82,24 +75,11 @@ pub struct TrainArgs {
     /// Fraction of the split held out for validation (by id). [config default: 0.15]
     #[arg(long)]
     pub val_fraction: Option<f64>,
-    /// Evaluate on the validation part every N steps (default: each epoch).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// A JSON file with a ClassifyConfig (missing fields take their defaults); the flags above
-    /// override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Continue the run in OUT from its last checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png, validation.json.
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<ClassifyConfig> {
-        let mut c: ClassifyConfig = common::base_config(self.config.as_deref())?;
+        let mut c: ClassifyConfig = self.run.base_config()?;
         if let Some(arch) = &self.arch {
             let model = ResNetConfig::by_name(arch, 3).with_context(|| {
                 format!("unknown architecture {arch:?}: use resnet18, resnet34, resnet50 or resnet101")
@@ -119,10 +99,6 @@ impl TrainArgs {
             c.resize = (size as f64 * 256.0 / 224.0).round() as u32;
         }
         set(&mut c.resize, self.resize);
-        set(&mut c.batch_size, self.batch);
-        set(&mut c.train.epochs, self.epochs);
-        set_some(&mut c.train.minutes, self.minutes);
-        set_some(&mut c.train.eval_every, self.eval_every);
         set(&mut c.val_fraction, self.val_fraction);
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
@@ -141,7 +117,7 @@ impl TrainArgs {
         if self.optimizer.is_some() || self.lr.is_some() {
             c.optim.optimizer = kind;
         }
-        c.train.seed = g.seed;
+        self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
 
@@ -153,12 +129,14 @@ impl TrainArgs {
         let extra = ExtraSources { purified: self.purified.clone(), synthetic: self.synthetic.clone() };
         let mut progress = StageProgress::new("classify", g.quiet);
         let (mut task, state) =
-            derm_classify::train(cfg, &data, &extra, &device, &self.out, self.resume, &mut |e| progress.event(e))
-                .with_context(|| format!("training the classifier into {}", self.out.display()))?;
+            derm_classify::train(cfg, &data, &extra, &device, &self.run.out, self.run.resume, &mut |e| {
+                progress.event(e)
+            })
+            .with_context(|| format!("training the classifier into {}", self.run.out.display()))?;
         progress.finish();
-        common::write_history(&self.out, &state)?;
+        common::write_history(&self.run.out, &state)?;
         let report = task.val_report()?;
-        derm_core::fsutil::write_json(&self.out.join("validation.json"), &report)?;
+        derm_core::fsutil::write_json(&self.run.out.join("validation.json"), &report)?;
         let (ntrain, nval) = task.sizes();
         println!(
             "trained {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; last: {}; run folder {}",
@@ -168,7 +146,7 @@ impl TrainArgs {
             state.best_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
             state.best_step.unwrap_or(0),
             summary_line(&report),
-            self.out.display()
+            self.run.out.display()
         );
         let _ = nval;
         Ok(())

@@ -134,6 +134,55 @@ pub fn write_history(out: &Path, state: &TrainState) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The flags every `train` command shares: the loop's budget, batch size, config file, resume
+/// and run folder. Each overrides the config (file or defaults) only when given.
+#[derive(Debug, clap::Args)]
+pub struct TrainFlags {
+    /// Passes over the training data (the GAN: over its largest class). [config default]
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Stop after this many minutes of training, resumed runs included.
+    #[arg(long)]
+    pub minutes: Option<f64>,
+    /// Stop after this many optimiser steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Evaluate (the GAN: check quality) every N steps. [config default: each epoch]
+    #[arg(long)]
+    pub eval_every: Option<usize>,
+    /// Images per batch (the GAN: real images per class per step). [config default]
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// A JSON file with the stage's config (missing fields take their defaults, unknown ones are
+    /// errors); the flags given override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue the run in OUT from its last checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+impl TrainFlags {
+    /// The stage's config from `--config`, or its defaults.
+    pub fn base_config<C: serde::de::DeserializeOwned + Default>(&self) -> anyhow::Result<C> {
+        base_config(self.config.as_deref())
+    }
+
+    /// Applies the loop flags and the global seed (`--seed`) to a stage config's loop and
+    /// batch size.
+    pub fn apply(&self, g: &crate::GlobalOpts, train: &mut derm_core::train::LoopConfig, batch_size: &mut usize) {
+        set(batch_size, self.batch);
+        set(&mut train.epochs, self.epochs);
+        set_some(&mut train.minutes, self.minutes);
+        set_some(&mut train.max_steps, self.max_steps);
+        set_some(&mut train.eval_every, self.eval_every);
+        train.seed = g.seed;
+    }
+}
+
 /// The config a `train` command starts from: the `--config` JSON file (fields it leaves out
 /// take their defaults, unknown ones are errors), else the stage's defaults. Flags then
 /// override it with [`set`] and [`set_some`], so defaults live in one place: the config's

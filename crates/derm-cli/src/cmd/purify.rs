@@ -32,6 +32,8 @@ pub enum PurifyCommand {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: common::DataArgs,
+    #[command(flatten)]
+    pub run: common::TrainFlags,
     /// VGG16 ImageNet weights (safetensors with torchvision names `features.N.weight/bias`) for
     /// the perceptual and style losses; without them only the L1 and TV terms are used.
     #[arg(long)]
@@ -42,15 +44,6 @@ pub struct TrainArgs {
     /// Working size in pixels (images are resized to SIZE x SIZE). [config default: 128]
     #[arg(long)]
     pub size: Option<u32>,
-    /// Epochs. [config default: 20]
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Stop after this many minutes of training.
-    #[arg(long)]
-    pub minutes: Option<f64>,
-    /// Images per batch. [config default: 6]
-    #[arg(long)]
-    pub batch: Option<usize>,
     /// Learning rate of the Adam phase. [config default: 2e-4]
     #[arg(long)]
     pub lr: Option<f64>,
@@ -66,33 +59,16 @@ pub struct TrainArgs {
     /// Folder of `<id>_clean.png` (from `derm hair`) used as targets for real images.
     #[arg(long)]
     pub clean_dir: Option<PathBuf>,
-    /// Evaluate on the validation part every N steps (default: each epoch).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
-    /// A JSON file with a PurifyConfig (missing fields take their defaults); the flags above
-    /// override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Continue the run in OUT from its last checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png.
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<PurifyConfig> {
-        let mut c: PurifyConfig = common::base_config(self.config.as_deref())?;
+        let mut c: PurifyConfig = self.run.base_config()?;
         if let Some(p) = &self.preset {
             c.model = PConvUNetConfig::preset(p)
                 .with_context(|| format!("unknown preset {p:?}: use small, peer or paper"))?;
         }
         set(&mut c.size, self.size);
-        set(&mut c.batch_size, self.batch);
-        set(&mut c.train.epochs, self.epochs);
-        set_some(&mut c.train.minutes, self.minutes);
-        set_some(&mut c.train.eval_every, self.eval_every);
         if let Some(new) = self.lr {
             match &mut c.optim.optimizer {
                 derm_core::optim::OptimizerKind::Adam { lr, .. } => *lr = new,
@@ -104,7 +80,7 @@ impl TrainArgs {
         set_some(&mut c.vgg_weights, self.vgg.clone());
         set_some(&mut c.hole_masks, self.hole_masks.clone());
         set_some(&mut c.clean_dir, self.clean_dir.clone());
-        c.train.seed = g.seed;
+        self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
 
@@ -114,10 +90,11 @@ impl TrainArgs {
         let device = g.device()?;
         let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("purify", g.quiet);
-        let (task, state) = derm_purify::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
-            .with_context(|| format!("training the purifier into {}", self.out.display()))?;
+        let (task, state) =
+            derm_purify::train(cfg, &data, &device, &self.run.out, self.run.resume, &mut |e| progress.event(e))
+                .with_context(|| format!("training the purifier into {}", self.run.out.display()))?;
         progress.finish();
-        common::write_history(&self.out, &state)?;
+        common::write_history(&self.run.out, &state)?;
         let (ntrain, _) = task.sizes();
         println!(
             "trained {} steps in {:.1} min on {ntrain} images ({}{}); best validation hole PSNR {} dB at step {}; run folder {}",
@@ -127,7 +104,7 @@ impl TrainArgs {
             if task.finetuning() { ", fine-tuned" } else { "" },
             state.best_metric.map(|v| format!("{v:.2}")).unwrap_or_else(|| "n/a".into()),
             state.best_step.unwrap_or(0),
-            self.out.display()
+            self.run.out.display()
         );
         Ok(())
     }

@@ -1,6 +1,6 @@
 //! `derm segment train|predict|eval`: the dilated U-Net lesion segmenter.
 
-use super::common::{set, set_some};
+use super::common::set;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -27,6 +27,8 @@ pub enum SegmentCommand {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: common::DataArgs,
+    #[command(flatten)]
+    pub run: common::TrainFlags,
     /// Fraction of the split held out for validation (by id). [config default: 0.1]
     #[arg(long)]
     pub val_fraction: Option<f64>,
@@ -36,53 +38,27 @@ pub struct TrainArgs {
     /// Working size in pixels (images are resized to SIZE x SIZE). [config default: 128]
     #[arg(long)]
     pub size: Option<u32>,
-    /// Epochs. [config default: 20]
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Stop after this many minutes of training.
-    #[arg(long)]
-    pub minutes: Option<f64>,
-    /// Images per batch. [config default: 8]
-    #[arg(long)]
-    pub batch: Option<usize>,
     /// Learning rate (Adam). [config default: 1e-4]
     #[arg(long)]
     pub lr: Option<f64>,
-    /// Evaluate on the validation part every N steps (default: each epoch).
-    #[arg(long)]
-    pub eval_every: Option<usize>,
     /// Probability threshold of the saved model. [config default: 0.5]
     #[arg(long)]
     pub threshold: Option<f32>,
-    /// A JSON file with a SegmentConfig (missing fields take their defaults); the flags above
-    /// override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Continue the run in OUT from its last checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Run folder: best/ and last/ checkpoints, history.json, loss_curve.png.
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SegmentConfig> {
-        let mut c: SegmentConfig = common::base_config(self.config.as_deref())?;
+        let mut c: SegmentConfig = self.run.base_config()?;
         if let Some(p) = &self.preset {
             c.model = UNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small or paper"))?;
         }
         set(&mut c.size, self.size);
-        set(&mut c.batch_size, self.batch);
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.threshold, self.threshold);
-        set(&mut c.train.epochs, self.epochs);
-        set_some(&mut c.train.minutes, self.minutes);
-        set_some(&mut c.train.eval_every, self.eval_every);
         if let Some(lr) = self.lr {
             c.optim.optimizer = derm_core::optim::OptimizerKind::adam(lr);
         }
-        c.train.seed = g.seed;
+        self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
 
@@ -93,10 +69,10 @@ impl TrainArgs {
         let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("segment", g.quiet);
         let (task, state) =
-            derm_segment::train(cfg, &data, &device, &self.out, self.resume, &mut |e| progress.event(e))
-                .with_context(|| format!("training the segmenter into {}", self.out.display()))?;
+            derm_segment::train(cfg, &data, &device, &self.run.out, self.run.resume, &mut |e| progress.event(e))
+                .with_context(|| format!("training the segmenter into {}", self.run.out.display()))?;
         progress.finish();
-        common::write_history(&self.out, &state)?;
+        common::write_history(&self.run.out, &state)?;
         let (ntrain, nval) = task.sizes();
         println!(
             "trained {} steps in {:.1} min on {ntrain} images ({}); best validation Jaccard {} at step {}; run folder {}",
@@ -105,7 +81,7 @@ impl TrainArgs {
             state.stop_reason.as_deref().unwrap_or("done"),
             state.best_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
             state.best_step.unwrap_or(0),
-            self.out.display()
+            self.run.out.display()
         );
         let _ = nval;
         Ok(())

@@ -1,7 +1,7 @@
 //! `derm synth train|sample`: GANs that make new images of the rare classes, and their sampling
 //! with a novelty check.
 
-use super::common::{set, set_some};
+use super::common::set;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -28,6 +28,8 @@ pub enum SynthCommand {
 pub struct TrainArgs {
     #[command(flatten)]
     pub data: common::DataArgs,
+    #[command(flatten)]
+    pub run: common::TrainFlags,
     /// Classes to generate, comma separated (names of the data set's classes).
     #[arg(long, value_delimiter = ',', default_value = "melanoma,seborrheic_keratosis")]
     pub classes: Vec<String>,
@@ -42,18 +44,6 @@ pub struct TrainArgs {
     /// Working size in pixels, 4 * 2^k (default: the preset's); layers are added or removed.
     #[arg(long)]
     pub size: Option<usize>,
-    /// Epochs (passes over the largest class). [config default: 200]
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Stop each model after this many minutes.
-    #[arg(long)]
-    pub minutes: Option<f64>,
-    /// Stop each model after this many steps.
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Real images per class per step. [config default: 32]
-    #[arg(long)]
-    pub batch: Option<usize>,
     /// Generator updates per discriminator update. [config default: 2]
     #[arg(long)]
     pub g_steps: Option<usize>,
@@ -63,42 +53,24 @@ pub struct TrainArgs {
     /// Target of real images in the discriminator's loss (one-sided label smoothing). [config default: 0.9]
     #[arg(long)]
     pub real_label: Option<f64>,
-    /// Check quality (and early stopping) every N steps. [config default: 100]
-    #[arg(long)]
-    pub eval_every: Option<usize>,
     /// Write a sample grid every N steps. [config default: 200]
     #[arg(long)]
     pub sample_every: Option<usize>,
-    /// A JSON file with a SynthConfig (missing fields take their defaults); the flags above
-    /// override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Continue each model from its last checkpoint.
-    #[arg(long)]
-    pub resume: bool,
-    /// Run folder (decoupled: one sub-folder per class).
-    #[arg(long)]
-    pub out: PathBuf,
 }
 
 impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SynthConfig> {
-        let mut c: SynthConfig = common::base_config(self.config.as_deref())?;
+        let mut c: SynthConfig = self.run.base_config()?;
         if let Some(p) = &self.preset {
             c.model =
                 GanConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, paper or peer64"))?;
         }
         set(&mut c.model.size, self.size);
-        set(&mut c.batch_size, self.batch);
         set(&mut c.g_steps, self.g_steps);
         c.feature_matching |= self.feature_matching;
         set(&mut c.real_label, self.real_label);
         set(&mut c.sample_every, self.sample_every);
-        set(&mut c.train.epochs, self.epochs);
-        set_some(&mut c.train.eval_every, self.eval_every);
-        set_some(&mut c.train.minutes, self.minutes);
-        set_some(&mut c.train.max_steps, self.max_steps);
-        c.train.seed = g.seed;
+        self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
 
@@ -120,9 +92,18 @@ impl TrainArgs {
             }
             progress.event(e)
         };
-        let results =
-            train_run(&cfg, kind, &self.classes, &data, Some(source), &device, &self.out, self.resume, &mut on_event)
-                .with_context(|| format!("training the GAN run {}", self.out.display()))?;
+        let results = train_run(
+            &cfg,
+            kind,
+            &self.classes,
+            &data,
+            Some(source),
+            &device,
+            &self.run.out,
+            self.run.resume,
+            &mut on_event,
+        )
+        .with_context(|| format!("training the GAN run {}", self.run.out.display()))?;
         progress.finish();
         for (name, st) in &results {
             println!(
@@ -134,7 +115,7 @@ impl TrainArgs {
                 st.best_step.unwrap_or(0)
             );
         }
-        println!("run folder {}", self.out.display());
+        println!("run folder {}", self.run.out.display());
         Ok(())
     }
 }
