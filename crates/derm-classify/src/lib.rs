@@ -208,6 +208,19 @@ impl Classifier {
         Ok(Classifier { cfg, net, varmap, device: device.clone() })
     }
 
+    /// A network initialised as [`Classifier::new`], then, when `cfg.pretrained` names a file,
+    /// with its torchvision-named weights loaded and the classifier head replaced by a fresh one
+    /// of `cfg.model.num_classes` outputs (see [`load_torchvision`]). What `derm classify train
+    /// --pretrained FILE` does before training.
+    pub fn with_pretrained(cfg: ClassifyConfig, device: &Device) -> Result<Self> {
+        let clf = Classifier::new(cfg, device)?;
+        if let Some(p) = &clf.cfg.pretrained {
+            load_torchvision(&clf.varmap, p, true)?;
+            tracing::info!(path = %p.display(), "pretrained weights loaded, head replaced");
+        }
+        Ok(clf)
+    }
+
     /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
     /// is used).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
@@ -441,11 +454,8 @@ impl ClassifyTask {
         } else {
             (Box::new(ShuffleSampler::new(train.len(), cfg.train.seed)), train.len() / cfg.batch_size)
         };
-        let clf = Classifier::new(cfg.clone(), device)?;
-        if let Some(p) = &cfg.pretrained {
-            load_torchvision(&clf.varmap, p, true)?;
-            tracing::info!(path = %p.display(), "pretrained weights loaded, head replaced");
-        } else if cfg.freeze_backbone {
+        let clf = Classifier::with_pretrained(cfg.clone(), device)?;
+        if cfg.pretrained.is_none() && cfg.freeze_backbone {
             tracing::warn!("freeze_backbone without pretrained weights: the head is trained on random features");
         }
         let opt = optimizer_for(&clf);
