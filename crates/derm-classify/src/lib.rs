@@ -10,7 +10,11 @@
 //! a given stage on (`trainable_from`). Scoring follows the ISIC 2017 scorer (AUC per class and
 //! their mean, melanoma specificity at 82/89/95% sensitivity) and ISIC 2018 (balanced accuracy).
 //!
-//! - [`model`]: the ResNet with torchvision's variable names and every stage's feature map.
+//! - [`model`]: the ResNet with torchvision's variable names and every stage's feature map;
+//!   [`load_torchvision`] and [`Classifier::with_pretrained`] load torchvision's state dicts
+//!   unchanged (`docs/pretrained.md`: the one command that converts torchvision's ImageNet
+//!   weights, `bench/peer/export_torchvision.py OUT --pretrained`, the measured equivalence with
+//!   PyTorch, and what `--freeze-backbone` costs on a CPU).
 //! - [`data`]: purified and synthetic sources, scaled-image cache, training and test views.
 //! - [`eval`]: the challenge metrics.
 //!
