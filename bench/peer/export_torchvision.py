@@ -24,6 +24,14 @@ For each model NAME, two files in OUT_DIR:
 A JSON line on stdout lists the files, tensor counts and sizes. No weights are downloaded
 (weights=None); torch.manual_seed(seed) fixes everything. resnet50 is about 100 MB in f32:
 `--models resnet18` keeps a test small.
+
+--pretrained: torchvision's ImageNet weights instead (weights="DEFAULT": resnet18 IMAGENET1K_V1,
+resnet50 IMAGENET1K_V2, vgg16 IMAGENET1K_V1), downloaded by torchvision on first use (needs the
+internet once; cached in ~/.cache/torch), batch norm left as trained. The files are the same
+two per model, so derm's equivalence tests run on the real weights too. What a user runs:
+
+    python bench/peer/export_torchvision.py weights --pretrained --models resnet50,vgg16
+    derm classify train --pretrained weights/resnet50.safetensors ...
 """
 import argparse
 import json
@@ -92,12 +100,16 @@ def vgg_outputs(model, x):
     return out
 
 
-def export(name, out_dir, seed, dtype, vgg_full):
+def export(name, out_dir, seed, dtype, vgg_full, pretrained=False):
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    model = getattr(torchvision.models, name)(weights=None)
+    weights = "DEFAULT" if pretrained else None
+    model = getattr(torchvision.models, name)(weights=weights)
     shape = VGG_INPUT if name.startswith("vgg") else RESNET_INPUT
-    randomise_batch_norm(model, gen, (4,) + shape[1:])
+    if pretrained:
+        weights = str(torchvision.models.get_model_weights(name).DEFAULT)
+    else:
+        randomise_batch_norm(model, gen, (4,) + shape[1:])
     model.eval()
     # The in-place ReLUs of torchvision would overwrite the features we keep: turn them off.
     for m in model.modules():
@@ -111,22 +123,23 @@ def export(name, out_dir, seed, dtype, vgg_full):
     def cast(t):
         return t.to(dtype) if t.is_floating_point() else t
 
-    weights = {k: cast(v).contiguous() for k, v in model.state_dict().items()
-               if vgg_full or not (name.startswith("vgg") and k.startswith("classifier."))}
+    state = {k: cast(v).contiguous() for k, v in model.state_dict().items()
+             if vgg_full or not (name.startswith("vgg") and k.startswith("classifier."))}
     io = {k: cast(v).contiguous() for k, v in io.items()}
-    meta = {"source": f"torchvision {torchvision.__version__} {name}(weights=None)", "seed": str(seed),
+    meta = {"source": f"torchvision {torchvision.__version__} {name}(weights={weights})", "seed": str(seed),
             "torch": torch.__version__}
     w_path = os.path.join(out_dir, f"{name}.safetensors")
     io_path = os.path.join(out_dir, f"{name}_io.safetensors")
-    save_file(weights, w_path, metadata=meta)
+    save_file(state, w_path, metadata=meta)
     save_file(io, io_path, metadata={**meta, "mode": "eval", "input_layout": "NCHW"})
     return {
         "model": name,
         "weights": w_path,
         "io": io_path,
-        "tensors": len(weights),
-        "num_batches_tracked": sum(k.endswith("num_batches_tracked") for k in weights),
-        "params_in_file": int(sum(v.numel() for k, v in weights.items()
+        "weights_source": str(weights),
+        "tensors": len(state),
+        "num_batches_tracked": sum(k.endswith("num_batches_tracked") for k in state),
+        "params_in_file": int(sum(v.numel() for k, v in state.items()
                                   if "running_" not in k and not k.endswith("num_batches_tracked"))),
         "weights_bytes": os.path.getsize(w_path),
         "io_shapes": {k: list(v.shape) for k, v in io.items()},
@@ -143,13 +156,17 @@ def main():
                     help="float type of weights and outputs (outputs are computed in f32 either way)")
     ap.add_argument("--vgg-full", action="store_true",
                     help="also write VGG's classifier (120 M parameters, +490 MB); by default only features.*")
+    ap.add_argument("--pretrained", action="store_true",
+                    help='torchvision\'s ImageNet weights (weights="DEFAULT", downloaded once) instead of random ones')
     ap.add_argument("--threads", type=int, default=2)
     o = ap.parse_args()
     torch.set_num_threads(o.threads)
     dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[o.dtype]
     os.makedirs(o.out_dir, exist_ok=True)
-    done = [export(n.strip(), o.out_dir, o.seed, dtype, o.vgg_full) for n in o.models.split(",") if n.strip()]
+    done = [export(n.strip(), o.out_dir, o.seed, dtype, o.vgg_full, o.pretrained)
+            for n in o.models.split(",") if n.strip()]
     print(json.dumps({"torch": torch.__version__, "torchvision": torchvision.__version__, "seed": o.seed,
+                      "pretrained": o.pretrained,
                       "dtype": o.dtype, "models": done}), flush=True)
 
 

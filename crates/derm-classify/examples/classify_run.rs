@@ -2,6 +2,9 @@
 //! 2017 training folder given as ROOT).
 //!
 //! - `bench ARCH BATCH SIZE REPS [WIDTH]`: eval forward and SGD train-step times.
+//! - `freeze ARCH BATCH SIZE REPS`: what `--freeze-backbone` costs and saves: a full SGD step,
+//!   a step that trains only `layer4` and `fc` (`--trainable-from layer4`), the frozen backbone's
+//!   one-off feature pass per batch, and a head-only step on cached features.
 //! - `phantom TRAIN TEST SIZE WIDTH EPOCHS [MINUTES]`: trains a ResNet-18 layout from scratch on
 //!   phantoms and scores a separately drawn test set.
 //! - `isic ROOT MINUTES SIZE WIDTH [freeze]`: trains on the ISIC 2017 training images (split by
@@ -26,9 +29,10 @@ fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
     match a.get(1).map(String::as_str) {
         Some("bench") => bench(&a),
+        Some("freeze") => freeze(&a),
         Some("phantom") => phantom(&a),
         Some("isic") => isic(&a),
-        _ => anyhow::bail!("usage: classify_run bench|phantom|isic ..."),
+        _ => anyhow::bail!("usage: classify_run bench|freeze|phantom|isic ..."),
     }
 }
 
@@ -71,6 +75,59 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
         inf.iter().map(|v| v.round()).collect::<Vec<_>>(),
         step.iter().map(|v| v.round()).collect::<Vec<_>>()
     );
+    Ok(())
+}
+
+fn freeze(a: &[String]) -> anyhow::Result<()> {
+    let arch: String = arg(a, 2, "resnet50".to_string());
+    let (b, s, reps): (usize, usize, usize) = (arg(a, 3, 8), arg(a, 4, 224), arg(a, 5, 3));
+    let cfg = ResNetConfig::by_name(&arch, 3).ok_or_else(|| anyhow::anyhow!("arch"))?;
+    let vm = candle_nn::VarMap::new();
+    let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let net = ResNet::new(&cfg, vb)?;
+    let sgd = OptimConfig { optimizer: OptimizerKind::sgd(1e-3, 0.9), ..Default::default() };
+    let mut r = derm_core::Rng::new(0);
+    let x = Tensor::from_vec(r.normal_vec(b * 3 * s * s, 0.0, 1.0), (b, 3, s, s), &Device::Cpu)?;
+    let y = Tensor::new((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), &Device::Cpu)?;
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?; // warm-up
+        let mut v = Vec::new();
+        for _ in 0..reps {
+            let t = Instant::now();
+            f()?;
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        Ok(med(v))
+    };
+    let mut rows = Vec::new();
+    for from in [Stage::Conv1, Stage::Layer4] {
+        let mut opt = Optimizer::from_varmap(&vm, sgd, |n| derm_classify::model::is_trainable(n, from));
+        let ms = time(&mut || {
+            train_step(&net, &mut opt, &x, &y, None, from)?;
+            Ok(())
+        })?;
+        rows.push((format!("train step, trainable from {from:?}"), ms));
+    }
+    let feats = net.pooled(&x, false, Stage::Fc)?;
+    let ms = time(&mut || {
+        net.pooled(&x, false, Stage::Fc)?.to_vec2::<f32>()?;
+        Ok(())
+    })?;
+    rows.push(("frozen: feature pass (once per image and view)".into(), ms));
+    let mut opt = Optimizer::from_varmap(&vm, sgd, |n| derm_classify::model::is_trainable(n, Stage::Fc));
+    let ms = time(&mut || {
+        let loss = derm_kernels::ops::cross_entropy(&net.head().forward(&feats)?, &y, None)?;
+        opt.backward_step(&loss)?;
+        Ok(())
+    })?;
+    rows.push(("frozen: head step on cached features".into(), ms));
+    for (name, ms) in rows {
+        println!("{} b{b} {s}x{s} {name}: median {ms:.1} ms ({reps} reps)", cfg.name());
+    }
     Ok(())
 }
 

@@ -10,7 +10,11 @@
 //! a given stage on (`trainable_from`). Scoring follows the ISIC 2017 scorer (AUC per class and
 //! their mean, melanoma specificity at 82/89/95% sensitivity) and ISIC 2018 (balanced accuracy).
 //!
-//! - [`model`]: the ResNet with torchvision's variable names and every stage's feature map.
+//! - [`model`]: the ResNet with torchvision's variable names and every stage's feature map;
+//!   [`load_torchvision`] and [`Classifier::with_pretrained`] load torchvision's state dicts
+//!   unchanged (`docs/pretrained.md`: the one command that converts torchvision's ImageNet
+//!   weights, `bench/peer/export_torchvision.py OUT --pretrained`, the measured equivalence with
+//!   PyTorch, and what `--freeze-backbone` costs on a CPU).
 //! - [`data`]: purified and synthetic sources, scaled-image cache, training and test views.
 //! - [`eval`]: the challenge metrics.
 //!
@@ -206,6 +210,19 @@ impl Classifier {
         let vb = derm_core::nn::seeded_var_builder(&varmap, cfg.train.seed, DType::F32, device);
         let net = ResNet::new(&cfg.model, vb)?;
         Ok(Classifier { cfg, net, varmap, device: device.clone() })
+    }
+
+    /// A network initialised as [`Classifier::new`], then, when `cfg.pretrained` names a file,
+    /// with its torchvision-named weights loaded and the classifier head replaced by a fresh one
+    /// of `cfg.model.num_classes` outputs (see [`load_torchvision`]). What `derm classify train
+    /// --pretrained FILE` does before training.
+    pub fn with_pretrained(cfg: ClassifyConfig, device: &Device) -> Result<Self> {
+        let clf = Classifier::new(cfg, device)?;
+        if let Some(p) = &clf.cfg.pretrained {
+            load_torchvision(&clf.varmap, p, true)?;
+            tracing::info!(path = %p.display(), "pretrained weights loaded, head replaced");
+        }
+        Ok(clf)
     }
 
     /// Loads a checkpoint folder (a run folder's `best` or `last`, or a run folder, whose `best`
@@ -443,11 +460,8 @@ impl ClassifyTask {
         } else {
             (Box::new(ShuffleSampler::new(train.len(), cfg.train.seed)), train.len() / cfg.batch_size)
         };
-        let clf = Classifier::new(cfg.clone(), device)?;
-        if let Some(p) = &cfg.pretrained {
-            load_torchvision(&clf.varmap, p, true)?;
-            tracing::info!(path = %p.display(), "pretrained weights loaded, head replaced");
-        } else if cfg.freeze_backbone {
+        let clf = Classifier::with_pretrained(cfg.clone(), device)?;
+        if cfg.pretrained.is_none() && cfg.freeze_backbone {
             tracing::warn!("freeze_backbone without pretrained weights: the head is trained on random features");
         }
         let opt = optimizer_for(&clf);

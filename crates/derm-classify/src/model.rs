@@ -396,12 +396,21 @@ pub fn is_trainable(name: &str, from: Stage) -> bool {
 }
 
 /// Loads torchvision-named weights (a torchvision or timm ResNet state dict converted to
-/// safetensors) into a model's variables. With `replace_head`, the file's `fc.*` is ignored and
-/// the model's own (freshly initialised, N classes) head is kept. Extra tensors in the file
-/// (`num_batches_tracked`) are ignored; a tensor the model needs that is missing or has another
-/// shape is an error naming it.
+/// safetensors, as `bench/peer/export_torchvision.py` writes) into a model's variables, unchanged.
+///
+/// - Every model variable must be in the file with the model's shape: a missing or mis-shaped
+///   tensor is an error naming it and the file.
+/// - With `replace_head`, the file's `fc.*` (ImageNet's 1000 classes) is ignored and the model's
+///   own freshly initialised head of N classes is kept.
+/// - Batch norm: `weight`, `bias`, `running_mean` and `running_var` are loaded and eval mode uses
+///   the running statistics with eps 1e-5, as PyTorch. `num_batches_tracked` (an int64 scalar per
+///   batch norm) is ignored on purpose: PyTorch only reads it when `momentum=None`, and derm's
+///   batch norm uses torchvision's fixed momentum 0.1 (see
+///   [`derm_core::checkpoint::is_torch_bookkeeping`]).
+/// - Any other tensor in the file that the model does not have is an error (a ResNet-34 file
+///   given to a ResNet-18 would otherwise load its first blocks and silently drop the rest).
 pub fn load_torchvision(varmap: &VarMap, path: &Path, replace_head: bool) -> derm_core::Result<()> {
-    checkpoint::load_varmap(varmap, path, Strictness::AllowExtra, |n| replace_head && n.starts_with("fc."))
+    checkpoint::load_varmap(varmap, path, Strictness::Exact, |n| replace_head && n.starts_with("fc."))
 }
 
 /// Number of trained parameters in a VarMap (batch-norm running statistics excluded).

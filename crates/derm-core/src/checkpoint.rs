@@ -121,10 +121,21 @@ pub fn save_varmap(vm: &VarMap, path: &Path) -> Result<()> {
 /// How strictly [`load_varmap`] matches names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Strictness {
-    /// Every model variable must be in the file and every file tensor in the model.
+    /// Every model variable must be in the file and every file tensor in the model, except
+    /// PyTorch's batch-norm counters (see [`is_torch_bookkeeping`]), which are always ignored.
     Exact,
     /// Every model variable must be in the file; extra tensors in the file are ignored.
     AllowExtra,
+}
+
+/// Whether a file tensor is PyTorch bookkeeping that derm ignores on purpose whatever the
+/// [`Strictness`]: `*.num_batches_tracked`, the int64 count of training batches every
+/// `BatchNorm2d` of a torchvision state dict carries. It only matters to PyTorch when
+/// `momentum=None` (a cumulative average); derm's batch norm uses a fixed momentum (0.1, as
+/// torchvision's default) and the running statistics themselves (`running_mean`, `running_var`),
+/// which are loaded.
+pub fn is_torch_bookkeeping(name: &str) -> bool {
+    name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
 }
 
 /// Fills a VarMap's variables from a safetensors file. `skip` names model variables that are left
@@ -152,7 +163,8 @@ pub fn load_varmap(vm: &VarMap, path: &Path, strict: Strictness, skip: impl Fn(&
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     if strict == Strictness::Exact {
-        let mut extra: Vec<&String> = file.keys().filter(|k| !vars.iter().any(|(n, _)| n == *k)).collect();
+        let mut extra: Vec<&String> =
+            file.keys().filter(|k| !is_torch_bookkeeping(k) && !vars.iter().any(|(n, _)| n == *k)).collect();
         extra.sort();
         if let Some(k) = extra.first() {
             return Err(bad(format!(
@@ -396,5 +408,28 @@ mod tests {
         let e =
             load_varmap(&vm2, &d.path().join("bad.safetensors"), Strictness::Exact, |_| false).unwrap_err().to_string();
         assert!(e.contains("bad.safetensors"), "{e}");
+    }
+
+    #[test]
+    fn exact_ignores_num_batches_tracked_and_nothing_else() {
+        let d = tempfile::tempdir().unwrap();
+        let vm = VarMap::new();
+        let _ = model(&vm, 2);
+        let mut t: HashMap<String, Tensor> =
+            sorted_vars(&vm).into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        // torchvision's counter: an int64 scalar per batch norm.
+        t.insert("bn.num_batches_tracked".into(), Tensor::new(3i64, &Device::Cpu).unwrap());
+        let p = d.path().join("tv.safetensors");
+        save_tensors(&t, &p).unwrap();
+        let vm2 = VarMap::new();
+        let _ = model(&vm2, 2);
+        load_varmap(&vm2, &p, Strictness::Exact, |_| false).unwrap();
+        assert!(is_torch_bookkeeping("layer1.0.bn2.num_batches_tracked") && !is_torch_bookkeeping("bn.running_var"));
+        // Any other extra tensor is still an error under Exact, named.
+        t.insert("bn.extra".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+        save_tensors(&t, &p).unwrap();
+        let e = load_varmap(&vm2, &p, Strictness::Exact, |_| false).unwrap_err().to_string();
+        assert!(e.contains("bn.extra") && e.contains("1 unexpected"), "{e}");
+        load_varmap(&vm2, &p, Strictness::AllowExtra, |_| false).unwrap();
     }
 }
