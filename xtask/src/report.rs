@@ -25,9 +25,8 @@ fn num(v: Option<f64>) -> String {
 /// melanoma class (from its manifest, through the classifier's report) and the mean AUC of the
 /// baseline and the full system.
 fn results_rows(seg: &SegmentMetrics, cls: &ClassifyMetrics) -> anyhow::Result<Vec<Vec<String>>> {
-    let variant = |v: &str| {
-        cls.get(v).map(|s| s.clone()).ok_or_else(|| anyhow::anyhow!("the classify record has no variant {v:?}"))
-    };
+    let variant =
+        |v: &str| cls.get(v).cloned().ok_or_else(|| anyhow::anyhow!("the classify record has no variant {v:?}"));
     let base = variant("baseline")?.plain.report;
     let both = variant("both")?.test_time_purification.report;
     let mel = |r: &derm_classify::ClassificationReport| {
@@ -180,7 +179,7 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     let mut row = Vec::new();
     for img in &test_imgs {
         let id = Path::new(img).file_stem().and_then(|s| s.to_str()).unwrap_or("");
-        let pp = format!("purify/test/{}", handoff::purified(&id));
+        let pp = format!("purify/test/{}", handoff::purified(id));
         if exists(out, &pp) {
             row.push((img.clone(), format!("{id} before")));
             row.push((pp, "purified".into()));

@@ -14,6 +14,8 @@ use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;
 
 /// The classification subcommands.
+// Parsed once per process: the size of the training arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum ClassifyCommand {
     /// Train the classifier on a labelled data set (plus purified and synthetic images).
@@ -112,7 +114,7 @@ impl TrainArgs {
             (Some("sgd"), _) | (None, OptimizerKind::Sgd { .. }) => OptimizerKind::sgd(lr, 0.9),
             (Some("adam"), _) | (None, OptimizerKind::Adam { .. }) => OptimizerKind::adam(lr),
             (Some(o), _) => bail!("unknown optimizer {o:?}: use sgd or adam"),
-            (None, other) => other.clone(),
+            (None, other) => *other,
         };
         if self.optimizer.is_some() || self.lr.is_some() {
             c.optim.optimizer = kind;

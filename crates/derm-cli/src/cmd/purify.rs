@@ -17,6 +17,8 @@ use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;
 
 /// The purification subcommands.
+// Parsed once per process: the size of the training arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum PurifyCommand {
     /// Train the inpainting network on clean images with random holes.

@@ -12,6 +12,8 @@ use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;
 
 /// The segmentation subcommands.
+// Parsed once per process: the size of the training arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum SegmentCommand {
     /// Train the segmenter on a data set with lesion masks.

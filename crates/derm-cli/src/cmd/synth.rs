@@ -14,6 +14,8 @@ use crate::cmd::common;
 use crate::GlobalOpts;
 
 /// The synthesis subcommands.
+// Parsed once per process: the size of the training arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum SynthCommand {
     /// Train one DCGAN per class (or one coupled GAN for all classes) on a labelled data set.
