@@ -107,14 +107,7 @@ mod tests {
         let vm = candle_nn::VarMap::new();
         let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
         let net = PeerUNet::new(vb).unwrap();
-        let n: usize = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| !derm_core::optim::is_buffer(k))
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let n: usize = derm_core::nn::parameter_count(&vm, "");
         assert_eq!(n, 7_765_985);
         let x = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
         assert_eq!(net.forward_t(&x, true).unwrap().dims(), &[1, 1, 32, 32]);

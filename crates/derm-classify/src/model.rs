@@ -415,11 +415,7 @@ pub fn load_torchvision(varmap: &VarMap, path: &Path, replace_head: bool) -> der
 
 /// Number of trained parameters in a VarMap (batch-norm running statistics excluded).
 pub fn parameter_count(varmap: &VarMap) -> usize {
-    checkpoint::sorted_vars(varmap)
-        .iter()
-        .filter(|(k, _)| !derm_core::optim::is_buffer(k))
-        .map(|(_, v)| v.elem_count())
-        .sum()
+    derm_core::nn::parameter_count(varmap, "")
 }
 
 #[cfg(test)]

@@ -323,6 +323,16 @@ pub fn bn_relu(bn: &BatchNorm, x: &Tensor, train: bool) -> Result<Tensor> {
     bn.forward_relu_t(x, train)
 }
 
+/// Number of trained parameters of the variables whose name starts with `prefix` (`""`: all),
+/// batch-norm running statistics excluded.
+pub fn parameter_count(vm: &VarMap, prefix: &str) -> usize {
+    crate::checkpoint::sorted_vars(vm)
+        .iter()
+        .filter(|(k, _)| k.starts_with(prefix) && !crate::optim::is_buffer(k))
+        .map(|(_, v)| v.elem_count())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

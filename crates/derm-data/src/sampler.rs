@@ -22,6 +22,12 @@ impl ShuffleSampler {
     pub fn new(n: usize, seed: u64) -> Self {
         ShuffleSampler { n, seed }
     }
+
+    /// A shuffle of `0..n` independent of the other streams of the same seed (for example one
+    /// per GAN head).
+    pub fn stream(n: usize, seed: u64, stream: u64) -> Self {
+        ShuffleSampler { n, seed: Rng::new(seed).fork(stream).next_u64() }
+    }
 }
 
 impl Sampler for ShuffleSampler {

@@ -29,11 +29,7 @@ fn main() -> anyhow::Result<()> {
     let cfg = PurifyConfig { model, size, batch_size: batch, ..Default::default() };
     let dev = Device::Cpu;
     let p = Purifier::new(cfg.clone(), &dev)?;
-    let nparams: usize = derm_core::checkpoint::sorted_vars(&p.varmap)
-        .iter()
-        .filter(|(k, _)| !derm_core::optim::is_buffer(k))
-        .map(|(_, v)| v.elem_count())
-        .sum();
+    let nparams = derm_core::nn::parameter_count(&p.varmap, "");
     let mut opt = derm_core::optim::Optimizer::from_varmap(&p.varmap, cfg.optim, |_| true);
     let mut rng = Rng::new(0);
     let gen = MaskGenerator::new(MaskConfig::default(), MaskLibrary::default())?;

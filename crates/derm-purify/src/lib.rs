@@ -48,6 +48,7 @@ use derm_core::{Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
 use derm_data::cache::{ImageCache, Item};
 use derm_data::dataset::Dataset;
+use derm_data::sampler::{Sampler, ShuffleSampler};
 use image::{GrayImage, Luma, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -578,7 +579,7 @@ impl Task for PurifyTask {
         }
         let cfg = &self.pur.cfg;
         let (bs, s) = (cfg.batch_size, cfg.size);
-        let order = Rng::new(cfg.train.seed).fork(0x9f1 + epoch as u64).permutation(self.train.len());
+        let order = ShuffleSampler::new(self.train.len(), cfg.train.seed).epoch_indices(epoch as u64);
         let indices = &order[batch * bs..(batch + 1) * bs];
         let mut items = self.train.load_items(indices, Some((s, s)), &self.cache)?;
         for it in &mut items {

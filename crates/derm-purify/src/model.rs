@@ -247,13 +247,7 @@ mod tests {
     use candle_nn::VarMap;
 
     fn params(vm: &VarMap) -> usize {
-        vm.data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| !derm_core::optim::is_buffer(k))
-            .map(|(_, v)| v.elem_count())
-            .sum()
+        derm_core::nn::parameter_count(vm, "")
     }
 
     #[test]

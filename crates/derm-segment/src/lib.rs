@@ -30,6 +30,7 @@ use derm_core::{binary, Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
 use derm_data::cache::{ImageCache, Item};
 use derm_data::dataset::Dataset;
+use derm_data::sampler::{Sampler, ShuffleSampler};
 use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
@@ -303,7 +304,7 @@ impl Task for SegmentTask {
 
     fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
         let bs = self.seg.cfg.batch_size;
-        let order = Rng::new(self.seg.cfg.train.seed).fork(0x5e9 + epoch as u64).permutation(self.train.len());
+        let order = ShuffleSampler::new(self.train.len(), self.seg.cfg.train.seed).epoch_indices(epoch as u64);
         let indices = &order[batch * bs..(batch + 1) * bs];
         let items = self.batch_items(indices, rng)?;
         let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;

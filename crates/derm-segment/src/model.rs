@@ -219,14 +219,7 @@ mod tests {
         let vm = VarMap::new();
         let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
         let _ = UNet::new(&UNetConfig::paper(), vb).unwrap();
-        let n: usize = vm
-            .data()
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| !derm_core::optim::is_buffer(k))
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let n: usize = derm_core::nn::parameter_count(&vm, "");
         // 3x3 convs without bias + BN (2 per channel) + 1x1 head with bias.
         let conv = |i: usize, o: usize| 9 * i * o + 2 * o;
         let expect = conv(3, 64)

@@ -507,15 +507,7 @@ impl Discriminator {
     }
 }
 
-/// Number of trained parameters (batch-norm running statistics excluded) of the variables
-/// whose name starts with `prefix`.
-pub fn parameter_count(vm: &candle_nn::VarMap, prefix: &str) -> usize {
-    derm_core::checkpoint::sorted_vars(vm)
-        .iter()
-        .filter(|(k, _)| k.starts_with(prefix) && !derm_core::optim::is_buffer(k))
-        .map(|(_, v)| v.elem_count())
-        .sum()
-}
+pub use derm_core::nn::parameter_count;
 
 #[cfg(test)]
 mod tests {

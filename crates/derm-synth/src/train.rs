@@ -31,6 +31,7 @@ use derm_core::train::{self, Direction, Event, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::cache::ImageCache;
 use derm_data::dataset::Dataset;
+use derm_data::sampler::{Sampler, ShuffleSampler};
 use image::RgbImage;
 
 use crate::sample::{Synthesizer, OPTIM_G};
@@ -177,7 +178,7 @@ impl GanTrainer {
         let r = &self.reals[head];
         let n = r.dim(0)?;
         let bs = cfg.batch_size;
-        let perm = Rng::new(cfg.train.seed).fork(0x5e9 ^ ((epoch as u64) << 8) ^ ((head as u64) << 40)).permutation(n);
+        let perm = ShuffleSampler::stream(n, cfg.train.seed, head as u64).epoch_indices(epoch as u64);
         let idx: Vec<u32> = (0..bs).map(|j| perm[(batch * bs + j) % n] as u32).collect();
         let mut x = r.index_select(&Tensor::new(idx, r.device())?, 0)?;
         if cfg.flip {
