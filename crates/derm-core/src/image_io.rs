@@ -388,7 +388,9 @@ impl Crop {
     }
 }
 
-/// Per-channel normalisation `(v / 255 - mean) / std`.
+/// Per-channel normalisation `(v / 255 - mean) / std`, optionally after colour constancy
+/// ([`shades_of_gray`]), which removes the colour cast of the camera and light so that images
+/// from other clinics look alike to a network.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Normalize {
@@ -396,15 +398,50 @@ pub struct Normalize {
     pub mean: [f32; 3],
     /// Per-channel standard deviation in [0, 1] units.
     pub std: [f32; 3],
+    /// Shades of Gray colour constancy with this Minkowski norm before normalising (6 is the
+    /// ISIC 2018 winners' choice; 1 is grey world); `None`: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shades_of_gray: Option<f32>,
 }
 
 impl Normalize {
     /// ImageNet statistics, used by the classifier.
-    pub const IMAGENET: Normalize = Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    pub const IMAGENET: Normalize =
+        Normalize { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], shades_of_gray: None };
     /// Mean 0.5 and std 0.5: maps [0, 255] to [-1, 1] (segmentation, purification, GANs).
-    pub const HALF: Normalize = Normalize { mean: [0.5; 3], std: [0.5; 3] };
+    pub const HALF: Normalize = Normalize { mean: [0.5; 3], std: [0.5; 3], shades_of_gray: None };
     /// No normalisation beyond scaling to [0, 1].
-    pub const UNIT: Normalize = Normalize { mean: [0.0; 3], std: [1.0; 3] };
+    pub const UNIT: Normalize = Normalize { mean: [0.0; 3], std: [1.0; 3], shades_of_gray: None };
+}
+
+/// The per-channel gains of Shades of Gray colour constancy (Finlayson and Trezzi 2004): the
+/// light's colour is estimated as the Minkowski `p`-norm mean of each channel, and each channel
+/// is scaled so that the estimate becomes grey (of the estimates' mean, so brightness stays).
+/// A flat channel (all zero) keeps gain 1.
+pub fn shades_of_gray_gains(img: &RgbImage, p: f32) -> [f32; 3] {
+    let p = f64::from(p.max(1.0));
+    let mut sums = [0f64; 3];
+    for px in img.pixels() {
+        for c in 0..3 {
+            sums[c] += (f64::from(px.0[c]) / 255.0).powf(p);
+        }
+    }
+    let n = (img.width() as f64 * img.height() as f64).max(1.0);
+    let e = sums.map(|s| (s / n).powf(1.0 / p));
+    let grey = (e[0] + e[1] + e[2]) / 3.0;
+    e.map(|ec| if ec > 1e-9 { (grey / ec) as f32 } else { 1.0 })
+}
+
+/// `img` with Shades of Gray colour constancy of norm `p` applied (values clamped to 255).
+pub fn shades_of_gray(img: &RgbImage, p: f32) -> RgbImage {
+    let g = shades_of_gray_gains(img, p);
+    let mut out = img.clone();
+    for px in out.pixels_mut() {
+        for c in 0..3 {
+            px.0[c] = (f32::from(px.0[c]) * g[c]).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    out
 }
 
 impl Default for Normalize {
@@ -430,9 +467,11 @@ pub fn images_to_tensor(imgs: &[&RgbImage], norm: Normalize, device: &Device) ->
             )));
         }
         let base = n * 3 * plane;
+        let gain = norm.shades_of_gray.map_or([1.0; 3], |p| shades_of_gray_gains(img, p));
         for (i, p) in img.pixels().enumerate() {
             for c in 0..3 {
-                data[base + c * plane + i] = (p.0[c] as f32 / 255.0 - norm.mean[c]) / norm.std[c];
+                let v = (p.0[c] as f32 * gain[c]).min(255.0);
+                data[base + c * plane + i] = (v / 255.0 - norm.mean[c]) / norm.std[c];
             }
         }
     }
@@ -499,6 +538,32 @@ pub fn tensor_to_gray(t: &Tensor) -> Result<Vec<GrayImage>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shades_of_gray_removes_a_colour_cast_and_keeps_neutral_images() {
+        // Grey patches of several levels under a reddish light: R x1.25, B x0.8.
+        let cast = RgbImage::from_fn(40, 30, |x, y| {
+            let v = 40.0 + 4.0 * ((x / 8 + y / 6) % 5) as f32 * 10.0;
+            image::Rgb([(v * 1.25).round() as u8, v.round() as u8, (v * 0.8).round() as u8])
+        });
+        let fixed = shades_of_gray(&cast, 6.0);
+        let mean = |img: &RgbImage, c: usize| img.pixels().map(|p| f64::from(p.0[c])).sum::<f64>() / 1200.0;
+        let m: Vec<f64> = (0..3).map(|c| mean(&fixed, c)).collect();
+        assert!((m[0] - m[2]).abs() < 1.5 && (m[0] - m[1]).abs() < 1.5, "channel means after: {m:?}");
+        assert!((mean(&cast, 0) - mean(&cast, 2)).abs() > 30.0, "the test image has a cast");
+        // A neutral image is left as it is; a black one too (no division by zero).
+        let grey = RgbImage::from_fn(9, 7, |x, y| image::Rgb([(20 * (x + y)) as u8; 3]));
+        assert_eq!(shades_of_gray(&grey, 6.0), grey);
+        assert_eq!(shades_of_gray(&RgbImage::new(3, 3), 6.0), RgbImage::new(3, 3));
+        // The network input applies the same correction; configs without the field still load.
+        let norm = Normalize { shades_of_gray: Some(6.0), ..Normalize::UNIT };
+        let t = images_to_tensor(&[&cast], norm, &Device::Cpu).unwrap();
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let means: Vec<f32> = v.chunks(1200).map(|ch| ch.iter().sum::<f32>() / 1200.0 * 255.0).collect();
+        assert!((means[0] - means[2]).abs() < 1.5, "{means:?}");
+        let old: Normalize = serde_json::from_str(r#"{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}"#).unwrap();
+        assert_eq!(old, Normalize::HALF);
+    }
 
     fn tmp() -> tempfile::TempDir {
         tempfile::tempdir().unwrap()

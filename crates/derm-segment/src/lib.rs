@@ -62,6 +62,10 @@ pub struct SegmentConfig {
     pub fill_holes: bool,
     /// Keep only the largest connected component.
     pub largest_component: bool,
+    /// After training, choose the threshold (0.30 to 0.70 in steps of 0.05) that gives the best
+    /// mean validation Jaccard with the best model, and save it in `best/` (see
+    /// [`select_threshold`]).
+    pub select_threshold: bool,
     /// Bytes of decoded images kept in memory.
     pub cache_bytes: usize,
 }
@@ -84,6 +88,7 @@ impl Default for SegmentConfig {
             threshold: 0.5,
             fill_holes: true,
             largest_component: false,
+            select_threshold: false,
             cache_bytes: 1 << 30,
         }
     }
@@ -178,7 +183,11 @@ impl Segmenter {
     }
 
     fn postprocess(&self, probs: &[f32], w: u32, h: u32) -> Prediction {
-        let mut mask = binary::threshold(probs, w, h, self.cfg.threshold);
+        self.postprocess_at(probs, w, h, self.cfg.threshold)
+    }
+
+    fn postprocess_at(&self, probs: &[f32], w: u32, h: u32, threshold: f32) -> Prediction {
+        let mut mask = binary::threshold(probs, w, h, threshold);
         if self.cfg.largest_component {
             mask = binary::largest_component(&mask);
         }
@@ -371,7 +380,56 @@ pub fn train(
 ) -> Result<(SegmentTask, TrainState)> {
     let mut task = SegmentTask::new(cfg.clone(), data, device)?;
     let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
+    if cfg.select_threshold && !task.val.is_empty() {
+        select_threshold(&train::best_dir(out), &task.val, &task.cache, device)?;
+    }
     Ok((task, state))
+}
+
+/// Chooses the mask threshold of the checkpoint in `dir` on `val`: the one of 0.30, 0.35, ...,
+/// 0.70 with the highest mean per-image Jaccard at the working size (post-processing as
+/// configured; ties go to the threshold nearest 0.5), and writes it into the checkpoint's
+/// `config.json` (atomically), with the scores per threshold in `meta.json`. Returns it.
+pub fn select_threshold(dir: &Path, val: &Dataset, cache: &ImageCache, device: &Device) -> Result<f32> {
+    let seg = Segmenter::load(dir, device)?;
+    let s = seg.cfg.size;
+    let candidates: Vec<f32> = (6..=14).map(|k| k as f32 * 0.05).collect();
+    let mut scores = vec![SegmentationScores::default(); candidates.len()];
+    let idx: Vec<usize> = (0..val.len()).collect();
+    for chunk in idx.chunks(seg.cfg.batch_size.max(1)) {
+        let items = val.load_items(chunk, Some((s, s)), cache)?;
+        let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
+        let probs = seg.probabilities(&imgs)?.to_device(&Device::Cpu)?;
+        for (k, it) in items.iter().enumerate() {
+            let Some(m) = &it.mask else { continue };
+            let v = probs.get(k)?.flatten_all()?.to_vec1::<f32>()?;
+            for (t, sc) in candidates.iter().zip(scores.iter_mut()) {
+                sc.add(it.id.clone(), seg.postprocess_at(&v, s, s, *t).mask.as_raw(), m.as_raw());
+            }
+        }
+    }
+    let jaccard: Vec<f64> = scores.iter().map(|sc| sc.summary().jaccard_mean).collect();
+    let mut best = 0;
+    for k in 1..candidates.len() {
+        let closer = (candidates[k] - 0.5).abs() < (candidates[best] - 0.5).abs();
+        if jaccard[k] > jaccard[best] + 1e-12 || ((jaccard[k] - jaccard[best]).abs() <= 1e-12 && closer) {
+            best = k;
+        }
+    }
+    let dir = checkpoint::resolve(dir)?;
+    let mut cfg: SegmentConfig = checkpoint::read_config(&dir)?;
+    cfg.threshold = candidates[best];
+    derm_core::fsutil::write_json(&dir.join(checkpoint::CONFIG), &cfg)?;
+    let mut m = checkpoint::read_meta(&dir, "segment")?;
+    m.extra["threshold"] = serde_json::json!(cfg.threshold);
+    m.extra["threshold_selection"] = serde_json::json!(candidates
+        .iter()
+        .zip(&jaccard)
+        .map(|(t, j)| serde_json::json!({ "threshold": t, "val_jaccard": j }))
+        .collect::<Vec<_>>());
+    derm_core::fsutil::write_json(&dir.join(checkpoint::META), &m)?;
+    tracing::info!(threshold = cfg.threshold, val_jaccard = jaccard[best], "mask threshold chosen on validation");
+    Ok(cfg.threshold)
 }
 
 #[cfg(test)]
@@ -433,6 +491,36 @@ mod tests {
         more.train.epochs = 5;
         let (_, st) = train(more, &data, &Device::Cpu, &out, true, &mut |_| {}).unwrap();
         assert_eq!(st.step, 5 * per_epoch);
+    }
+
+    #[test]
+    fn the_threshold_chosen_on_validation_is_saved_and_reloaded() {
+        let d = tempfile::tempdir().unwrap();
+        let pc = PhantomConfig { size: 48, ..Default::default() };
+        write_phantom_set(&d.path().join("ph"), &pc, 3, 16).unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let out = d.path().join("run");
+        let cfg = SegmentConfig {
+            select_threshold: true,
+            train: LoopConfig { epochs: 2, ..Default::default() },
+            ..tiny_cfg()
+        };
+        train(cfg, &data, &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let m = checkpoint::read_meta(&train::best_dir(&out), "segment").unwrap();
+        let table = m.extra["threshold_selection"].as_array().unwrap();
+        assert_eq!(table.len(), 9);
+        let best = table.iter().map(|r| r["val_jaccard"].as_f64().unwrap()).fold(f64::NEG_INFINITY, f64::max);
+        let chosen = m.extra["threshold"].as_f64().unwrap() as f32;
+        let row = table.iter().find(|r| (r["threshold"].as_f64().unwrap() as f32 - chosen).abs() < 1e-6).unwrap();
+        assert_eq!(row["val_jaccard"].as_f64().unwrap(), best, "the chosen threshold has the best score");
+        // Loading the run gives the model with that threshold.
+        let seg = Segmenter::load(&out, &Device::Cpu).unwrap();
+        assert_eq!(seg.cfg.threshold, chosen);
+        // Choosing on another split gives a threshold of the grid too.
+        let cache = ImageCache::new(0);
+        let (_, val) = data.split_by_id(0.25, 0);
+        let again = select_threshold(&train::best_dir(&out), &val, &cache, &Device::Cpu).unwrap();
+        assert!((0.3..=0.7).contains(&again));
     }
 
     #[test]

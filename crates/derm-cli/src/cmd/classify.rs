@@ -1,6 +1,6 @@
 //! `derm classify train|predict|eval`: the ResNet lesion classifier.
 
-use super::common::set;
+use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -34,6 +34,10 @@ pub struct TrainArgs {
     pub data: common::DataArgs,
     #[command(flatten)]
     pub run: common::TrainFlags,
+    /// Shades of Gray colour constancy with this norm (6 as the ISIC 2018 winners) on every
+    /// image the model reads, in training and after; saved with the model. [config default: off]
+    #[arg(long)]
+    pub color_constancy: Option<f32>,
     /// A folder of <id>_purified.png (the purify stage's output) added to training.
     #[arg(long)]
     pub purified: Option<PathBuf>,
@@ -119,6 +123,7 @@ impl TrainArgs {
         if self.optimizer.is_some() || self.lr.is_some() {
             c.optim.optimizer = kind;
         }
+        set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }

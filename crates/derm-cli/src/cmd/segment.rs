@@ -1,6 +1,6 @@
 //! `derm segment train|predict|eval`: the dilated U-Net lesion segmenter.
 
-use super::common::set;
+use super::common::{set, set_some};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -31,6 +31,14 @@ pub struct TrainArgs {
     pub data: common::DataArgs,
     #[command(flatten)]
     pub run: common::TrainFlags,
+    /// Shades of Gray colour constancy with this norm (6 as the ISIC 2018 winners) on every
+    /// image the model reads, in training and after; saved with the model. [config default: off]
+    #[arg(long)]
+    pub color_constancy: Option<f32>,
+    /// After training, choose the mask threshold on the validation part and save it with the
+    /// best model.
+    #[arg(long)]
+    pub select_threshold: bool,
     /// Fraction of the split held out for validation (by id). [config default: 0.1]
     #[arg(long)]
     pub val_fraction: Option<f64>,
@@ -60,6 +68,8 @@ impl TrainArgs {
         if let Some(lr) = self.lr {
             c.optim.optimizer = derm_core::optim::OptimizerKind::adam(lr);
         }
+        set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
+        c.select_threshold |= self.select_threshold;
         self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
