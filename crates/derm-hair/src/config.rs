@@ -41,7 +41,8 @@ pub struct HairConfig {
     pub inpaint_margin: f32,
     /// Holes in the final mask up to this area (px²) are filled.
     pub max_hole_area: f32,
-    /// With a lesion mask: a piece that reaches into the lesion is kept there only when it also
+    /// [`crate::mask::legacy_hair_mask`] only. With a lesion mask: a piece that reaches into the
+    /// lesion is kept there only when it also
     /// has at least this many pixels (px) outside the lesion, i.e. when it crosses the border.
     pub crossing_min_outside: f32,
     /// With a lesion mask: a pixel inside the lesion is on a thin elongated structure when the
@@ -49,6 +50,25 @@ pub struct HairConfig {
     pub crossing_max_width: f32,
     /// ...and at least this long (px) along it, straight.
     pub crossing_min_length: f32,
+    /// Detection runs on the image reduced by an integer factor to a short side of `work_side`
+    /// to twice that (smaller images as they are); 0 detects at full size.
+    pub work_side: u32,
+    /// Orientations of the line elements (evenly over 180°).
+    pub directions: usize,
+    /// Hair score threshold (L* units) inside the lesion, when a lesion mask is given
+    /// (`threshold` applies outside it).
+    pub lesion_threshold: f32,
+    /// Whether light (grey-white) hairs are looked for with the white top-hat.
+    pub light: bool,
+    /// Hair score threshold (L* units) of light hairs.
+    pub light_threshold: f32,
+    /// Hysteresis: a hair grows from pixels above its threshold through pixels above this share
+    /// of it.
+    pub hysteresis: f32,
+    /// Shortest piece (px) that counts as hair.
+    pub min_length: f32,
+    /// Widest piece (px, twice its area over its boundary pixels) that counts as hair.
+    pub max_width: f32,
     /// Whether violet ink marks are looked for.
     pub ink: bool,
     /// Ink: red and blue must both exceed green by this much (0-255).
@@ -78,6 +98,14 @@ impl Default for HairConfig {
             crossing_min_outside: 12.0,
             crossing_max_width: 4.0,
             crossing_min_length: 16.0,
+            work_side: 512,
+            directions: 12,
+            lesion_threshold: 6.0,
+            light: true,
+            light_threshold: 8.0,
+            hysteresis: 0.6,
+            min_length: 16.0,
+            max_width: 8.0,
             ink: true,
             ink_chroma: 20.0,
             rulers: true,
@@ -109,12 +137,20 @@ impl HairConfig {
             ("crossing_min_length", self.crossing_min_length),
             ("ruler_min_length", self.ruler_min_length),
             ("ink_chroma", self.ink_chroma),
+            ("lesion_threshold", self.lesion_threshold),
+            ("light_threshold", self.light_threshold),
+            ("hysteresis", self.hysteresis),
+            ("min_length", self.min_length),
+            ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),
         ];
         for (name, v) in fields {
             if !v.is_finite() || v < 0.0 {
                 derm_core::bail!("hair config: {name} must be finite and non-negative, got {v}");
             }
+        }
+        if self.directions < 2 || self.directions > 64 {
+            derm_core::bail!("hair config: directions must be 2 to 64, got {}", self.directions);
         }
         if self.size_ref == 0 {
             derm_core::bail!("hair config: size_ref must be positive");

@@ -6,10 +6,14 @@
 //! "Towards a computer-aided diagnosis system for pigmented skin lesions" (Computerized Medical
 //! Imaging and Graphics 27, 2003): in CIE LUV, the luminance L* is closed morphologically with
 //! line elements, and the closing minus the image (the black-hat) lights up thin dark structures
-//! such as hairs; it is thresholded, and corrected with the segmented lesion so that the lesion's
-//! own dark texture is never called hair. Rulers (long straight lines with regular ticks) are
-//! added, and the occluded pixels are filled by inpainting (Telea's fast marching method, or a
-//! harmonic fill).
+//! such as hairs. Since issue 18 the lines run in twelve orientations and a pixel's hair score is
+//! the largest response minus the smallest: a hair is closed by the lines across it but not by the
+//! line along it, while dots, globules and a pigment network are closed along every line. So the
+//! lesion no longer vetoes hairs; it only sets its own threshold. Light hairs are found the same
+//! way with the white top-hat, pieces must be long and thin, detection runs at a working
+//! resolution chosen from the image size, and the mask is refined back to full size. Rulers (long
+//! straight lines with regular ticks) are added, and the occluded pixels are filled by inpainting
+//! (Telea's fast marching method, or a harmonic fill).
 //!
 //! - [`hair_mask`]: the occlusion mask (0/255) of an RGB image, optionally with its lesion mask.
 //! - [`detect_ruler`]: ruler pixels only.
@@ -17,6 +21,10 @@
 //! - [`clean`]: both, as a [`HairResult`].
 //! - [`color`], [`morph`]: CIE L*, and van Herk / Gil-Werman line morphology (O(1) per pixel).
 //! - [`eval`]: recall and precision of a mask, lesion leak, PSNR (whole image or in a mask).
+//! - [`paint`], [`bench`]: the real-image benchmark (artificial hairs painted onto hair-free
+//!   ISIC 2017 images, with exact masks).
+//! - [`oriented`]: line morphology in any number of orientations.
+//! - [`legacy_hair_mask`]: the detector before issue 18, for comparison.
 //!
 //! Every size in [`HairConfig`] is given for a short side of `size_ref` pixels (256) and scales
 //! with the image, so a photograph and its thumbnail give the same result relative to their size.
@@ -26,12 +34,15 @@
 //! the same size. **Produces:** a binary occlusion mask (0/255, same size), the inpainted RGB
 //! image (unmasked pixels unchanged), and the masked fraction.
 
+pub mod bench;
 pub mod color;
 pub mod config;
 pub mod eval;
 pub mod inpaint;
 pub mod mask;
 pub mod morph;
+pub mod oriented;
+pub mod paint;
 pub mod ruler;
 
 use derm_core::Result;
@@ -41,7 +52,7 @@ use serde::Serialize;
 pub use color::{lstar, luminance};
 pub use config::{HairConfig, InpaintMethod};
 pub use inpaint::inpaint;
-pub use mask::{black_hat, hair_mask};
+pub use mask::{black_hat, hair_mask, legacy_hair_mask};
 pub use ruler::detect_ruler;
 
 /// What [`clean`] gives for one image.
@@ -83,7 +94,11 @@ impl HairResult {
 /// Finds the occlusion mask of `img` ([`hair_mask`]) and inpaints it, grown by
 /// `cfg.inpaint_margin` ([`inpaint`]).
 pub fn clean(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<HairResult> {
-    let occlusion = hair_mask(img, lesion, cfg)?;
+    clean_mask(img, hair_mask(img, lesion, cfg)?, cfg)
+}
+
+/// Inpaints a given occlusion mask of `img` (grown by `cfg.inpaint_margin`) as [`clean`] does.
+pub fn clean_mask(img: &RgbImage, occlusion: GrayImage, cfg: &HairConfig) -> Result<HairResult> {
     let (w, h) = img.dimensions();
     let margin = cfg.inpaint_margin * cfg.scale(w, h);
     let clean = if margin >= 1.0 {

@@ -17,6 +17,7 @@ use image::{GrayImage, RgbImage};
 use crate::color::luminance_u8;
 use crate::config::HairConfig;
 use crate::morph::{black_hat_lines, components, dilate_disc, fill_holes, remove_small};
+use rayon::prelude::*;
 
 /// The smallest short side (px) an image may have.
 pub const MIN_SIDE: u32 = 16;
@@ -100,13 +101,251 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
     dilate_disc(&m, w, h, 1.5 * s)
 }
 
-/// The occlusion mask of hairs, rulers and ink marks (0/255).
+/// The occlusion mask of hairs, rulers and ink marks (0/255), at the size of `img`.
+///
+/// Detection runs at a working resolution: the image's L* plane averaged over `f x f` blocks,
+/// `f = max(1, short side / cfg.work_side)` (so a working short side of `work_side` to twice
+/// that), with every size of `cfg` scaled to it. There:
+/// 1. [`crate::oriented::line_responses`]: in `cfg.directions` orientations, the line black-hat
+///    (and, with `cfg.light`, the white top-hat); the hair score of a pixel is the largest
+///    response minus the smallest (a hair is closed across, not along; dots, globules and a
+///    pigment network are closed along every line);
+/// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
+///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
+///    through pixels scoring at least `cfg.hysteresis` times that;
+/// 3. shape: a piece is kept when it is at least `cfg.min_length` long (second moments) and at
+///    most `cfg.max_width` wide on average (twice its area over its boundary pixels);
+/// 4. rulers ([`crate::ruler`]) on the thresholded black-hat.
+///
+/// The mask is brought back to the input's size by refining the enlarged working mask (grown by
+/// one working pixel): a full-size pixel is kept when it is darker than the enlarged closing (or
+/// lighter than the enlarged opening) by at least half the threshold. Ink marks, dilation and
+/// hole filling then run at full size.
+///
+/// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
+/// config. An image with no dark thin structure (all black, say) gives an empty mask.
+pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+    check_inputs(img, lesion, cfg)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let s_full = cfg.scale(img.width(), img.height());
+    let (l, ink) = if cfg.ink {
+        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+        (l, Some(ink_cleanup(ink, found, w, h, cfg)))
+    } else {
+        (luminance_u8(img), None)
+    };
+    let f = work_factor(w, h, cfg);
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    let lw = box_down(&l, w, h, f);
+    let lesion_w = lesion.map(|m| box_down(m.as_raw(), w, h, f));
+    let det = detect(&lw, ww, wh, lesion_w.as_deref(), cfg);
+    let mut m = if f == 1 { det.mask.clone() } else { refine(&det, &l, w, h, f, cfg) };
+    if cfg.rulers {
+        let small = if f == 1 { img.clone() } else { rgb_down(img, f) };
+        let ruler = crate::ruler::ruler_mask(&det.raw, &small, ww, wh, cfg);
+        if ruler.iter().any(|&v| v != 0) {
+            let ruler = if f == 1 { ruler } else { up_nearest(&ruler, ww, w, h, f) };
+            for (a, &b) in m.iter_mut().zip(&ruler) {
+                *a |= b;
+            }
+        }
+    }
+    if let Some(ink) = ink {
+        for (a, b) in m.iter_mut().zip(ink) {
+            *a |= b;
+        }
+    }
+    if cfg.dilate_radius * s_full >= 1.0 {
+        m = dilate_disc(&m, w, h, cfg.dilate_radius * s_full);
+    }
+    fill_holes(&mut m, w, h, (cfg.max_hole_area * s_full * s_full).round() as usize);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let n = m.iter().filter(|&&v| v != 0).count();
+        tracing::debug!(w, h, f, masked = n, "hair mask");
+    }
+    GrayImage::from_raw(w as u32, h as u32, m).ok_or_else(|| derm_core::Error::invalid("hair mask buffer size"))
+}
+
+/// The integer reduction factor of the working resolution.
+pub fn work_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
+    if cfg.work_side == 0 {
+        return 1;
+    }
+    (w.min(h) / cfg.work_side as usize).max(1)
+}
+
+/// Mean of `f x f` blocks (partial blocks at the right and bottom edges averaged over what they
+/// hold).
+pub(crate) fn box_down(src: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
+    if f == 1 {
+        return src.to_vec();
+    }
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    let mut sum = vec![0u32; ww * wh];
+    let mut cnt = vec![0u32; ww * wh];
+    for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
+        let o = (y / f) * ww;
+        for (x, &v) in row.iter().enumerate() {
+            sum[o + x / f] += v as u32;
+            cnt[o + x / f] += 1;
+        }
+    }
+    sum.iter().zip(&cnt).map(|(&s, &c)| ((s + c / 2) / c.max(1)) as u8).collect()
+}
+
+/// [`box_down`] of each channel.
+fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let planes: Vec<Vec<u8>> = (0..3)
+        .map(|c| {
+            let p: Vec<u8> = img.as_raw().iter().skip(c).step_by(3).copied().collect();
+            box_down(&p, w, h, f)
+        })
+        .collect();
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    RgbImage::from_fn(ww as u32, wh as u32, |x, y| {
+        let i = y as usize * ww + x as usize;
+        image::Rgb([planes[0][i], planes[1][i], planes[2][i]])
+    })
+}
+
+/// Nearest enlargement of a working plane (`ww` wide) to `w` x `h` by `f`.
+fn up_nearest(src: &[u8], ww: usize, w: usize, h: usize, f: usize) -> Vec<u8> {
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        let srow = &src[(y / f) * ww..];
+        for (x, o) in out[y * w..(y + 1) * w].iter_mut().enumerate() {
+            *o = srow[x / f];
+        }
+    }
+    out
+}
+
+/// What detection at the working resolution gives.
+pub(crate) struct Detection {
+    w: usize,
+    h: usize,
+    /// Hairs (0/255).
+    pub mask: Vec<u8>,
+    /// Which of them are light hairs (0/255).
+    light: Vec<u8>,
+    /// The thresholded largest black-hat (pieces of `min_area`), for the ruler search.
+    pub raw: Vec<u8>,
+    /// Closing (dark surroundings) and opening (light surroundings) of the best orientation.
+    closing: Vec<u8>,
+    opening: Vec<u8>,
+}
+
+/// Hair detection on an `L* * 2.55` plane (see [`hair_mask`]).
+pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &HairConfig) -> Detection {
+    let s = cfg.scale(w as u32, h as u32);
+    let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
+    let r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light);
+    let thr = |t: f32| (t * 2.55).round().max(1.0);
+    let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
+    let lo = cfg.hysteresis.clamp(0.1, 1.0);
+    let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
+    let mut weak = vec![0u8; w * h];
+    let mut strong = vec![0u8; w * h];
+    let mut light = vec![0u8; w * h];
+    for i in 0..w * h {
+        let t = if in_lesion(i) { t_in } else { t_out };
+        let d = (r.dark_max[i] - r.dark_min[i]) as f32;
+        let g = (r.light_max[i] - r.light_min[i]) as f32;
+        if d >= t * lo {
+            weak[i] = 255;
+            if d >= t {
+                strong[i] = 255;
+            }
+        } else if cfg.light && g >= t_light * lo {
+            weak[i] = 255;
+            light[i] = 255;
+            if g >= t_light {
+                strong[i] = 255;
+            }
+        }
+    }
+    let min_len = cfg.min_length * s;
+    let max_w = cfg.max_width * s;
+    let mut mask = vec![0u8; w * h];
+    for c in components(&weak, w, h, true) {
+        if !c.pixels(w).any(|p| strong[p] != 0) || c.length() < min_len {
+            continue;
+        }
+        let boundary = c
+            .pixels(w)
+            .filter(|&p| {
+                let (x, y) = (p % w, p / w);
+                x == 0 || y == 0 || x + 1 == w || y + 1 == h || weak[p - 1] == 0 || weak[p + 1] == 0 || weak[p - w] == 0 || weak[p + w] == 0
+            })
+            .count()
+            .max(1);
+        if 2.0 * c.area() as f32 / boundary as f32 > max_w {
+            continue;
+        }
+        for p in c.pixels(w) {
+            mask[p] = 255;
+        }
+    }
+    for (v, m) in light.iter_mut().zip(&mask) {
+        *v &= *m;
+    }
+    let t_raw = thr(cfg.threshold) as u8;
+    let mut raw: Vec<u8> = r.dark_max.iter().map(|&v| if v >= t_raw { 255 } else { 0 }).collect();
+    remove_small(&mut raw, w, h, (cfg.min_area * s * s).round() as usize);
+    let opening: Vec<u8> = l.iter().zip(&r.light_max).map(|(&a, &b)| a.saturating_sub(b)).collect();
+    Detection { w, h, mask, light, raw, closing: r.closing, opening }
+}
+
+/// Bilinear sample of a working plane at full-size pixel `(x, y)` with factor `f`.
+fn bilinear(p: &[u8], w: usize, h: usize, f: usize, x: usize, y: usize) -> f32 {
+    let fx = ((x as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (w - 1) as f32);
+    let fy = ((y as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (h - 1) as f32);
+    let (x0, y0) = (fx as usize, fy as usize);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+    let v = |xx: usize, yy: usize| p[yy * w + xx] as f32;
+    (v(x0, y0) * (1.0 - ax) + v(x1, y0) * ax) * (1.0 - ay) + (v(x0, y1) * (1.0 - ax) + v(x1, y1) * ax) * ay
+}
+
+/// The full-size mask from a working detection (see [`hair_mask`]).
+fn refine(det: &Detection, l: &[u8], w: usize, h: usize, f: usize, cfg: &HairConfig) -> Vec<u8> {
+    let (ww, wh) = (det.w, det.h);
+    let grown = dilate_disc(&det.mask, ww, wh, 1.5);
+    let light = dilate_disc(&det.light, ww, wh, 1.5);
+    let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
+    let t_light = cfg.light_threshold * 2.55 * 0.5;
+    let mut out = vec![0u8; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            let k = (y / f) * ww + x / f;
+            if grown[k] == 0 {
+                continue;
+            }
+            let v = l[y * w + x] as f32;
+            let keep = if light[k] != 0 {
+                v - bilinear(&det.opening, ww, wh, f, x, y) >= t_light
+            } else {
+                bilinear(&det.closing, ww, wh, f, x, y) - v >= t_dark
+            };
+            if keep {
+                *o = 255;
+            }
+        }
+    });
+    out
+}
+
+/// The detector before issue 18 (kept so that the real-image benchmark can compare with it): the
+/// occlusion mask of hairs, rulers and ink marks (0/255) at full size, from the black-hat in four
+/// line orientations.
 ///
 /// With `lesion` (non-zero inside, same size as `img`), the lesion's dark texture is kept out
 /// of the mask; only thin elongated structures that cross the lesion border are kept inside it.
 /// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
 /// config. An image with no dark thin structure (all black, say) gives an empty mask.
-pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+pub fn legacy_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
@@ -285,9 +524,166 @@ mod tests {
         let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
         assert!(s.recall > 0.95, "{s:?}");
         assert!(leak < 0.02, "leak {leak}");
-        // Without the lesion mask, the dots inside the lesion are called hair.
+        // The lesion's dots are not hair even without the lesion mask; the detector before
+        // issue 18 called them hair there.
         let m0 = hair_mask(&img, None, &cfg).unwrap();
-        assert!(crate::eval::lesion_leak(&m0, &lesion, &hair).unwrap() > leak);
+        assert!(crate::eval::lesion_leak(&m0, &lesion, &hair).unwrap() < 0.02);
+        let old = legacy_hair_mask(&img, None, &cfg).unwrap();
+        assert!(crate::eval::lesion_leak(&old, &lesion, &hair).unwrap() > 0.02);
+    }
+
+    /// Recall of `hair` pixels inside `lesion`.
+    fn lesion_recall(m: &GrayImage, lesion: &GrayImage, hair: &GrayImage) -> f64 {
+        let (mut tp, mut n) = (0, 0);
+        for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
+            if l.0[0] != 0 && t.0[0] != 0 {
+                n += 1;
+                tp += (p.0[0] != 0) as usize;
+            }
+        }
+        tp as f64 / n.max(1) as f64
+    }
+
+    /// A textured lesion: brown with a reticular pigment network (dark lines around cells of
+    /// about 9 px at 160 px), dark dots and noise, on noisy skin.
+    fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
+        let mut rng = derm_core::Rng::new(seed);
+        let s = size as f32;
+        let (cx, cy, rad) = (s * 0.5, s * 0.5, s * 0.3);
+        let cell = 9.0 * s / 160.0;
+        let mut lesion = GrayImage::new(size, size);
+        let img = RgbImage::from_fn(size, size, |x, y| {
+            let n = (rng.normal() * 3.0) as f32;
+            let (xf, yf) = (x as f32, y as f32);
+            let d = ((xf - cx).powi(2) + (yf - cy).powi(2)).sqrt();
+            if d < rad {
+                lesion.put_pixel(x, y, image::Luma([255]));
+                // Network: distance to the nearest cell edge of a slightly warped grid.
+                let u = xf / cell + 0.3 * (yf / (3.0 * cell)).sin();
+                let v = yf / cell + 0.3 * (xf / (3.0 * cell)).sin();
+                let edge = (u - u.round()).abs().min((v - v.round()).abs()) * cell;
+                let line = (1.2 * s / 160.0 - edge).clamp(0.0, 1.0);
+                let dot = derm_core::rng::splitmix_mix((x as u64 / 4) << 32 | y as u64 / 4).is_multiple_of(9)
+                    && x % 4 < 2
+                    && y % 4 < 2;
+                let v = (1.0 - 0.45 * line) * if dot { 0.6 } else { 1.0 };
+                image::Rgb([(140.0 * v + n) as u8, (95.0 * v + n) as u8, (70.0 * v + n) as u8])
+            } else {
+                image::Rgb([(215.0 + n) as u8, (170.0 + n) as u8, (150.0 + n) as u8])
+            }
+        });
+        (img, lesion)
+    }
+
+    #[test]
+    fn pigment_network_without_hair_is_not_marked() {
+        let cfg = HairConfig::default();
+        for size in [160, 320] {
+            let (img, lesion) = network_lesion(size, 7);
+            let area = lesion.pixels().filter(|p| p.0[0] != 0).count() as f64;
+            let empty = GrayImage::new(size, size);
+            for les in [Some(&lesion), None] {
+                let m = hair_mask(&img, les, &cfg).unwrap();
+                let leak = crate::eval::lesion_leak(&m, &lesion, &empty).unwrap();
+                assert!(leak < 0.01, "size {size}, lesion mask {}: {leak}", les.is_some());
+            }
+            // The old detector with no lesion mask marks the network.
+            let old = legacy_hair_mask(&img, None, &cfg).unwrap();
+            assert!(crate::eval::lesion_leak(&old, &lesion, &empty).unwrap() * area > 0.05 * area);
+        }
+    }
+
+    #[test]
+    fn hairs_over_a_textured_lesion_are_found() {
+        let cfg = HairConfig::default();
+        let (mut img, lesion) = network_lesion(256, 3);
+        let mut hair = GrayImage::new(256, 256);
+        // Three dark hairs 1.5-3 px wide, two of them crossing the lesion, one ending inside it.
+        let hairs = [((10.0, 40.0), (250.0, 200.0), 1.5), ((60.0, 250.0), (200.0, 20.0), 3.0), ((5.0, 128.0), (140.0, 120.0), 2.0)];
+        for ((x0, y0), (x1, y1), wd) in hairs {
+            let n = 2000;
+            for k in 0..=n {
+                let t = k as f32 / n as f32;
+                let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t + 12.0 * (std::f32::consts::PI * t).sin());
+                for dy in -3i32..=3 {
+                    for dx in -3i32..=3 {
+                        let (px, py) = ((x.round() as i32 + dx), (y.round() as i32 + dy));
+                        if px < 0 || py < 0 || px >= 256 || py >= 256 {
+                            continue;
+                        }
+                        if ((px as f32 - x).powi(2) + (py as f32 - y).powi(2)).sqrt() <= wd / 2.0 {
+                            img.put_pixel(px as u32, py as u32, image::Rgb([35, 28, 25]));
+                            hair.put_pixel(px as u32, py as u32, image::Luma([255]));
+                        }
+                    }
+                }
+            }
+        }
+        let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+        let r = lesion_recall(&m, &lesion, &hair);
+        assert!(r > 0.9, "recall on the lesion {r}");
+        let s = crate::eval::pixel_scores(&m, &hair).unwrap();
+        assert!(s.recall > 0.9 && s.precision > 0.6, "{s:?}");
+        assert!(crate::eval::lesion_leak(&m, &lesion, &hair).unwrap() < 0.03);
+        // The old detector kept the lesion part only where hairs crossed its border.
+        let old = legacy_hair_mask(&img, Some(&lesion), &cfg).unwrap();
+        assert!(lesion_recall(&old, &lesion, &hair) < r);
+    }
+
+    #[test]
+    fn grey_and_light_hairs_are_found() {
+        let cfg = HairConfig::default();
+        let mut rng = derm_core::Rng::new(11);
+        let mut img = RgbImage::from_fn(200, 200, |_, _| {
+            let n = (rng.normal() * 3.0) as f32;
+            image::Rgb([(205.0 + n) as u8, (160.0 + n) as u8, (140.0 + n) as u8])
+        });
+        let mut grey = GrayImage::new(200, 200);
+        let mut light = GrayImage::new(200, 200);
+        for x in 0..200u32 {
+            let y = 60 + x / 4;
+            for yy in y..y + 2 {
+                img.put_pixel(x, yy, image::Rgb([120, 112, 108]));
+                grey.put_pixel(x, yy, image::Luma([255]));
+            }
+            let y = 160 - x / 3;
+            for yy in y..y + 2 {
+                img.put_pixel(x, yy, image::Rgb([238, 232, 228]));
+                light.put_pixel(x, yy, image::Luma([255]));
+            }
+        }
+        let m = hair_mask(&img, None, &cfg).unwrap();
+        for (what, t) in [("grey", &grey), ("light", &light)] {
+            let s = crate::eval::pixel_scores(&m, t).unwrap();
+            assert!(s.recall > 0.85, "{what}: {s:?}");
+        }
+        let both = GrayImage::from_fn(200, 200, |x, y| image::Luma([grey.get_pixel(x, y).0[0] | light.get_pixel(x, y).0[0]]));
+        assert!(crate::eval::pixel_scores(&m, &both).unwrap().precision > 0.8);
+        let no_light = HairConfig { light: false, ..cfg };
+        let m = hair_mask(&img, None, &no_light).unwrap();
+        assert!(crate::eval::pixel_scores(&m, &light).unwrap().recall < 0.1);
+    }
+
+    #[test]
+    fn mask_has_the_input_size_for_odd_sizes() {
+        let cfg = HairConfig::default();
+        // 1100 x 1031 runs detection at half size (factor 2); the others at full size.
+        for (w, h) in [(257u32, 131u32), (131, 257), (1100, 1031)] {
+            let mut img = RgbImage::from_pixel(w, h, image::Rgb([210, 165, 145]));
+            let mut hair = GrayImage::new(w, h);
+            let wd = (2.0 * w.min(h) as f32 / 256.0).max(1.0);
+            for x in 0..w {
+                let y = (h as f32 * 0.3 + x as f32 * 0.2) as u32;
+                for yy in y..(y + wd.round() as u32).min(h) {
+                    img.put_pixel(x, yy, image::Rgb([40, 32, 28]));
+                    hair.put_pixel(x, yy, image::Luma([255]));
+                }
+            }
+            let m = hair_mask(&img, None, &cfg).unwrap();
+            assert_eq!(m.dimensions(), (w, h));
+            let s = crate::eval::pixel_scores(&m, &hair).unwrap();
+            assert!(s.recall > 0.9 && s.precision > 0.8, "{w}x{h}: {s:?}");
+        }
     }
 
     #[test]

@@ -1,0 +1,221 @@
+//! Oriented line morphology in any number of orientations, and the hair response built on it.
+//!
+//! A line of `2r + 1` samples at angle `θ` is the set of offsets `round(k cos θ, k sin θ)`,
+//! `k = -r..=r`. The plane is padded by `r` on every side, so each offset is one fixed shift of
+//! the flat array, and the maximum (minimum) over the line is `2r + 1` element-wise maxima of
+//! shifted slices, which the compiler vectorises. Outside the image is ignored by the maximum and
+//! black (0) for the minimum, as in [`crate::morph::line_closing`], so a dark region touching the
+//! border (the dark corners of a dermoscope's field of view) is never thin.
+//!
+//! [`line_responses`] gives, for every pixel, the largest and the smallest line black-hat
+//! (`closing_θ - L`) over the orientations, and the same for the white top-hat
+//! (`L - opening_θ`). A hair is a thin line: the lines across it close it (large response), the
+//! line along it stays inside it (response near zero), so `max - min` is large. A dot, a globule
+//! or the mesh of a pigment network is closed by the lines of every orientation (each leaves it
+//! within a few pixels), so `max - min` is small there.
+
+use rayon::prelude::*;
+
+/// A plane padded by `r` on every side.
+struct Pad {
+    w: usize,
+    h: usize,
+    r: usize,
+    wp: usize,
+}
+
+impl Pad {
+    fn len(&self) -> usize {
+        self.wp * (self.h + 2 * self.r)
+    }
+
+    /// Copies `src` (`w` x `h`) into a padded plane whose border holds `fill`.
+    fn load(&self, src: &[u8], fill: u8, out: &mut Vec<u8>) {
+        out.clear();
+        out.resize(self.len(), fill);
+        for y in 0..self.h {
+            let o = (y + self.r) * self.wp + self.r;
+            out[o..o + self.w].copy_from_slice(&src[y * self.w..(y + 1) * self.w]);
+        }
+    }
+
+    /// Sets the border of a padded plane to `fill`.
+    fn refill(&self, buf: &mut [u8], fill: u8) {
+        let (r, wp) = (self.r, self.wp);
+        buf[..r * wp].fill(fill);
+        buf[(self.h + r) * wp..].fill(fill);
+        for y in r..self.h + r {
+            buf[y * wp..y * wp + r].fill(fill);
+            buf[y * wp + r + self.w..(y + 1) * wp].fill(fill);
+        }
+    }
+
+    /// Flat offsets of the line at angle `theta` (radians).
+    fn offsets(&self, theta: f32) -> Vec<isize> {
+        let r = self.r as i64;
+        let mut v: Vec<isize> = (-r..=r)
+            .map(|k| {
+                let dx = (k as f32 * theta.cos()).round() as isize;
+                let dy = (k as f32 * theta.sin()).round() as isize;
+                dy * self.wp as isize + dx
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
+
+/// `out[i] = max or min over offsets o of src[i + o]`, where both are in range; `out` starts as
+/// the identity of the operation.
+fn line_op(src: &[u8], offs: &[isize], max: bool, out: &mut [u8]) {
+    let n = src.len() as isize;
+    out.fill(if max { 0 } else { 255 });
+    for &o in offs {
+        let lo = (-o).max(0);
+        let hi = (n - o).min(n);
+        if lo >= hi {
+            continue;
+        }
+        let (lo, hi) = (lo as usize, hi as usize);
+        let s = &src[(lo as isize + o) as usize..(hi as isize + o) as usize];
+        let d = &mut out[lo..hi];
+        if max {
+            for (a, &b) in d.iter_mut().zip(s) {
+                *a = (*a).max(b);
+            }
+        } else {
+            for (a, &b) in d.iter_mut().zip(s) {
+                *a = (*a).min(b);
+            }
+        }
+    }
+}
+
+/// Per-pixel extremes of the oriented responses of [`line_responses`].
+#[derive(Debug, Clone)]
+pub struct Responses {
+    /// Largest black-hat over the orientations.
+    pub dark_max: Vec<u8>,
+    /// Smallest black-hat over the orientations.
+    pub dark_min: Vec<u8>,
+    /// Largest white top-hat over the orientations.
+    pub light_max: Vec<u8>,
+    /// Smallest white top-hat over the orientations.
+    pub light_min: Vec<u8>,
+    /// The closing of the orientation with the largest black-hat (the surroundings a dark pixel
+    /// is compared with).
+    pub closing: Vec<u8>,
+}
+
+/// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
+/// `n_dirs` orientations evenly spread over 180°; `light` adds the top-hat (else its planes are
+/// zero).
+pub fn line_responses(l: &[u8], w: usize, h: usize, radius: usize, n_dirs: usize, light: bool) -> Responses {
+    let pad = Pad { w, h, r: radius, wp: w + 2 * radius };
+    let n_dirs = n_dirs.max(2);
+    // Each orientation gives its closing (and opening); the extremes are merged per task.
+    let per_dir = |i: usize| -> (Vec<u8>, Vec<u8>) {
+        let theta = i as f32 * std::f32::consts::PI / n_dirs as f32;
+        let offs = pad.offsets(theta);
+        let mut a = Vec::new();
+        let mut b = vec![0u8; pad.len()];
+        pad.load(l, 0, &mut a);
+        line_op(&a, &offs, true, &mut b);
+        pad.refill(&mut b, 0);
+        line_op(&b, &offs, false, &mut a);
+        let closing = unpad(&a, &pad);
+        let opening = if light {
+            pad.load(l, 255, &mut a);
+            line_op(&a, &offs, false, &mut b);
+            pad.refill(&mut b, 0);
+            line_op(&b, &offs, true, &mut a);
+            unpad(&a, &pad)
+        } else {
+            Vec::new()
+        };
+        (closing, opening)
+    };
+    let n = w * h;
+    let init = || Responses {
+        dark_max: vec![0; n],
+        dark_min: vec![255; n],
+        light_max: vec![0; n],
+        light_min: vec![if light { 255 } else { 0 }; n],
+        closing: l.to_vec(),
+    };
+    let merged = (0..n_dirs)
+        .into_par_iter()
+        .fold(init, |mut acc, i| {
+            let (c, o) = per_dir(i);
+            for k in 0..n {
+                let d = c[k].saturating_sub(l[k]);
+                if d > acc.dark_max[k] {
+                    acc.dark_max[k] = d;
+                    acc.closing[k] = c[k];
+                }
+                acc.dark_min[k] = acc.dark_min[k].min(d);
+            }
+            if light {
+                for k in 0..n {
+                    let d = l[k].saturating_sub(o[k]);
+                    acc.light_max[k] = acc.light_max[k].max(d);
+                    acc.light_min[k] = acc.light_min[k].min(d);
+                }
+            }
+            acc
+        })
+        .reduce(init, |mut a, b| {
+            for k in 0..n {
+                if b.dark_max[k] > a.dark_max[k] {
+                    a.dark_max[k] = b.dark_max[k];
+                    a.closing[k] = b.closing[k];
+                }
+                a.dark_min[k] = a.dark_min[k].min(b.dark_min[k]);
+                a.light_max[k] = a.light_max[k].max(b.light_max[k]);
+                a.light_min[k] = a.light_min[k].min(b.light_min[k]);
+            }
+            a
+        });
+    merged
+}
+
+fn unpad(buf: &[u8], pad: &Pad) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pad.w * pad.h);
+    for y in 0..pad.h {
+        let o = (y + pad.r) * pad.wp + pad.r;
+        out.extend_from_slice(&buf[o..o + pad.w]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_has_a_large_spread_and_a_dot_a_small_one() {
+        let (w, h) = (64, 64);
+        let mut l = vec![200u8; w * h];
+        // A 1 px dark line at about 30°, and a 3x3 dark dot.
+        for k in 0..50 {
+            let (x, y) = (5.0 + k as f32 * 0.866, 5.0 + k as f32 * 0.5);
+            l[y.round() as usize * w + x.round() as usize] = 80;
+        }
+        for y in 45..48 {
+            for x in 45..48 {
+                l[y * w + x] = 80;
+            }
+        }
+        let r = line_responses(&l, w, h, 5, 12, true);
+        let line_px = 20usize * w + 31; // (k = ~30): x = 31, y = 20
+        assert_eq!(l[line_px], 80);
+        assert!(r.dark_max[line_px] >= 100, "{}", r.dark_max[line_px]);
+        assert!(r.dark_min[line_px] <= 10, "{}", r.dark_min[line_px]);
+        let dot = 46 * w + 46;
+        assert!(r.dark_max[dot] >= 100 && r.dark_min[dot] >= 100);
+        // Nothing is lighter than its surroundings here.
+        assert!(r.light_max.iter().all(|&v| v == 0));
+        assert_eq!(r.closing[line_px], 200);
+    }
+}
