@@ -430,6 +430,12 @@ pub fn run_derm(images: &[BenchImage], bench: &BenchConfig, cfg: &HairConfig, de
             let r = crate::clean_mask(&painted.image, m, cfg)?;
             let secs = t0.elapsed().as_secs_f64();
             let free = detect_with(det, &orig, &lesion, cfg)?;
+            if let Some(dir) = &bench.export {
+                let tag = if det == Detector::Legacy { "legacy" } else { "derm" };
+                save_png(&dir.join(format!("{}_{tag}_mask.png", b.id)), &r.occlusion)?;
+                save_png(&dir.join(format!("{}_{tag}_clean.png", b.id)), &r.clean)?;
+                save_png(&dir.join(format!("{}_{tag}_free_mask.png", b.id)), &free)?;
+            }
             let mut t = score_one(&orig, &lesion, &painted, &r.occlusion, &r.clean, &free)?;
             t.seconds = secs;
             Ok(t)

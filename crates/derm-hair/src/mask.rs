@@ -266,22 +266,24 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
             }
         }
     }
-    let min_len = cfg.min_length * s;
-    let max_w = cfg.max_width * s;
-    let mut mask = vec![0u8; w * h];
-    for c in components(&weak, w, h, true) {
-        if !c.pixels(w).any(|p| strong[p] != 0) || c.length() < min_len {
-            continue;
+    // Shape: a pixel stays when a straight run of at least `min_length` fits through it in the
+    // (one pixel grown) candidates while the run across it is at most `max_width` (+2 for the
+    // growth): blobs, the lesion's rim and the mesh of a network fail one or the other.
+    let min_len = (cfg.min_length * s).max(3.0);
+    let max_w = (cfg.max_width * s).max(1.0) + 2.0;
+    let loose = dilate_disc(&weak, w, h, 1.0);
+    let dirs = orientations();
+    let mut lined = vec![0u8; w * h];
+    lined.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            if weak[y * w + x] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs) {
+                *o = 255;
+            }
         }
-        let boundary = c
-            .pixels(w)
-            .filter(|&p| {
-                let (x, y) = (p % w, p / w);
-                x == 0 || y == 0 || x + 1 == w || y + 1 == h || weak[p - 1] == 0 || weak[p + 1] == 0 || weak[p - w] == 0 || weak[p + w] == 0
-            })
-            .count()
-            .max(1);
-        if 2.0 * c.area() as f32 / boundary as f32 > max_w {
+    });
+    let mut mask = vec![0u8; w * h];
+    for c in components(&lined, w, h, true) {
+        if c.length() < min_len || !c.pixels(w).any(|p| strong[p] != 0) {
             continue;
         }
         for p in c.pixels(w) {
