@@ -103,7 +103,7 @@ impl Default for HairConfig {
             lesion_threshold: 6.0,
             light: true,
             light_threshold: 8.0,
-            hysteresis: 0.6,
+            hysteresis: 1.0,
             min_length: 16.0,
             max_width: 8.0,
             ink: true,

@@ -281,6 +281,15 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
             }
         }
     });
+    // Crossings, forks and hairs running close together fail the width test over a few pixels;
+    // the candidates reached from what passed within half the largest width are added back.
+    let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
+    for _ in 0..steps {
+        let grown = dilate_disc(&lined, w, h, 1.5);
+        for ((l, g), &c) in lined.iter_mut().zip(grown).zip(&weak) {
+            *l = g & c;
+        }
+    }
     let mut mask = vec![0u8; w * h];
     for c in components(&lined, w, h, true) {
         if c.length() < min_len || !c.pixels(w).any(|p| strong[p] != 0) {
