@@ -93,7 +93,7 @@ impl Default for HairConfig {
             threshold: 6.0,
             min_area: 10.0,
             dilate_radius: 0.0,
-            inpaint_margin: 1.0,
+            inpaint_margin: 2.0,
             max_hole_area: 12.0,
             crossing_min_outside: 12.0,
             crossing_max_width: 4.0,
@@ -110,7 +110,7 @@ impl Default for HairConfig {
             ink_chroma: 20.0,
             rulers: true,
             ruler_min_length: 96.0,
-            inpaint: InpaintMethod::Telea,
+            inpaint: InpaintMethod::Harmonic,
             inpaint_radius: 3.0,
             harmonic_iterations: 60,
         }

@@ -195,7 +195,7 @@ pub(crate) fn box_down(src: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
 }
 
 /// [`box_down`] of each channel.
-fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
+pub(crate) fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
     let planes: Vec<Vec<u8>> = (0..3)
         .map(|c| {
@@ -211,7 +211,7 @@ fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
 }
 
 /// Nearest enlargement of a working plane (`ww` wide) to `w` x `h` by `f`.
-fn up_nearest(src: &[u8], ww: usize, w: usize, h: usize, f: usize) -> Vec<u8> {
+pub(crate) fn up_nearest(src: &[u8], ww: usize, w: usize, h: usize, f: usize) -> Vec<u8> {
     let mut out = vec![0u8; w * h];
     for y in 0..h {
         let srow = &src[(y / f) * ww..];
@@ -241,7 +241,8 @@ pub(crate) struct Detection {
 pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &HairConfig) -> Detection {
     let s = cfg.scale(w as u32, h as u32);
     let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
-    let r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light);
+    let widen = s.round().max(1.0) as usize;
+    let r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light, widen);
     let thr = |t: f32| (t * 2.55).round().max(1.0);
     let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
     let lo = cfg.hysteresis.clamp(0.1, 1.0);

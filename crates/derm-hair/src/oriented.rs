@@ -109,9 +109,9 @@ pub struct Responses {
 }
 
 /// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
-/// `n_dirs` orientations evenly spread over 180°; `light` adds the top-hat (else its planes are
-/// zero).
-pub fn line_responses(l: &[u8], w: usize, h: usize, radius: usize, n_dirs: usize, light: bool) -> Responses {
+/// `n_dirs` orientations evenly spread over 180°, on the image widened by `widen` 3 x 3 minima
+/// (maxima for the top-hat); `light` adds the top-hat (else its planes are zero).
+pub fn line_responses(l: &[u8], w: usize, h: usize, radius: usize, n_dirs: usize, light: bool, widen: usize) -> Responses {
     let border_black = true; // see the module doc
     let pad = Pad { w, h, r: radius, wp: w + 2 * radius };
     let n_dirs = n_dirs.max(2);
@@ -119,8 +119,14 @@ pub fn line_responses(l: &[u8], w: usize, h: usize, radius: usize, n_dirs: usize
     // A digital line through a pixel of a thin hair at an arbitrary angle leaves the hair within
     // a few pixels; on the image widened by a 3 x 3 minimum (maximum for light hairs) the line
     // along a hair stays inside it, while dots and meshes are still left within a few pixels.
-    let eroded = square3(l, w, h, false);
-    let dilated = if light { square3(l, w, h, true) } else { Vec::new() };
+    let mut eroded = l.to_vec();
+    let mut dilated = if light { l.to_vec() } else { Vec::new() };
+    for _ in 0..widen {
+        eroded = square3(&eroded, w, h, false);
+        if light {
+            dilated = square3(&dilated, w, h, true);
+        }
+    }
     let per_dir = |i: usize| -> (Vec<u8>, Vec<u8>) {
         let theta = i as f32 * std::f32::consts::PI / n_dirs as f32;
         let offs = pad.offsets(theta);
@@ -236,7 +242,7 @@ mod tests {
                 l[y * w + x] = 80;
             }
         }
-        let r = line_responses(&l, w, h, 5, 12, true);
+        let r = line_responses(&l, w, h, 5, 12, true, 1);
         let line_px = 20usize * w + 31; // (k = ~30): x = 31, y = 20
         assert_eq!(l[line_px], 80);
         assert!(r.dark_max[line_px] >= 100, "{}", r.dark_max[line_px]);
