@@ -495,7 +495,9 @@ mod tests {
     #[test]
     fn perfect_method_scores_perfectly() {
         let img = RgbImage::from_fn(64, 64, |x, y| image::Rgb([180 + (x % 7) as u8, 140 + (y % 5) as u8, 120]));
-        let lesion = GrayImage::from_fn(64, 64, |x, y| image::Luma([if (20..44).contains(&x) && (20..44).contains(&y) { 255 } else { 0 }]));
+        let lesion = GrayImage::from_fn(64, 64, |x, y| {
+            image::Luma([if (20..44).contains(&x) && (20..44).contains(&y) { 255 } else { 0 }])
+        });
         let painted = paint_hairs(&img, Some(&lesion), 1, &PaintConfig::default());
         let empty = GrayImage::new(64, 64);
         let t = score_one(&img, &lesion, &painted, &painted.hair, &img, &empty).unwrap();

@@ -557,12 +557,12 @@ mod tests {
     }
 
     /// A textured lesion: brown with a reticular pigment network (dark lines around cells of
-    /// about 9 px at 160 px), dark dots and noise, on noisy skin.
+    /// about 6 px at 160 px), dark dots and noise, on noisy skin.
     fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
         let mut rng = derm_core::Rng::new(seed);
         let s = size as f32;
         let (cx, cy, rad) = (s * 0.5, s * 0.5, s * 0.3);
-        let cell = 9.0 * s / 160.0;
+        let cell = 6.0 * s / 160.0;
         let mut lesion = GrayImage::new(size, size);
         let img = RgbImage::from_fn(size, size, |x, y| {
             let n = (rng.normal() * 3.0) as f32;
@@ -570,11 +570,26 @@ mod tests {
             let d = ((xf - cx).powi(2) + (yf - cy).powi(2)).sqrt();
             if d < rad {
                 lesion.put_pixel(x, y, image::Luma([255]));
-                // Network: distance to the nearest cell edge of a slightly warped grid.
-                let u = xf / cell + 0.3 * (yf / (3.0 * cell)).sin();
-                let v = yf / cell + 0.3 * (xf / (3.0 * cell)).sin();
-                let edge = (u - u.round()).abs().min((v - v.round()).abs()) * cell;
-                let line = (1.2 * s / 160.0 - edge).clamp(0.0, 1.0);
+                // Network: the edges of a Voronoi diagram of jittered cell centres (short
+                // segments meeting at junctions, as in a real reticular network).
+                let (gx, gy) = ((xf / cell).floor() as i64, (yf / cell).floor() as i64);
+                let (mut d1, mut d2) = (f32::MAX, f32::MAX);
+                for j in gy - 1..=gy + 1 {
+                    for i in gx - 1..=gx + 1 {
+                        let hsh = derm_core::rng::splitmix_mix(((i + 100) as u64) << 32 | (j + 100) as u64);
+                        let (jx, jy) = ((hsh & 0xffff) as f32 / 65535.0, ((hsh >> 16) & 0xffff) as f32 / 65535.0);
+                        let (px, py) = ((i as f32 + 0.15 + 0.7 * jx) * cell, (j as f32 + 0.15 + 0.7 * jy) * cell);
+                        let d = ((xf - px).powi(2) + (yf - py).powi(2)).sqrt();
+                        if d < d1 {
+                            d2 = d1;
+                            d1 = d;
+                        } else if d < d2 {
+                            d2 = d;
+                        }
+                    }
+                }
+                let edge = (d2 - d1) / 2.0;
+                let line = (1.0 * s / 160.0 - edge).clamp(0.0, 1.0);
                 let dot = derm_core::rng::splitmix_mix((x as u64 / 4) << 32 | y as u64 / 4).is_multiple_of(9)
                     && x % 4 < 2
                     && y % 4 < 2;
@@ -611,7 +626,11 @@ mod tests {
         let (mut img, lesion) = network_lesion(256, 3);
         let mut hair = GrayImage::new(256, 256);
         // Three dark hairs 1.5-3 px wide, two of them crossing the lesion, one ending inside it.
-        let hairs = [((10.0, 40.0), (250.0, 200.0), 1.5), ((60.0, 250.0), (200.0, 20.0), 3.0), ((5.0, 128.0), (140.0, 120.0), 2.0)];
+        let hairs = [
+            ((10.0, 40.0), (250.0, 200.0), 1.5),
+            ((60.0, 250.0), (200.0, 20.0), 3.0),
+            ((5.0, 128.0), (140.0, 120.0), 2.0),
+        ];
         for ((x0, y0), (x1, y1), wd) in hairs {
             let n = 2000;
             for k in 0..=n {
@@ -669,7 +688,8 @@ mod tests {
             let s = crate::eval::pixel_scores(&m, t).unwrap();
             assert!(s.recall > 0.85, "{what}: {s:?}");
         }
-        let both = GrayImage::from_fn(200, 200, |x, y| image::Luma([grey.get_pixel(x, y).0[0] | light.get_pixel(x, y).0[0]]));
+        let both =
+            GrayImage::from_fn(200, 200, |x, y| image::Luma([grey.get_pixel(x, y).0[0] | light.get_pixel(x, y).0[0]]));
         assert!(crate::eval::pixel_scores(&m, &both).unwrap().precision > 0.8);
         let no_light = HairConfig { light: false, ..cfg };
         let m = hair_mask(&img, None, &no_light).unwrap();

@@ -111,7 +111,15 @@ pub struct Responses {
 /// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
 /// `n_dirs` orientations evenly spread over 180°, on the image widened by `widen` 3 x 3 minima
 /// (maxima for the top-hat); `light` adds the top-hat (else its planes are zero).
-pub fn line_responses(l: &[u8], w: usize, h: usize, radius: usize, n_dirs: usize, light: bool, widen: usize) -> Responses {
+pub fn line_responses(
+    l: &[u8],
+    w: usize,
+    h: usize,
+    radius: usize,
+    n_dirs: usize,
+    light: bool,
+    widen: usize,
+) -> Responses {
     let border_black = true; // see the module doc
     let pad = Pad { w, h, r: radius, wp: w + 2 * radius };
     let n_dirs = n_dirs.max(2);
