@@ -53,6 +53,13 @@ pub struct HairConfig {
     /// Detection runs on the image reduced by an integer factor to a short side of `work_side`
     /// to twice that (smaller images as they are); 0 detects at full size.
     pub work_side: u32,
+    /// Images with a short side under this are enlarged by an integer factor to at least this
+    /// for detection (line elements of a few pixels cannot tell a hair from a dot); 0 never.
+    pub min_work_side: u32,
+    /// Orientation coherence (0-1) a hair candidate's neighbourhood must have: the length of the
+    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: 0.45 passes the
+    /// pigment-network test but costs 5 points of recall on the real-image benchmark (BENCH.md).
+    pub coherence: f32,
     /// Orientations of the line elements (evenly over 180°).
     pub directions: usize,
     /// Hair score threshold (L* units) inside the lesion, when a lesion mask is given
@@ -99,6 +106,8 @@ impl Default for HairConfig {
             crossing_max_width: 4.0,
             crossing_min_length: 16.0,
             work_side: 512,
+            min_work_side: 256,
+            coherence: 0.0,
             directions: 12,
             lesion_threshold: 6.0,
             light: true,
@@ -143,6 +152,7 @@ impl HairConfig {
             ("min_length", self.min_length),
             ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),
+            ("coherence", self.coherence),
         ];
         for (name, v) in fields {
             if !v.is_finite() || v < 0.0 {

@@ -127,7 +127,6 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
 pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let s_full = cfg.scale(img.width(), img.height());
     let (l, ink) = if cfg.ink {
         let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
         (l, Some(ink_cleanup(ink, found, w, h, cfg)))
@@ -135,6 +134,24 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
         (luminance_u8(img), None)
     };
     let f = work_factor(w, h, cfg);
+    let u = up_factor(w, h, cfg);
+    if u > 1 {
+        // A small image: detection on the bilinear enlargement; a pixel is kept when its block
+        // holds hair and it differs from the surroundings as in [`refine`].
+        let (wu, hu) = (w * u, h * u);
+        let lu = up_bilinear(&l, w, h, u);
+        let lesion_u = lesion.map(|m| up_nearest(m.as_raw(), w, wu, hu, u));
+        let det = detect(&lu, wu, hu, lesion_u.as_deref(), cfg);
+        let mut m = refine_up(&det, &l, w, h, u, cfg);
+        if cfg.rulers {
+            let raw = block_share(&det.raw, wu, w, h, u, 0.5);
+            let ruler = crate::ruler::ruler_mask(&raw, img, w, h, cfg);
+            for (a, &b) in m.iter_mut().zip(&ruler) {
+                *a |= b;
+            }
+        }
+        return finish(m, ink, w, h, 1, cfg);
+    }
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
     let lw = box_down(&l, w, h, f);
     let lesion_w = lesion.map(|m| box_down(m.as_raw(), w, h, f));
@@ -150,6 +167,12 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
             }
         }
     }
+    finish(m, ink, w, h, f, cfg)
+}
+
+/// Ink marks, dilation and hole filling at full size.
+fn finish(mut m: Vec<u8>, ink: Option<Vec<u8>>, w: usize, h: usize, f: usize, cfg: &HairConfig) -> Result<GrayImage> {
+    let s_full = cfg.scale(w as u32, h as u32);
     if let Some(ink) = ink {
         for (a, b) in m.iter_mut().zip(ink) {
             *a |= b;
@@ -164,6 +187,77 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
         tracing::debug!(w, h, f, masked = n, "hair mask");
     }
     GrayImage::from_raw(w as u32, h as u32, m).ok_or_else(|| derm_core::Error::invalid("hair mask buffer size"))
+}
+
+/// The integer enlargement factor of a small image (see `HairConfig::min_work_side`).
+pub fn up_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
+    let short = w.min(h);
+    if cfg.min_work_side == 0 || short >= cfg.min_work_side as usize {
+        return 1;
+    }
+    (cfg.min_work_side as usize).div_ceil(short.max(1))
+}
+
+/// The mask of a small image from the detection on its enlargement by `u`: a pixel is kept when
+/// its `u x u` block holds hair and the pixel is darker than the closing at the block's centre
+/// (lighter than the opening, for a light hair) by at least half the threshold.
+fn refine_up(det: &Detection, l: &[u8], w: usize, h: usize, u: usize, cfg: &HairConfig) -> Vec<u8> {
+    let wu = det.w;
+    let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
+    let t_light = cfg.light_threshold * 2.55 * 0.5;
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (mut hair, mut light) = (false, false);
+            for yy in y * u..(y + 1) * u {
+                for k in yy * wu + x * u..yy * wu + (x + 1) * u {
+                    hair |= det.mask[k] != 0;
+                    light |= det.light[k] != 0;
+                }
+            }
+            if !hair {
+                continue;
+            }
+            let c = (y * u + u / 2) * wu + x * u + u / 2;
+            let v = l[y * w + x] as f32;
+            let keep = if light { v - det.opening[c] as f32 >= t_light } else { det.closing[c] as f32 - v >= t_dark };
+            if keep {
+                out[y * w + x] = 255;
+            }
+        }
+    }
+    out
+}
+
+/// Bilinear enlargement of a plane by `u` (pixel centres aligned, edges clamped).
+fn up_bilinear(src: &[u8], w: usize, h: usize, u: usize) -> Vec<u8> {
+    let (wu, hu) = (w * u, h * u);
+    let mut out = vec![0u8; wu * hu];
+    out.par_chunks_mut(wu).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            *o = bilinear(src, w, h, u, x, y).round().clamp(0.0, 255.0) as u8;
+        }
+    });
+    out
+}
+
+/// A `w` x `h` mask from one `u` times larger (`wu` wide): a pixel is set when at least `share`
+/// of its `u x u` block is.
+fn block_share(src: &[u8], wu: usize, w: usize, h: usize, u: usize, share: f32) -> Vec<u8> {
+    let need = ((share * (u * u) as f32).ceil() as usize).max(1);
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let mut n = 0;
+            for yy in y * u..(y + 1) * u {
+                n += src[yy * wu + x * u..yy * wu + (x + 1) * u].iter().filter(|&&v| v != 0).count();
+            }
+            if n >= need {
+                out[y * w + x] = 255;
+            }
+        }
+    }
+    out
 }
 
 /// The integer reduction factor of the working resolution.
@@ -270,20 +364,29 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
     // Shape: a pixel stays when a straight run of at least `min_length` fits through it in the
     // (one pixel grown) candidates while the run across it is at most `max_width` (+2 for the
     // growth): blobs, the lesion's rim and the mesh of a network fail one or the other.
+    // Orientation coherence: around a hair the candidates are closed across one orientation;
+    // on a pigment network, branched pieces and meshes point every way. A candidate stays when
+    // the sum of its neighbours' across-vectors (within half `min_length`) is at least
+    // `cfg.coherence` of the sum of their lengths.
+    let rho = (cfg.min_length * s / 2.0).round().max(2.0) as usize;
+    let coh = coherence(&r.across, &weak, w, h, rho);
+    let cand: Vec<u8> =
+        weak.iter().zip(&coh).map(|(&v, &c)| if v != 0 && c >= cfg.coherence { 255 } else { 0 }).collect();
     let min_len = (cfg.min_length * s).max(3.0);
     let max_w = (cfg.max_width * s).max(1.0) + 2.0;
-    let loose = dilate_disc(&weak, w, h, 1.0);
+    let loose = dilate_disc(&cand, w, h, 1.0);
     let dirs = orientations();
     let mut lined = vec![0u8; w * h];
     lined.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
         for (x, o) in row.iter_mut().enumerate() {
-            if weak[y * w + x] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs) {
+            if cand[y * w + x] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs) {
                 *o = 255;
             }
         }
     });
-    // Crossings, forks and hairs running close together fail the width test over a few pixels;
-    // the candidates reached from what passed within half the largest width are added back.
+    // Crossings, forks and hairs running close together fail the coherence or width test over a
+    // few pixels; the candidates reached from what passed within half the largest width are
+    // added back.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
     for _ in 0..steps {
         let grown = dilate_disc(&lined, w, h, 1.5);
@@ -308,6 +411,55 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
     remove_small(&mut raw, w, h, (cfg.min_area * s * s).round() as usize);
     let opening: Vec<u8> = l.iter().zip(&r.light_max).map(|(&a, &b)| a.saturating_sub(b)).collect();
     Detection { w, h, mask, light, raw, closing: r.closing, opening }
+}
+
+/// Per pixel, `|sum v |v|| / sum |v|^2` over the pixels of `inside` in the `(2 rho + 1)^2` square
+/// around it, `v` the across-vectors of [`crate::oriented::Responses`], times the cosine between
+/// the pixel's own vector and that sum (1 where the square holds none).
+fn coherence(v: &[(i32, i32)], inside: &[u8], w: usize, h: usize, rho: usize) -> Vec<f32> {
+    let w1 = w + 1;
+    let mut ix = vec![0f64; w1 * (h + 1)];
+    let mut iy = ix.clone();
+    let mut im = ix.clone();
+    for y in 0..h {
+        let (mut sx, mut sy, mut sm) = (0f64, 0f64, 0f64);
+        for x in 0..w {
+            let i = y * w + x;
+            if inside[i] != 0 {
+                // Each vector counts with its own length as weight, so that a strong hair is
+                // not outvoted by the weaker texture around it.
+                let (a, b) = (v[i].0 as f64 / 1024.0, v[i].1 as f64 / 1024.0);
+                let m = (a * a + b * b).sqrt();
+                sx += a * m;
+                sy += b * m;
+                sm += m * m;
+            }
+            let o = (y + 1) * w1 + x + 1;
+            ix[o] = ix[o - w1] + sx;
+            iy[o] = iy[o - w1] + sy;
+            im[o] = im[o - w1] + sm;
+        }
+    }
+    let mut out = vec![1f32; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(h));
+        for (x, o) in row.iter_mut().enumerate() {
+            let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(w));
+            let bx = |p: &[f64]| p[y1 * w1 + x1] - p[y0 * w1 + x1] - p[y1 * w1 + x0] + p[y0 * w1 + x0];
+            let m = bx(&im);
+            let (sx, sy) = (bx(&ix), bx(&iy));
+            let sn = (sx * sx + sy * sy).sqrt();
+            if m > 0.0 && sn > 0.0 {
+                // Times the cosine between the pixel's own vector and the sum: texture beside a
+                // hair is not coherent through the hair's vote.
+                let (a, b) = (v[y * w + x].0 as f64, v[y * w + x].1 as f64);
+                let own = (a * a + b * b).sqrt();
+                let cos = if own > 0.0 { ((a * sx + b * sy) / (own * sn)).max(0.0) } else { 0.0 };
+                *o = (sn / m * cos) as f32;
+            }
+        }
+    });
+    out
 }
 
 /// Bilinear sample of a working plane at full-size pixel `(x, y)` with factor `f`.

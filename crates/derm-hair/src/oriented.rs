@@ -106,6 +106,11 @@ pub struct Responses {
     /// The closing of the orientation with the largest black-hat (the surroundings a dark pixel
     /// is compared with).
     pub closing: Vec<u8>,
+    /// Sum over the orientations of the black-hat times `(cos 2θ, sin 2θ)`, scaled by 1024 and
+    /// rounded (whole numbers, so the sum does not depend on the order of the parallel merge): it
+    /// points across a hair (the doubled angle of the orientations that close it) and is near
+    /// zero on a dot, which every orientation closes alike.
+    pub across: Vec<(i32, i32)>,
 }
 
 /// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
@@ -157,19 +162,29 @@ pub fn line_responses(
         (closing, opening)
     };
     let n = w * h;
+    let unit: Vec<(i32, i32)> = (0..n_dirs)
+        .map(|i| {
+            let a = 2.0 * i as f32 * std::f32::consts::PI / n_dirs as f32;
+            ((a.cos() * 1024.0).round() as i32, (a.sin() * 1024.0).round() as i32)
+        })
+        .collect();
     let init = || Responses {
         dark_max: vec![0; n],
         dark_min: vec![255; n],
         light_max: vec![0; n],
         light_min: vec![if light { 255 } else { 0 }; n],
         closing: l.to_vec(),
+        across: vec![(0, 0); n],
     };
     let merged = (0..n_dirs)
         .into_par_iter()
         .fold(init, |mut acc, i| {
             let (c, o) = per_dir(i);
+            let (ux, uy) = unit[i];
             for k in 0..n {
                 let d = c[k].saturating_sub(l[k]);
+                let v = &mut acc.across[k];
+                *v = (v.0 + d as i32 * ux, v.1 + d as i32 * uy);
                 if d > acc.dark_max[k] {
                     acc.dark_max[k] = d;
                     acc.closing[k] = c[k];
@@ -194,6 +209,7 @@ pub fn line_responses(
                 a.dark_min[k] = a.dark_min[k].min(b.dark_min[k]);
                 a.light_max[k] = a.light_max[k].max(b.light_max[k]);
                 a.light_min[k] = a.light_min[k].min(b.light_min[k]);
+                a.across[k] = (a.across[k].0 + b.across[k].0, a.across[k].1 + b.across[k].1);
             }
             a
         });
@@ -260,5 +276,13 @@ mod tests {
         // Nothing is lighter than its surroundings here.
         assert!(r.light_max.iter().all(|&v| v == 0));
         assert_eq!(r.closing[line_px], 200);
+        // Across the line is 120°; its doubled angle is 240° (cos < 0, sin < 0). The dot's
+        // vector is small against its responses.
+        let (vx, vy) = r.across[line_px];
+        let ang = (vy as f32).atan2(vx as f32).to_degrees().rem_euclid(360.0);
+        assert!((ang - 240.0).abs() < 20.0, "{ang}");
+        let (dx, dy) = r.across[dot];
+        let mag = ((dx as f32).powi(2) + (dy as f32).powi(2)).sqrt() / 1024.0;
+        assert!(mag < 0.2 * 12.0 * r.dark_min[dot] as f32, "{mag}");
     }
 }
