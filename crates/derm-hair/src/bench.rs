@@ -395,7 +395,7 @@ pub fn make_case(b: &BenchImage, index: usize, cfg: &BenchConfig) -> (RgbImage, 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Detector {
-    /// [`crate::hair_mask`].
+    /// [`crate::hair_mask`]: the detector `HairConfig::detector` names (oriented by default).
     Current,
     /// [`crate::legacy_hair_mask`], the detector before issue 18.
     Legacy,

@@ -16,6 +16,20 @@ pub enum InpaintMethod {
     Harmonic,
 }
 
+/// Which hair detector [`crate::hair_mask`] runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HairDetector {
+    /// Oriented line elements in `directions` orientations (issue 18): the hair score is the
+    /// largest black-hat over the orientations minus the smallest, with shape tests on the pieces
+    /// and a working resolution chosen from the image size ([`crate::mask::oriented_hair_mask`]).
+    #[default]
+    Oriented,
+    /// The detector before issue 18: the black-hat in four orientations, with the lesion's
+    /// texture kept out unless a piece crosses the lesion border ([`crate::legacy_hair_mask`]).
+    Legacy,
+}
+
 /// Settings of hair, ruler and ink-mark detection and of inpainting.
 ///
 /// Lengths and radii are in pixels of an image whose short side is `size_ref`, areas in square
@@ -23,6 +37,8 @@ pub enum InpaintMethod {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HairConfig {
+    /// Which hair detector runs (`"oriented"`, the default, or `"legacy"`).
+    pub detector: HairDetector,
     /// Short side (px) at which the sizes below are given.
     pub size_ref: u32,
     /// Length (px) of the line structuring elements of the closing; dark structures narrower
@@ -57,13 +73,15 @@ pub struct HairConfig {
     /// for detection (line elements of a few pixels cannot tell a hair from a dot); 0 never.
     pub min_work_side: u32,
     /// Orientation coherence (0-1) a hair candidate's neighbourhood must have: the length of the
-    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: 0.45 passes the
-    /// pigment-network test but costs 5 points of recall on the real-image benchmark (BENCH.md).
+    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: 0.45 keeps a
+    /// synthetic pigment network out of the mask but costs 5 points of recall on the real-image
+    /// benchmark (BENCH.md).
     pub coherence: f32,
     /// Orientations of the line elements (evenly over 180°).
     pub directions: usize,
     /// Hair score threshold (L* units) inside the lesion, when a lesion mask is given
-    /// (`threshold` applies outside it).
+    /// (`threshold` applies outside it). 8 by default: the lesion's own texture scores higher
+    /// than skin (BENCH.md).
     pub lesion_threshold: f32,
     /// Whether light (grey-white) hairs are looked for with the white top-hat.
     pub light: bool,
@@ -97,6 +115,7 @@ impl Default for HairConfig {
         HairConfig {
             size_ref: 256,
             line_length: 11.0,
+            detector: HairDetector::Oriented,
             threshold: 6.0,
             min_area: 10.0,
             dilate_radius: 0.0,
@@ -109,7 +128,7 @@ impl Default for HairConfig {
             min_work_side: 256,
             coherence: 0.0,
             directions: 12,
-            lesion_threshold: 6.0,
+            lesion_threshold: 8.0,
             light: true,
             light_threshold: 8.0,
             hysteresis: 1.0,
@@ -182,6 +201,10 @@ mod tests {
         assert_eq!(c.threshold, 4.5);
         assert_eq!(c.inpaint, InpaintMethod::Harmonic);
         assert_eq!(c.line_length, HairConfig::default().line_length);
+        assert_eq!(c.detector, HairDetector::Oriented);
+        let c: HairConfig = serde_json::from_str(r#"{"detector": "legacy"}"#).unwrap();
+        assert_eq!(c.detector, HairDetector::Legacy);
+        assert!(serde_json::from_str::<HairConfig>(r#"{"detector": "other"}"#).is_err());
         assert!(serde_json::from_str::<HairConfig>(r#"{"treshold": 4}"#).is_err());
         let back: HairConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);

