@@ -319,7 +319,7 @@ pub fn score_one(
     let sq = |a: &image::Rgb<u8>, b: &image::Rgb<u8>| -> f64 {
         (0..3).map(|k| (a.0[k] as f64 - b.0[k] as f64).powi(2)).sum()
     };
-    for i in 0..w * h {
+    for (i, &ssim) in sm.iter().enumerate().take(w * h) {
         let (x, y) = ((i % w) as u32, (i / w) as u32);
         let truth = painted.hair.as_raw()[i] != 0;
         let touched = painted.touched.as_raw()[i] != 0;
@@ -347,7 +347,7 @@ pub fn score_one(
             t.free_les_marked += (free.as_raw()[i] != 0) as u64;
             t.n_lesion += 1;
             t.sse_lesion += sq(cleaned.get_pixel(x, y), original.get_pixel(x, y));
-            t.ssim_lesion += sm[i] as f64;
+            t.ssim_lesion += ssim as f64;
         }
         t.free_px += 1;
         t.free_marked += (free.as_raw()[i] != 0) as u64;
@@ -355,7 +355,7 @@ pub fn score_one(
             t.n_hair += 1;
             t.sse_hair += sq(cleaned.get_pixel(x, y), original.get_pixel(x, y));
             t.sse_painted += sq(painted.image.get_pixel(x, y), original.get_pixel(x, y));
-            t.ssim_hair += sm[i] as f64;
+            t.ssim_hair += ssim as f64;
         }
     }
     Ok(t)

@@ -176,7 +176,7 @@ pub fn line_responses(
         closing: l.to_vec(),
         across: vec![(0, 0); n],
     };
-    let merged = (0..n_dirs)
+    (0..n_dirs)
         .into_par_iter()
         .fold(init, |mut acc, i| {
             let (c, o) = per_dir(i);
@@ -212,8 +212,7 @@ pub fn line_responses(
                 a.across[k] = (a.across[k].0 + b.across[k].0, a.across[k].1 + b.across[k].1);
             }
             a
-        });
-    merged
+        })
 }
 
 /// 3 x 3 maximum (`max`) or minimum of a plane, the border clamped.

@@ -147,8 +147,8 @@ impl Canvas {
 fn mean_colour(img: &RgbImage) -> [f32; 3] {
     let mut s = [0f64; 3];
     for p in img.pixels() {
-        for k in 0..3 {
-            s[k] += p.0[k] as f64;
+        for (a, &v) in s.iter_mut().zip(&p.0) {
+            *a += v as f64;
         }
     }
     let n = (img.width() * img.height()).max(1) as f64;
