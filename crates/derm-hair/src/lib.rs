@@ -17,14 +17,16 @@
 //!
 //! - [`hair_mask`]: the occlusion mask (0/255) of an RGB image, optionally with its lesion mask.
 //! - [`detect_ruler`]: ruler pixels only.
-//! - [`inpaint`]: fills masked pixels ([`InpaintMethod::Telea`] or [`InpaintMethod::Harmonic`]).
+//! - [`inpaint`](fn@inpaint): fills masked pixels ([`InpaintMethod::Telea`] or [`InpaintMethod::Harmonic`]).
 //! - [`clean`]: both, as a [`HairResult`].
 //! - [`color`], [`morph`]: CIE L*, and van Herk / Gil-Werman line morphology (O(1) per pixel).
 //! - [`eval`]: recall and precision of a mask, lesion leak, PSNR (whole image or in a mask).
-//! - [`paint`], [`bench`]: the real-image benchmark (artificial hairs painted onto hair-free
+//! - [`paint`], [`bench`](mod@bench): the real-image benchmark (artificial hairs painted onto hair-free
 //!   ISIC 2017 images, with exact masks).
 //! - [`oriented`]: line morphology in any number of orientations.
-//! - [`legacy_hair_mask`]: the detector before issue 18, for comparison.
+//! - [`legacy_hair_mask`]: the detector before issue 18, for comparison; [`hair_mask`] runs it
+//!   when `HairConfig::detector` is [`HairDetector::Legacy`] (the default is the oriented one,
+//!   [`oriented_hair_mask`]).
 //!
 //! Every size in [`HairConfig`] is given for a short side of `size_ref` pixels (256) and scales
 //! with the image, so a photograph and its thumbnail give the same result relative to their size.
@@ -92,7 +94,7 @@ impl HairResult {
 }
 
 /// Finds the occlusion mask of `img` ([`hair_mask`]) and inpaints it, grown by
-/// `cfg.inpaint_margin` ([`inpaint`]).
+/// `cfg.inpaint_margin` ([`inpaint`](fn@inpaint)).
 pub fn clean(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<HairResult> {
     clean_mask(img, hair_mask(img, lesion, cfg)?, cfg)
 }
