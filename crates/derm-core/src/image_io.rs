@@ -422,8 +422,8 @@ pub fn shades_of_gray_gains(img: &RgbImage, p: f32) -> [f32; 3] {
     let p = f64::from(p.max(1.0));
     let mut sums = [0f64; 3];
     for px in img.pixels() {
-        for c in 0..3 {
-            sums[c] += (f64::from(px.0[c]) / 255.0).powf(p);
+        for (sum, v) in sums.iter_mut().zip(px.0) {
+            *sum += (f64::from(v) / 255.0).powf(p);
         }
     }
     let n = (img.width() as f64 * img.height() as f64).max(1.0);
@@ -437,8 +437,8 @@ pub fn shades_of_gray(img: &RgbImage, p: f32) -> RgbImage {
     let g = shades_of_gray_gains(img, p);
     let mut out = img.clone();
     for px in out.pixels_mut() {
-        for c in 0..3 {
-            px.0[c] = (f32::from(px.0[c]) * g[c]).round().clamp(0.0, 255.0) as u8;
+        for (v, gain) in px.0.iter_mut().zip(g) {
+            *v = (f32::from(*v) * gain).round().clamp(0.0, 255.0) as u8;
         }
     }
     out

@@ -16,6 +16,20 @@ pub enum InpaintMethod {
     Harmonic,
 }
 
+/// Which hair detector [`crate::hair_mask`] runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HairDetector {
+    /// Oriented line elements in `directions` orientations (issue 18): the hair score is the
+    /// largest black-hat over the orientations minus the smallest, with shape tests on the pieces
+    /// and a working resolution chosen from the image size ([`crate::mask::oriented_hair_mask`]).
+    #[default]
+    Oriented,
+    /// The detector before issue 18: the black-hat in four orientations, with the lesion's
+    /// texture kept out unless a piece crosses the lesion border ([`crate::legacy_hair_mask`]).
+    Legacy,
+}
+
 /// Settings of hair, ruler and ink-mark detection and of inpainting.
 ///
 /// Lengths and radii are in pixels of an image whose short side is `size_ref`, areas in square
@@ -23,6 +37,8 @@ pub enum InpaintMethod {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HairConfig {
+    /// Which hair detector runs (`"oriented"`, the default, or `"legacy"`).
+    pub detector: HairDetector,
     /// Short side (px) at which the sizes below are given.
     pub size_ref: u32,
     /// Length (px) of the line structuring elements of the closing; dark structures narrower
@@ -41,7 +57,8 @@ pub struct HairConfig {
     pub inpaint_margin: f32,
     /// Holes in the final mask up to this area (px²) are filled.
     pub max_hole_area: f32,
-    /// With a lesion mask: a piece that reaches into the lesion is kept there only when it also
+    /// [`crate::mask::legacy_hair_mask`] only. With a lesion mask: a piece that reaches into the
+    /// lesion is kept there only when it also
     /// has at least this many pixels (px) outside the lesion, i.e. when it crosses the border.
     pub crossing_min_outside: f32,
     /// With a lesion mask: a pixel inside the lesion is on a thin elongated structure when the
@@ -49,6 +66,34 @@ pub struct HairConfig {
     pub crossing_max_width: f32,
     /// ...and at least this long (px) along it, straight.
     pub crossing_min_length: f32,
+    /// Detection runs on the image reduced by an integer factor to a short side of `work_side`
+    /// to twice that (smaller images as they are); 0 detects at full size.
+    pub work_side: u32,
+    /// Images with a short side under this are enlarged by an integer factor to at least this
+    /// for detection (line elements of a few pixels cannot tell a hair from a dot); 0 never.
+    pub min_work_side: u32,
+    /// Orientation coherence (0-1) a hair candidate's neighbourhood must have: the length of the
+    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: 0.45 keeps a
+    /// synthetic pigment network out of the mask but costs 5 points of recall on the real-image
+    /// benchmark (BENCH.md).
+    pub coherence: f32,
+    /// Orientations of the line elements (evenly over 180°).
+    pub directions: usize,
+    /// Hair score threshold (L* units) inside the lesion, when a lesion mask is given
+    /// (`threshold` applies outside it). 8 by default: the lesion's own texture scores higher
+    /// than skin (BENCH.md).
+    pub lesion_threshold: f32,
+    /// Whether light (grey-white) hairs are looked for with the white top-hat.
+    pub light: bool,
+    /// Hair score threshold (L* units) of light hairs.
+    pub light_threshold: f32,
+    /// Hysteresis: a hair grows from pixels above its threshold through pixels above this share
+    /// of it.
+    pub hysteresis: f32,
+    /// Shortest piece (px) that counts as hair.
+    pub min_length: f32,
+    /// Widest piece (px, twice its area over its boundary pixels) that counts as hair.
+    pub max_width: f32,
     /// Whether violet ink marks are looked for.
     pub ink: bool,
     /// Ink: red and blue must both exceed green by this much (0-255).
@@ -70,19 +115,30 @@ impl Default for HairConfig {
         HairConfig {
             size_ref: 256,
             line_length: 11.0,
+            detector: HairDetector::Oriented,
             threshold: 6.0,
             min_area: 10.0,
             dilate_radius: 0.0,
-            inpaint_margin: 1.0,
+            inpaint_margin: 2.0,
             max_hole_area: 12.0,
             crossing_min_outside: 12.0,
             crossing_max_width: 4.0,
             crossing_min_length: 16.0,
+            work_side: 512,
+            min_work_side: 256,
+            coherence: 0.0,
+            directions: 12,
+            lesion_threshold: 8.0,
+            light: true,
+            light_threshold: 8.0,
+            hysteresis: 1.0,
+            min_length: 16.0,
+            max_width: 8.0,
             ink: true,
             ink_chroma: 20.0,
             rulers: true,
             ruler_min_length: 96.0,
-            inpaint: InpaintMethod::Telea,
+            inpaint: InpaintMethod::Harmonic,
             inpaint_radius: 3.0,
             harmonic_iterations: 60,
         }
@@ -109,12 +165,21 @@ impl HairConfig {
             ("crossing_min_length", self.crossing_min_length),
             ("ruler_min_length", self.ruler_min_length),
             ("ink_chroma", self.ink_chroma),
+            ("lesion_threshold", self.lesion_threshold),
+            ("light_threshold", self.light_threshold),
+            ("hysteresis", self.hysteresis),
+            ("min_length", self.min_length),
+            ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),
+            ("coherence", self.coherence),
         ];
         for (name, v) in fields {
             if !v.is_finite() || v < 0.0 {
                 derm_core::bail!("hair config: {name} must be finite and non-negative, got {v}");
             }
+        }
+        if self.directions < 2 || self.directions > 64 {
+            derm_core::bail!("hair config: directions must be 2 to 64, got {}", self.directions);
         }
         if self.size_ref == 0 {
             derm_core::bail!("hair config: size_ref must be positive");
@@ -136,6 +201,10 @@ mod tests {
         assert_eq!(c.threshold, 4.5);
         assert_eq!(c.inpaint, InpaintMethod::Harmonic);
         assert_eq!(c.line_length, HairConfig::default().line_length);
+        assert_eq!(c.detector, HairDetector::Oriented);
+        let c: HairConfig = serde_json::from_str(r#"{"detector": "legacy"}"#).unwrap();
+        assert_eq!(c.detector, HairDetector::Legacy);
+        assert!(serde_json::from_str::<HairConfig>(r#"{"detector": "other"}"#).is_err());
         assert!(serde_json::from_str::<HairConfig>(r#"{"treshold": 4}"#).is_err());
         let back: HairConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);

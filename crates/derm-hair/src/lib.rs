@@ -6,17 +6,27 @@
 //! "Towards a computer-aided diagnosis system for pigmented skin lesions" (Computerized Medical
 //! Imaging and Graphics 27, 2003): in CIE LUV, the luminance L* is closed morphologically with
 //! line elements, and the closing minus the image (the black-hat) lights up thin dark structures
-//! such as hairs; it is thresholded, and corrected with the segmented lesion so that the lesion's
-//! own dark texture is never called hair. Rulers (long straight lines with regular ticks) are
-//! added, and the occluded pixels are filled by inpainting (Telea's fast marching method, or a
-//! harmonic fill).
+//! such as hairs. Since issue 18 the lines run in twelve orientations and a pixel's hair score is
+//! the largest response minus the smallest: a hair is closed by the lines across it but not by the
+//! line along it, while dots, globules and a pigment network are closed along every line. So the
+//! lesion no longer vetoes hairs; it only sets its own threshold. Light hairs are found the same
+//! way with the white top-hat, pieces must be long and thin, detection runs at a working
+//! resolution chosen from the image size, and the mask is refined back to full size. Rulers (long
+//! straight lines with regular ticks) are added, and the occluded pixels are filled by inpainting
+//! (Telea's fast marching method, or a harmonic fill).
 //!
 //! - [`hair_mask`]: the occlusion mask (0/255) of an RGB image, optionally with its lesion mask.
 //! - [`detect_ruler`]: ruler pixels only.
-//! - [`inpaint`]: fills masked pixels ([`InpaintMethod::Telea`] or [`InpaintMethod::Harmonic`]).
+//! - [`inpaint`](fn@inpaint): fills masked pixels ([`InpaintMethod::Telea`] or [`InpaintMethod::Harmonic`]).
 //! - [`clean`]: both, as a [`HairResult`].
 //! - [`color`], [`morph`]: CIE L*, and van Herk / Gil-Werman line morphology (O(1) per pixel).
 //! - [`eval`]: recall and precision of a mask, lesion leak, PSNR (whole image or in a mask).
+//! - [`paint`], [`bench`](mod@bench): the real-image benchmark (artificial hairs painted onto hair-free
+//!   ISIC 2017 images, with exact masks).
+//! - [`oriented`]: line morphology in any number of orientations.
+//! - [`legacy_hair_mask`]: the detector before issue 18, for comparison; [`hair_mask`] runs it
+//!   when `HairConfig::detector` is [`HairDetector::Legacy`] (the default is the oriented one,
+//!   [`oriented_hair_mask`]).
 //!
 //! Every size in [`HairConfig`] is given for a short side of `size_ref` pixels (256) and scales
 //! with the image, so a photograph and its thumbnail give the same result relative to their size.
@@ -28,12 +38,15 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod color;
 pub mod config;
 pub mod eval;
 pub mod inpaint;
 pub mod mask;
 pub mod morph;
+pub mod oriented;
+pub mod paint;
 pub mod ruler;
 
 use derm_core::Result;
@@ -41,9 +54,9 @@ use image::{GrayImage, RgbImage};
 use serde::Serialize;
 
 pub use color::{lstar, luminance};
-pub use config::{HairConfig, InpaintMethod};
+pub use config::{HairConfig, HairDetector, InpaintMethod};
 pub use inpaint::inpaint;
-pub use mask::{black_hat, hair_mask};
+pub use mask::{black_hat, hair_mask, legacy_hair_mask, oriented_hair_mask};
 pub use ruler::detect_ruler;
 
 /// What [`clean`] gives for one image.
@@ -83,21 +96,82 @@ impl HairResult {
 }
 
 /// Finds the occlusion mask of `img` ([`hair_mask`]) and inpaints it, grown by
-/// `cfg.inpaint_margin` ([`inpaint`]).
+/// `cfg.inpaint_margin` ([`inpaint`](fn@inpaint)).
 pub fn clean(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<HairResult> {
-    let occlusion = hair_mask(img, lesion, cfg)?;
+    clean_mask(img, hair_mask(img, lesion, cfg)?, cfg)
+}
+
+/// Inpaints a given occlusion mask of `img` (grown by `cfg.inpaint_margin`) as [`clean`] does.
+///
+/// Images larger than the working resolution of [`hair_mask`] (factor `f > 1`) are filled there:
+/// the mask is pooled (a block is masked when any of its pixels is) and grown, the reduced image
+/// is inpainted, the fill is enlarged bilinearly into the masked blocks, and a few sweeps of
+/// harmonic relaxation at full size join it to the full-size surroundings. This keeps the cost
+/// of inpainting a 4000 x 3000 photograph near that of its 800 x 600 reduction.
+pub fn clean_mask(img: &RgbImage, occlusion: GrayImage, cfg: &HairConfig) -> Result<HairResult> {
     let (w, h) = img.dimensions();
-    let margin = cfg.inpaint_margin * cfg.scale(w, h);
-    let clean = if margin >= 1.0 {
-        let grown = morph::dilate_disc(occlusion.as_raw(), w as usize, h as usize, margin);
-        let grown = GrayImage::from_raw(w, h, grown).unwrap_or_else(|| occlusion.clone());
-        inpaint(img, &grown, cfg)?
-    } else {
-        inpaint(img, &occlusion, cfg)?
-    };
     let n = occlusion.as_raw().iter().filter(|&&v| v != 0).count();
-    let masked_fraction = n as f64 / occlusion.as_raw().len() as f64;
+    let masked_fraction = n as f64 / occlusion.as_raw().len().max(1) as f64;
+    let f = mask::work_factor(w as usize, h as usize, cfg);
+    if n == 0 {
+        return Ok(HairResult { occlusion, clean: img.clone(), masked_fraction });
+    }
+    let clean = if f == 1 {
+        let margin = cfg.inpaint_margin * cfg.scale(w, h);
+        if margin >= 1.0 {
+            let grown = morph::dilate_disc(occlusion.as_raw(), w as usize, h as usize, margin);
+            let grown = GrayImage::from_raw(w, h, grown).unwrap_or_else(|| occlusion.clone());
+            inpaint(img, &grown, cfg)?
+        } else {
+            inpaint(img, &occlusion, cfg)?
+        }
+    } else {
+        clean_reduced(img, &occlusion, f, cfg)?
+    };
     Ok(HairResult { occlusion, clean, masked_fraction })
+}
+
+/// The reduced-resolution fill of [`clean_mask`].
+fn clean_reduced(img: &RgbImage, occlusion: &GrayImage, f: usize, cfg: &HairConfig) -> Result<RgbImage> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    let mut pooled = vec![0u8; ww * wh];
+    for (i, &v) in occlusion.as_raw().iter().enumerate() {
+        if v != 0 {
+            pooled[(i / w / f) * ww + (i % w) / f] = 255;
+        }
+    }
+    let margin = cfg.inpaint_margin * cfg.scale(ww as u32, wh as u32);
+    if margin >= 1.0 {
+        pooled = morph::dilate_disc(&pooled, ww, wh, margin);
+    }
+    let small = mask::rgb_down(img, f);
+    let small_mask = GrayImage::from_raw(ww as u32, wh as u32, pooled.clone())
+        .ok_or_else(|| derm_core::Error::invalid("pooled mask buffer size"))?;
+    let fill = inpaint(&small, &small_mask, cfg)?;
+    let region = mask::up_nearest(&pooled, ww, w, h, f);
+    let mut out = img.clone();
+    let fr = fill.as_raw();
+    for (i, px) in out.as_mut().chunks_exact_mut(3).enumerate() {
+        if region[i] == 0 {
+            continue;
+        }
+        let (x, y) = (i % w, i / w);
+        let fx = ((x as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (ww - 1) as f32);
+        let fy = ((y as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (wh - 1) as f32);
+        let (x0, y0) = (fx as usize, fy as usize);
+        let (x1, y1) = ((x0 + 1).min(ww - 1), (y0 + 1).min(wh - 1));
+        let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+        for (c, v) in px.iter_mut().enumerate() {
+            let g = |xx: usize, yy: usize| fr[(yy * ww + xx) * 3 + c] as f32;
+            let top = g(x0, y0) * (1.0 - ax) + g(x1, y0) * ax;
+            let bot = g(x0, y1) * (1.0 - ax) + g(x1, y1) * ax;
+            *v = (top * (1.0 - ay) + bot * ay).round().clamp(0.0, 255.0) as u8;
+        }
+    }
+    let region = GrayImage::from_raw(w as u32, h as u32, region)
+        .ok_or_else(|| derm_core::Error::invalid("fill region buffer size"))?;
+    Ok(inpaint::relax_harmonic(&out, &region, 4))
 }
 
 #[cfg(test)]

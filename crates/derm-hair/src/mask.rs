@@ -15,8 +15,9 @@ use derm_core::{bail, Result};
 use image::{GrayImage, RgbImage};
 
 use crate::color::luminance_u8;
-use crate::config::HairConfig;
+use crate::config::{HairConfig, HairDetector};
 use crate::morph::{black_hat_lines, components, dilate_disc, fill_holes, remove_small};
+use rayon::prelude::*;
 
 /// The smallest short side (px) an image may have.
 pub const MIN_SIDE: u32 = 16;
@@ -100,13 +101,430 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
     dilate_disc(&m, w, h, 1.5 * s)
 }
 
-/// The occlusion mask of hairs, rulers and ink marks (0/255).
+/// The occlusion mask of hairs, rulers and ink marks (0/255), at the size of `img`, from the
+/// detector `cfg.detector` names: [`oriented_hair_mask`] (the default) or [`legacy_hair_mask`].
+///
+/// With `lesion` (non-zero inside, same size as `img`), the lesion gets its own threshold
+/// (oriented) or keeps its dark texture out of the mask (legacy). Errors for an image smaller
+/// than [`MIN_SIDE`], a lesion mask of another size, or an invalid config. An image with no dark
+/// thin structure (all black, say) gives an empty mask.
+pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+    match cfg.detector {
+        HairDetector::Oriented => oriented_hair_mask(img, lesion, cfg),
+        HairDetector::Legacy => legacy_hair_mask(img, lesion, cfg),
+    }
+}
+
+/// The oriented-line detector of issue 18 ([`HairDetector::Oriented`]): the occlusion mask of
+/// hairs, rulers and ink marks (0/255), at the size of `img`.
+///
+/// Detection runs at a working resolution: the image's L* plane averaged over `f x f` blocks,
+/// `f = max(1, short side / cfg.work_side)` (so a working short side of `work_side` to twice
+/// that), with every size of `cfg` scaled to it. There:
+/// 1. [`crate::oriented::line_responses`]: in `cfg.directions` orientations, the line black-hat
+///    (and, with `cfg.light`, the white top-hat); the hair score of a pixel is the largest
+///    response minus the smallest (a hair is closed across, not along; dots, globules and a
+///    pigment network are closed along every line);
+/// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
+///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
+///    through pixels scoring at least `cfg.hysteresis` times that;
+/// 3. shape: a piece is kept when it is at least `cfg.min_length` long (second moments) and at
+///    most `cfg.max_width` wide on average (twice its area over its boundary pixels);
+/// 4. rulers ([`crate::ruler`]) on the thresholded black-hat.
+///
+/// The mask is brought back to the input's size by refining the enlarged working mask (grown by
+/// one working pixel): a full-size pixel is kept when it is darker than the enlarged closing (or
+/// lighter than the enlarged opening) by at least half the threshold. Ink marks, dilation and
+/// hole filling then run at full size.
+///
+/// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
+/// config. An image with no dark thin structure (all black, say) gives an empty mask.
+pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+    check_inputs(img, lesion, cfg)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (l, ink) = if cfg.ink {
+        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+        (l, Some(ink_cleanup(ink, found, w, h, cfg)))
+    } else {
+        (luminance_u8(img), None)
+    };
+    let f = work_factor(w, h, cfg);
+    let u = up_factor(w, h, cfg);
+    if u > 1 {
+        // A small image: detection on the bilinear enlargement; a pixel is kept when its block
+        // holds hair and it differs from the surroundings as in [`refine`].
+        let (wu, hu) = (w * u, h * u);
+        let lu = up_bilinear(&l, w, h, u);
+        let lesion_u = lesion.map(|m| up_nearest(m.as_raw(), w, wu, hu, u));
+        let det = detect(&lu, wu, hu, lesion_u.as_deref(), cfg);
+        let mut m = refine_up(&det, &l, w, h, u, cfg);
+        if cfg.rulers {
+            let raw = block_share(&det.raw, wu, w, h, u, 0.5);
+            let ruler = crate::ruler::ruler_mask(&raw, img, w, h, cfg);
+            for (a, &b) in m.iter_mut().zip(&ruler) {
+                *a |= b;
+            }
+        }
+        return finish(m, ink, w, h, 1, cfg);
+    }
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    let lw = box_down(&l, w, h, f);
+    let lesion_w = lesion.map(|m| box_down(m.as_raw(), w, h, f));
+    let det = detect(&lw, ww, wh, lesion_w.as_deref(), cfg);
+    let mut m = if f == 1 { det.mask.clone() } else { refine(&det, &l, w, h, f, cfg) };
+    if cfg.rulers {
+        let small = if f == 1 { img.clone() } else { rgb_down(img, f) };
+        let ruler = crate::ruler::ruler_mask(&det.raw, &small, ww, wh, cfg);
+        if ruler.iter().any(|&v| v != 0) {
+            let ruler = if f == 1 { ruler } else { up_nearest(&ruler, ww, w, h, f) };
+            for (a, &b) in m.iter_mut().zip(&ruler) {
+                *a |= b;
+            }
+        }
+    }
+    finish(m, ink, w, h, f, cfg)
+}
+
+/// Ink marks, dilation and hole filling at full size.
+fn finish(mut m: Vec<u8>, ink: Option<Vec<u8>>, w: usize, h: usize, f: usize, cfg: &HairConfig) -> Result<GrayImage> {
+    let s_full = cfg.scale(w as u32, h as u32);
+    if let Some(ink) = ink {
+        for (a, b) in m.iter_mut().zip(ink) {
+            *a |= b;
+        }
+    }
+    if cfg.dilate_radius * s_full >= 1.0 {
+        m = dilate_disc(&m, w, h, cfg.dilate_radius * s_full);
+    }
+    fill_holes(&mut m, w, h, (cfg.max_hole_area * s_full * s_full).round() as usize);
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let n = m.iter().filter(|&&v| v != 0).count();
+        tracing::debug!(w, h, f, masked = n, "hair mask");
+    }
+    GrayImage::from_raw(w as u32, h as u32, m).ok_or_else(|| derm_core::Error::invalid("hair mask buffer size"))
+}
+
+/// The integer enlargement factor of a small image (see `HairConfig::min_work_side`).
+pub fn up_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
+    let short = w.min(h);
+    if cfg.min_work_side == 0 || short >= cfg.min_work_side as usize {
+        return 1;
+    }
+    (cfg.min_work_side as usize).div_ceil(short.max(1))
+}
+
+/// The mask of a small image from the detection on its enlargement by `u`: a pixel is kept when
+/// its `u x u` block holds hair and the pixel is darker than the closing at the block's centre
+/// (lighter than the opening, for a light hair) by at least half the threshold.
+fn refine_up(det: &Detection, l: &[u8], w: usize, h: usize, u: usize, cfg: &HairConfig) -> Vec<u8> {
+    let wu = det.w;
+    let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
+    let t_light = cfg.light_threshold * 2.55 * 0.5;
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let (mut hair, mut light) = (false, false);
+            for yy in y * u..(y + 1) * u {
+                for k in yy * wu + x * u..yy * wu + (x + 1) * u {
+                    hair |= det.mask[k] != 0;
+                    light |= det.light[k] != 0;
+                }
+            }
+            if !hair {
+                continue;
+            }
+            let c = (y * u + u / 2) * wu + x * u + u / 2;
+            let v = l[y * w + x] as f32;
+            let keep = if light { v - det.opening[c] as f32 >= t_light } else { det.closing[c] as f32 - v >= t_dark };
+            if keep {
+                out[y * w + x] = 255;
+            }
+        }
+    }
+    out
+}
+
+/// Bilinear enlargement of a plane by `u` (pixel centres aligned, edges clamped).
+fn up_bilinear(src: &[u8], w: usize, h: usize, u: usize) -> Vec<u8> {
+    let (wu, hu) = (w * u, h * u);
+    let mut out = vec![0u8; wu * hu];
+    out.par_chunks_mut(wu).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            *o = bilinear(src, w, h, u, x, y).round().clamp(0.0, 255.0) as u8;
+        }
+    });
+    out
+}
+
+/// A `w` x `h` mask from one `u` times larger (`wu` wide): a pixel is set when at least `share`
+/// of its `u x u` block is.
+fn block_share(src: &[u8], wu: usize, w: usize, h: usize, u: usize, share: f32) -> Vec<u8> {
+    let need = ((share * (u * u) as f32).ceil() as usize).max(1);
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        for x in 0..w {
+            let mut n = 0;
+            for yy in y * u..(y + 1) * u {
+                n += src[yy * wu + x * u..yy * wu + (x + 1) * u].iter().filter(|&&v| v != 0).count();
+            }
+            if n >= need {
+                out[y * w + x] = 255;
+            }
+        }
+    }
+    out
+}
+
+/// The integer reduction factor of the working resolution.
+pub fn work_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
+    if cfg.work_side == 0 {
+        return 1;
+    }
+    (w.min(h) / cfg.work_side as usize).max(1)
+}
+
+/// Mean of `f x f` blocks (partial blocks at the right and bottom edges averaged over what they
+/// hold).
+pub(crate) fn box_down(src: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
+    if f == 1 {
+        return src.to_vec();
+    }
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    let mut sum = vec![0u32; ww * wh];
+    let mut cnt = vec![0u32; ww * wh];
+    for y in 0..h {
+        let row = &src[y * w..(y + 1) * w];
+        let o = (y / f) * ww;
+        for (x, &v) in row.iter().enumerate() {
+            sum[o + x / f] += v as u32;
+            cnt[o + x / f] += 1;
+        }
+    }
+    sum.iter().zip(&cnt).map(|(&s, &c)| ((s + c / 2) / c.max(1)) as u8).collect()
+}
+
+/// [`box_down`] of each channel.
+pub(crate) fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let planes: Vec<Vec<u8>> = (0..3)
+        .map(|c| {
+            let p: Vec<u8> = img.as_raw().iter().skip(c).step_by(3).copied().collect();
+            box_down(&p, w, h, f)
+        })
+        .collect();
+    let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
+    RgbImage::from_fn(ww as u32, wh as u32, |x, y| {
+        let i = y as usize * ww + x as usize;
+        image::Rgb([planes[0][i], planes[1][i], planes[2][i]])
+    })
+}
+
+/// Nearest enlargement of a working plane (`ww` wide) to `w` x `h` by `f`.
+pub(crate) fn up_nearest(src: &[u8], ww: usize, w: usize, h: usize, f: usize) -> Vec<u8> {
+    let mut out = vec![0u8; w * h];
+    for y in 0..h {
+        let srow = &src[(y / f) * ww..];
+        for (x, o) in out[y * w..(y + 1) * w].iter_mut().enumerate() {
+            *o = srow[x / f];
+        }
+    }
+    out
+}
+
+/// What detection at the working resolution gives.
+pub(crate) struct Detection {
+    w: usize,
+    h: usize,
+    /// Hairs (0/255).
+    pub mask: Vec<u8>,
+    /// Which of them are light hairs (0/255).
+    light: Vec<u8>,
+    /// The thresholded largest black-hat (pieces of `min_area`), for the ruler search.
+    pub raw: Vec<u8>,
+    /// Closing (dark surroundings) and opening (light surroundings) of the best orientation.
+    closing: Vec<u8>,
+    opening: Vec<u8>,
+}
+
+/// Hair detection on an `L* * 2.55` plane (see [`hair_mask`]).
+pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &HairConfig) -> Detection {
+    let s = cfg.scale(w as u32, h as u32);
+    let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
+    let widen = s.round().max(1.0) as usize;
+    let r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light, widen);
+    let thr = |t: f32| (t * 2.55).round().max(1.0);
+    let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
+    let lo = cfg.hysteresis.clamp(0.1, 1.0);
+    let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
+    let mut weak = vec![0u8; w * h];
+    let mut strong = vec![0u8; w * h];
+    let mut light = vec![0u8; w * h];
+    for i in 0..w * h {
+        let t = if in_lesion(i) { t_in } else { t_out };
+        let d = (r.dark_max[i] - r.dark_min[i]) as f32;
+        let g = (r.light_max[i] - r.light_min[i]) as f32;
+        if d >= t * lo {
+            weak[i] = 255;
+            if d >= t {
+                strong[i] = 255;
+            }
+        } else if cfg.light && g >= t_light * lo {
+            weak[i] = 255;
+            light[i] = 255;
+            if g >= t_light {
+                strong[i] = 255;
+            }
+        }
+    }
+    // Shape: a pixel stays when a straight run of at least `min_length` fits through it in the
+    // (one pixel grown) candidates while the run across it is at most `max_width` (+2 for the
+    // growth): blobs, the lesion's rim and the mesh of a network fail one or the other.
+    // Orientation coherence: around a hair the candidates are closed across one orientation;
+    // on a pigment network, branched pieces and meshes point every way. A candidate stays when
+    // the sum of its neighbours' across-vectors (within half `min_length`) is at least
+    // `cfg.coherence` of the sum of their lengths.
+    let rho = (cfg.min_length * s / 2.0).round().max(2.0) as usize;
+    let coh = coherence(&r.across, &weak, w, h, rho);
+    let cand: Vec<u8> =
+        weak.iter().zip(&coh).map(|(&v, &c)| if v != 0 && c >= cfg.coherence { 255 } else { 0 }).collect();
+    let min_len = (cfg.min_length * s).max(3.0);
+    let max_w = (cfg.max_width * s).max(1.0) + 2.0;
+    let loose = dilate_disc(&cand, w, h, 1.0);
+    let dirs = orientations();
+    let mut lined = vec![0u8; w * h];
+    lined.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            if cand[y * w + x] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs) {
+                *o = 255;
+            }
+        }
+    });
+    // Crossings, forks and hairs running close together fail the coherence or width test over a
+    // few pixels; the candidates reached from what passed within half the largest width are
+    // added back.
+    let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
+    for _ in 0..steps {
+        let grown = dilate_disc(&lined, w, h, 1.5);
+        for ((l, g), &c) in lined.iter_mut().zip(grown).zip(&weak) {
+            *l = g & c;
+        }
+    }
+    let mut mask = vec![0u8; w * h];
+    for c in components(&lined, w, h, true) {
+        if c.length() < min_len || !c.pixels(w).any(|p| strong[p] != 0) {
+            continue;
+        }
+        for p in c.pixels(w) {
+            mask[p] = 255;
+        }
+    }
+    for (v, m) in light.iter_mut().zip(&mask) {
+        *v &= *m;
+    }
+    let t_raw = thr(cfg.threshold) as u8;
+    let mut raw: Vec<u8> = r.dark_max.iter().map(|&v| if v >= t_raw { 255 } else { 0 }).collect();
+    remove_small(&mut raw, w, h, (cfg.min_area * s * s).round() as usize);
+    let opening: Vec<u8> = l.iter().zip(&r.light_max).map(|(&a, &b)| a.saturating_sub(b)).collect();
+    Detection { w, h, mask, light, raw, closing: r.closing, opening }
+}
+
+/// Per pixel, `|sum v |v|| / sum |v|^2` over the pixels of `inside` in the `(2 rho + 1)^2` square
+/// around it, `v` the across-vectors of [`crate::oriented::Responses`], times the cosine between
+/// the pixel's own vector and that sum (1 where the square holds none).
+fn coherence(v: &[(i32, i32)], inside: &[u8], w: usize, h: usize, rho: usize) -> Vec<f32> {
+    let w1 = w + 1;
+    let mut ix = vec![0f64; w1 * (h + 1)];
+    let mut iy = ix.clone();
+    let mut im = ix.clone();
+    for y in 0..h {
+        let (mut sx, mut sy, mut sm) = (0f64, 0f64, 0f64);
+        for x in 0..w {
+            let i = y * w + x;
+            if inside[i] != 0 {
+                // Each vector counts with its own length as weight, so that a strong hair is
+                // not outvoted by the weaker texture around it.
+                let (a, b) = (v[i].0 as f64 / 1024.0, v[i].1 as f64 / 1024.0);
+                let m = (a * a + b * b).sqrt();
+                sx += a * m;
+                sy += b * m;
+                sm += m * m;
+            }
+            let o = (y + 1) * w1 + x + 1;
+            ix[o] = ix[o - w1] + sx;
+            iy[o] = iy[o - w1] + sy;
+            im[o] = im[o - w1] + sm;
+        }
+    }
+    let mut out = vec![1f32; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(h));
+        for (x, o) in row.iter_mut().enumerate() {
+            let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(w));
+            let bx = |p: &[f64]| p[y1 * w1 + x1] - p[y0 * w1 + x1] - p[y1 * w1 + x0] + p[y0 * w1 + x0];
+            let m = bx(&im);
+            let (sx, sy) = (bx(&ix), bx(&iy));
+            let sn = (sx * sx + sy * sy).sqrt();
+            if m > 0.0 && sn > 0.0 {
+                // Times the cosine between the pixel's own vector and the sum: texture beside a
+                // hair is not coherent through the hair's vote.
+                let (a, b) = (v[y * w + x].0 as f64, v[y * w + x].1 as f64);
+                let own = (a * a + b * b).sqrt();
+                let cos = if own > 0.0 { ((a * sx + b * sy) / (own * sn)).max(0.0) } else { 0.0 };
+                *o = (sn / m * cos) as f32;
+            }
+        }
+    });
+    out
+}
+
+/// Bilinear sample of a working plane at full-size pixel `(x, y)` with factor `f`.
+fn bilinear(p: &[u8], w: usize, h: usize, f: usize, x: usize, y: usize) -> f32 {
+    let fx = ((x as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (w - 1) as f32);
+    let fy = ((y as f32 + 0.5) / f as f32 - 0.5).clamp(0.0, (h - 1) as f32);
+    let (x0, y0) = (fx as usize, fy as usize);
+    let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+    let (ax, ay) = (fx - x0 as f32, fy - y0 as f32);
+    let v = |xx: usize, yy: usize| p[yy * w + xx] as f32;
+    (v(x0, y0) * (1.0 - ax) + v(x1, y0) * ax) * (1.0 - ay) + (v(x0, y1) * (1.0 - ax) + v(x1, y1) * ax) * ay
+}
+
+/// The full-size mask from a working detection (see [`hair_mask`]).
+fn refine(det: &Detection, l: &[u8], w: usize, h: usize, f: usize, cfg: &HairConfig) -> Vec<u8> {
+    let (ww, wh) = (det.w, det.h);
+    let grown = dilate_disc(&det.mask, ww, wh, 1.5);
+    let light = dilate_disc(&det.light, ww, wh, 1.5);
+    let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
+    let t_light = cfg.light_threshold * 2.55 * 0.5;
+    let mut out = vec![0u8; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            let k = (y / f) * ww + x / f;
+            if grown[k] == 0 {
+                continue;
+            }
+            let v = l[y * w + x] as f32;
+            let keep = if light[k] != 0 {
+                v - bilinear(&det.opening, ww, wh, f, x, y) >= t_light
+            } else {
+                bilinear(&det.closing, ww, wh, f, x, y) - v >= t_dark
+            };
+            if keep {
+                *o = 255;
+            }
+        }
+    });
+    out
+}
+
+/// The detector before issue 18 (kept so that the real-image benchmark can compare with it): the
+/// occlusion mask of hairs, rulers and ink marks (0/255) at full size, from the black-hat in four
+/// line orientations.
 ///
 /// With `lesion` (non-zero inside, same size as `img`), the lesion's dark texture is kept out
 /// of the mask; only thin elongated structures that cross the lesion border are kept inside it.
 /// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
 /// config. An image with no dark thin structure (all black, say) gives an empty mask.
-pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
+pub fn legacy_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -> Result<GrayImage> {
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let s = cfg.scale(img.width(), img.height());
@@ -285,9 +703,73 @@ mod tests {
         let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
         assert!(s.recall > 0.95, "{s:?}");
         assert!(leak < 0.02, "leak {leak}");
-        // Without the lesion mask, the dots inside the lesion are called hair.
+        // The lesion's dots are not hair even without the lesion mask; the detector before
+        // issue 18 called them hair there.
         let m0 = hair_mask(&img, None, &cfg).unwrap();
-        assert!(crate::eval::lesion_leak(&m0, &lesion, &hair).unwrap() > leak);
+        assert!(crate::eval::lesion_leak(&m0, &lesion, &hair).unwrap() < 0.02);
+        let old = legacy_hair_mask(&img, None, &cfg).unwrap();
+        assert!(crate::eval::lesion_leak(&old, &lesion, &hair).unwrap() > 0.02);
+        // `cfg.detector` picks the detector `hair_mask` runs.
+        let legacy = HairConfig { detector: HairDetector::Legacy, ..cfg.clone() };
+        assert_eq!(hair_mask(&img, None, &legacy).unwrap(), old);
+        assert_eq!(hair_mask(&img, None, &cfg).unwrap(), m0);
+    }
+
+    #[test]
+    fn grey_and_light_hairs_are_found() {
+        let cfg = HairConfig::default();
+        let mut rng = derm_core::Rng::new(11);
+        let mut img = RgbImage::from_fn(200, 200, |_, _| {
+            let n = (rng.normal() * 3.0) as f32;
+            image::Rgb([(205.0 + n) as u8, (160.0 + n) as u8, (140.0 + n) as u8])
+        });
+        let mut grey = GrayImage::new(200, 200);
+        let mut light = GrayImage::new(200, 200);
+        for x in 0..200u32 {
+            let y = 60 + x / 4;
+            for yy in y..y + 2 {
+                img.put_pixel(x, yy, image::Rgb([120, 112, 108]));
+                grey.put_pixel(x, yy, image::Luma([255]));
+            }
+            let y = 160 - x / 3;
+            for yy in y..y + 2 {
+                img.put_pixel(x, yy, image::Rgb([238, 232, 228]));
+                light.put_pixel(x, yy, image::Luma([255]));
+            }
+        }
+        let m = hair_mask(&img, None, &cfg).unwrap();
+        for (what, t) in [("grey", &grey), ("light", &light)] {
+            let s = crate::eval::pixel_scores(&m, t).unwrap();
+            assert!(s.recall > 0.85, "{what}: {s:?}");
+        }
+        let both =
+            GrayImage::from_fn(200, 200, |x, y| image::Luma([grey.get_pixel(x, y).0[0] | light.get_pixel(x, y).0[0]]));
+        assert!(crate::eval::pixel_scores(&m, &both).unwrap().precision > 0.8);
+        let no_light = HairConfig { light: false, ..cfg };
+        let m = hair_mask(&img, None, &no_light).unwrap();
+        assert!(crate::eval::pixel_scores(&m, &light).unwrap().recall < 0.1);
+    }
+
+    #[test]
+    fn mask_has_the_input_size_for_odd_sizes() {
+        let cfg = HairConfig::default();
+        // 1100 x 1031 runs detection at half size (factor 2); the others at full size.
+        for (w, h) in [(257u32, 131u32), (131, 257), (1100, 1031)] {
+            let mut img = RgbImage::from_pixel(w, h, image::Rgb([210, 165, 145]));
+            let mut hair = GrayImage::new(w, h);
+            let wd = (2.0 * w.min(h) as f32 / 256.0).max(1.0);
+            for x in 0..w {
+                let y = (h as f32 * 0.3 + x as f32 * 0.2) as u32;
+                for yy in y..(y + wd.round() as u32).min(h) {
+                    img.put_pixel(x, yy, image::Rgb([40, 32, 28]));
+                    hair.put_pixel(x, yy, image::Luma([255]));
+                }
+            }
+            let m = hair_mask(&img, None, &cfg).unwrap();
+            assert_eq!(m.dimensions(), (w, h));
+            let s = crate::eval::pixel_scores(&m, &hair).unwrap();
+            assert!(s.recall > 0.9 && s.precision > 0.8, "{w}x{h}: {s:?}");
+        }
     }
 
     #[test]

@@ -9,23 +9,27 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use derm_core::image_io::{is_image_path, load_mask, load_rgb, save_png};
 use derm_data::handoff;
-use derm_hair::{HairConfig, HairSummary, InpaintMethod};
+use derm_hair::{HairConfig, HairDetector, HairSummary, InpaintMethod};
 use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::GlobalOpts;
 
-/// Arguments of `derm hair`.
+/// Arguments of `derm hair` (or `derm hair eval ...`, [`super::hair_eval`]).
 #[derive(Debug, clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct HairArgs {
+    #[command(subcommand)]
+    pub command: Option<super::hair_eval::HairCommand>,
     /// An image, or a folder of images (not searched recursively).
-    #[arg(long)]
-    pub input: PathBuf,
+    #[arg(long, required = true)]
+    pub input: Option<PathBuf>,
     /// Output folder for `<id>_occlusion.png`, `<id>_clean.png` and `summary.json`.
-    #[arg(long)]
-    pub out: PathBuf,
+    #[arg(long, required = true)]
+    pub out: Option<PathBuf>,
     /// Folder of lesion masks, matched by id: `<id>_segmentation.png`, `<id>.png` or
-    /// `<id>_lesion.png`. Dark lesion texture is then kept out of the occlusion mask.
+    /// `<id>_lesion.png`. The lesion then gets its own hair threshold (the legacy detector keeps
+    /// its dark texture out of the occlusion mask).
     #[arg(long)]
     pub lesion_masks: Option<PathBuf>,
     /// Short side (px) at which the detection sizes are defined (default 256).
@@ -37,6 +41,9 @@ pub struct HairArgs {
     /// Inpainting method: telea or harmonic.
     #[arg(long, value_parser = ["telea", "harmonic"])]
     pub inpaint: Option<String>,
+    /// Hair detector: oriented (the default) or legacy (the detector before issue 18).
+    #[arg(long, value_parser = ["oriented", "legacy"])]
+    pub detector: Option<String>,
     /// Do not look for rulers.
     #[arg(long)]
     pub no_rulers: bool,
@@ -73,6 +80,9 @@ impl HairArgs {
         if let Some(m) = &self.inpaint {
             cfg.inpaint = if m == "harmonic" { InpaintMethod::Harmonic } else { InpaintMethod::Telea };
         }
+        if let Some(d) = &self.detector {
+            cfg.detector = if d == "legacy" { HairDetector::Legacy } else { HairDetector::Oriented };
+        }
         if self.no_rulers {
             cfg.rulers = false;
         }
@@ -80,41 +90,45 @@ impl HairArgs {
         Ok(cfg)
     }
 
-    fn inputs(&self) -> anyhow::Result<Vec<PathBuf>> {
-        if self.input.is_dir() {
-            let mut v: Vec<PathBuf> = std::fs::read_dir(&self.input)
-                .with_context(|| format!("reading {}", self.input.display()))?
+    fn inputs(&self, input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        if input.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(input)
+                .with_context(|| format!("reading {}", input.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.is_file() && is_image_path(p))
                 .collect();
             v.sort();
             if v.is_empty() {
-                bail!("no images (png, jpg, bmp, tif) in {}", self.input.display());
+                bail!("no images (png, jpg, bmp, tif) in {}", input.display());
             }
             Ok(v)
-        } else if self.input.is_file() {
-            Ok(vec![self.input.clone()])
+        } else if input.is_file() {
+            Ok(vec![input.to_path_buf()])
         } else {
-            bail!("{}: no such file or folder", self.input.display())
+            bail!("{}: no such file or folder", input.display())
         }
     }
 
     /// Runs detection and inpainting on every input, in parallel.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
+        if let Some(c) = &self.command {
+            return c.run(g);
+        }
+        let (Some(input), Some(out)) = (&self.input, &self.out) else { bail!("--input and --out are required") };
         let cfg = self.config()?;
-        let inputs = self.inputs()?;
+        let inputs = self.inputs(input)?;
         if let Some(d) = &self.lesion_masks {
             if !d.is_dir() {
                 bail!("--lesion-masks {}: not a folder", d.display());
             }
         }
-        derm_core::fsutil::create_dir_all(&self.out)?;
+        derm_core::fsutil::create_dir_all(out)?;
         let pb = crate::progress::bar(inputs.len() as u64, "hair", g.quiet);
         let results: Vec<(String, anyhow::Result<Entry>)> = inputs
             .par_iter()
             .map(|p| {
                 let id = image_id(p);
-                let r = self.one(p, &id, &cfg);
+                let r = self.one(p, &id, &cfg, out);
                 pb.inc(1);
                 (id, r)
             })
@@ -139,25 +153,25 @@ impl HairArgs {
             ok.values().map(|e| e.summary.masked_fraction).sum::<f64>() / ok.len() as f64
         };
         let summary = Summary { config: cfg, images: ok.len(), failed, mean_masked_fraction: mean, results: ok };
-        derm_core::fsutil::write_json(&self.out.join("summary.json"), &summary)?;
+        derm_core::fsutil::write_json(&out.join("summary.json"), &summary)?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&summary)?);
         } else if !g.quiet {
             println!(
                 "{} image(s) cleaned into {}, mean masked fraction {:.4}{}",
                 summary.images,
-                self.out.display(),
+                out.display(),
                 mean,
                 if summary.failed.is_empty() { String::new() } else { format!(", {} failed", summary.failed.len()) }
             );
         }
         if summary.images == 0 {
-            bail!("every image failed; see {}", self.out.join("summary.json").display());
+            bail!("every image failed; see {}", out.join("summary.json").display());
         }
         Ok(())
     }
 
-    fn one(&self, path: &Path, id: &str, cfg: &HairConfig) -> anyhow::Result<Entry> {
+    fn one(&self, path: &Path, id: &str, cfg: &HairConfig, out: &Path) -> anyhow::Result<Entry> {
         let img = load_rgb(path)?;
         let lesion = match &self.lesion_masks {
             Some(dir) => match handoff::find_mask(dir, id) {
@@ -172,8 +186,8 @@ impl HairArgs {
         let res = derm_hair::clean(&img, lesion.as_ref(), cfg).with_context(|| path.display().to_string())?;
         let occlusion = handoff::occlusion(id);
         let clean = handoff::clean(id);
-        save_png(&self.out.join(&occlusion), &res.occlusion)?;
-        save_png(&self.out.join(&clean), &res.clean)?;
+        save_png(&out.join(&occlusion), &res.occlusion)?;
+        save_png(&out.join(&clean), &res.clean)?;
         Ok(Entry { summary: res.summary(lesion.is_some()), occlusion, clean })
     }
 }

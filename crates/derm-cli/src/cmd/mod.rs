@@ -5,6 +5,7 @@ pub mod classify;
 pub mod common;
 pub mod data;
 pub mod hair;
+pub mod hair_eval;
 pub mod info;
 pub mod phantom;
 pub mod purify;
