@@ -99,7 +99,8 @@ pub struct ClassifyConfig {
 impl Default for ClassifyConfig {
     fn default() -> Self {
         ClassifyConfig {
-            model: ResNetConfig::resnet50(3),
+            // From scratch, residual branches start at zero (torchvision's zero_init_residual).
+            model: ResNetConfig { zero_init_residual: true, ..ResNetConfig::resnet50(3) },
             classes: Vec::new(),
             input_size: 224,
             resize: 256,

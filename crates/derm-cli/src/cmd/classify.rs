@@ -90,7 +90,7 @@ impl TrainArgs {
             let model = ResNetConfig::by_name(arch, 3).with_context(|| {
                 format!("unknown architecture {arch:?}: use resnet18, resnet34, resnet50 or resnet101")
             })?;
-            c.model = ResNetConfig { num_classes: c.model.num_classes, ..model };
+            c.model = ResNetConfig { num_classes: c.model.num_classes, zero_init_residual: true, ..model };
         }
         set(&mut c.model.base_width, self.width);
         if let Some(p) = &self.pretrained {
