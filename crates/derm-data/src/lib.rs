@@ -23,6 +23,8 @@
 //!   alike to an image and its masks and paired images.
 //! - [`sampler`]: seeded, epoch-based shuffle and class-balanced samplers.
 //! - [`loader`]: mini-batches assembled into tensors in a background thread.
+//! - [`table`]: label and group tables (CSV with any delimiter, or `||` tables), read with
+//!   named columns and clear errors for missing ones.
 //!
 //! **Consumes:** data-set folders in their official layout (JPEG, PNG, BMP, TIFF images; binary
 //! masks; CSV or `||` label tables), or nothing at all (phantoms). **Produces:** [`Dataset`]s of
