@@ -303,7 +303,8 @@ mod tests {
         let classes: Vec<String> = classes.iter().map(|c| c.to_string()).collect();
         // Probabilities that give class k the AUC asked for is more than this test needs: build the
         // report, then set the AUCs it would print.
-        let mut report = derm_classify::score(&[vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]], &[0, 2], &classes, melanoma);
+        let mut report =
+            derm_classify::score(&[vec![1.0, 0.0, 0.0], vec![0.0, 0.0, 1.0]], &[0, 2], &classes, melanoma, &[]);
         report.auc = auc.iter().map(|&a| Some(a)).collect();
         derm_classify::EvalSummary {
             model: "m".into(),

@@ -76,6 +76,55 @@ pub struct EvalSummary {
     pub report: ClassificationReport,
 }
 
+/// The decided class of each row: the largest probability times its class weight (`weights`
+/// empty, or shorter than a row: weight 1).
+pub fn decide(probs: &[Vec<f64>], weights: &[f64]) -> Vec<usize> {
+    probs
+        .iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(k, p)| p * weights.get(k).copied().unwrap_or(1.0))
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .map(|(k, _)| k)
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+fn balanced_accuracy(probs: &[Vec<f64>], labels: &[usize], k: usize, weights: &[f64]) -> f64 {
+    ConfusionMatrix::new(labels, &decide(probs, weights), k).balanced_accuracy()
+}
+
+/// Per-class weights on the probabilities that maximise the balanced accuracy of `probs`
+/// against `labels` (ISIC 2018's metric; a prior correction for imbalanced classes): class 0
+/// keeps weight 1, the others are searched by coordinate ascent over 2^(-4..4) in steps of
+/// 2^(1/4), three rounds; ties keep the weight nearest 1. Returns the weights and the balanced
+/// accuracy before (all 1) and after.
+pub fn choose_decision_weights(probs: &[Vec<f64>], labels: &[usize], k: usize) -> (Vec<f64>, f64, f64) {
+    let mut w = vec![1.0; k];
+    let before = balanced_accuracy(probs, labels, k, &w);
+    let mut best = before;
+    let grid: Vec<f64> = (-16..=16).map(|e| 2f64.powf(e as f64 / 4.0)).collect();
+    for _ in 0..3 {
+        for c in 1..k {
+            let mut wc = w[c];
+            for &g in &grid {
+                let mut t = w.clone();
+                t[c] = g;
+                let b = balanced_accuracy(probs, labels, k, &t);
+                if b > best + 1e-12 || ((b - best).abs() <= 1e-12 && g.ln().abs() < wc.ln().abs()) {
+                    best = b;
+                    wc = g;
+                }
+            }
+            w[c] = wc;
+        }
+    }
+    (w, before, best)
+}
+
 /// The classes ISIC 2017's mean AUC is taken over: melanoma and seborrheic keratosis when both
 /// are among three classes; otherwise every class.
 pub fn scored_classes(classes: &[String]) -> Vec<usize> {
@@ -93,12 +142,14 @@ fn one_vs_rest(probs: &[Vec<f64>], labels: &[usize], k: usize) -> (Vec<f64>, Vec
 
 /// Scores class probabilities (one row per image, summing to 1) against true labels.
 /// `melanoma` is the index of the melanoma class (from the data set's manifest); `None` takes
-/// the class named `melanoma`, else the first.
+/// the class named `melanoma`, else the first. `weights` is the operating point ([`decide`];
+/// empty: plain argmax).
 pub fn score(
     probs: &[Vec<f64>],
     labels: &[usize],
     classes: &[String],
     melanoma: Option<usize>,
+    weights: &[f64],
 ) -> ClassificationReport {
     let k = classes.len();
     let mut class_counts = vec![0; k];
@@ -123,7 +174,7 @@ pub fn score(
         .iter()
         .map(|&t| SpecificityAt { sensitivity: t, specificity: metrics::specificity_at_sensitivity(&s, &y, t) })
         .collect();
-    let pred = metrics::argmax_rows(probs);
+    let pred = decide(probs, weights);
     let confusion = ConfusionMatrix::new(labels, &pred, k);
     ClassificationReport {
         classes: classes.to_vec(),
@@ -164,6 +215,32 @@ impl ClassificationReport {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_operating_point_lifts_balanced_accuracy_on_skewed_probabilities() {
+        // A model that ranks well but always favours the majority class 2.
+        let mut probs = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..30 {
+            let x = i as f64 / 30.0;
+            probs.push(vec![0.25 + 0.05 * x, 0.05, 0.70 - 0.05 * x]);
+            labels.push(0);
+            probs.push(vec![0.05, 0.25 + 0.05 * x, 0.70 - 0.05 * x]);
+            labels.push(1);
+            probs.push(vec![0.1, 0.1, 0.8]);
+            labels.push(2);
+        }
+        assert_eq!(decide(&probs, &[]), vec![2; 90].iter().copied().collect::<Vec<_>>());
+        let (w, before, after) = choose_decision_weights(&probs, &labels, 3);
+        assert!((before - 1.0 / 3.0).abs() < 1e-9, "{before}");
+        assert!(after > 0.95, "balanced accuracy {before} -> {after} with {w:?}");
+        assert_eq!(w[0], 1.0);
+        let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+        let r = score(&probs, &labels, &names, None, &w);
+        assert!((r.balanced_accuracy - after).abs() < 1e-12);
+        // AUCs do not depend on the operating point.
+        assert_eq!(r.auc, score(&probs, &labels, &names, None, &[]).auc);
+    }
+
     fn classes() -> Vec<String> {
         ["melanoma", "seborrheic_keratosis", "nevus"].iter().map(|s| s.to_string()).collect()
     }
@@ -180,7 +257,7 @@ mod tests {
             vec![0.4, 0.1, 0.5], // nevus with a higher melanoma score than the second melanoma
             vec![0.1, 0.2, 0.7],
         ];
-        let r = score(&probs, &labels, &classes(), None);
+        let r = score(&probs, &labels, &classes(), None, &[]);
         // Melanoma scores: positives 0.8, 0.3; negatives 0.1, 0.2, 0.4, 0.1. Pairs won: 0.8 beats
         // all 4; 0.3 beats 3 of 4: AUC 7/8.
         assert_eq!(r.auc[0], Some(7.0 / 8.0));
@@ -207,7 +284,7 @@ mod tests {
     fn other_class_sets_average_every_class_and_absent_classes_are_none() {
         let names: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
         assert_eq!(scored_classes(&names), vec![0, 1]);
-        let r = score(&[vec![0.9, 0.1], vec![0.6, 0.4]], &[0, 0], &names, None);
+        let r = score(&[vec![0.9, 0.1], vec![0.6, 0.4]], &[0, 0], &names, None, &[]);
         assert_eq!(r.auc, vec![None, None]);
         assert_eq!(r.mean_auc, None);
         assert_eq!(r.selection_metric(), r.balanced_accuracy);

@@ -92,6 +92,14 @@ pub struct ClassifyConfig {
     pub trainable_from: Stage,
     /// ImageNet weights (torchvision names, safetensors) loaded before training, head replaced.
     pub pretrained: Option<PathBuf>,
+    /// The operating point: per-class weights on the probabilities before the most probable
+    /// class is taken (empty: all 1). AUCs do not depend on it; predictions, the confusion
+    /// matrix and balanced accuracy do.
+    pub decision_weights: Vec<f64>,
+    /// After training, choose [`ClassifyConfig::decision_weights`] on the validation part for
+    /// the best balanced accuracy and save them with the best model
+    /// ([`select_operating_point`]).
+    pub select_operating_point: bool,
     /// Bytes of scaled images kept in memory.
     pub cache_bytes: usize,
 }
@@ -127,6 +135,8 @@ impl Default for ClassifyConfig {
             feature_views: 4,
             trainable_from: Stage::Conv1,
             pretrained: None,
+            decision_weights: Vec::new(),
+            select_operating_point: false,
             cache_bytes: 1 << 30,
         }
     }
@@ -352,7 +362,7 @@ pub fn evaluate(
     }
     // The data set's melanoma class, when it names the model's classes in the same order.
     let melanoma = data.melanoma_class.filter(|_| data.classes == classes);
-    let report = score(&probs, &labels, &classes, melanoma);
+    let report = score(&probs, &labels, &classes, melanoma, &clf.cfg.decision_weights);
     Ok(Evaluation { ids, labels, probs, report })
 }
 
@@ -572,7 +582,7 @@ impl ClassifyTask {
     pub fn val_report(&mut self) -> Result<ClassificationReport> {
         let p = self.val_probabilities()?;
         let labels: Vec<usize> = self.val.samples.iter().map(|s| s.label.unwrap_or(0)).collect();
-        Ok(score(&p, &labels, &self.clf.cfg.classes, self.val.melanoma_class))
+        Ok(score(&p, &labels, &self.clf.cfg.classes, self.val.melanoma_class, &self.clf.cfg.decision_weights))
     }
 
     fn image_batch(&self, indices: &[usize], rng: &mut Rng) -> Result<(Tensor, Tensor)> {
@@ -671,7 +681,30 @@ pub fn train(
 ) -> Result<(ClassifyTask, TrainState)> {
     let mut task = ClassifyTask::new(cfg.clone(), data, extra, device)?;
     let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
+    if cfg.select_operating_point && !task.val.is_empty() {
+        select_operating_point(&train::best_dir(out), &task.val, device)?;
+    }
     Ok((task, state))
+}
+
+/// Chooses the operating point of the checkpoint in `dir` on `val`: per-class weights on the
+/// probabilities ([`eval::choose_decision_weights`]) for the best balanced accuracy, written
+/// into the checkpoint's `config.json` (atomically), with the balanced accuracy before and
+/// after in `meta.json`. Returns the weights.
+pub fn select_operating_point(dir: &Path, val: &Dataset, device: &Device) -> Result<Vec<f64>> {
+    let clf = Classifier::load(dir, device)?;
+    let e = evaluate(&clf, val, None, false, &mut |_| {})?;
+    let k = clf.cfg.model.num_classes;
+    let (weights, before, after) = eval::choose_decision_weights(&e.probs, &e.labels, k);
+    let dir = checkpoint::resolve(dir)?;
+    let mut cfg: ClassifyConfig = checkpoint::read_config(&dir)?;
+    cfg.decision_weights = weights.clone();
+    derm_core::fsutil::write_json(&dir.join(checkpoint::CONFIG), &cfg)?;
+    let mut m = checkpoint::read_meta(&dir, "classify")?;
+    m.extra["operating_point"] = serde_json::json!({ "weights": weights, "val_balanced_accuracy_before": before, "val_balanced_accuracy": after });
+    derm_core::fsutil::write_json(&dir.join(checkpoint::META), &m)?;
+    tracing::info!(?weights, before, after, "operating point chosen on validation (balanced accuracy)");
+    Ok(weights)
 }
 
 #[cfg(test)]
@@ -799,6 +832,28 @@ mod tests {
         more.model.base_width = 4;
         more.train.epochs = 4;
         assert!(train(more, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).is_err());
+    }
+
+    #[test]
+    fn the_operating_point_chosen_on_validation_is_saved_and_used() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 48);
+        let out = d.path().join("run");
+        let cfg = ClassifyConfig { select_operating_point: true, ..tiny_cfg() };
+        train(cfg, &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        let w = clf.cfg.decision_weights.clone();
+        assert_eq!(w.len(), 3);
+        assert_eq!(w[0], 1.0);
+        let m = checkpoint::read_meta(&train::best_dir(&out), "classify").unwrap();
+        let op = &m.extra["operating_point"];
+        let (before, after) =
+            (op["val_balanced_accuracy_before"].as_f64().unwrap(), op["val_balanced_accuracy"].as_f64().unwrap());
+        assert!(after >= before, "{before} -> {after}");
+        // Scoring the validation part with the reloaded model gives the saved balanced accuracy.
+        let (_, val) = data.split_by_id(tiny_cfg().val_fraction, tiny_cfg().train.seed);
+        let e = evaluate(&clf, &val, None, false, &mut |_| {}).unwrap();
+        assert!((e.report.balanced_accuracy - after).abs() < 1e-9, "{} vs {after}", e.report.balanced_accuracy);
     }
 
     #[test]

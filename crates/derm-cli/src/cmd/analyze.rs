@@ -200,7 +200,7 @@ impl Analyzer {
         let probs = clf.probabilities(&[&purified], false)?.remove(0);
         let (view, map) = self.sal.map(&purified)?;
         let (vw, vh) = view.dimensions();
-        let best = probs.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0);
+        let best = derm_classify::eval::decide(std::slice::from_ref(&probs), &clf.cfg.decision_weights)[0];
         let lesion_fraction =
             lesion.mask.as_raw().iter().filter(|&&v| v != 0).count() as f64 / lesion.mask.as_raw().len().max(1) as f64;
         let record = AnalysisRecord {

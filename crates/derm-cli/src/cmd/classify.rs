@@ -38,6 +38,10 @@ pub struct TrainArgs {
     /// image the model reads, in training and after; saved with the model. [config default: off]
     #[arg(long)]
     pub color_constancy: Option<f32>,
+    /// After training, choose per-class decision weights on the validation part for the best
+    /// balanced accuracy and save them with the best model (predictions and eval use them).
+    #[arg(long)]
+    pub select_operating_point: bool,
     /// A folder of <id>_purified.png (the purify stage's output) added to training.
     #[arg(long)]
     pub purified: Option<PathBuf>,
@@ -124,6 +128,7 @@ impl TrainArgs {
             c.optim.optimizer = kind;
         }
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
+        c.select_operating_point |= self.select_operating_point;
         self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
@@ -205,7 +210,7 @@ impl PredictArgs {
             let v: Vec<serde_json::Value> = rows
                 .iter()
                 .map(|(id, f, p)| {
-                    let best = derm_core::metrics::argmax_rows(std::slice::from_ref(p))[0];
+                    let best = derm_classify::eval::decide(std::slice::from_ref(p), &clf.cfg.decision_weights)[0];
                     let probs: serde_json::Map<String, serde_json::Value> =
                         classes.iter().zip(p).map(|(c, v)| (c.clone(), serde_json::json!(v))).collect();
                     serde_json::json!({ "id": id, "file": f, "class": classes[best], "probabilities": probs })
@@ -215,7 +220,7 @@ impl PredictArgs {
         } else {
             println!("id,{},predicted", classes.join(","));
             for (id, _, p) in &rows {
-                let best = derm_core::metrics::argmax_rows(std::slice::from_ref(p))[0];
+                let best = derm_classify::eval::decide(std::slice::from_ref(p), &clf.cfg.decision_weights)[0];
                 let vals: Vec<String> = p.iter().map(|v| format!("{v:.4}")).collect();
                 println!("{id},{},{}", vals.join(","), classes[best]);
             }
