@@ -229,7 +229,7 @@ mod tests {
             probs.push(vec![0.1, 0.1, 0.8]);
             labels.push(2);
         }
-        assert_eq!(decide(&probs, &[]), vec![2; 90].iter().copied().collect::<Vec<_>>());
+        assert_eq!(decide(&probs, &[]), vec![2; 90]);
         let (w, before, after) = choose_decision_weights(&probs, &labels, 3);
         assert!((before - 1.0 / 3.0).abs() < 1e-9, "{before}");
         assert!(after > 0.95, "balanced accuracy {before} -> {after} with {w:?}");
