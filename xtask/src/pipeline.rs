@@ -667,31 +667,45 @@ struct Ctx {
 /// Hair: occlusion masks and classic cleaning of the test images with their true lesion masks
 /// (scored against the drawn occlusion masks on phantoms).
 fn hair_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
-    let (test, phantom) = (&c.test, c.phantom);
-    let hair_cmds = vec![vec![
+    let lesion_masks = format!("{}/masks", c.test);
+    hair_on(run, c, "hair", "data", &c.test, lesion_masks, "hair/test")
+}
+
+/// Runs `derm hair` as stage `name` (after `dep`) on the images of `data` with the lesion masks
+/// in `lesion_masks`, into `out`; on phantoms scores the masks against the drawn occlusion.
+fn hair_on(
+    run: &mut Run,
+    c: &Ctx,
+    name: &str,
+    dep: &str,
+    data: &str,
+    lesion_masks: String,
+    out: &str,
+) -> anyhow::Result<()> {
+    let cmds = vec![vec![
         s("hair"),
         s("--input"),
-        format!("{test}/images"),
+        format!("{data}/images"),
         s("--lesion-masks"),
-        format!("{test}/masks"),
+        lesion_masks,
         s("--out"),
-        run.p("hair/test"),
+        run.p(out),
         s("--json"),
     ]];
-    run.stage("hair", &["data"], hair_cmds, |r, c| {
-        run_all(r, c)?;
+    let phantom = c.phantom;
+    run.stage(name, &[dep], cmds, |r, cmds| {
+        run_all(r, cmds)?;
         let scores = phantom
             .then(|| {
                 hair_scores(
-                    &r.path("hair/test"),
-                    &PathBuf::from(format!("{test}/occlusion")),
-                    &PathBuf::from(format!("{test}/masks")),
+                    &r.path(out),
+                    &PathBuf::from(format!("{data}/occlusion")),
+                    &PathBuf::from(format!("{data}/masks")),
                 )
             })
             .transpose()?;
         Ok(HairMetrics { scores })
-    })?;
-    Ok(())
+    })
 }
 
 /// Segmentation: train, score on the test set, predict lesion masks for train and test.
@@ -758,31 +772,8 @@ fn segment_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
 /// Occlusion masks of the training images, found with the segmenter's lesion masks: the hole
 /// shapes for purification training (the paper's way).
 fn hair_train_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
-    let (train, phantom) = (&c.train, c.phantom);
-    let hair_train = vec![vec![
-        s("hair"),
-        s("--input"),
-        format!("{train}/images"),
-        s("--lesion-masks"),
-        run.p("segment/train_masks"),
-        s("--out"),
-        run.p("hair/train"),
-        s("--json"),
-    ]];
-    run.stage("hair_train", &["segment"], hair_train, |r, c| {
-        run_all(r, c)?;
-        let scores = phantom
-            .then(|| {
-                hair_scores(
-                    &r.path("hair/train"),
-                    &PathBuf::from(format!("{train}/occlusion")),
-                    &PathBuf::from(format!("{train}/masks")),
-                )
-            })
-            .transpose()?;
-        Ok(HairMetrics { scores })
-    })?;
-    Ok(())
+    let lesion_masks = run.p("segment/train_masks");
+    hair_on(run, c, "hair_train", "segment", &c.train, lesion_masks, "hair/train")
 }
 
 /// Purification: train the partial-convolution U-Net, then purify the train and test images.

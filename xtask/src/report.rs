@@ -21,20 +21,21 @@ fn num(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "n/a".into())
 }
 
+/// The name of a report's melanoma class and its AUC.
+fn melanoma_auc(r: &derm_classify::ClassificationReport) -> (String, Option<f64>) {
+    let k = r.melanoma_class;
+    (r.classes.get(k).cloned().unwrap_or_default(), r.auc.get(k).copied().flatten())
+}
+
 /// The summary table next to the paper: segmentation Jaccard, and the AUC of the data set's
 /// melanoma class (from its manifest, through the classifier's report) and the mean AUC of the
 /// baseline and the full system.
 fn results_rows(seg: &SegmentMetrics, cls: &ClassifyMetrics) -> anyhow::Result<Vec<Vec<String>>> {
-    let variant =
-        |v: &str| cls.get(v).cloned().ok_or_else(|| anyhow::anyhow!("the classify record has no variant {v:?}"));
-    let base = variant("baseline")?.plain.report;
-    let both = variant("both")?.test_time_purification.report;
-    let mel = |r: &derm_classify::ClassificationReport| {
-        let k = r.melanoma_class;
-        (r.classes.get(k).cloned().unwrap_or_default(), r.auc.get(k).copied().flatten())
-    };
-    let (base_name, base_auc) = mel(&base);
-    let (both_name, both_auc) = mel(&both);
+    let variant = |v: &str| cls.get(v).ok_or_else(|| anyhow::anyhow!("the classify record has no variant {v:?}"));
+    let base = &variant("baseline")?.plain.report;
+    let both = &variant("both")?.test_time_purification.report;
+    let (base_name, base_auc) = melanoma_auc(base);
+    let (both_name, both_auc) = melanoma_auc(both);
     Ok(vec![
         vec![
             "segmentation Jaccard (per-image mean)".into(),
@@ -234,11 +235,12 @@ pub fn write(run: &Run, out: &Path) -> anyhow::Result<PathBuf> {
     for v in ["baseline", "purified", "synthetic", "both"] {
         let Some(scores) = cls.get(v) else { anyhow::bail!("the classify record has no variant {v:?}") };
         for (tag, e) in [("off", &scores.plain.report), ("on", &scores.test_time_purification.report)] {
-            mel_name = e.classes.get(e.melanoma_class).cloned().unwrap_or_default();
+            let (name, auc) = melanoma_auc(e);
+            mel_name = name;
             rows.push(vec![
                 v.to_string(),
                 tag.to_string(),
-                num(e.auc.get(e.melanoma_class).copied().flatten()),
+                num(auc),
                 num(e.mean_auc),
                 num(Some(e.balanced_accuracy)),
                 num(Some(e.accuracy)),

@@ -696,13 +696,12 @@ pub fn select_operating_point(dir: &Path, val: &Dataset, device: &Device) -> Res
     let e = evaluate(&clf, val, None, false, &mut |_| {})?;
     let k = clf.cfg.model.num_classes;
     let (weights, before, after) = eval::choose_decision_weights(&e.probs, &e.labels, k);
-    let dir = checkpoint::resolve(dir)?;
-    let mut cfg: ClassifyConfig = checkpoint::read_config(&dir)?;
-    cfg.decision_weights = weights.clone();
-    derm_core::fsutil::write_json(&dir.join(checkpoint::CONFIG), &cfg)?;
-    let mut m = checkpoint::read_meta(&dir, "classify")?;
-    m.extra["operating_point"] = serde_json::json!({ "weights": weights, "val_balanced_accuracy_before": before, "val_balanced_accuracy": after });
-    derm_core::fsutil::write_json(&dir.join(checkpoint::META), &m)?;
+    checkpoint::amend(dir, "classify", |cfg: &mut ClassifyConfig, m| {
+        cfg.decision_weights = weights.clone();
+        m.extra["operating_point"] = serde_json::json!({
+            "weights": weights, "val_balanced_accuracy_before": before, "val_balanced_accuracy": after
+        });
+    })?;
     tracing::info!(?weights, before, after, "operating point chosen on validation (balanced accuracy)");
     Ok(weights)
 }

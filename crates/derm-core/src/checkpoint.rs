@@ -296,6 +296,22 @@ pub fn read_meta(dir: &Path, stage: &str) -> Result<Meta> {
     Ok(meta)
 }
 
+/// Changes the config and metadata of the `stage` checkpoint in `dir` after training (a
+/// threshold or operating point chosen on validation): `change` edits both, and each file is
+/// rewritten atomically; the weights are untouched.
+pub fn amend<C: Serialize + DeserializeOwned>(
+    dir: &Path,
+    stage: &str,
+    change: impl FnOnce(&mut C, &mut Meta),
+) -> Result<()> {
+    let dir = resolve(dir)?;
+    let mut meta = read_meta(&dir, stage)?;
+    let mut config: C = read_config(&dir)?;
+    change(&mut config, &mut meta);
+    write_json(&dir.join(CONFIG), &config)?;
+    write_json(&dir.join(META), &meta)
+}
+
 /// Which stage wrote the checkpoint in `dir` (a checkpoint folder, or a model folder resolved
 /// to its `best/` or `last/`): the `stage` of its `meta.json`.
 pub fn stage_of(dir: &Path) -> Result<String> {

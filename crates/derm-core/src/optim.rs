@@ -69,6 +69,15 @@ impl OptimizerKind {
     pub fn sgd(lr: f64, momentum: f64) -> Self {
         OptimizerKind::Sgd { lr, momentum, weight_decay: 0.0, nesterov: false }
     }
+    /// Sets the learning rate, keeping the kind and its other settings.
+    pub fn set_lr(&mut self, new: f64) {
+        match self {
+            OptimizerKind::Adam { lr, .. } | OptimizerKind::AdamW { lr, .. } | OptimizerKind::Sgd { lr, .. } => {
+                *lr = new
+            }
+        }
+    }
+
     /// The base learning rate.
     pub fn lr(&self) -> f64 {
         match *self {

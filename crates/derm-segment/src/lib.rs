@@ -416,20 +416,18 @@ pub fn select_threshold(dir: &Path, val: &Dataset, cache: &ImageCache, device: &
             best = k;
         }
     }
-    let dir = checkpoint::resolve(dir)?;
-    let mut cfg: SegmentConfig = checkpoint::read_config(&dir)?;
-    cfg.threshold = candidates[best];
-    derm_core::fsutil::write_json(&dir.join(checkpoint::CONFIG), &cfg)?;
-    let mut m = checkpoint::read_meta(&dir, "segment")?;
-    m.extra["threshold"] = serde_json::json!(cfg.threshold);
-    m.extra["threshold_selection"] = serde_json::json!(candidates
-        .iter()
-        .zip(&jaccard)
-        .map(|(t, j)| serde_json::json!({ "threshold": t, "val_jaccard": j }))
-        .collect::<Vec<_>>());
-    derm_core::fsutil::write_json(&dir.join(checkpoint::META), &m)?;
-    tracing::info!(threshold = cfg.threshold, val_jaccard = jaccard[best], "mask threshold chosen on validation");
-    Ok(cfg.threshold)
+    let threshold = candidates[best];
+    checkpoint::amend(dir, "segment", |cfg: &mut SegmentConfig, m| {
+        cfg.threshold = threshold;
+        m.extra["threshold"] = serde_json::json!(threshold);
+        m.extra["threshold_selection"] = serde_json::json!(candidates
+            .iter()
+            .zip(&jaccard)
+            .map(|(t, j)| serde_json::json!({ "threshold": t, "val_jaccard": j }))
+            .collect::<Vec<_>>());
+    })?;
+    tracing::info!(threshold, val_jaccard = jaccard[best], "mask threshold chosen on validation");
+    Ok(threshold)
 }
 
 #[cfg(test)]

@@ -117,15 +117,16 @@ impl TrainArgs {
             c.trainable_from =
                 Stage::parse(t).with_context(|| format!("unknown stage {t:?}: use conv1, layer1..layer4 or fc"))?;
         }
-        let lr = self.lr.unwrap_or_else(|| c.optim.optimizer.lr());
-        let kind = match (self.optimizer.as_deref(), &c.optim.optimizer) {
-            (Some("sgd"), _) | (None, OptimizerKind::Sgd { .. }) => OptimizerKind::sgd(lr, 0.9),
-            (Some("adam"), _) | (None, OptimizerKind::Adam { .. }) => OptimizerKind::adam(lr),
-            (Some(o), _) => bail!("unknown optimizer {o:?}: use sgd or adam"),
-            (None, other) => *other,
-        };
-        if self.optimizer.is_some() || self.lr.is_some() {
-            c.optim.optimizer = kind;
+        if let Some(o) = self.optimizer.as_deref() {
+            let lr = c.optim.optimizer.lr();
+            c.optim.optimizer = match o {
+                "sgd" => OptimizerKind::sgd(lr, 0.9),
+                "adam" => OptimizerKind::adam(lr),
+                o => bail!("unknown optimizer {o:?}: use sgd or adam"),
+            };
+        }
+        if let Some(lr) = self.lr {
+            c.optim.optimizer.set_lr(lr);
         }
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         c.select_operating_point |= self.select_operating_point;

@@ -71,11 +71,8 @@ impl TrainArgs {
                 .with_context(|| format!("unknown preset {p:?}: use small, peer or paper"))?;
         }
         set(&mut c.size, self.size);
-        if let Some(new) = self.lr {
-            match &mut c.optim.optimizer {
-                derm_core::optim::OptimizerKind::Adam { lr, .. } => *lr = new,
-                other => *other = derm_core::optim::OptimizerKind::adam(new),
-            }
+        if let Some(lr) = self.lr {
+            c.optim.optimizer.set_lr(lr);
         }
         set(&mut c.finetune_after_fraction, self.finetune_after);
         set(&mut c.finetune_lr, self.finetune_lr);

@@ -66,7 +66,7 @@ impl TrainArgs {
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.threshold, self.threshold);
         if let Some(lr) = self.lr {
-            c.optim.optimizer = derm_core::optim::OptimizerKind::adam(lr);
+            c.optim.optimizer.set_lr(lr);
         }
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         c.select_threshold |= self.select_threshold;
