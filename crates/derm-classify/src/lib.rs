@@ -38,7 +38,7 @@ use candle_nn::VarMap;
 use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
 use derm_core::image_io::{self, Normalize};
 use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
-use derm_core::train::{self, LoopConfig, Task, TrainState};
+use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::augment::AugmentConfig;
 use derm_data::dataset::Dataset;
@@ -369,20 +369,12 @@ pub fn evaluate(
 /// Mean cross-entropy of (N, K) logits against (N,) u32 labels, optionally weighted per class
 /// (the weighted mean divides by the sum of the targets' weights, as PyTorch).
 pub fn loss(logits: &Tensor, y: &Tensor, class_weights: Option<&Tensor>) -> Result<Tensor> {
-    let Some(w) = class_weights else {
-        return Ok(derm_kernels::ops::cross_entropy(logits, y, None)?);
-    };
-    // derm_kernels::ops::cross_entropy reads the weight sum as f64, which fails for f32 logits.
-    let lsm = derm_kernels::ops::log_softmax(logits, 1)?;
-    let t = y.to_dtype(DType::U32)?;
-    let nll = lsm.gather(&t.unsqueeze(1)?, 1)?.squeeze(1)?.neg()?;
-    let wt = w.to_dtype(logits.dtype())?.gather(&t, 0)?;
-    Ok((nll * &wt)?.sum_all()?.broadcast_div(&wt.sum_all()?)?)
+    Ok(derm_kernels::ops::cross_entropy(logits, y, class_weights)?)
 }
 
 /// One optimiser step of cross-entropy on a batch: `x` (N, 3, H, W) normalised, `y` (N,) u32.
-/// Stages before `trainable_from` stay fixed. Returns the loss before the step (the step is
-/// skipped when it is not finite). This is what a benchmark times.
+/// Stages before `trainable_from` stay fixed. Returns the loss before the step and the gradient
+/// norm, unread ([`StepLoss`]). This is what a benchmark times.
 pub fn train_step(
     net: &ResNet,
     opt: &mut Optimizer,
@@ -390,14 +382,11 @@ pub fn train_step(
     y: &Tensor,
     class_weights: Option<&Tensor>,
     trainable_from: Stage,
-) -> Result<f64> {
+) -> Result<StepLoss> {
     let logits = net.forward_from(x, true, trainable_from)?;
     let loss = loss(&logits, y, class_weights)?;
-    let v = loss.to_scalar::<f32>()? as f64;
-    if v.is_finite() {
-        opt.backward_step(&loss)?;
-    }
-    Ok(v)
+    let norm = opt.backward_step(&loss)?;
+    Ok(StepLoss::new(loss, norm))
 }
 
 /// An optimiser over the variables a config trains (`fc` only with a frozen backbone).
@@ -611,7 +600,7 @@ impl Task for ClassifyTask {
         self.per_epoch
     }
 
-    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let bs = self.clf.cfg.batch_size;
         let indices: Vec<usize> = self.epoch_order(epoch).iter().skip(batch * bs).take(bs).copied().collect();
         if indices.is_empty() {
@@ -624,11 +613,8 @@ impl Task for ClassifyTask {
             let y = self.labels_of(&indices)?;
             let logits = self.clf.net.head().forward(&x)?;
             let loss = loss(&logits, &y, self.class_weights.as_ref())?;
-            let v = loss.to_scalar::<f32>()? as f64;
-            if v.is_finite() {
-                self.opt.backward_step(&loss)?;
-            }
-            return Ok(v);
+            let norm = self.opt.backward_step(&loss)?;
+            return Ok(StepLoss::new(loss, norm));
         }
         let (x, y) = self.image_batch(&indices, rng)?;
         let from = self.clf.cfg.first_trained_stage();
@@ -731,6 +717,32 @@ mod tests {
     }
 
     #[test]
+    fn a_resnet50_training_step_on_the_device_path_reads_nothing_back() {
+        // ResNet-50's layout (bottleneck blocks 3-4-6-3, stem max pooling) at width 8, with
+        // class weights: the weighted cross-entropy, batch norm and the update stay on the device.
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 12, 40);
+        let cfg = ClassifyConfig {
+            model: ResNetConfig { base_width: 8, ..ResNetConfig::resnet50(3) },
+            input_size: 32,
+            resize: 40,
+            batch_size: 4,
+            class_weighted_loss: true,
+            ..tiny_cfg()
+        };
+        let mut task = ClassifyTask::new(cfg, &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        assert!(task.class_weights.is_some());
+        let mut rng = Rng::new(3);
+        let (steps, reads) = derm_kernels::ops::host_reads_on_device_path(|| {
+            [task.train_batch(0, 0, &mut rng).unwrap(), task.train_batch(0, 1, &mut rng).unwrap()]
+        });
+        assert_eq!(reads, 0, "a ResNet-50 training step read data back to the host");
+        for s in steps {
+            assert!(s.loss.to_scalar::<f32>().unwrap().is_finite());
+        }
+    }
+
+    #[test]
     fn a_few_steps_lower_the_loss_on_phantoms() {
         let d = tempfile::tempdir().unwrap();
         let data = phantoms(d.path(), 24, 56);
@@ -748,7 +760,7 @@ mod tests {
         let mut first = None;
         for _ in 0..10 {
             let l = train_step(&task.clf.net, &mut task.opt, &x, &y, None, Stage::Conv1).unwrap();
-            first.get_or_insert(l);
+            first.get_or_insert(l.loss.to_scalar::<f32>().unwrap());
         }
         let after = loss(&task);
         assert!(after < 0.5 * before, "loss {before} -> {after}");

@@ -53,10 +53,12 @@ pub enum Error {
         /// Why it cannot be had.
         msg: String,
     },
-    /// Training produced a NaN or infinite loss.
-    #[error("loss became {value} at epoch {epoch} step {step}; training stopped, the last good checkpoint is kept")]
+    /// Training produced a NaN or infinite loss (or gradient norm).
+    #[error("{quantity} became {value} at epoch {epoch} step {step}; training stopped, the last good checkpoint is kept")]
     NonFiniteLoss {
-        /// The loss value.
+        /// What was not finite: `loss` or `gradient norm`.
+        quantity: &'static str,
+        /// The value.
         value: f64,
         /// Epoch (0-based).
         epoch: usize,

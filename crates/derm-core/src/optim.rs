@@ -210,9 +210,9 @@ impl Optimizer {
         self.v = vec![None; self.params.len()];
     }
 
-    /// Computes gradients of `loss` and takes one step. Returns the global gradient norm (before
-    /// clipping).
-    pub fn backward_step(&mut self, loss: &Tensor) -> Result<f64> {
+    /// Computes gradients of `loss` and takes one step. Returns the global gradient norm before
+    /// clipping (see [`Optimizer::step`]).
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<Tensor> {
         let grads = {
             let _span = derm_kernels::profile::span("backward (whole)");
             loss.backward()?
@@ -220,43 +220,72 @@ impl Optimizer {
         self.step(&grads)
     }
 
-    /// Takes one step with the given gradients. Returns the global gradient norm (before clipping).
+    /// Takes one step with the given gradients. Returns the global gradient norm before clipping,
+    /// as a scalar tensor on the parameters' device: reading it is a host copy on a GPU, so the
+    /// training loop reads it with the loss only every few steps ([`crate::train::StepLoss`]).
     ///
-    /// CPU f32 parameters are updated in place by one fused pass per parameter (moments,
-    /// bias correction, weight decay and clipping together); other devices and dtypes take the
-    /// same arithmetic through tensor ops.
-    pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
+    /// On the host path (CPU tensors, see [`derm_kernels::ops::host_kernels`]) the norm is summed
+    /// on the host; when it is not finite the update is skipped and the weights stay as they were.
+    /// f32 parameters are then updated in place by one fused pass each (moments, bias
+    /// correction, weight decay and clipping together). On the device path (CUDA, Metal, or
+    /// forced) the norm, the clipping factor and the update are tensor ops that never leave the
+    /// device; a non-finite norm is not seen until the loop reads it, which it does before any
+    /// checkpoint is written, so the run stops with the last good checkpoint kept.
+    pub fn step(&mut self, grads: &GradStore) -> Result<Tensor> {
         let _span = derm_kernels::profile::span("optimiser-step");
-        let mut sq = 0f64;
         let mut gs: Vec<Option<Tensor>> = Vec::with_capacity(self.params.len());
         for (_, var) in &self.params {
-            let g = match grads.get(var.as_tensor()) {
+            gs.push(match grads.get(var.as_tensor()) {
                 Some(g) => Some(g.detach().contiguous()?),
                 None => None,
-            };
-            if let Some(g) = &g {
-                sq += sum_of_squares(g)?;
-            }
-            gs.push(g);
+            });
         }
-        let norm = sq.sqrt();
-        if !norm.is_finite() {
-            return Err(Error::invalid(format!("gradient norm is {norm}; step skipped")));
-        }
-        let clip = match self.cfg.clip_grad_norm {
-            Some(max) if norm > max => Some(max / (norm + 1e-6)),
-            _ => None,
-        };
+        let device = self.params.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let host = self.params.first().is_none_or(|(_, v)| derm_kernels::ops::host_kernels(v.as_tensor()));
         let lr = self.lr();
         let t = (self.step + 1) as i32;
-        for (i, g) in gs.into_iter().enumerate() {
-            let Some(g) = g else { continue };
-            if self.in_place && in_place_ok(&self.params[i].1, &g) {
-                self.update_in_place(i, &g, clip.unwrap_or(1.0), lr, t)?;
-            } else {
-                self.update_with_ops(i, g, clip, lr, t)?;
+        let norm = if host {
+            let mut sq = 0f64;
+            for g in gs.iter().flatten() {
+                sq += sum_of_squares(g)?;
             }
-        }
+            let norm = sq.sqrt();
+            if !norm.is_finite() {
+                return Ok(Tensor::new(norm, &device)?);
+            }
+            let clip = match self.cfg.clip_grad_norm {
+                Some(max) if norm > max => Some(max / (norm + 1e-6)),
+                _ => None,
+            };
+            for (i, g) in gs.into_iter().enumerate() {
+                let Some(g) = g else { continue };
+                if self.in_place && in_place_ok(&self.params[i].1, &g) {
+                    self.update_in_place(i, &g, clip.unwrap_or(1.0), lr, t)?;
+                } else {
+                    let c = clip.map(|c| Tensor::new(c, &device)).transpose()?;
+                    self.update_with_ops(i, g, c.as_ref(), lr, t)?;
+                }
+            }
+            Tensor::new(norm, &device)?
+        } else {
+            let parts =
+                gs.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+            let norm = if parts.is_empty() {
+                Tensor::zeros((), DType::F32, &device)?
+            } else {
+                Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?
+            };
+            // min(1, max / (norm + 1e-6)): the host path's factor wherever it clips, 1 elsewhere.
+            let clip = match self.cfg.clip_grad_norm {
+                Some(max) => Some((norm.affine(1.0, 1e-6)?.recip()? * max)?.minimum(1f32)?),
+                None => None,
+            };
+            for (i, g) in gs.into_iter().enumerate() {
+                let Some(g) = g else { continue };
+                self.update_with_ops(i, g, clip.as_ref(), lr, t)?;
+            }
+            norm
+        };
         self.step += 1;
         Ok(norm)
     }
@@ -358,10 +387,11 @@ impl Optimizer {
     }
 
     /// The update of parameter `i` through tensor ops (any device and dtype).
-    fn update_with_ops(&mut self, i: usize, mut g: Tensor, clip: Option<f64>, lr: f64, t: i32) -> Result<()> {
+    /// `clip` is a scalar factor tensor on the parameter's device.
+    fn update_with_ops(&mut self, i: usize, mut g: Tensor, clip: Option<&Tensor>, lr: f64, t: i32) -> Result<()> {
         let var = &self.params[i].1;
         if let Some(c) = clip {
-            g = (g * c)?;
+            g = g.broadcast_mul(&c.to_dtype(g.dtype())?)?;
         }
         let p = var.as_tensor().detach();
         let new_p = match self.cfg.optimizer {
@@ -475,7 +505,7 @@ fn in_place_ok(var: &Var, g: &Tensor) -> bool {
 
 /// The sum of squares of a tensor's elements, in f64 (one parallel pass on CPU f32).
 fn sum_of_squares(g: &Tensor) -> Result<f64> {
-    if g.device().is_cpu() && g.dtype() == DType::F32 {
+    if derm_kernels::ops::host_kernels(g) && g.dtype() == DType::F32 {
         let (st, l) = g.storage_and_layout();
         if let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*st, l.contiguous_offsets()) {
             // Partial sums collected in order and added in order: rayon's parallel `sum` groups
@@ -499,6 +529,7 @@ impl InplaceOp1 for MutF32<'_> {
     }
 
     fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> candle_core::Result<()> {
+        derm_kernels::ops::note_cpu_kernel();
         let (a, b) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("optimiser: parameter must be contiguous".into()))?;
@@ -609,22 +640,51 @@ mod tests {
     }
 
     #[test]
-    fn in_place_update_equals_the_tensor_op_path() {
+    fn in_place_update_equals_the_tensor_op_and_device_paths() {
         for cfg in configs() {
             let mut finals = Vec::new();
-            for in_place in [true, false] {
+            let mut norms = Vec::new();
+            // The fused host update, the host path through tensor ops, and the device path (norm,
+            // clipping factor and update as tensors; forced on the CPU).
+            for (in_place, device) in [(true, false), (false, false), (true, true)] {
                 let (w, x, y) = problem();
                 let mut opt = Optimizer::new(vec![("w".into(), w.clone())], cfg);
                 opt.in_place = in_place;
-                for _ in 0..7 {
-                    opt.backward_step(&loss(&w, &x, &y)).unwrap();
+                let mut run = || {
+                    let reads = derm_kernels::ops::host_reads();
+                    let mut last = None;
+                    for _ in 0..7 {
+                        last = Some(opt.backward_step(&loss(&w, &x, &y)).unwrap());
+                    }
+                    (derm_kernels::ops::host_reads() - reads, last.unwrap())
+                };
+                let (reads, norm) = if device { derm_kernels::ops::with_device_path(run) } else { run() };
+                if device {
+                    assert_eq!(reads, 0, "{cfg:?}: the device path read data back to the host");
                 }
+                norms.push(norm.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap());
                 finals.push(w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
             }
-            for (a, b) in finals[0].iter().zip(&finals[1]) {
-                assert!((a - b).abs() < 1e-5, "{cfg:?}: {a} vs {b}");
+            for f in &finals[1..] {
+                for (a, b) in finals[0].iter().zip(f) {
+                    assert!((a - b).abs() < 1e-5, "{cfg:?}: {a} vs {b}");
+                }
+            }
+            for n in &norms[1..] {
+                assert!((n - norms[0]).abs() <= 1e-5 * norms[0].max(1.0), "{cfg:?}: norms {norms:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_non_finite_gradient_leaves_the_weights_and_reports_its_norm() {
+        let w = Var::from_vec(vec![1f32, -2.0], 2, &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(vec![("w".into(), w.clone())], OptimConfig::default());
+        let l = (w.as_tensor() * Tensor::new(&[f32::NAN, 1.0], &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+        let norm = opt.backward_step(&l).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+        assert!(norm.is_nan());
+        assert_eq!(w.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, -2.0]);
+        assert_eq!(opt.steps(), 0);
     }
 
     #[test]

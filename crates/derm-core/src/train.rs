@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result, Rng};
@@ -42,11 +43,87 @@ pub struct LoopConfig {
     pub checkpoint_every: Option<usize>,
     /// Seed of the run's random draws.
     pub seed: u64,
+    /// On a GPU, read the steps' losses and gradient norms back to the host every this many steps
+    /// (one copy for all of them; always before an evaluation or a checkpoint). On the CPU they
+    /// are read after every step, which costs nothing.
+    pub read_every: usize,
 }
 
 impl Default for LoopConfig {
     fn default() -> Self {
-        LoopConfig { epochs: 10, max_steps: None, minutes: None, eval_every: None, checkpoint_every: None, seed: 0 }
+        LoopConfig {
+            epochs: 10,
+            max_steps: None,
+            minutes: None,
+            eval_every: None,
+            checkpoint_every: None,
+            seed: 0,
+            read_every: 20,
+        }
+    }
+}
+
+/// What one training step reports: its loss and the global gradient norm, as scalar tensors
+/// left where they were computed. A host read of either is a synchronising copy on a GPU, so
+/// [`fit`] reads them in batches ([`LoopConfig::read_every`]); a non-finite one stops the run
+/// with [`Error::NonFiniteLoss`] before anything else is written.
+#[derive(Debug, Clone)]
+pub struct StepLoss {
+    /// The loss (a scalar of any float dtype).
+    pub loss: Tensor,
+    /// The gradient norm before clipping ([`crate::optim::Optimizer::step`]), when a step was
+    /// taken.
+    pub grad_norm: Option<Tensor>,
+}
+
+impl StepLoss {
+    /// A step's loss and gradient norm.
+    pub fn new(loss: Tensor, grad_norm: Tensor) -> Self {
+        StepLoss { loss, grad_norm: Some(grad_norm) }
+    }
+}
+
+/// Steps run but not yet read back, and the read.
+#[derive(Default)]
+struct Pending {
+    /// (step, epoch, loss and gradient norm as f32 scalars).
+    steps: Vec<(usize, usize, Tensor, Option<Tensor>)>,
+}
+
+impl Pending {
+    fn push(&mut self, step: usize, epoch: usize, s: StepLoss) -> Result<()> {
+        let norm = s.grad_norm.map(|n| n.to_dtype(DType::F32)).transpose()?;
+        self.steps.push((step, epoch, s.loss.to_dtype(DType::F32)?, norm));
+        Ok(())
+    }
+
+    /// Reads every pending loss and norm in one copy; fails on the first non-finite one, else
+    /// returns (step, epoch, loss) per step.
+    fn read(&mut self) -> Result<Vec<(usize, usize, f64)>> {
+        if self.steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all = Vec::with_capacity(2 * self.steps.len());
+        for (_, _, l, n) in &self.steps {
+            all.push(l.flatten_all()?);
+            if let Some(n) = n {
+                all.push(n.flatten_all()?);
+            }
+        }
+        let values = Tensor::cat(&all, 0)?.to_vec1::<f32>()?;
+        let mut at = values.iter();
+        let mut out = Vec::with_capacity(self.steps.len());
+        for (step, epoch, _, n) in self.steps.drain(..) {
+            let loss = at.next().copied().unwrap_or(f32::NAN) as f64;
+            let norm = if n.is_some() { at.next().copied().unwrap_or(f32::NAN) as f64 } else { 0.0 };
+            for (quantity, value) in [("loss", loss), ("gradient norm", norm)] {
+                if !value.is_finite() {
+                    return Err(Error::NonFiniteLoss { quantity, value, epoch, step });
+                }
+            }
+            out.push((step + 1, epoch, loss));
+        }
+        Ok(out)
     }
 }
 
@@ -123,9 +200,10 @@ pub struct TrainState {
 pub trait Task {
     /// Batches per epoch.
     fn batches_per_epoch(&self) -> usize;
-    /// One optimiser step on batch `batch` of epoch `epoch`; returns the loss. `rng` is derived
-    /// from (seed, step) for augmentation and sampling.
-    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64>;
+    /// One optimiser step on batch `batch` of epoch `epoch`; returns its loss and gradient norm
+    /// as tensors (not read: see [`StepLoss`]). `rng` is derived from (seed, step) for
+    /// augmentation and sampling.
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss>;
     /// Validation metric (better in [`Task::metric_direction`]), or `None` when there is no
     /// validation data.
     fn evaluate(&mut self) -> Result<Option<f64>>;
@@ -279,6 +357,7 @@ pub fn fit(
     let elapsed = |s: &Instant| elapsed0 + s.elapsed().as_secs_f64();
     let base = Rng::new(cfg.seed);
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+    let mut pending = Pending::default();
     state.finished = false;
     state.stop_reason = None;
 
@@ -329,35 +408,38 @@ pub fn fit(
                 }
             }
             let mut rng = base.fork(state.step as u64);
-            let loss = task.train_batch(state.epoch, state.batch_in_epoch, &mut rng)?;
-            if !loss.is_finite() {
-                return Err(Error::NonFiniteLoss { value: loss, epoch: state.epoch, step: state.step });
-            }
+            let step = task.train_batch(state.epoch, state.batch_in_epoch, &mut rng)?;
+            let on_host = derm_kernels::ops::host_kernels(&step.loss);
+            pending.push(state.step, state.epoch, step)?;
             state.step += 1;
             state.batch_in_epoch += 1;
-            loss_sum += loss;
-            loss_n += 1;
-            on_event(&Event::Step { step: state.step, epoch: state.epoch, loss, total });
-            task.after_step(out, state.step, on_event)?;
             let end_of_epoch = state.batch_in_epoch == per_epoch;
-            if end_of_epoch {
-                state.epoch += 1;
-                state.batch_in_epoch = 0;
-            }
             let eval_now = match cfg.eval_every {
                 Some(n) => state.step.is_multiple_of(n.max(1)),
                 None => end_of_epoch,
             };
+            let save_now = match cfg.checkpoint_every {
+                Some(n) => state.step.is_multiple_of(n.max(1)),
+                None => end_of_epoch,
+            };
+            if on_host || eval_now || save_now || pending.steps.len() >= cfg.read_every.max(1) {
+                for (step, epoch, loss) in pending.read()? {
+                    loss_sum += loss;
+                    loss_n += 1;
+                    on_event(&Event::Step { step, epoch, loss, total });
+                }
+            }
+            task.after_step(out, state.step, on_event)?;
+            if end_of_epoch {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+            }
             if eval_now {
                 let l = loss_sum / loss_n.max(1) as f64;
                 (loss_sum, loss_n) = (0.0, 0);
                 state.elapsed_s = elapsed(&start);
                 evaluate(task, &mut state, on_event, l)?;
             }
-            let save_now = match cfg.checkpoint_every {
-                Some(n) => state.step.is_multiple_of(n.max(1)),
-                None => end_of_epoch,
-            };
             if save_now {
                 state.elapsed_s = elapsed(&start);
                 task.save(&last_dir(out), &state)?;
@@ -373,6 +455,11 @@ pub fn fit(
     }
     if state.stop_reason.is_none() {
         state.stop_reason = Some("epochs".into());
+    }
+    for (step, epoch, loss) in pending.read()? {
+        loss_sum += loss;
+        loss_n += 1;
+        on_event(&Event::Step { step, epoch, loss, total });
     }
     if loss_n > 0 {
         let l = loss_sum / loss_n as f64;
@@ -441,15 +528,14 @@ mod tests {
         fn batches_per_epoch(&self) -> usize {
             4
         }
-        fn train_batch(&mut self, _e: usize, b: usize, _rng: &mut Rng) -> Result<f64> {
+        fn train_batch(&mut self, _e: usize, b: usize, _rng: &mut Rng) -> Result<StepLoss> {
             self.steps += 1;
+            let mut l = self.loss(b);
             if Some(self.steps) == self.nan_at {
-                return Ok(f64::NAN);
+                l = (l * f64::NAN)?;
             }
-            let l = self.loss(b);
-            let v = l.to_scalar::<f32>()? as f64;
-            self.opt.backward_step(&l)?;
-            Ok(v)
+            let norm = self.opt.backward_step(&l)?;
+            Ok(StepLoss::new(l, norm))
         }
         fn evaluate(&mut self) -> Result<Option<f64>> {
             let l = (self.x.matmul(self.w.as_tensor())? - &self.y)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
@@ -528,6 +614,49 @@ mod tests {
         assert!(e.to_string().contains("last good checkpoint"));
         let state: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
         assert_eq!(state.step, 6);
+    }
+
+    #[test]
+    fn on_a_device_losses_are_read_in_batches_and_a_nan_still_stops_before_a_save() {
+        // The device path (forced on the CPU): the same run, with every step's loss reported.
+        let d = tempfile::tempdir().unwrap();
+        let cfg = LoopConfig { epochs: 3, eval_every: Some(6), read_every: 5, ..Default::default() };
+        let mut host = Toy::new(None);
+        let (mut host_losses, mut device_losses) = (Vec::new(), Vec::new());
+        let record = |v: &mut Vec<(usize, f64)>, e: &Event| {
+            if let Event::Step { step, loss, .. } = e {
+                v.push((*step, *loss));
+            }
+        };
+        let a = fit(&mut host, &cfg, &d.path().join("a"), TrainState::default(), &mut |e| record(&mut host_losses, e))
+            .unwrap();
+        let mut dev = Toy::new(None);
+        let b = derm_kernels::ops::with_device_path(|| {
+            fit(&mut dev, &cfg, &d.path().join("b"), TrainState::default(), &mut |e| record(&mut device_losses, e))
+        })
+        .unwrap();
+        assert_eq!(host_losses.len(), 12);
+        assert_eq!(host_losses.iter().map(|s| s.0).collect::<Vec<_>>(), device_losses.iter().map(|s| s.0).collect::<Vec<_>>());
+        // The fused f32 Adam update and the tensor-op one round differently (1e-5 after a few
+        // steps at this learning rate).
+        for ((_, x), (_, y)) in host_losses.iter().zip(&device_losses) {
+            assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
+        }
+        assert_eq!(a.history.len(), b.history.len());
+        for (x, y) in weights(&host).iter().zip(weights(&dev)) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+
+        // A NaN at step 6 is read at the checkpoint after step 8: the run stops there, naming
+        // step 6, and the checkpoint on disk is the one of step 4.
+        let out = d.path().join("nan");
+        let mut t = Toy::new(Some(7));
+        let cfg = LoopConfig { epochs: 5, checkpoint_every: Some(4), read_every: 20, ..Default::default() };
+        let e = derm_kernels::ops::with_device_path(|| fit(&mut t, &cfg, &out, TrainState::default(), &mut |_| {}))
+            .unwrap_err();
+        assert!(matches!(e, Error::NonFiniteLoss { step: 6, quantity: "loss", .. }), "{e}");
+        let state: TrainState = checkpoint::read_state(&last_dir(&out)).unwrap().unwrap();
+        assert_eq!(state.step, 4);
     }
 
     #[test]

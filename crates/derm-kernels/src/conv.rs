@@ -1332,6 +1332,7 @@ impl CustomOp2 for Conv2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         forward_storage(self.name(), self.0, (s1, l1), (s2, l2), None, false)
     }
 
@@ -1360,6 +1361,7 @@ impl CustomOp3 for Conv2dBiasOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         forward_storage(self.name(), self.spec, (s1, l1), (s2, l2), Some((s3, l3)), self.relu)
     }
 
@@ -1412,6 +1414,7 @@ impl CustomOp2 for Conv2dGradInput {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let g = Geo::new(self.x_dims, l1.shape().dims4()?, self.spec)?;
         let _span = crate::profile::span(g.kind(["grad-input 1x1", "grad-input kxk/1", "grad-input strided"]));
         check_grad_out(self.name(), l2, &g)?;
@@ -1446,6 +1449,7 @@ impl CustomOp2 for Conv2dGradWeight {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let g = Geo::new(l1.shape().dims4()?, self.w_dims, self.spec)?;
         let _span = crate::profile::span(g.kind(["grad-weight 1x1", "grad-weight kxk/1", "grad-weight strided"]));
         check_grad_out(self.name(), l2, &g)?;
@@ -1473,6 +1477,7 @@ impl CustomOp2 for ConvTranspose2dOp {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         Conv2dGradInput { spec: self.spec, x_dims: self.out_dims }.cpu_fwd(s2, l2, s1, l1)
     }

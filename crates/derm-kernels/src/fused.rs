@@ -155,6 +155,7 @@ impl CustomOp1 for Leaky {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], slope: f64) -> Vec<T> {
             let k = T::from_f64(slope);
@@ -178,6 +179,7 @@ impl CustomOp2 for LeakyBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(y: &[T], dy: &[T], slope: f64) -> Vec<T> {
             let k = T::from_f64(slope);
@@ -224,6 +226,7 @@ impl CustomOp2 for ReluBiasBwd {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(y: &[T], dy: &[T], (n, c, s): (usize, usize, usize)) -> (Vec<T>, Vec<f64>) {
             let total = n * c * s;
@@ -320,6 +323,7 @@ impl CustomOp1 for ParityInterleave {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let d = l.shape().dims();
         if d.len() != 4 || d[1] != 4 * self.c || d[2] != self.h + 1 || d[3] != self.w + 1 {
@@ -359,6 +363,7 @@ impl CustomOp1 for ParityScatter {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let (c, h, w, n) = (self.c, self.h, self.w, self.n);
         let fwd = ParityInterleave { c, h, w };
@@ -416,6 +421,7 @@ impl CustomOp2 for ChannelBias {
     }
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], b: &[T], c: usize, s: usize, relu: bool) -> Vec<T> {
             let zero = T::zero();
@@ -464,6 +470,7 @@ impl CustomOp1 for ChannelSums {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         fn run<T: WithDType>(x: &[T], n: usize, c: usize, s: usize) -> Vec<T> {
             (0..c)
@@ -560,7 +567,16 @@ impl BatchStats {
                 Ok((Tensor::new(s.mean.as_slice(), device)?, Tensor::new(s.var.as_slice(), device)?))
             }
             BatchStats::Device { mean, var, .. } => {
-                let f = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_device(device);
+                // Already on the running averages' device in every use (no `to_device`, which
+                // the transfer count of a device-path step would flag).
+                let f = |t: &Tensor| {
+                    let t = t.to_dtype(DType::F64)?.flatten_all()?;
+                    if t.device().same_device(device) {
+                        Ok(t)
+                    } else {
+                        t.to_device(device)
+                    }
+                };
                 Ok((f(mean)?, f(var)?))
             }
         }
@@ -946,6 +962,7 @@ impl CustomOp3 for BnFwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let ncs = ncs(self.name(), l1.shape())?;
         let out = float_dispatch!("batch norm", s1, |T| {
@@ -1015,6 +1032,7 @@ impl CustomOp3 for BnBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let (n, c, s) = ncs(self.name(), l1.shape())?;
         if self.stats.mean.len() != c || self.gamma.len() != c {
@@ -1183,6 +1201,7 @@ impl CustomOp3 for ConvBnFwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         use candle_core::CustomOp2 as _;
         let (z, shape) = match self.residual {
             // The weight is the head of the packed parameters.

@@ -50,6 +50,32 @@ pub fn with_device_path<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Called first by each of derm's CPU kernels (custom ops): on the forced device path the kernel
+/// stands for one that a GPU does not have, so it counts as a host round trip in [`host_reads`].
+pub fn note_cpu_kernel() {
+    if FORCE_DEVICE_PATH.with(|c| c.get()) {
+        candle_core::host_reads::note();
+    }
+}
+
+/// Host round trips made by this thread so far: every read of tensor data to the host
+/// (`to_scalar`, `to_vec*`, `to_device(&Device::Cpu)`, counted by derm's candle-core patch) and,
+/// under [`with_device_path`], every derm CPU kernel run. A GPU training step must make none; tests
+/// take the difference around one step run on the forced device path.
+pub fn host_reads() -> u64 {
+    candle_core::host_reads::count()
+}
+
+/// Runs `f` on the forced device path ([`with_device_path`]) and returns its result with the
+/// number of host round trips it made ([`host_reads`]): what a GPU training step must keep at 0.
+pub fn host_reads_on_device_path<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    with_device_path(|| {
+        let before = host_reads();
+        let r = f();
+        (r, host_reads() - before)
+    })
+}
+
 /// Whether `x` takes the composed (device) path: not on the CPU, or forced.
 fn device_path(x: &Tensor) -> bool {
     !x.device().is_cpu() || FORCE_DEVICE_PATH.with(|c| c.get())
@@ -340,6 +366,7 @@ impl CustomOp1 for PoolFwd {
         }
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         float_dispatch!(self.name(), s, |T| {
@@ -379,6 +406,7 @@ impl CustomOp1 for MaxScatter {
         "derm-pool2d-bwd"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         float_dispatch!(self.name(), s, |T| {
             let gx = max_scatter::<T>(data(self.name(), s, l)?, &self.idx, self.in_plane, self.in_shape.elem_count())?;
@@ -440,6 +468,7 @@ impl CustomOp1 for AvgPoolBwd {
         "derm-pool2d-bwd"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let dims = self.in_shape.dims4()?;
         float_dispatch!(self.name(), s, |T| {
@@ -533,6 +562,7 @@ impl CustomOp1 for ResizeFwd {
         "derm-resize2d"
     }
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let dims = l.shape().dims4()?;
         let (n, c, _, _) = dims;
@@ -555,6 +585,7 @@ impl CustomOp2 for ResizeBwd {
         "derm-resize2d-bwd"
     }
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> CResult<(CpuStorage, Shape)> {
+        crate::ops::note_cpu_kernel();
         let _span = crate::profile::span(self.name());
         let (n, c, h, w) = l1.shape().dims4()?;
         let (_, _, oh, ow) = l2.shape().dims4()?;
@@ -694,7 +725,8 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor, class_weights: Option<&T
         None => nll.mean_all(),
         Some(w) => {
             let wt = w.to_dtype(logits.dtype())?.gather(&t.squeeze(1)?, 0)?;
-            (nll * &wt)?.sum_all()? / wt.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?
+            // A tensor division: the sum stays on the device, and any float dtype works.
+            (nll * &wt)?.sum_all()?.broadcast_div(&wt.sum_all()?)
         }
     }
 }

@@ -51,7 +51,7 @@ fn main() -> anyhow::Result<()> {
         let (loss, parts) = inpainting_loss(&out, &t, &valid, &LossWeights::default(), None, Normalize::HALF)?;
         opt.backward_step(&loss)?;
         let dt = t0.elapsed().as_secs_f64();
-        eprintln!("step {i}: {:.3} s, loss {:.4}", dt, parts.total);
+        eprintln!("step {i}: {:.3} s, loss {:.4}", dt, parts.read()?.total);
         if i > 0 {
             steps.push(dt);
         }

@@ -35,6 +35,7 @@ pub mod model;
 pub mod pconv;
 pub mod vgg;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -43,7 +44,7 @@ use candle_nn::VarMap;
 use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
 use derm_core::image_io::{self, Normalize};
 use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
-use derm_core::train::{self, LoopConfig, Task, TrainState};
+use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
 use derm_data::cache::{ImageCache, Item};
@@ -52,7 +53,7 @@ use derm_data::sampler::{Sampler, ShuffleSampler};
 use image::{GrayImage, Luma, RgbImage};
 use serde::{Deserialize, Serialize};
 
-pub use loss::{inpainting_loss, LossParts, LossWeights};
+pub use loss::{inpainting_loss, LossParts, LossTerms, LossWeights};
 pub use masks::{MaskConfig, MaskGenerator, MaskLibrary, MaskSource};
 pub use metrics::hole_metrics;
 pub use model::{composite, BnMode, PConvUNet, PConvUNetConfig};
@@ -385,8 +386,8 @@ pub struct PurifyTask {
     elapsed0: f64,
     /// Validation hole PSNR of the latest evaluation.
     pub last_val: Option<f64>,
-    /// Loss parts of the latest step.
-    pub last_parts: Option<LossParts>,
+    /// Loss terms of the steps since the last history row, unread.
+    terms: Vec<LossTerms>,
 }
 
 impl PurifyTask {
@@ -450,7 +451,7 @@ impl PurifyTask {
             started: Instant::now(),
             elapsed0: 0.0,
             last_val: None,
-            last_parts: None,
+            terms: Vec::new(),
         })
     }
 
@@ -521,7 +522,7 @@ impl PurifyTask {
             let out = self.pur.net.forward_t(&x.broadcast_mul(&valid)?, &valid, false)?;
             let (_, p) =
                 inpainting_loss(&out, &t, &valid, &self.pur.cfg.loss, self.vgg.as_ref(), self.pur.cfg.normalize)?;
-            sum += p.total * chunk.len() as f64;
+            sum += p.read()?.total * chunk.len() as f64;
             n += chunk.len();
         }
         Ok(sum / n.max(1) as f64)
@@ -567,7 +568,7 @@ impl Task for PurifyTask {
         self.train.len() / self.pur.cfg.batch_size.max(1)
     }
 
-    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let step = epoch * self.batches_per_epoch() + batch;
         if !self.finetuning && self.finetune_due(step) {
             tracing::info!(
@@ -595,13 +596,35 @@ impl Task for PurifyTask {
         let valid = image_io::masks_to_tensor(&hole_refs, dev)?.affine(-1.0, 1.0)?;
         let mode = if self.finetuning { BnMode::FreezeEncoder } else { BnMode::Train };
         let out = self.pur.net.forward_mode(&t.broadcast_mul(&valid)?, &valid, mode)?;
-        let (loss, parts) = inpainting_loss(&out, &t, &valid, &cfg.loss, self.vgg.as_ref(), cfg.normalize)?;
-        let v = parts.total;
-        if v.is_finite() {
-            self.opt.backward_step(&loss)?;
+        let (loss, terms) = inpainting_loss(&out, &t, &valid, &cfg.loss, self.vgg.as_ref(), cfg.normalize)?;
+        let norm = self.opt.backward_step(&loss)?;
+        self.terms.push(terms);
+        Ok(StepLoss::new(loss, norm))
+    }
+
+    /// The loss terms' means since the previous history row.
+    fn history_parts(&mut self) -> BTreeMap<String, f64> {
+        let parts = match LossTerms::read_all(&std::mem::take(&mut self.terms)) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("could not read the loss terms for the history: {e}");
+                return BTreeMap::new();
+            }
+        };
+        if parts.is_empty() {
+            return BTreeMap::new();
         }
-        self.last_parts = Some(parts);
-        Ok(v)
+        let n = parts.len() as f64;
+        let mut out = BTreeMap::new();
+        for p in &parts {
+            let terms = [("valid", Some(p.valid)), ("hole", Some(p.hole)), ("tv", Some(p.tv)), ("perceptual", p.perceptual), ("style", p.style)];
+            for (k, v) in terms {
+                if let Some(v) = v {
+                    *out.entry(k.to_string()).or_insert(0.0) += v / n;
+                }
+            }
+        }
+        out
     }
 
     /// Mean hole PSNR on the validation examples.
@@ -684,6 +707,24 @@ mod tests {
         let pc = PhantomConfig { size: 48, hair_probability: 1.0, ..Default::default() };
         write_phantom_set(dir, &pc, 1, n).unwrap();
         Dataset::open_dir(dir, None, None).unwrap()
+    }
+
+    #[test]
+    fn a_partial_conv_training_step_on_the_device_path_reads_nothing_back() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(&d.path().join("ph"), 12);
+        let mut task = PurifyTask::new(tiny_cfg(), &data, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(3);
+        let (steps, reads) = derm_kernels::ops::host_reads_on_device_path(|| {
+            [task.train_batch(0, 0, &mut rng).unwrap(), task.train_batch(0, 1, &mut rng).unwrap()]
+        });
+        assert_eq!(reads, 0, "a partial-convolution training step read data back to the host");
+        for s in steps {
+            assert!(s.loss.to_scalar::<f32>().unwrap().is_finite());
+        }
+        // The loss terms were kept and are read at the history row.
+        let parts = task.history_parts();
+        assert!(parts["hole"] > 0.0 && parts["valid"] > 0.0, "{parts:?}");
     }
 
     #[test]

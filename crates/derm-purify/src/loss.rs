@@ -100,9 +100,62 @@ fn l1(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok((a - b)?.abs()?.mean_all()?)
 }
 
+/// The loss terms of one batch as scalar tensors on the device, unread: a host read is a
+/// synchronising copy on a GPU, so training keeps them and reads them at its evaluations
+/// ([`LossTerms::read_all`], one copy for many steps).
+#[derive(Debug, Clone)]
+pub struct LossTerms {
+    /// L1 on the known pixels.
+    pub valid: Tensor,
+    /// L1 on the hole pixels.
+    pub hole: Tensor,
+    /// Total variation.
+    pub tv: Tensor,
+    /// Perceptual and style terms (with VGG).
+    pub vgg: Option<(Tensor, Tensor)>,
+    /// Weighted sum (detached).
+    pub total: Tensor,
+}
+
+impl LossTerms {
+    /// The numbers.
+    pub fn read(&self) -> Result<LossParts> {
+        Ok(Self::read_all(std::slice::from_ref(self))?.remove(0))
+    }
+
+    /// The numbers of many batches, read in one copy.
+    pub fn read_all(terms: &[LossTerms]) -> Result<Vec<LossParts>> {
+        if terms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut all = Vec::with_capacity(terms.len() * 6);
+        for t in terms {
+            all.extend([&t.valid, &t.hole, &t.tv, &t.total]);
+            if let Some((p, s)) = &t.vgg {
+                all.extend([p, s]);
+            }
+        }
+        let all = all.iter().map(|t| t.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = Tensor::cat(&all, 0)?.to_vec1::<f32>()?;
+        let mut at = v.into_iter().map(f64::from);
+        let mut next = || at.next().unwrap_or(f64::NAN);
+        Ok(terms
+            .iter()
+            .map(|t| {
+                let (valid, hole, tv, total) = (next(), next(), next(), next());
+                let (perceptual, style) = match t.vgg {
+                    Some(_) => (Some(next()), Some(next())),
+                    None => (None, None),
+                };
+                LossParts { valid, hole, tv, perceptual, style, total }
+            })
+            .collect())
+    }
+}
+
 /// The loss of output `out` for ground truth `target` (both (N, 3, H, W) normalised with
 /// `norm`) and validity mask `valid` (N, 1, H, W), 1 = known. Returns the scalar loss and its
-/// parts.
+/// terms (unread).
 pub fn inpainting_loss(
     out: &Tensor,
     target: &Tensor,
@@ -110,7 +163,7 @@ pub fn inpainting_loss(
     w: &LossWeights,
     vgg: Option<&Vgg16Features>,
     norm: Normalize,
-) -> Result<(Tensor, LossParts)> {
+) -> Result<(Tensor, LossTerms)> {
     let target = target.detach();
     let valid = valid.detach().to_dtype(out.dtype())?;
     let hole = valid.affine(-1.0, 1.0)?;
@@ -120,9 +173,7 @@ pub fn inpainting_loss(
     let comp = composite(&target, out, &valid)?;
     let l_tv = tv_in_region(&comp, &hole_neighbourhood(&valid)?)?;
     let mut total = ((l_valid.affine(w.valid, 0.0)? + l_hole.affine(w.hole, 0.0)?)? + l_tv.affine(w.tv, 0.0)?)?;
-    let scalar = |t: &Tensor| -> Result<f64> { Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
-    let mut parts =
-        LossParts { valid: scalar(&l_valid)?, hole: scalar(&l_hole)?, tv: scalar(&l_tv)?, ..Default::default() };
+    let mut vgg_terms = None;
     if let Some(vgg) = vgg {
         let n = out.dim(0)?;
         let all = Tensor::cat(&[out, &comp, &target], 0)?;
@@ -135,13 +186,13 @@ pub fn inpainting_loss(
             let gg = gram(&fg)?;
             style = ((style + l1(&gram(&fo)?, &gg)?)? + l1(&gram(&fc)?, &gg)?)?;
         }
-        parts.perceptual = Some(scalar(&perc)?);
-        parts.style = Some(scalar(&style)?);
         let extra = (perc.affine(w.perceptual, 0.0)? + style.affine(w.style, 0.0)?)?.to_dtype(out.dtype())?;
         total = (total + extra)?;
+        vgg_terms = Some((perc.detach(), style.detach()));
     }
-    parts.total = scalar(&total)?;
-    Ok((total, parts))
+    let terms =
+        LossTerms { valid: l_valid.detach(), hole: l_hole.detach(), tv: l_tv.detach(), vgg: vgg_terms, total: total.detach() };
+    Ok((total, terms))
 }
 
 #[cfg(test)]
@@ -166,10 +217,11 @@ mod tests {
         let mv: Vec<f32> = (0..128).map(|i| if i % 8 < 3 { 0.0 } else { 1.0 }).collect();
         let m = Tensor::from_vec(mv, (2, 1, 8, 8), &Device::Cpu).unwrap();
         let w = LossWeights::default();
-        let (_, p) = inpainting_loss(&t, &t, &m, &w, None, Normalize::HALF).unwrap();
+        let p = inpainting_loss(&t, &t, &m, &w, None, Normalize::HALF).unwrap().1.read().unwrap();
         assert!(p.valid == 0.0 && p.hole == 0.0 && p.perceptual.is_none());
         let out = (&t + 0.5).unwrap();
         let (l, p) = inpainting_loss(&out, &t, &m, &w, None, Normalize::HALF).unwrap();
+        let p = p.read().unwrap();
         assert!((p.hole - 0.5 * 3.0 / 8.0).abs() < 1e-5 && (p.valid - 0.5 * 5.0 / 8.0).abs() < 1e-5, "{p:?}");
         assert!((l.to_scalar::<f32>().unwrap() as f64 - p.total).abs() < 1e-5);
     }
@@ -195,6 +247,7 @@ mod tests {
         let (l, p) =
             inpainting_loss(out.as_tensor(), &target, &m, &LossWeights::default(), Some(&vgg), Normalize::HALF)
                 .unwrap();
+        let p = p.read().unwrap();
         assert!(p.perceptual.unwrap() > 0.0 && p.style.unwrap() > 0.0, "{p:?}");
         let g = l.backward().unwrap();
         let gv = g.get(out.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();

@@ -25,7 +25,7 @@ use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
 use derm_core::image_io::{self, Normalize};
 use derm_core::metrics::SegmentationScores;
 use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
-use derm_core::train::{self, LoopConfig, Task, TrainState};
+use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{binary, Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
 use derm_data::cache::{ImageCache, Item};
@@ -311,7 +311,7 @@ impl Task for SegmentTask {
         self.train.len() / self.seg.cfg.batch_size.max(1)
     }
 
-    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let bs = self.seg.cfg.batch_size;
         let order = ShuffleSampler::new(self.train.len(), self.seg.cfg.train.seed).epoch_indices(epoch as u64);
         let indices = &order[batch * bs..(batch + 1) * bs];
@@ -320,11 +320,8 @@ impl Task for SegmentTask {
         let masks = b.masks.ok_or_else(|| Error::invalid("training batch without masks"))?;
         let logits = self.seg.net.forward_t(&b.images, true)?;
         let loss = derm_kernels::ops::bce_with_logits(&logits, &masks)?;
-        let v = loss.to_scalar::<f32>()? as f64;
-        if v.is_finite() {
-            self.opt.backward_step(&loss)?;
-        }
-        Ok(v)
+        let norm = self.opt.backward_step(&loss)?;
+        Ok(StepLoss::new(loss, norm))
     }
 
     /// Mean per-image Jaccard on the validation part, at the working size.
@@ -449,6 +446,25 @@ mod tests {
             train: LoopConfig { epochs: 4, ..Default::default() },
             val_fraction: 0.25,
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_unet_training_step_on_the_device_path_reads_nothing_back() {
+        // Pooling, resizing, batch norm, the loss, the gradient norm and the Adam update all as
+        // device ops (forced on the CPU): two steps, no host round trip.
+        let d = tempfile::tempdir().unwrap();
+        write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 40, ..Default::default() }, 1, 12).unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let mut task = SegmentTask::new(tiny_cfg(), &data, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(3);
+        let (steps, reads) = derm_kernels::ops::host_reads_on_device_path(|| {
+            [task.train_batch(0, 0, &mut rng).unwrap(), task.train_batch(0, 1, &mut rng).unwrap()]
+        });
+        assert_eq!(reads, 0, "a U-Net training step read data back to the host");
+        for s in steps {
+            assert!(s.loss.to_scalar::<f32>().unwrap().is_finite());
+            assert!(s.grad_norm.unwrap().to_dtype(DType::F32).unwrap().to_scalar::<f32>().unwrap() > 0.0);
         }
     }
 

@@ -23,11 +23,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use derm_core::checkpoint::{self, CheckpointData};
 use derm_core::image_io::{self, Normalize};
 use derm_core::optim::Optimizer;
-use derm_core::train::{self, Direction, Event, Task, TrainState};
+use derm_core::train::{self, Direction, Event, StepLoss, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::cache::ImageCache;
 use derm_data::dataset::Dataset;
@@ -42,15 +42,15 @@ use crate::{DataSource, RunInfo, RunKind, SynthConfig};
 /// generator's loss, and whether the discriminator won that check (1) or not (0).
 pub const PARTS: [&str; 4] = ["d_real", "d_fake", "g", "d_won"];
 
-/// Losses of one step.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Losses of one step, as tensors left on the device (unread: a host read is a GPU sync).
+#[derive(Debug, Clone)]
 pub struct StepLosses {
-    /// Discriminator loss on real images.
-    pub d_real: f64,
-    /// Discriminator loss on generated images.
-    pub d_fake: f64,
-    /// Generator loss of the last generator update.
-    pub g: f64,
+    /// (3,) f32: the discriminator's loss on real images, on generated images, and the
+    /// generator's loss of its last update.
+    pub losses: Tensor,
+    /// The discriminator's and the generator's gradient norms, summed (non-finite when either
+    /// is).
+    pub grad_norm: Tensor,
 }
 
 /// Summary statistics of a batch's 8x8 colour layouts, for [`quality_distance`].
@@ -130,8 +130,8 @@ pub struct GanTrainer {
     reals: Vec<Tensor>,
     real_stats: Vec<LayoutStats>,
     fixed_z: Tensor,
-    /// Sums of the step losses since the last check, and their count.
-    acc: (StepLosses, usize),
+    /// The steps' (3,) losses since the last check, unread.
+    acc: Vec<Tensor>,
 }
 
 impl GanTrainer {
@@ -157,7 +157,7 @@ impl GanTrainer {
         let real_stats = reals.iter().map(layout_stats).collect::<Result<_>>()?;
         let nz = cfg.grid_images.max(cfg.quality_samples).max(2);
         let fixed_z = synth.latents(nz, cfg.train.seed ^ 0xf1ed)?;
-        Ok(GanTrainer { synth, opt_g, opt_d, reals, real_stats, fixed_z, acc: (StepLosses::default(), 0) })
+        Ok(GanTrainer { synth, opt_g, opt_d, reals, real_stats, fixed_z, acc: Vec::new() })
     }
 
     /// The configuration.
@@ -219,17 +219,13 @@ impl GanTrainer {
         let loss_real = (Tensor::stack(&lr, 0)?.mean_all()?).detach();
         let loss_fake = (Tensor::stack(&lf, 0)?.mean_all()?).detach();
         let loss_d = (Tensor::stack(&lr, 0)?.mean_all()? + Tensor::stack(&lf, 0)?.mean_all()?)?;
-        let ld = loss_d.to_scalar::<f32>()? as f64;
-        if !ld.is_finite() {
-            return Ok(StepLosses { d_real: f64::NAN, d_fake: f64::NAN, g: f64::NAN });
-        }
-        self.opt_d.backward_step(&loss_d)?;
+        let mut norm = self.opt_d.backward_step(&loss_d)?;
         let real_feats: Vec<Tensor> = if cfg.feature_matching {
             d_real.iter().map(|o| o.features.detach().mean(0)).collect::<candle_core::Result<_>>()?
         } else {
             Vec::new()
         };
-        let mut lg = 0.0;
+        let mut lg = Tensor::zeros((), DType::F32, &self.synth.device)?;
         let mut fakes = Some(fakes);
         for _ in 0..cfg.g_steps {
             let xs = match fakes.take() {
@@ -246,17 +242,12 @@ impl GanTrainer {
                 });
             }
             let loss_g = Tensor::stack(&terms, 0)?.mean_all()?;
-            lg = loss_g.to_scalar::<f32>()? as f64;
-            if !lg.is_finite() {
-                break;
-            }
-            self.opt_g.backward_step(&loss_g)?;
+            let g_norm = self.opt_g.backward_step(&loss_g)?.to_dtype(norm.dtype())?;
+            norm = (norm + g_norm)?;
+            lg = loss_g.detach();
         }
-        Ok(StepLosses {
-            d_real: loss_real.to_scalar::<f32>()? as f64,
-            d_fake: loss_fake.to_scalar::<f32>()? as f64,
-            g: lg,
-        })
+        let losses = Tensor::stack(&[loss_real, loss_fake, lg].map(|t| t.to_dtype(DType::F32)).into_iter().collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+        Ok(StepLosses { losses, grad_norm: norm })
     }
 
     /// The quality proxy averaged over the classes (lower is better).
@@ -304,12 +295,11 @@ impl Task for GanTrainer {
         self.steps_per_epoch()
     }
 
-    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<f64> {
+    fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let l = self.step(epoch, batch, rng)?;
-        let (sum, n) = &mut self.acc;
-        (sum.d_real, sum.d_fake, sum.g, *n) = (sum.d_real + l.d_real, sum.d_fake + l.d_fake, sum.g + l.g, *n + 1);
+        self.acc.push(l.losses.clone());
         // Any non-finite part makes the sum non-finite, which stops the loop.
-        Ok(l.d_real + l.d_fake + l.g)
+        Ok(StepLoss { loss: l.losses.sum_all()?, grad_norm: Some(l.grad_norm) })
     }
 
     fn evaluate(&mut self) -> Result<Option<f64>> {
@@ -321,9 +311,19 @@ impl Task for GanTrainer {
     }
 
     fn history_parts(&mut self) -> BTreeMap<String, f64> {
-        let (sum, n) = std::mem::take(&mut self.acc);
-        let n = n.max(1) as f64;
-        let (d_real, d_fake, g) = (sum.d_real / n, sum.d_fake / n, sum.g / n);
+        let acc = std::mem::take(&mut self.acc);
+        // One read for all the steps since the last check.
+        let mean = match acc.is_empty() {
+            true => Ok(vec![0.0; 3]),
+            false => Tensor::stack(&acc, 0).and_then(|t| t.mean(0)?.to_vec1::<f32>()),
+        };
+        let (d_real, d_fake, g) = match mean.as_deref() {
+            Ok([a, b, c]) => (f64::from(*a), f64::from(*b), f64::from(*c)),
+            other => {
+                tracing::warn!("could not read the GAN losses for the history: {other:?}");
+                return BTreeMap::new();
+            }
+        };
         let es = &self.config().early_stop;
         let d_won = d_fake < es.d_fake_loss_below && g > es.g_loss_above;
         PARTS.iter().map(|k| k.to_string()).zip([d_real, d_fake, g, f64::from(u8::from(d_won))]).collect()
@@ -540,6 +540,26 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_dcgan_training_step_on_the_device_path_reads_nothing_back() {
+        let d = tempfile::tempdir().unwrap();
+        write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 32, ..PhantomConfig::balanced() }, 3, 12)
+            .unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let cfg = tiny_cfg(&["melanoma", "nevus"]);
+        let reals = load_class_images(&data, &cfg.classes, 16, cfg.normalize, &Device::Cpu).unwrap();
+        let mut t = GanTrainer::new(cfg, reals, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(3);
+        let (steps, reads) = derm_kernels::ops::host_reads_on_device_path(|| {
+            [t.train_batch(0, 0, &mut rng).unwrap(), t.train_batch(0, 1, &mut rng).unwrap()]
+        });
+        assert_eq!(reads, 0, "a DCGAN training step read data back to the host");
+        for s in steps {
+            assert!(s.loss.to_scalar::<f32>().unwrap().is_finite());
+        }
+        assert!(t.history_parts()["d_real"] > 0.0);
+    }
+
+    #[test]
     fn joint_steps_on_phantoms_change_the_generator_save_and_resume() {
         let d = tempfile::tempdir().unwrap();
         write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 32, ..PhantomConfig::balanced() }, 3, 18)
@@ -614,7 +634,7 @@ pub(crate) mod tests {
         t.synth.cfg.early_stop.d_win_checks = 2;
         let mut st = TrainState::default();
         for expect in [None, Some("discriminator_won")] {
-            t.acc = (StepLosses { d_real: 0.3, d_fake: 0.001, g: 9.0 }, 1);
+            t.acc = vec![Tensor::new(&[0.3f32, 0.001, 9.0], &Device::Cpu).unwrap()];
             let parts = t.history_parts();
             assert_eq!(parts["d_won"], 1.0);
             st.history.push(train::HistoryPoint { step: 0, epoch: 0, loss: 0.0, metric: None, elapsed_s: 0.0, parts });

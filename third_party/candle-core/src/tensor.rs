@@ -662,6 +662,7 @@ impl Tensor {
     /// Retrieves the single scalar value hold in the tensor. If the tensor contains multiple
     /// dimensions, an error is returned instead.
     pub fn to_scalar<S: crate::WithDType>(&self) -> Result<S> {
+        crate::host_reads::note();
         if self.rank() != 0 {
             Err(Error::UnexpectedNumberOfDims {
                 expected: 0,
@@ -1956,6 +1957,7 @@ impl Tensor {
 
     /// Returns the data contained in a 1D tensor as a vector of scalar values.
     pub fn to_vec1<S: crate::WithDType>(&self) -> Result<Vec<S>> {
+        crate::host_reads::note();
         if self.rank() != 1 {
             Err(Error::UnexpectedNumberOfDims {
                 expected: 1,
@@ -1981,6 +1983,7 @@ impl Tensor {
 
     /// Returns the data contained in a 2D tensor as a vector of vector of scalar values.
     pub fn to_vec2<S: crate::WithDType>(&self) -> Result<Vec<Vec<S>>> {
+        crate::host_reads::note();
         let (dim1, dim2) = self.dims2()?;
         let from_cpu_storage = |cpu_storage: &crate::CpuStorage| {
             let data = S::cpu_storage_as_slice(cpu_storage)?;
@@ -2012,6 +2015,7 @@ impl Tensor {
 
     /// Returns the data contained in a 3D tensor.
     pub fn to_vec3<S: crate::WithDType>(&self) -> Result<Vec<Vec<Vec<S>>>> {
+        crate::host_reads::note();
         let (dim1, dim2, dim3) = self.dims3()?;
         let from_cpu_storage = |cpu_storage: &crate::CpuStorage| {
             let data = S::cpu_storage_as_slice(cpu_storage)?;
@@ -2394,6 +2398,9 @@ impl Tensor {
 
     /// If the target device is the same as the tensor device, only a shallow copy is performed.
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        if device.is_cpu() && !self.device().is_cpu() {
+            crate::host_reads::note();
+        }
         if self.device().same_device(device) {
             Ok(self.clone())
         } else {
