@@ -46,6 +46,32 @@ pub struct BenchArgs {
     /// The peer's Python environment (default $PEER_VENV or ~/.cache/derm-peer-venv).
     #[arg(long)]
     peer_venv: Option<PathBuf>,
+    /// Where the network rows run: cpu, or cuda[:N] / metal (derm built with that feature). On a
+    /// GPU the rows take GPU batch sizes (U-Net and partial-conv b8 at 256, ResNet-50 training b32
+    /// and inference b64 at 224, DCGAN b64 at 64) and each sample ends with a device sync; the
+    /// metrics, VBP and hair groups stay on the CPU.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl BenchArgs {
+    fn dev(&self) -> anyhow::Result<Device> {
+        Ok(derm_core::device::parse_device(&self.device)?)
+    }
+
+    /// Batch size of a row: `cpu` on the CPU, `gpu` on another device.
+    fn batch(&self, cpu: usize, gpu: usize) -> usize {
+        if self.device == "cpu" {
+            cpu
+        } else {
+            gpu
+        }
+    }
+}
+
+/// Waits for the device's queued work (a no-op on the CPU), so a sample times the work itself.
+fn sync(dev: &Device) -> anyhow::Result<()> {
+    Ok(dev.synchronize()?)
 }
 
 /// One benchmark row.
@@ -104,9 +130,9 @@ fn groups(a: &BenchArgs) -> Vec<Group> {
     ]
 }
 
-fn seg_batch(bs: usize, size: usize, seed: u64) -> anyhow::Result<(Tensor, Tensor)> {
+fn seg_batch(bs: usize, size: usize, seed: u64, dev: &Device) -> anyhow::Result<(Tensor, Tensor)> {
     let mut r = derm_core::Rng::new(seed);
-    let x = Tensor::from_vec(r.uniform_vec(bs * 3 * size * size, 0.0, 1.0), (bs, 3, size, size), &Device::Cpu)?;
+    let x = Tensor::from_vec(r.uniform_vec(bs * 3 * size * size, 0.0, 1.0), (bs, 3, size, size), dev)?;
     let mut y = vec![0f32; bs * size * size];
     for b in 0..bs {
         let (cy, cx) = (r.uniform(0.25, 0.75) * size as f64, r.uniform(0.25, 0.75) * size as f64);
@@ -118,33 +144,35 @@ fn seg_batch(bs: usize, size: usize, seed: u64) -> anyhow::Result<(Tensor, Tenso
             }
         }
     }
-    Ok((x, Tensor::from_vec(y, (bs, 1, size, size), &Device::Cpu)?))
+    Ok((x, Tensor::from_vec(y, (bs, 1, size, size), dev)?))
 }
 
 fn bench_unet_train(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    let dev = a.dev()?;
     let sizes: &[usize] = if a.quick { &[128] } else { &[128, 256] };
     let mut rows = Vec::new();
     for &size in sizes {
         let vm = candle_nn::VarMap::new();
-        let net = PeerUNet::new(derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu))?;
+        let net = PeerUNet::new(derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &dev))?;
         let mut opt = derm_core::optim::Optimizer::from_varmap(&vm, Default::default(), |_| true);
-        let (x, y) = seg_batch(8, size, 0)?;
+        let (x, y) = seg_batch(8, size, 0, &dev)?;
         rows.push(time(&format!("unet_train_step b8 {size}x{size}"), a.warmup, a.repeats, || {
             let loss = derm_kernels::ops::bce_with_logits(&net.forward_t(&x, true)?, &y)?;
             opt.backward_step(&loss)?;
-            Ok(())
+            sync(&dev)
         })?);
     }
     Ok(rows)
 }
 
 fn bench_unet_infer(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
+    let dev = a.dev()?;
     let vm = candle_nn::VarMap::new();
-    let net = PeerUNet::new(derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu))?;
-    let (x, _) = seg_batch(8, 256, 0)?;
+    let net = PeerUNet::new(derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &dev))?;
+    let (x, _) = seg_batch(8, 256, 0, &dev)?;
     Ok(vec![time("unet_infer b8 256x256", a.warmup, a.repeats, || {
         net.forward_t(&x, false)?;
-        Ok(())
+        sync(&dev)
     })?])
 }
 
@@ -197,36 +225,43 @@ fn bench_metrics(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     Ok(vec![glob, per, auc])
 }
 
-fn resnet50() -> anyhow::Result<(candle_nn::VarMap, derm_classify::model::ResNet)> {
+fn resnet50(dev: &Device) -> anyhow::Result<(candle_nn::VarMap, derm_classify::model::ResNet)> {
     let vm = candle_nn::VarMap::new();
-    let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, &Device::Cpu);
+    let vb = derm_core::nn::seeded_var_builder(&vm, 0, DType::F32, dev);
     let net = derm_classify::model::ResNet::new(&derm_classify::model::ResNetConfig::resnet50(3), vb)?;
     Ok((vm, net))
 }
 
 fn bench_resnet50(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
-    let (vm, net) = resnet50()?;
+    let dev = a.dev()?;
+    let (vm, net) = resnet50(&dev)?;
     let mut r = derm_core::Rng::new(0);
-    let x = Tensor::from_vec(r.normal_vec(8 * 3 * 224 * 224, 0.0, 1.0), (8, 3, 224, 224), &Device::Cpu)?;
-    let y = Tensor::new(&[0u32, 1, 2, 0, 1, 2, 0, 1], &Device::Cpu)?;
-    let infer = time("resnet50_infer b8 224x224", a.warmup, a.repeats, || {
-        net.forward_t(&x, false)?;
-        Ok(())
+    let batch = |n: usize, r: &mut derm_core::Rng| -> anyhow::Result<(Tensor, Tensor)> {
+        let x = Tensor::from_vec(r.normal_vec(n * 3 * 224 * 224, 0.0, 1.0), (n, 3, 224, 224), &dev)?;
+        let y = Tensor::from_vec((0..n as u32).map(|i| i % 3).collect::<Vec<_>>(), n, &dev)?;
+        Ok((x, y))
+    };
+    let (bi, bt) = (a.batch(8, 64), a.batch(8, 32));
+    let (xi, _) = batch(bi, &mut r)?;
+    let infer = time(&format!("resnet50_infer b{bi} 224x224"), a.warmup, a.repeats, || {
+        net.forward_t(&xi, false)?;
+        sync(&dev)
     })?;
     let cfg = derm_core::optim::OptimConfig {
         optimizer: derm_core::optim::OptimizerKind::sgd(1e-3, 0.9),
         ..Default::default()
     };
     let mut opt = derm_core::optim::Optimizer::from_varmap(&vm, cfg, |_| true);
-    let train = time("resnet50_train_step b8 224x224 SGD m0.9", a.warmup, a.repeats, || {
+    let (x, y) = batch(bt, &mut r)?;
+    let train = time(&format!("resnet50_train_step b{bt} 224x224 SGD m0.9"), a.warmup, a.repeats, || {
         derm_classify::train_step(&net, &mut opt, &x, &y, None, derm_classify::model::Stage::Conv1)?;
-        Ok(())
+        sync(&dev)
     })?;
     Ok(vec![infer, train])
 }
 
 fn bench_vbp(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
-    let (_vm, net) = resnet50()?;
+    let (_vm, net) = resnet50(&Device::Cpu)?;
     let mut r = derm_core::Rng::new(0);
     let x = Tensor::from_vec(r.normal_vec(3 * 224 * 224, 0.0, 1.0), (1, 3, 224, 224), &Device::Cpu)?;
     let full = time("vbp_resnet50 1x3x224x224 (forward + VBP)", a.warmup, a.repeats.max(5), || {
@@ -255,26 +290,29 @@ fn bench_pconv(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     use derm_purify::{
         inpainting_loss, LossWeights, MaskConfig, MaskGenerator, MaskLibrary, PConvUNetConfig, Purifier, PurifyConfig,
     };
-    let cfg = PurifyConfig { model: PConvUNetConfig::peer(), size: 256, batch_size: 4, ..Default::default() };
-    let p = Purifier::new(cfg.clone(), &Device::Cpu)?;
+    let dev = a.dev()?;
+    let bs = a.batch(4, 8);
+    let cfg = PurifyConfig { model: PConvUNetConfig::peer(), size: 256, batch_size: bs, ..Default::default() };
+    let p = Purifier::new(cfg.clone(), &dev)?;
     let mut opt = derm_core::optim::Optimizer::from_varmap(&p.varmap, cfg.optim, |_| true);
     let mut rng = derm_core::Rng::new(0);
     let gen = MaskGenerator::new(MaskConfig::default(), MaskLibrary::default())?;
-    let holes: Vec<image::GrayImage> = (0..4).map(|_| gen.generate(256, 256, &mut rng)).collect();
+    let holes: Vec<image::GrayImage> = (0..bs).map(|_| gen.generate(256, 256, &mut rng)).collect();
     let hrefs: Vec<&image::GrayImage> = holes.iter().collect();
-    let t = Tensor::from_vec(rng.uniform_vec(4 * 3 * 256 * 256, -1.0, 1.0), (4, 3, 256, 256), &Device::Cpu)?;
-    let valid = derm_core::image_io::masks_to_tensor(&hrefs, &Device::Cpu)?.affine(-1.0, 1.0)?;
-    Ok(vec![time("pconv_train_step b4 256x256 L5 mask=fast", a.warmup, a.repeats, || {
+    let t = Tensor::from_vec(rng.uniform_vec(bs * 3 * 256 * 256, -1.0, 1.0), (bs, 3, 256, 256), &dev)?;
+    let valid = derm_core::image_io::masks_to_tensor(&hrefs, &dev)?.affine(-1.0, 1.0)?;
+    Ok(vec![time(&format!("pconv_train_step b{bs} 256x256 L5 mask=fast"), a.warmup, a.repeats, || {
         let out = p.net.forward_t(&t.broadcast_mul(&valid)?, &valid, true)?;
         let (loss, _) =
             inpainting_loss(&out, &t, &valid, &LossWeights::default(), None, derm_core::image_io::Normalize::HALF)?;
         opt.backward_step(&loss)?;
-        Ok(())
+        sync(&dev)
     })?])
 }
 
 fn bench_dcgan(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     use derm_synth::{GanConfig, GanTrainer, SynthConfig};
+    let dev = a.dev()?;
     let mut cfg = SynthConfig {
         model: GanConfig::peer64(),
         batch_size: 64,
@@ -284,12 +322,12 @@ fn bench_dcgan(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     };
     cfg.flip = false;
     let mut r = derm_core::Rng::new(0);
-    let real = Tensor::from_vec(r.uniform_vec(64 * 3 * 64 * 64, -1.0, 1.0), (64, 3, 64, 64), &Device::Cpu)?;
-    let mut t = GanTrainer::new(cfg, vec![real], &Device::Cpu)?;
+    let real = Tensor::from_vec(r.uniform_vec(64 * 3 * 64 * 64, -1.0, 1.0), (64, 3, 64, 64), &dev)?;
+    let mut t = GanTrainer::new(cfg, vec![real], &dev)?;
     let mut rng = derm_core::Rng::new(1);
     Ok(vec![time("dcgan_joint_step b64 64x64", a.warmup, a.repeats, || {
         t.step(0, 0, &mut rng)?;
-        Ok(())
+        sync(&dev)
     })?])
 }
 
@@ -395,6 +433,9 @@ fn run_peer(a: &BenchArgs, g: &Group) -> anyhow::Result<Vec<PeerRow>> {
 impl BenchArgs {
     /// Runs the benchmarks.
     pub fn run(&self) -> anyhow::Result<()> {
+        if self.peer && self.device != "cpu" {
+            bail!("--peer runs the PyTorch peer on the CPU; on a GPU run bench/peer/cuda_bench.py (scripts/gpu-check.sh does)");
+        }
         eprintln!(
             "derm bench: {} rayon threads, {} repeats after {} warm-up, {} round(s)",
             rayon_threads(),

@@ -5,6 +5,8 @@
 //! - `cargo xtask bench`: benchmarks with the peer's shapes; `--peer` runs the PyTorch peer
 //!   interleaved and prints the ratio ours/peer.
 //! - `cargo xtask vendor [--check]`: third_party/candle-core from candle-core 0.11.1 + its patch.
+//! - `cargo xtask device-check --device cuda`: ops and one training step per network on a GPU
+//!   against the CPU kernels (`scripts/gpu-check.sh` runs it with the GPU bench rows).
 
 #![forbid(unsafe_code)]
 
@@ -14,6 +16,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod contract;
+mod gpu;
 mod peer_models;
 mod pipeline;
 mod report;
@@ -34,6 +37,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Rebuild (or --check) third_party/candle-core from crates.io's 0.11.1 and the patch file.
     Vendor(vendor::VendorArgs),
+    /// Ops and one training step of each network on a device against the CPU kernels.
+    DeviceCheck(gpu::DeviceCheckArgs),
 }
 
 /// Formats seconds as `1h02m`, `3m05s` or `12s`.
@@ -55,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Pipeline(a) => a.run(),
         Cmd::Bench(a) => a.run(),
         Cmd::Vendor(a) => a.run(),
+        Cmd::DeviceCheck(a) => a.run(),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -41,8 +41,9 @@ pub struct PipelineArgs {
     /// Split of the real data set to use.
     #[arg(long)]
     pub split: Option<String>,
-    /// quick (about 7 minutes on 2 cores after the build), full (longer training, larger
-    /// images) or tiny (two epochs per stage on a few small images: for tests, machine-independent).
+    /// quick (about 7 minutes on 2 cores after the build), full (the paper's networks and sizes,
+    /// for a GPU: about 1.5 hours), overnight (CPU-sized networks at 128 px, about 7 hours on 2
+    /// cores) or tiny (two epochs per stage on a few small images: for tests, machine-independent).
     /// Default: quick, or full with `--device cuda`.
     #[arg(long)]
     pub budget: Option<String>,
@@ -81,6 +82,13 @@ pub struct Budget {
     synth_count: usize,
     cls_size: u32,
     cls_minutes: f64,
+    /// Network preset of the segmenter and the purifier (`small` or `paper`).
+    preset: String,
+    /// Network preset of the GANs (`small`, `peer64` or `paper`).
+    synth_preset: String,
+    /// Classifier architecture and width (64: the standard network, which ImageNet weights fit).
+    cls_arch: String,
+    cls_width: usize,
     /// Epoch limit of every training stage (the quick and full budgets stop on minutes; `tiny`
     /// stops on epochs, so its results do not depend on the machine's speed).
     epochs: usize,
@@ -101,20 +109,51 @@ impl Budget {
                 synth_count: 40,
                 cls_size: 64,
                 cls_minutes: 0.6,
+                preset: "small".into(),
+                synth_preset: "small".into(),
+                cls_arch: "resnet18".into(),
+                cls_width: 16,
                 epochs: 1000,
             },
+            // The paper's networks at the paper's sizes, for a GPU (the default with --device
+            // cuda): U-Net and partial-convolution U-Net at 256 px, a 64-pixel DCGAN, ResNet-50 at
+            // 224 px. On 2 CPU cores each stage would run out of minutes after a few steps.
             "full" => Budget {
-                train_count: 1200,
-                test_count: 300,
+                train_count: 1600,
+                test_count: 400,
                 image_size: 256,
-                seg_size: 128,
+                seg_size: 256,
                 seg_minutes: 15.0,
-                purify_size: 128,
+                purify_size: 256,
                 purify_minutes: 15.0,
                 synth_minutes: 15.0,
                 synth_count: 300,
-                cls_size: 128,
+                cls_size: 224,
                 cls_minutes: 10.0,
+                preset: "paper".into(),
+                synth_preset: "peer64".into(),
+                cls_arch: "resnet50".into(),
+                cls_width: 64,
+                epochs: 1000,
+            },
+            // A night on a CPU (about 7 hours on 2 cores): the CPU-sized networks at 128 px, with
+            // time to converge.
+            "overnight" => Budget {
+                train_count: 1600,
+                test_count: 400,
+                image_size: 256,
+                seg_size: 128,
+                seg_minutes: 60.0,
+                purify_size: 128,
+                purify_minutes: 45.0,
+                synth_minutes: 30.0,
+                synth_count: 300,
+                cls_size: 128,
+                cls_minutes: 60.0,
+                preset: "small".into(),
+                synth_preset: "small".into(),
+                cls_arch: "resnet18".into(),
+                cls_width: 32,
                 epochs: 1000,
             },
             // For tests: seconds, not minutes, and the same result on any machine.
@@ -130,9 +169,13 @@ impl Budget {
                 synth_count: 6,
                 cls_size: 32,
                 cls_minutes: 1000.0,
+                preset: "small".into(),
+                synth_preset: "small".into(),
+                cls_arch: "resnet18".into(),
+                cls_width: 16,
                 epochs: 2,
             },
-            other => bail!("unknown budget {other:?}: use quick, full or tiny"),
+            other => bail!("unknown budget {other:?}: use quick, full, overnight or tiny"),
         })
     }
 }
@@ -720,6 +763,8 @@ fn segment_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             train.clone(),
             s("--size"),
             s(budget.seg_size),
+            s("--preset"),
+            budget.preset.clone(),
             s("--epochs"),
             s(budget.epochs),
             s("--minutes"),
@@ -790,6 +835,8 @@ fn purify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             run.p("hair/train"),
             s("--size"),
             s(budget.purify_size),
+            s("--preset"),
+            budget.preset.clone(),
             s("--epochs"),
             s(budget.epochs),
             s("--minutes"),
@@ -857,7 +904,7 @@ fn synth_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             s("--classes"),
             rare.join(","),
             s("--preset"),
-            s("small"),
+            budget.synth_preset.clone(),
             s("--epochs"),
             s(budget.epochs),
             s("--minutes"),
@@ -902,9 +949,9 @@ fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             s("--root"),
             train.clone(),
             s("--arch"),
-            s("resnet18"),
+            budget.cls_arch.clone(),
             s("--width"),
-            s(16),
+            s(budget.cls_width),
             s("--size"),
             s(budget.cls_size),
             s("--epochs"),

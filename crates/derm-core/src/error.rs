@@ -54,7 +54,9 @@ pub enum Error {
         msg: String,
     },
     /// Training produced a NaN or infinite loss (or gradient norm).
-    #[error("{quantity} became {value} at epoch {epoch} step {step}; training stopped, the last good checkpoint is kept")]
+    #[error(
+        "{quantity} became {value} at epoch {epoch} step {step}; training stopped, the last good checkpoint is kept"
+    )]
     NonFiniteLoss {
         /// What was not finite: `loss` or `gradient norm`.
         quantity: &'static str,

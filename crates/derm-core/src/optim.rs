@@ -268,8 +268,11 @@ impl Optimizer {
             }
             Tensor::new(norm, &device)?
         } else {
-            let parts =
-                gs.iter().flatten().map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+            let parts = gs
+                .iter()
+                .flatten()
+                .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
             let norm = if parts.is_empty() {
                 Tensor::zeros((), DType::F32, &device)?
             } else {

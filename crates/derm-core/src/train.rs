@@ -8,6 +8,11 @@
 //! written after the last good checkpoint. The output folder is locked while the loop runs
 //! ([`crate::fsutil::DirLock`]): a second run into it is refused.
 //!
+//! A step returns its loss and gradient norm as tensors ([`StepLoss`]); the loop reads them after
+//! every step on the CPU and, on a GPU, every [`LoopConfig::read_every`] steps in one copy and
+//! before every evaluation and checkpoint, so that a step never waits for the host and a
+//! non-finite value is still seen before anything is written.
+//!
 //! Batch order is a function of (seed, epoch), and each step draws from a generator derived from
 //! (seed, step), so a resumed run continues exactly as an uninterrupted one would.
 //!
@@ -636,7 +641,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(host_losses.len(), 12);
-        assert_eq!(host_losses.iter().map(|s| s.0).collect::<Vec<_>>(), device_losses.iter().map(|s| s.0).collect::<Vec<_>>());
+        assert_eq!(
+            host_losses.iter().map(|s| s.0).collect::<Vec<_>>(),
+            device_losses.iter().map(|s| s.0).collect::<Vec<_>>()
+        );
         // The fused f32 Adam update and the tensor-op one round differently (1e-5 after a few
         // steps at this learning rate).
         for ((_, x), (_, y)) in host_losses.iter().zip(&device_losses) {

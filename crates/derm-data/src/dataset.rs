@@ -163,6 +163,31 @@ impl Dataset {
         Dataset { samples: self.samples.iter().filter(|s| keep(s)).cloned().collect(), ..self.meta() }
     }
 
+    /// The samples named in `ids`, in the data set's order. Fails, naming `origin` (the id
+    /// file), when an id is not in the data set or when no id is given: a split file from
+    /// another archive or a typo must not silently train on a subset.
+    pub fn select_ids(&self, ids: &[String], origin: &Path) -> Result<Dataset> {
+        if ids.is_empty() {
+            return Err(Error::Parse { path: origin.into(), msg: "no image ids in the file".into() });
+        }
+        let want: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let have: std::collections::HashSet<&str> = self.samples.iter().map(|s| s.id.as_str()).collect();
+        let missing: Vec<&str> = ids.iter().map(String::as_str).filter(|i| !have.contains(i)).collect();
+        if !missing.is_empty() {
+            return Err(Error::Parse {
+                path: origin.into(),
+                msg: format!(
+                    "{} of its {} ids are not in the data set at {} (first: {})",
+                    missing.len(),
+                    ids.len(),
+                    self.root.display(),
+                    missing.iter().take(3).copied().collect::<Vec<_>>().join(", ")
+                ),
+            });
+        }
+        Ok(self.filter(|s| want.contains(s.id.as_str())))
+    }
+
     fn meta(&self) -> Dataset {
         Dataset {
             name: self.name.clone(),
@@ -210,6 +235,22 @@ impl Dataset {
         derm_core::Rng::new(seed).shuffle(&mut d.samples);
         d
     }
+}
+
+/// Reads a list of image ids: one per line (blank lines and lines starting with `#` skipped),
+/// or a CSV whose header names an `image_id` or `id` column (that column). The format of
+/// `bench/peer/reference_train.py --make-split`, so that derm and the PyTorch reference train and
+/// score on the same images.
+pub fn read_id_list(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let first = text.lines().map(str::trim).find(|l| !l.is_empty() && !l.starts_with('#')).unwrap_or("");
+    if first.contains(',') {
+        let table = Table::parse(text, path, ",", None)?;
+        let col = table.column("image_id").or_else(|_| table.column("id"))?;
+        return Ok(table.rows.iter().map(|(_, r)| r[col].clone()).filter(|v| !v.is_empty()).collect());
+    }
+    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect())
 }
 
 /// A number in [0, 1) from an id and a seed (FNV-1a, then SplitMix64's mixer).
@@ -477,6 +518,36 @@ pub(crate) mod tests {
     pub(crate) fn put_text(path: &Path, text: &str) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn id_lists_select_samples_and_unknown_ids_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        isic2017_tree(&d.path().join("isic"), 6);
+        let data = Dataset::open_dir(&d.path().join("isic"), Some("isic2017"), None).unwrap();
+        let plain = d.path().join("val.txt");
+        put_text(&plain, "# held out\nISIC_0000004\n\nISIC_0000001\n");
+        let ids = read_id_list(&plain).unwrap();
+        let sub = data.select_ids(&ids, &plain).unwrap();
+        assert_eq!(sub.samples.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["ISIC_0000001", "ISIC_0000004"]);
+        assert_eq!(sub.classes, data.classes);
+        // A CSV with an image_id column works too.
+        let csv = d.path().join("train.csv");
+        put_text(&csv, "image_id,melanoma\nISIC_0000000,1\nISIC_0000002,0\n");
+        assert_eq!(read_id_list(&csv).unwrap(), ["ISIC_0000000", "ISIC_0000002"]);
+        // An id the data set lacks, or an empty file, is an error naming the file.
+        put_text(&plain, "ISIC_0000004\nISIC_9999999\n");
+        let e = data.select_ids(&read_id_list(&plain).unwrap(), &plain).unwrap_err().to_string();
+        assert!(e.contains("val.txt") && e.contains("ISIC_9999999") && e.contains("1 of its 2"), "{e}");
+        put_text(&plain, "# nothing\n");
+        assert!(data
+            .select_ids(&read_id_list(&plain).unwrap(), &plain)
+            .unwrap_err()
+            .to_string()
+            .contains("no image ids"));
+        let bad = d.path().join("bad.csv");
+        put_text(&bad, "name,label\nx,1\n");
+        assert!(read_id_list(&bad).unwrap_err().to_string().contains("missing column"));
     }
 
     /// An ISIC-2017-style training split with `n` images (labels cycle mel, sk, nevus).

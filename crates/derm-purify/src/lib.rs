@@ -617,7 +617,13 @@ impl Task for PurifyTask {
         let n = parts.len() as f64;
         let mut out = BTreeMap::new();
         for p in &parts {
-            let terms = [("valid", Some(p.valid)), ("hole", Some(p.hole)), ("tv", Some(p.tv)), ("perceptual", p.perceptual), ("style", p.style)];
+            let terms = [
+                ("valid", Some(p.valid)),
+                ("hole", Some(p.hole)),
+                ("tv", Some(p.tv)),
+                ("perceptual", p.perceptual),
+                ("style", p.style),
+            ];
             for (k, v) in terms {
                 if let Some(v) = v {
                     *out.entry(k.to_string()).or_insert(0.0) += v / n;

@@ -190,8 +190,13 @@ pub fn inpainting_loss(
         total = (total + extra)?;
         vgg_terms = Some((perc.detach(), style.detach()));
     }
-    let terms =
-        LossTerms { valid: l_valid.detach(), hole: l_hole.detach(), tv: l_tv.detach(), vgg: vgg_terms, total: total.detach() };
+    let terms = LossTerms {
+        valid: l_valid.detach(),
+        hole: l_hole.detach(),
+        tv: l_tv.detach(),
+        vgg: vgg_terms,
+        total: total.detach(),
+    };
     Ok((total, terms))
 }
 

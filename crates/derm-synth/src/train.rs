@@ -246,7 +246,13 @@ impl GanTrainer {
             norm = (norm + g_norm)?;
             lg = loss_g.detach();
         }
-        let losses = Tensor::stack(&[loss_real, loss_fake, lg].map(|t| t.to_dtype(DType::F32)).into_iter().collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+        let losses = Tensor::stack(
+            &[loss_real, loss_fake, lg]
+                .map(|t| t.to_dtype(DType::F32))
+                .into_iter()
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            0,
+        )?;
         Ok(StepLosses { losses, grad_norm: norm })
     }
 

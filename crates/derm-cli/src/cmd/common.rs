@@ -26,14 +26,22 @@ pub struct DataArgs {
     /// size, instead of refusing the data set.
     #[arg(long)]
     pub skip_bad: bool,
+    /// Use only the images listed in this file (one id per line, or a CSV with an `image_id`
+    /// column; `bench/peer/reference_train.py --make-split` writes such files). An id the data
+    /// set lacks is an error.
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<PathBuf>,
 }
 
 impl DataArgs {
     /// Opens the data set and decodes every file once: a corrupt or truncated one is an error
     /// naming it, or with `--skip-bad` is left out and listed.
     pub fn open(&self, quiet: bool) -> anyhow::Result<Dataset> {
-        let data = Dataset::open_dir(&self.root, self.manifest.as_deref(), self.split.as_deref())
+        let mut data = Dataset::open_dir(&self.root, self.manifest.as_deref(), self.split.as_deref())
             .with_context(|| format!("opening the data set at {}", self.root.display()))?;
+        if let Some(f) = &self.ids {
+            data = data.select_ids(&derm_data::dataset::read_id_list(f)?, f)?;
+        }
         let bar = crate::progress::bar(data.len() as u64, "decoding", quiet);
         let screened = derm_data::screen(&data, self.skip_bad, &|| bar.inc(1));
         bar.finish_and_clear();

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# derm against the PyTorch reference (reference_train.py) on the same real ISIC 2017 images, the
+# same train/validation ids and the same CPU minutes, one run after the other (never two at once:
+# each gets the whole machine).
+#
+#   bench/peer/compare_real.sh DATA OUT [MINUTES] [SPLIT] [TASKS]
+#
+#   DATA     an ISIC 2017 training layout (../shared/data/isic2017-train-256)
+#   OUT      results folder: OUT/split/ (the split files, made once), one folder per run with its
+#            log and JSON, and OUT/summary.json (every run's scores, one object per line)
+#   MINUTES  training minutes of every run (default 10); scoring is not counted
+#   SPLIT    shift (default: the highest 20% of ISIC ids held out, a collection shift) or random
+#   TASKS    any of seg-derm, seg-torch, cls-derm, cls-torch (default: all four, in that order)
+#
+# derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
+# U-Net at 128 px (the defaults); classification ResNet-18 at width 32, 128 px, Adam 1e-3,
+# class-balanced batches, operating point chosen on derm's own validation part (10-15% of the
+# training ids). The reference is the typical PyTorch script: plain U-Net width 32 at 128 px,
+# Adam 1e-4; torchvision ResNet-18 (width 64) at 128 px, Adam 1e-4, plain batches. Both are
+# scored on SPLIT's validation ids with the same metrics (per-image Jaccard at the masks' size,
+# ISIC 2017's mean AUC over melanoma and seborrheic keratosis, balanced accuracy).
+set -euo pipefail
+
+data="$(realpath "${1:?DATA folder}")"
+out="$(realpath -m "${2:?OUT folder}")"
+minutes="${3:-10}"
+split="${4:-shift}"
+tasks="${5:-seg-derm seg-torch cls-derm cls-torch}"
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+py="${PEER_VENV:-$HOME/.cache/derm-peer-venv}/bin/python"
+ref="$repo/bench/peer/reference_train.py"
+
+[ -x "$py" ] || { echo "compare_real.sh: no Python at $py (run bench/peer/setup.sh)" >&2; exit 1; }
+mkdir -p "$out"
+if [ ! -f "$out/split/${split}_train.txt" ]; then
+    "$py" "$ref" --make-split "$out/split" --data "$data" >"$out/split.json"
+fi
+(cd "$repo" && cargo build -q --locked -p derm-cli)
+derm="$repo/target/debug/derm"
+train_ids="$out/split/${split}_train.txt"
+val_ids="$out/split/${split}_val.txt"
+tag="${split}_${minutes}min"
+export OMP_WAIT_POLICY=PASSIVE
+
+record() { # task framework json-file
+    "$py" - "$1" "$2" "$3" "$split" "$minutes" >>"$out/summary.json" <<'PY'
+import json, sys
+task, fw, path, split, minutes = sys.argv[1:]
+lines = [l for l in open(path) if l.lstrip().startswith("{")]
+d = json.loads(lines[-1]) if lines else {}
+if "metrics" in d:          # reference_train.py
+    d = dict(d["metrics"], steps=d.get("steps"), epochs=d.get("epochs"))
+print(json.dumps({"task": task, "framework": fw, "split": split, "minutes": float(minutes), "scores": d}))
+PY
+}
+
+for t in $tasks; do
+    dir="$out/$t-$tag"
+    mkdir -p "$dir"
+    echo "== $t ($split, $minutes min) -> $dir" >&2
+    case "$t" in
+    seg-derm)
+        "$derm" -q segment train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
+            --epochs 1000 --out "$dir/model" 2>"$dir/train.log"
+        "$derm" -q segment eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
+            --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
+        record seg derm "$dir/eval.json"
+        ;;
+    seg-torch)
+        "$py" "$ref" seg --data "$data" --train-ids "$train_ids" --val-ids "$val_ids" --minutes "$minutes" \
+            --threads 2 >"$dir/result.json" 2>"$dir/train.log"
+        record seg pytorch "$dir/result.json"
+        ;;
+    cls-derm)
+        "$derm" -q classify train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
+            --epochs 1000 --arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 \
+            --balanced --select-operating-point --out "$dir/model" 2>"$dir/train.log"
+        "$derm" -q classify eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
+            --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
+        record cls derm "$dir/eval.json"
+        ;;
+    cls-torch)
+        "$py" "$ref" cls --data "$data" --arch resnet18 --size 128 --train-ids "$train_ids" --val-ids "$val_ids" \
+            --minutes "$minutes" --threads 2 >"$dir/result.json" 2>"$dir/train.log"
+        record cls pytorch "$dir/result.json"
+        ;;
+    *) echo "compare_real.sh: unknown task $t" >&2; exit 2 ;;
+    esac
+    tail -n 1 "$out/summary.json" >&2
+done
