@@ -22,6 +22,7 @@
 #      with CUDA -> OUT/torch_cuda.json;
 #   6. the pipeline on phantoms on the GPU (`xtask pipeline --device cuda --budget tiny`)
 #      -> OUT/pipeline/report.html.
+# The files and their formats: docs/gpu-check.md.
 #
 # The binaries need an NVIDIA driver for CUDA 13 (R580 or newer) and, at run time, cuBLAS and
 # cuRAND 13 (libcublas.so.13, libcublasLt.so.13, libcurand.so.10): from a system CUDA 13, the
@@ -98,7 +99,7 @@ PY
     exit $status
     ;;
 *)
-    sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
     [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || exit 2
     ;;
 esac

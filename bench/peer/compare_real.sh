@@ -12,6 +12,9 @@
 #   SPLIT    shift (default: the highest 20% of ISIC ids held out, a collection shift) or random
 #   TASKS    any of seg-derm, seg-torch, cls-derm, cls-torch (default: all four, in that order)
 #
+# DERM_EXTRA (environment): more flags for derm's `train` commands (for example
+# `--color-constancy 6`), with TAG naming the variant in the run folders and the summary.
+#
 # derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
 # U-Net at 128 px (the defaults); classification ResNet-18 at width 32, 128 px, Adam 1e-3,
 # class-balanced batches, operating point chosen on derm's own validation part (10-15% of the
@@ -39,18 +42,29 @@ fi
 derm="$repo/target/debug/derm"
 train_ids="$out/split/${split}_train.txt"
 val_ids="$out/split/${split}_val.txt"
-tag="${split}_${minutes}min"
+tag="${split}_${minutes}min${TAG:+_$TAG}"
+read -r -a extra <<<"${DERM_EXTRA:-}"
 export OMP_WAIT_POLICY=PASSIVE
 
 record() { # task framework json-file
-    "$py" - "$1" "$2" "$3" "$split" "$minutes" >>"$out/summary.json" <<'PY'
+    "$py" - "$1" "$2" "$3" "$split" "$minutes" "${TAG:-}" >>"$out/summary.json" <<'PY'
 import json, sys
-task, fw, path, split, minutes = sys.argv[1:]
-lines = [l for l in open(path) if l.lstrip().startswith("{")]
-d = json.loads(lines[-1]) if lines else {}
+task, fw, path, split, minutes, variant = sys.argv[1:]
+text = open(path).read()
+try:                        # derm: one (pretty-printed) JSON document
+    d = json.loads(text)
+except ValueError:          # reference_train.py: the last JSON line
+    lines = [l for l in text.splitlines() if l.lstrip().startswith("{")]
+    d = json.loads(lines[-1]) if lines else {}
 if "metrics" in d:          # reference_train.py
     d = dict(d["metrics"], steps=d.get("steps"), epochs=d.get("epochs"))
-print(json.dumps({"task": task, "framework": fw, "split": split, "minutes": float(minutes), "scores": d}))
+for key in ("summary", "report"):   # derm's segment and classify evaluations
+    if isinstance(d.get(key), dict):
+        d = d[key]
+        break
+d = {k: v for k, v in d.items() if not isinstance(v, (list, dict)) or k in ("auc", "sensitivity")}
+print(json.dumps({"task": task, "framework": fw, "split": split, "minutes": float(minutes), "variant": variant,
+                  "scores": d}))
 PY
 }
 
@@ -61,7 +75,7 @@ for t in $tasks; do
     case "$t" in
     seg-derm)
         "$derm" -q segment train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
-            --epochs 1000 --out "$dir/model" 2>"$dir/train.log"
+            --epochs 1000 "${extra[@]}" --out "$dir/model" 2>"$dir/train.log"
         "$derm" -q segment eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
             --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
         record seg derm "$dir/eval.json"
@@ -74,7 +88,7 @@ for t in $tasks; do
     cls-derm)
         "$derm" -q classify train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
             --epochs 1000 --arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 \
-            --balanced --select-operating-point --out "$dir/model" 2>"$dir/train.log"
+            --balanced --select-operating-point "${extra[@]}" --out "$dir/model" 2>"$dir/train.log"
         "$derm" -q classify eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
             --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
         record cls derm "$dir/eval.json"
