@@ -6,43 +6,27 @@
 
 use std::time::Instant;
 
-use derm_hair::paint::{paint_hairs, PaintConfig};
+use derm_hair::eval::large_benchmark_scene;
 use derm_hair::{clean_mask, hair_mask, HairConfig};
-use image::{GrayImage, RgbImage};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let w: u32 = args.first().map(|s| s.parse()).transpose()?.unwrap_or(4000);
     let h: u32 = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(3000);
     let reps: usize = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(3);
-    let base = match args.get(3) {
-        Some(p) => {
-            let img = derm_core::image_io::load_rgb(std::path::Path::new(p))?;
-            image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle)
-        }
-        None => {
-            let mut rng = derm_core::Rng::new(3);
-            RgbImage::from_fn(w, h, |x, y| {
-                let n = (rng.normal() * 4.0) as f32;
-                let (dx, dy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
-                let les = if dx * dx + dy * dy < 0.05 { 0.6 } else { 1.0 };
-                image::Rgb([(215.0 * les + n) as u8, (168.0 * les + n) as u8, (148.0 * les + n) as u8])
-            })
-        }
+    let base = args.get(3).map(|p| derm_core::image_io::load_rgb(std::path::Path::new(p))).transpose()?;
+    let (image, lesion) = large_benchmark_scene(w, h, base.as_ref());
+    let cfg: HairConfig = match std::env::var("HAIR_CFG") {
+        Ok(j) => serde_json::from_str(&j)?,
+        Err(_) => HairConfig::default(),
     };
-    let lesion = GrayImage::from_fn(w, h, |x, y| {
-        let (dx, dy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
-        image::Luma([if dx * dx + dy * dy < 0.05 { 255 } else { 0 }])
-    });
-    let painted = paint_hairs(&base, Some(&lesion), 1, &PaintConfig { min_hairs: 16, ..PaintConfig::default() });
-    let cfg = HairConfig::default();
     let (mut tm, mut tc) = (Vec::new(), Vec::new());
     let mut frac = 0.0;
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        let m = hair_mask(&painted.image, Some(&lesion), &cfg)?;
+        let m = hair_mask(&image, Some(&lesion), &cfg)?;
         let t1 = Instant::now();
-        let r = clean_mask(&painted.image, m, &cfg)?;
+        let r = clean_mask(&image, m, &cfg)?;
         let t2 = Instant::now();
         frac = r.masked_fraction;
         tm.push((t1 - t0).as_secs_f64());

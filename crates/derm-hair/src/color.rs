@@ -109,6 +109,37 @@ pub fn luminance_u8(img: &RgbImage) -> Vec<u8> {
     out
 }
 
+/// The lightness of each pixel's largest channel (CIE L* of the grey `(m, m, m)`,
+/// `m = max(r, g, b)`, scaled to 0-255 like [`luminance_u8`]). Hair is dark in every channel;
+/// melanin (lesion, pigment network) absorbs blue and green far more than red, so on a lesion a
+/// hair stands out more here than in the luminance.
+pub fn value_u8(img: &RgbImage) -> Vec<u8> {
+    let grey = value_table();
+    let mut out = vec![0u8; img.as_raw().len() / 3];
+    let row = img.width().max(1) as usize;
+    out.par_chunks_mut(row * 64).zip(img.as_raw().par_chunks(row * 64 * 3)).for_each(|(o, px)| {
+        for (o, p) in o.iter_mut().zip(px.chunks_exact(3)) {
+            *o = grey[p[0].max(p[1]).max(p[2]) as usize];
+        }
+    });
+    out
+}
+
+/// [`value_u8`] of one pixel.
+pub fn value_of(r: u8, g: u8, b: u8) -> u8 {
+    value_table()[r.max(g).max(b) as usize]
+}
+
+/// `L* * 2.55` of the grey `(m, m, m)` for every `m`.
+fn value_table() -> &'static [u8; 256] {
+    static TABLE: std::sync::OnceLock<[u8; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let t = tables();
+        let (lin, q) = (&t.lin_u32, &t.l_u8);
+        std::array::from_fn(|m| q[((lin[0][m] + lin[1][m] + lin[2][m]) as usize).min(q.len() - 1)])
+    })
+}
+
 /// [`luminance_u8`] and, in the same pass over the pixels, a 0/255 plane of the pixels for which
 /// `flag(r, g, b)` holds, with their count.
 pub(crate) fn luminance_u8_and_flags(
@@ -173,5 +204,12 @@ mod tests {
         }
         assert_eq!(l8[0], 255);
         assert_eq!(l8[1], 0);
+        // The value plane is the lightness of the grey of the largest channel.
+        let v8 = value_u8(&img);
+        for (i, p) in img.pixels().enumerate() {
+            let m = p.0[0].max(p.0[1]).max(p.0[2]);
+            assert!((v8[i] as f64 - lstar([m, m, m]) * 2.55).abs() <= 0.51, "{:?}", p.0);
+            assert!(v8[i] >= l8[i], "{:?}", p.0);
+        }
     }
 }

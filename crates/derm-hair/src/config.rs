@@ -77,6 +77,20 @@ pub struct HairConfig {
     /// synthetic pigment network out of the mask but costs 5 points of recall on the real-image
     /// benchmark (BENCH.md).
     pub coherence: f32,
+    /// Whether dark hairs are also looked for in the value plane (the lightness of each pixel's
+    /// largest channel, [`crate::color::value_u8`]) besides the luminance, the larger score
+    /// winning: on a brown lesion a hair's contrast is much larger there (BENCH.md).
+    pub value_plane: bool,
+    /// Crossings, forks and wide hairs are added back to the pieces that passed the shape test
+    /// from the candidates within two pixels of them, repeatedly up to half `max_width`; a
+    /// candidate is added when its score is at least this share of the largest score of a hair
+    /// pixel near it (lesion texture beside a hair scores lower than the hair, a crossing hair
+    /// alike).
+    pub addback_share: f32,
+    /// When detection runs on a reduced image, a full-size pixel near a hair is kept when it is
+    /// darker than the closing by at least this share of the hair's largest score near it (as
+    /// well as half the threshold): a pixel half covered by the hair is about half as dark.
+    pub edge_share: f32,
     /// Orientations of the line elements (evenly over 180°).
     pub directions: usize,
     /// Hair score threshold (L* units) inside the lesion, when a lesion mask is given
@@ -98,6 +112,9 @@ pub struct HairConfig {
     pub ink: bool,
     /// Ink: red and blue must both exceed green by this much (0-255).
     pub ink_chroma: f32,
+    /// Ink: the widest piece (px, area over length) that counts as a pen's stroke or dot; wider
+    /// violet pieces are lesions (a blue-violet nevus passes the colour test).
+    pub ink_max_width: f32,
     /// Whether rulers (long straight dark lines with regular tick marks) are looked for.
     pub rulers: bool,
     /// Shortest ruler line (px) that counts.
@@ -127,6 +144,9 @@ impl Default for HairConfig {
             work_side: 512,
             min_work_side: 256,
             coherence: 0.0,
+            value_plane: true,
+            addback_share: 0.5,
+            edge_share: 0.3,
             directions: 12,
             lesion_threshold: 8.0,
             light: true,
@@ -136,6 +156,7 @@ impl Default for HairConfig {
             max_width: 8.0,
             ink: true,
             ink_chroma: 20.0,
+            ink_max_width: 16.0,
             rulers: true,
             ruler_min_length: 96.0,
             inpaint: InpaintMethod::Harmonic,
@@ -165,6 +186,7 @@ impl HairConfig {
             ("crossing_min_length", self.crossing_min_length),
             ("ruler_min_length", self.ruler_min_length),
             ("ink_chroma", self.ink_chroma),
+            ("ink_max_width", self.ink_max_width),
             ("lesion_threshold", self.lesion_threshold),
             ("light_threshold", self.light_threshold),
             ("hysteresis", self.hysteresis),
@@ -172,6 +194,8 @@ impl HairConfig {
             ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),
             ("coherence", self.coherence),
+            ("addback_share", self.addback_share),
+            ("edge_share", self.edge_share),
         ];
         for (name, v) in fields {
             if !v.is_finite() || v < 0.0 {

@@ -109,6 +109,30 @@ fn psnr_of(pairs: impl Iterator<Item = (u8, u8)>) -> f64 {
     10.0 * (255.0f64 * 255.0 / (se / n as f64)).log10()
 }
 
+/// A large test scene for timing (the 4000 x 3000 row): textured skin with a darker
+/// lesion (its mask is returned too) and 16 painted hairs ([`crate::paint`], seed 1),
+/// or `base` enlarged to `w` x `h` instead of the skin when given.
+pub fn large_benchmark_scene(w: u32, h: u32, base: Option<&RgbImage>) -> (RgbImage, GrayImage) {
+    let inside = |x: u32, y: u32| {
+        let (dx, dy) = (x as f32 / w as f32 - 0.5, y as f32 / h as f32 - 0.5);
+        dx * dx + dy * dy < 0.05
+    };
+    let base = match base {
+        Some(img) => image::imageops::resize(img, w, h, image::imageops::FilterType::Triangle),
+        None => {
+            let mut rng = derm_core::Rng::new(3);
+            RgbImage::from_fn(w, h, |x, y| {
+                let n = (rng.normal() * 4.0) as f32;
+                let les = if inside(x, y) { 0.6 } else { 1.0 };
+                image::Rgb([(215.0 * les + n) as u8, (168.0 * les + n) as u8, (148.0 * les + n) as u8])
+            })
+        }
+    };
+    let lesion = GrayImage::from_fn(w, h, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+    let cfg = crate::paint::PaintConfig { min_hairs: 16, ..crate::paint::PaintConfig::default() };
+    (crate::paint::paint_hairs(&base, Some(&lesion), 1, &cfg).image, lesion)
+}
+
 /// The image `cargo xtask bench` times the hair mask on, as the peer's benchmark draws it: a
 /// 512x512 skin-like gradient with 30 dark curved hairs (random walks of 400 steps, 2 px wide),
 /// always the same (seed 0).

@@ -228,31 +228,56 @@ pub fn relax_harmonic(img: &RgbImage, mask: &GrayImage, iterations: usize) -> Rg
     let (w, h) = (img.width() as usize, img.height() as usize);
     let m = mask.as_raw();
     let idx: Vec<usize> = (0..w * h).filter(|&i| m[i] != 0).collect();
-    if idx.is_empty() || idx.len() == w * h {
+    if idx.is_empty() || idx.len() == w * h || iterations == 0 {
         return img.clone();
     }
-    let mut val: Vec<f32> = img.as_raw().iter().map(|&v| v as f32).collect();
+    // Values are kept for the masked pixels only. A neighbour is another masked pixel (its
+    // slot in `idx`) or a fixed boundary value; `idx` is sorted, so the slots of the pixels a
+    // row up and a row down are found by pointers that advance with the sweep.
+    let src = img.as_raw();
+    let fixed = |j: usize| [src[j * 3] as f32, src[j * 3 + 1] as f32, src[j * 3 + 2] as f32];
+    let mut val: Vec<[f32; 3]> = idx.iter().map(|&i| fixed(i)).collect();
     const OMEGA: f32 = 1.8;
     for _ in 0..iterations {
-        for &i in &idx {
+        let (mut up, mut down) = (0usize, 0usize);
+        for k in 0..idx.len() {
+            let i = idx[k];
+            let (x, y) = (i % w, i / w);
             let mut s = [0f32; 3];
             let mut cnt = 0f32;
-            for j in neighbours4(i, w, h) {
-                for (c, sc) in s.iter_mut().enumerate() {
-                    *sc += val[j * 3 + c];
+            let mut add = |v: [f32; 3]| {
+                for (a, b) in s.iter_mut().zip(v) {
+                    *a += b;
                 }
                 cnt += 1.0;
+            };
+            if x > 0 {
+                add(if k > 0 && idx[k - 1] == i - 1 { val[k - 1] } else { fixed(i - 1) });
             }
-            for (c, sc) in s.iter().enumerate() {
-                let v = &mut val[i * 3 + c];
+            if x + 1 < w {
+                add(if idx.get(k + 1) == Some(&(i + 1)) { val[k + 1] } else { fixed(i + 1) });
+            }
+            if y > 0 {
+                while idx[up] < i - w {
+                    up += 1;
+                }
+                add(if idx[up] == i - w { val[up] } else { fixed(i - w) });
+            }
+            if y + 1 < h {
+                while down < idx.len() && idx[down] < i + w {
+                    down += 1;
+                }
+                add(if down < idx.len() && idx[down] == i + w { val[down] } else { fixed(i + w) });
+            }
+            for (v, sc) in val[k].iter_mut().zip(s) {
                 *v += OMEGA * (sc / cnt - *v);
             }
         }
     }
     let mut out = img.clone();
-    for &i in &idx {
-        for c in 0..3 {
-            out.as_mut()[i * 3 + c] = val[i * 3 + c].round().clamp(0.0, 255.0) as u8;
+    for (&i, v) in idx.iter().zip(&val) {
+        for (o, x) in out.as_mut()[i * 3..i * 3 + 3].iter_mut().zip(v) {
+            *o = x.round().clamp(0.0, 255.0) as u8;
         }
     }
     out

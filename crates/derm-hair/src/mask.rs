@@ -91,13 +91,23 @@ fn ink_test(cfg: &HairConfig) -> impl Fn(i32, i32, i32) -> bool + Sync {
     move |r, g, b| r - g >= t && b - g >= t2 && b >= r - th
 }
 
-/// Drops small ink pieces and adds a one-pixel (scaled) margin for the anti-aliased edge.
+/// Drops small ink pieces and wide ones (a violet lesion is a blob, a pen leaves strokes and
+/// dots: a piece's area over its length must be at most `cfg.ink_max_width`), and adds a
+/// one-pixel (scaled) margin for the anti-aliased edge.
 fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfig) -> Vec<u8> {
     if found == 0 {
         return m;
     }
     let s = cfg.scale(w as u32, h as u32);
     remove_small(&mut m, w, h, (cfg.min_area * 2.0 * s * s).round() as usize);
+    let widest = cfg.ink_max_width * s;
+    for c in components(&m, w, h, true) {
+        if c.area() as f32 / c.length() > widest {
+            for p in c.pixels(w) {
+                m[p] = 0;
+            }
+        }
+    }
     dilate_disc(&m, w, h, 1.5 * s)
 }
 
@@ -150,14 +160,18 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
     };
     let f = work_factor(w, h, cfg);
     let u = up_factor(w, h, cfg);
+    // The full-size value of a pixel is looked up where it is needed (`Detection::dark_value`).
+    let rgb = cfg.value_plane.then(|| img.as_raw().as_slice());
     if u > 1 {
+        let v = cfg.value_plane.then(|| crate::color::value_u8(img));
         // A small image: detection on the bilinear enlargement; a pixel is kept when its block
         // holds hair and it differs from the surroundings as in [`refine`].
         let (wu, hu) = (w * u, h * u);
         let lu = up_bilinear(&l, w, h, u);
+        let vu = v.as_ref().map(|v| up_bilinear(v, w, h, u));
         let lesion_u = lesion.map(|m| up_nearest(m.as_raw(), w, wu, hu, u));
-        let det = detect(&lu, wu, hu, lesion_u.as_deref(), cfg);
-        let mut m = refine_up(&det, &l, w, h, u, cfg);
+        let det = detect(&lu, vu.as_deref(), wu, hu, lesion_u.as_deref(), cfg);
+        let mut m = refine_up(&det, &l, rgb, w, h, u, cfg);
         if cfg.rulers {
             let raw = block_share(&det.raw, wu, w, h, u, 0.5);
             let ruler = crate::ruler::ruler_mask(&raw, img, w, h, cfg);
@@ -169,12 +183,15 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
     }
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
     let lw = box_down(&l, w, h, f);
+    // The reduced colour image serves the value plane and the ruler's band search.
+    let small = if f > 1 && (cfg.value_plane || cfg.rulers) { Some(rgb_down(img, f)) } else { None };
+    let small = small.as_ref().unwrap_or(img);
+    let vw = cfg.value_plane.then(|| crate::color::value_u8(small));
     let lesion_w = lesion.map(|m| box_down(m.as_raw(), w, h, f));
-    let det = detect(&lw, ww, wh, lesion_w.as_deref(), cfg);
-    let mut m = if f == 1 { det.mask.clone() } else { refine(&det, &l, w, h, f, cfg) };
+    let det = detect(&lw, vw.as_deref(), ww, wh, lesion_w.as_deref(), cfg);
+    let mut m = if f == 1 { det.mask.clone() } else { refine(&det, &l, rgb, w, h, f, cfg) };
     if cfg.rulers {
-        let small = if f == 1 { img.clone() } else { rgb_down(img, f) };
-        let ruler = crate::ruler::ruler_mask(&det.raw, &small, ww, wh, cfg);
+        let ruler = crate::ruler::ruler_mask(&det.raw, small, ww, wh, cfg);
         if ruler.iter().any(|&v| v != 0) {
             let ruler = if f == 1 { ruler } else { up_nearest(&ruler, ww, w, h, f) };
             for (a, &b) in m.iter_mut().zip(&ruler) {
@@ -216,7 +233,7 @@ pub fn up_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
 /// The mask of a small image from the detection on its enlargement by `u`: a pixel is kept when
 /// its `u x u` block holds hair and the pixel is darker than the closing at the block's centre
 /// (lighter than the opening, for a light hair) by at least half the threshold.
-fn refine_up(det: &Detection, l: &[u8], w: usize, h: usize, u: usize, cfg: &HairConfig) -> Vec<u8> {
+fn refine_up(det: &Detection, l: &[u8], rgb: Option<&[u8]>, w: usize, h: usize, u: usize, cfg: &HairConfig) -> Vec<u8> {
     let wu = det.w;
     let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
     let t_light = cfg.light_threshold * 2.55 * 0.5;
@@ -234,8 +251,12 @@ fn refine_up(det: &Detection, l: &[u8], w: usize, h: usize, u: usize, cfg: &Hair
                 continue;
             }
             let c = (y * u + u / 2) * wu + x * u + u / 2;
-            let v = l[y * w + x] as f32;
-            let keep = if light { v - det.opening[c] as f32 >= t_light } else { det.closing[c] as f32 - v >= t_dark };
+            let i = y * w + x;
+            let keep = if light {
+                l[i] as f32 - det.opening[c] as f32 >= t_light
+            } else {
+                det.closing[c] as f32 - det.dark_value(c, l, rgb, i) >= t_dark
+            };
             if keep {
                 out[y * w + x] = 255;
             }
@@ -286,32 +307,45 @@ pub fn work_factor(w: usize, h: usize, cfg: &HairConfig) -> usize {
 /// Mean of `f x f` blocks (partial blocks at the right and bottom edges averaged over what they
 /// hold).
 pub(crate) fn box_down(src: &[u8], w: usize, h: usize, f: usize) -> Vec<u8> {
+    box_down_channels(src, 1, w, h, f).pop().unwrap_or_default()
+}
+
+/// [`box_down`] of each of the `n` interleaved channels of `src` (`w` x `h` pixels), in one
+/// pass, rows of blocks in parallel.
+fn box_down_channels(src: &[u8], n: usize, w: usize, h: usize, f: usize) -> Vec<Vec<u8>> {
     if f == 1 {
-        return src.to_vec();
+        return (0..n).map(|c| src.iter().skip(c).step_by(n).copied().collect()).collect();
     }
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
-    let mut sum = vec![0u32; ww * wh];
-    let mut cnt = vec![0u32; ww * wh];
-    for y in 0..h {
-        let row = &src[y * w..(y + 1) * w];
-        let o = (y / f) * ww;
-        for (x, &v) in row.iter().enumerate() {
-            sum[o + x / f] += v as u32;
-            cnt[o + x / f] += 1;
+    let mut out = vec![0u8; ww * wh * n];
+    out.par_chunks_mut(ww * n).enumerate().for_each(|(by, orow)| {
+        let mut sum = vec![0u32; ww * n];
+        let rows = (by * f..((by + 1) * f).min(h)).len() as u32;
+        for y in by * f..((by + 1) * f).min(h) {
+            let row = &src[y * w * n..(y + 1) * w * n];
+            for (bx, block) in row.chunks(f * n).enumerate() {
+                let acc = &mut sum[bx * n..(bx + 1) * n];
+                for px in block.chunks_exact(n) {
+                    for (a, &v) in acc.iter_mut().zip(px) {
+                        *a += v as u32;
+                    }
+                }
+            }
         }
-    }
-    sum.iter().zip(&cnt).map(|(&s, &c)| ((s + c / 2) / c.max(1)) as u8).collect()
+        for (bx, (o, sm)) in orow.chunks_mut(n).zip(sum.chunks(n)).enumerate() {
+            let cnt = rows * (((bx + 1) * f).min(w) - bx * f) as u32;
+            for (o, &s) in o.iter_mut().zip(sm) {
+                *o = ((s + cnt / 2) / cnt.max(1)) as u8;
+            }
+        }
+    });
+    (0..n).map(|c| out.iter().skip(c).step_by(n).copied().collect()).collect()
 }
 
 /// [`box_down`] of each channel.
 pub(crate) fn rgb_down(img: &RgbImage, f: usize) -> RgbImage {
     let (w, h) = (img.width() as usize, img.height() as usize);
-    let planes: Vec<Vec<u8>> = (0..3)
-        .map(|c| {
-            let p: Vec<u8> = img.as_raw().iter().skip(c).step_by(3).copied().collect();
-            box_down(&p, w, h, f)
-        })
-        .collect();
+    let planes = box_down_channels(img.as_raw(), 3, w, h, f);
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
     RgbImage::from_fn(ww as u32, wh as u32, |x, y| {
         let i = y as usize * ww + x as usize;
@@ -341,17 +375,59 @@ pub(crate) struct Detection {
     light: Vec<u8>,
     /// The thresholded largest black-hat (pieces of `min_area`), for the ruler search.
     pub raw: Vec<u8>,
-    /// Closing (dark surroundings) and opening (light surroundings) of the best orientation.
+    /// Closing (dark surroundings) and opening (light surroundings) of the best orientation;
+    /// the closing is of the plane that gave the dark score.
     closing: Vec<u8>,
     opening: Vec<u8>,
+    /// Where the value plane gave the larger dark score (0/1; empty without it).
+    from_value: Vec<u8>,
+    /// The largest dark score of a hair pixel in each pixel's 3 x 3 neighbourhood (the local
+    /// contrast of the hair).
+    peak: Vec<u8>,
 }
 
-/// Hair detection on an `L* * 2.55` plane (see [`hair_mask`]).
-pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &HairConfig) -> Detection {
+impl Detection {
+    /// The value a full-size pixel `i` is compared with the closing at working pixel `k`: of the
+    /// plane that gave the dark score there (the value from the pixel's colour in `rgb`).
+    fn dark_value(&self, k: usize, l: &[u8], rgb: Option<&[u8]>, i: usize) -> f32 {
+        match rgb {
+            Some(p) if self.from_value.get(k) == Some(&1) => {
+                crate::color::value_of(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]) as f32
+            }
+            _ => l[i] as f32,
+        }
+    }
+}
+
+/// Hair detection on an `L* * 2.55` plane `l` and, when given, the value plane `v`
+/// ([`crate::color::value_u8`]): the dark score of a pixel is the larger of the two planes'
+/// (see [`hair_mask`]); light hairs are looked for in `l`.
+pub(crate) fn detect(
+    l: &[u8],
+    v: Option<&[u8]>,
+    w: usize,
+    h: usize,
+    lesion: Option<&[u8]>,
+    cfg: &HairConfig,
+) -> Detection {
     let s = cfg.scale(w as u32, h as u32);
     let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
     let widen = s.round().max(1.0) as usize;
-    let r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light, widen);
+    let mut r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light, widen);
+    let mut from_value = Vec::new();
+    if let Some(v) = v {
+        let rv = crate::oriented::line_responses(v, w, h, radius, cfg.directions, false, widen);
+        from_value = vec![0u8; w * h];
+        for (i, fv) in from_value.iter_mut().enumerate() {
+            if rv.dark_max[i] - rv.dark_min[i] > r.dark_max[i] - r.dark_min[i] {
+                r.dark_max[i] = rv.dark_max[i];
+                r.dark_min[i] = rv.dark_min[i];
+                r.across[i] = rv.across[i];
+                r.closing[i] = rv.closing[i];
+                *fv = 1;
+            }
+        }
+    }
     let thr = |t: f32| (t * 2.55).round().max(1.0);
     let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
     let lo = cfg.hysteresis.clamp(0.1, 1.0);
@@ -403,10 +479,17 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
     // few pixels; the candidates reached from what passed within half the largest width are
     // added back.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
+    let score: Vec<u8> = (0..w * h)
+        .map(|i| if light[i] != 0 { r.light_max[i] - r.light_min[i] } else { r.dark_max[i] - r.dark_min[i] })
+        .collect();
     for _ in 0..steps {
-        let grown = dilate_disc(&lined, w, h, 1.5);
-        for ((l, g), &c) in lined.iter_mut().zip(grown).zip(&weak) {
-            *l = g & c;
+        let held: Vec<u8> = lined.iter().zip(&score).map(|(&l, &d)| if l != 0 { d } else { 0 }).collect();
+        let near = crate::oriented::square3(&held, w, h, true);
+        let near = crate::oriented::square3(&near, w, h, true);
+        for (i, l) in lined.iter_mut().enumerate() {
+            if *l == 0 && weak[i] != 0 && near[i] > 0 && score[i] as f32 >= cfg.addback_share * near[i] as f32 {
+                *l = 255;
+            }
         }
     }
     let mut mask = vec![0u8; w * h];
@@ -425,7 +508,9 @@ pub(crate) fn detect(l: &[u8], w: usize, h: usize, lesion: Option<&[u8]>, cfg: &
     let mut raw: Vec<u8> = r.dark_max.iter().map(|&v| if v >= t_raw { 255 } else { 0 }).collect();
     remove_small(&mut raw, w, h, (cfg.min_area * s * s).round() as usize);
     let opening: Vec<u8> = l.iter().zip(&r.light_max).map(|(&a, &b)| a.saturating_sub(b)).collect();
-    Detection { w, h, mask, light, raw, closing: r.closing, opening }
+    let hair_score: Vec<u8> = mask.iter().zip(&r.dark_max).map(|(&m, &d)| if m != 0 { d } else { 0 }).collect();
+    let peak = crate::oriented::square3(&hair_score, w, h, true);
+    Detection { w, h, mask, light, raw, closing: r.closing, opening, from_value, peak }
 }
 
 /// Per pixel, `|sum v |v|| / sum |v|^2` over the pixels of `inside` in the `(2 rho + 1)^2` square
@@ -489,12 +574,13 @@ fn bilinear(p: &[u8], w: usize, h: usize, f: usize, x: usize, y: usize) -> f32 {
 }
 
 /// The full-size mask from a working detection (see [`hair_mask`]).
-fn refine(det: &Detection, l: &[u8], w: usize, h: usize, f: usize, cfg: &HairConfig) -> Vec<u8> {
+fn refine(det: &Detection, l: &[u8], rgb: Option<&[u8]>, w: usize, h: usize, f: usize, cfg: &HairConfig) -> Vec<u8> {
     let (ww, wh) = (det.w, det.h);
     let grown = dilate_disc(&det.mask, ww, wh, 1.5);
     let light = dilate_disc(&det.light, ww, wh, 1.5);
     let t_dark = cfg.threshold.min(cfg.lesion_threshold) * 2.55 * 0.5;
     let t_light = cfg.light_threshold * 2.55 * 0.5;
+    let share = cfg.edge_share;
     let mut out = vec![0u8; w * h];
     out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
         for (x, o) in row.iter_mut().enumerate() {
@@ -502,11 +588,12 @@ fn refine(det: &Detection, l: &[u8], w: usize, h: usize, f: usize, cfg: &HairCon
             if grown[k] == 0 {
                 continue;
             }
-            let v = l[y * w + x] as f32;
+            let i = y * w + x;
             let keep = if light[k] != 0 {
-                v - bilinear(&det.opening, ww, wh, f, x, y) >= t_light
+                l[i] as f32 - bilinear(&det.opening, ww, wh, f, x, y) >= t_light
             } else {
-                bilinear(&det.closing, ww, wh, f, x, y) - v >= t_dark
+                let t = if det.mask[k] != 0 { t_dark } else { t_dark.max(share * det.peak[k] as f32) };
+                bilinear(&det.closing, ww, wh, f, x, y) - det.dark_value(k, l, rgb, i) >= t
             };
             if keep {
                 *o = 255;
@@ -713,6 +800,70 @@ mod tests {
         let legacy = HairConfig { detector: HairDetector::Legacy, ..cfg.clone() };
         assert_eq!(hair_mask(&img, None, &legacy).unwrap(), old);
         assert_eq!(hair_mask(&img, None, &cfg).unwrap(), m0);
+    }
+
+    /// A grey hair over a brown lesion, of about the lesion's luminance: plain in the red
+    /// channel (the value plane), faint in the luminance.
+    #[test]
+    fn grey_hair_on_a_brown_lesion_is_found_in_the_value_plane() {
+        let mut rng = derm_core::Rng::new(5);
+        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
+        let mut img = RgbImage::from_fn(200, 200, |x, y| {
+            let n = (rng.normal() * 3.0) as f32;
+            let c = if inside(x, y) { [165.0, 100.0, 75.0] } else { [215.0, 170.0, 150.0] };
+            image::Rgb([(c[0] + n) as u8, (c[1] + n) as u8, (c[2] + n) as u8])
+        });
+        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let mut hair = GrayImage::new(200, 200);
+        for x in 10..190u32 {
+            let y = 40 + (x * 3) / 5;
+            for yy in y..y + 3 {
+                img.put_pixel(x, yy, image::Rgb([105, 100, 98]));
+                hair.put_pixel(x, yy, image::Luma([255]));
+            }
+        }
+        let found = |value_plane: bool| {
+            let cfg = HairConfig { value_plane, ..HairConfig::default() };
+            let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+            let (mut tp, mut n) = (0, 0);
+            for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
+                if l.0[0] != 0 && t.0[0] != 0 {
+                    n += 1;
+                    tp += (p.0[0] != 0) as usize;
+                }
+            }
+            let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
+            (tp as f64 / n as f64, leak)
+        };
+        let (with, leak) = found(true);
+        let (without, _) = found(false);
+        assert!(with > 0.9, "recall on the lesion with the value plane {with}");
+        assert!(leak < 0.01, "leak {leak}");
+        assert!(without < 0.5, "recall on the lesion with the luminance alone {without}");
+    }
+
+    /// A violet pen stroke is ink; a violet lesion of the same colour is not.
+    #[test]
+    fn ink_is_a_stroke_not_a_violet_lesion() {
+        let violet = image::Rgb([120u8, 70, 150]);
+        let mut img = RgbImage::from_fn(256, 256, |x, y| {
+            if (x as i32 - 150).pow(2) + (y as i32 - 150).pow(2) < 60 * 60 {
+                violet
+            } else {
+                image::Rgb([215, 170, 150])
+            }
+        });
+        for x in 20..120u32 {
+            for y in 20..25u32 {
+                img.put_pixel(x, y + x / 8, violet);
+            }
+        }
+        let ink = ink_mask(&img, &HairConfig::default());
+        let at = |x: usize, y: usize| ink[y * 256 + x] != 0;
+        assert!(at(60, 22 + 60 / 8), "the stroke is ink");
+        assert!(!at(150, 150), "the violet lesion is not ink");
+        let wide = HairConfig { ink_max_width: 1000.0, ..HairConfig::default() };
+        assert!(ink_mask(&img, &wide)[150 * 256 + 150] != 0, "without the width rule it was");
     }
 
     #[test]

@@ -216,7 +216,7 @@ pub fn line_responses(
 }
 
 /// 3 x 3 maximum (`max`) or minimum of a plane, the border clamped.
-fn square3(l: &[u8], w: usize, h: usize, max: bool) -> Vec<u8> {
+pub(crate) fn square3(l: &[u8], w: usize, h: usize, max: bool) -> Vec<u8> {
     let pick = |a: u8, b: u8| if max { a.max(b) } else { a.min(b) };
     let mut rows = l.to_vec();
     for y in 0..h {

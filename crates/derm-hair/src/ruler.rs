@@ -35,11 +35,14 @@ pub fn detect_ruler(img: &RgbImage, cfg: &HairConfig) -> Result<GrayImage> {
 
 /// A ruler: the line `x cos a + y sin a = rho`, with its ticks on the side `side` (±1 along the
 /// normal `(cos a, sin a)`) reaching `tick` px, and, when found, a pale band `(side, extent)`.
+/// It is seen from `t0` to `t1` along the line (`t = -x sin a + y cos a`).
 #[derive(Debug, Clone, Copy)]
 struct Ruler {
     cos: f32,
     sin: f32,
     rho: f32,
+    t0: f32,
+    t1: f32,
     side: f32,
     tick: f32,
     band: Option<(f32, f32)>,
@@ -82,8 +85,14 @@ pub(crate) fn ruler_mask(raw: &[u8], img: &RgbImage, w: usize, h: usize, cfg: &H
         };
         // Remove it from the pooled mask before looking for another.
         paint(&mut work, &pooled, pw, ph, &r, 0, 1.0);
-        let mut full =
-            Ruler { rho: r.rho * f as f32 + (f as f32 - 1.0) / 2.0 * (r.cos + r.sin), tick: r.tick * f as f32, ..r };
+        let (ff, half) = (f as f32, (f as f32 - 1.0) / 2.0);
+        let mut full = Ruler {
+            rho: r.rho * ff + half * (r.cos + r.sin),
+            t0: r.t0 * ff + half * (r.cos - r.sin),
+            t1: (r.t1 + 1.0) * ff + half * (r.cos - r.sin),
+            tick: r.tick * ff,
+            ..r
+        };
         if pale.is_empty() {
             pale = img.as_raw().chunks_exact(3).map(|p| p[0].min(p[1]).min(p[2])).collect();
         }
@@ -247,11 +256,19 @@ fn find_band(pale: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, s: f32) -> 
 }
 
 /// Sets to `value` the pixels of the ruler: the line itself, the non-zero pixels of `src` among
-/// the ticks, and the whole band when there is one. `s` is the image scale.
+/// the ticks, and the whole band when there is one. A ruler with a body (band) is painted
+/// across the image; one without only where it is seen (its pieces along the line, plus a
+/// little over a tick pitch at each end), so that a straight hair taken for a ruler is not
+/// extended over the skin. `s` is the image scale.
 fn paint(dst: &mut [u8], src: &[u8], w: usize, h: usize, r: &Ruler, value: u8, s: f32) {
     let line = 1.5 * s.max(1.0);
+    let reach = 10.0 * s.max(1.0);
     for y in 0..h {
         for x in 0..w {
+            let t = -(x as f32) * r.sin + y as f32 * r.cos;
+            if r.band.is_none() && (t < r.t0 - reach || t > r.t1 + reach) {
+                continue;
+            }
             let d = x as f32 * r.cos + y as f32 * r.sin - r.rho;
             let o = d * r.side;
             let i = y * w + x;
@@ -317,8 +334,8 @@ fn check_line(m: &[u8], w: usize, h: usize, c: f32, sn: f32, rho: f32, min_len: 
             })
         })
         .collect();
-    // Longest run, bridging gaps of up to 2 samples.
-    let (mut best, mut cur_start, mut last_on, mut gap) = ((0usize, 0usize), None::<usize>, 0usize, 0usize);
+    // Runs, bridging gaps of up to 2 samples; the longest is the ruler's.
+    let (mut runs, mut cur_start, mut last_on, mut gap) = (Vec::new(), None::<usize>, 0usize, 0usize);
     for (i, &v) in on.iter().enumerate() {
         if v {
             if cur_start.is_none() {
@@ -329,18 +346,15 @@ fn check_line(m: &[u8], w: usize, h: usize, c: f32, sn: f32, rho: f32, min_len: 
         } else if let Some(st) = cur_start {
             gap += 1;
             if gap > 2 {
-                if last_on - st > best.1 - best.0 {
-                    best = (st, last_on);
-                }
+                runs.push((st, last_on));
                 cur_start = None;
             }
         }
     }
     if let Some(st) = cur_start {
-        if last_on - st > best.1 - best.0 {
-            best = (st, last_on);
-        }
+        runs.push((st, last_on));
     }
+    let best = runs.iter().copied().max_by_key(|&(a, b)| (b - a, usize::MAX - a)).unwrap_or((0, 0));
     let run = (best.1 - best.0) as f32;
     // A ruler crosses the image: its run covers most of the line's chord through the image.
     let chord = on
@@ -389,7 +403,13 @@ fn check_line(m: &[u8], w: usize, h: usize, c: f32, sn: f32, rho: f32, min_len: 
         return None;
     }
     // Long ticks reach about twice as far as the profile band.
-    Some(Ruler { cos: c, sin: sn, rho, side, tick: 2.0 * tick, band: None })
+    // The ruler is seen where its line has long pieces (it may fade over the lesion or under
+    // the dark rim); the line is not extended past the last of them.
+    let pieces = runs.iter().filter(|&&(a, b)| (b - a) as f32 >= 0.25 * min_len);
+    let first = pieces.clone().map(|r| r.0).min().unwrap_or(best.0);
+    let last = pieces.map(|r| r.1).max().unwrap_or(best.1);
+    let (t0, t1) = (first as f32 - tmax, last as f32 - tmax);
+    Some(Ruler { cos: c, sin: sn, rho, t0, t1, side, tick: 2.0 * tick, band: None })
 }
 
 /// The largest normalised autocorrelation of `x` (mean removed) over lags in `[lo, hi]`; 0 for a
@@ -426,7 +446,8 @@ mod tests {
 
     /// Skin with a dark straight 3 px line across the image through (0, 40), slightly tilted,
     /// and, when `ticks`, perpendicular tick marks every 8 px.
-    fn scene(ticks: bool) -> (RgbImage, GrayImage) {
+    /// A ruler (with ticks or without) from outside the left border to `end` along its line.
+    fn scene(ticks: bool, end: i32) -> (RgbImage, GrayImage) {
         let (w, h) = (256u32, 200u32);
         let mut img = RgbImage::from_pixel(w, h, image::Rgb([215, 170, 150]));
         let mut truth = GrayImage::new(w, h);
@@ -438,7 +459,7 @@ mod tests {
             }
         };
         let (dx, dy) = (0.97f32, 0.2425f32);
-        for i in -20..300 {
+        for i in -20..end {
             let t = i as f32;
             for o in [-1.0f32, 0.0, 1.0] {
                 put(t * dx - o * dy, 40.0 + t * dy + o * dx);
@@ -457,14 +478,26 @@ mod tests {
     #[test]
     fn finds_a_ruler_and_ignores_a_straight_hair() {
         let cfg = HairConfig::default();
-        let (img, truth) = scene(true);
+        let (img, truth) = scene(true, 300);
         let r = detect_ruler(&img, &cfg).unwrap();
         let sc = crate::eval::pixel_scores(&r, &truth).unwrap();
         // The line is painted 3 px wide across the whole image and the ticks within reach.
         assert!(sc.recall > 0.9 && sc.precision > 0.75, "{sc:?}");
-        let (img, _) = scene(false);
+        let (img, _) = scene(false, 300);
         let r = detect_ruler(&img, &cfg).unwrap();
         assert!(r.pixels().all(|p| p.0[0] == 0), "a straight line without ticks is not a ruler");
+    }
+
+    #[test]
+    fn a_ruler_is_not_extended_past_where_it_is_seen() {
+        let cfg = HairConfig::default();
+        let (img, truth) = scene(true, 190);
+        let r = detect_ruler(&img, &cfg).unwrap();
+        let sc = crate::eval::pixel_scores(&r, &truth).unwrap();
+        assert!(sc.recall > 0.9 && sc.precision > 0.75, "{sc:?}");
+        // Its line ends near x = 184 (t = 190); beyond a tick pitch or so nothing is marked.
+        let beyond = r.enumerate_pixels().filter(|(x, _, p)| *x >= 205 && p.0[0] != 0).count();
+        assert_eq!(beyond, 0, "marked past the ruler's end");
     }
 
     #[test]
