@@ -14,6 +14,9 @@
 #
 # DERM_EXTRA (environment): more flags for derm's `train` commands (for example
 # `--color-constancy 6`), with TAG naming the variant in the run folders and the summary.
+# DERM_CLS replaces derm's classification settings (network, size, optimiser, sampling) below,
+# for example `--arch resnet18 --width 64 --size 128 --resize 146 --optimizer adam --lr 1e-4
+# --balanced --select-operating-point` (the reference's width and learning rate).
 #
 # derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
 # U-Net at 128 px (the defaults); classification ResNet-18 at width 32, 128 px, Adam 1e-3,
@@ -44,6 +47,7 @@ train_ids="$out/split/${split}_train.txt"
 val_ids="$out/split/${split}_val.txt"
 tag="${split}_${minutes}min${TAG:+_$TAG}"
 read -r -a extra <<<"${DERM_EXTRA:-}"
+read -r -a cls_flags <<<"${DERM_CLS:---arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 --balanced --select-operating-point}"
 export OMP_WAIT_POLICY=PASSIVE
 
 record() { # task framework json-file
@@ -87,8 +91,7 @@ for t in $tasks; do
         ;;
     cls-derm)
         "$derm" -q classify train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
-            --epochs 1000 --arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 \
-            --balanced --select-operating-point "${extra[@]}" --out "$dir/model" 2>"$dir/train.log"
+            --epochs 1000 "${cls_flags[@]}" "${extra[@]}" --out "$dir/model" 2>"$dir/train.log"
         "$derm" -q classify eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
             --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
         record cls derm "$dir/eval.json"

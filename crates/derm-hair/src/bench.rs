@@ -408,12 +408,28 @@ fn detect_with(d: Detector, img: &RgbImage, lesion: &GrayImage, cfg: &HairConfig
     }
 }
 
+/// Another way to fill derm's hair mask (the partial-convolution purifier, say): the painted
+/// image and the region to fill ([`crate::inpaint_region`] of derm's mask) to the cleaned image.
+pub type Filler<'a> = &'a (dyn Fn(&RgbImage, &GrayImage) -> Result<RgbImage> + Sync);
+
 /// Runs derm's hair mask and cleaning (with the lesion mask) on every image and scores them.
 pub fn run_derm(images: &[BenchImage], bench: &BenchConfig, cfg: &HairConfig, det: Detector) -> Result<Tally> {
+    Ok(run_derm_with(images, bench, cfg, det, None)?.0)
+}
+
+/// [`run_derm`], and with `fill`, the same masks filled by it, scored alike (the second tally;
+/// its mask and hair-free numbers are derm's).
+pub fn run_derm_with(
+    images: &[BenchImage],
+    bench: &BenchConfig,
+    cfg: &HairConfig,
+    det: Detector,
+    fill: Option<Filler>,
+) -> Result<(Tally, Option<Tally>)> {
     if let Some(dir) = &bench.export {
         std::fs::create_dir_all(dir).map_err(|e| derm_core::Error::invalid(format!("{}: {e}", dir.display())))?;
     }
-    let tallies: Vec<Tally> = images
+    let tallies: Vec<(Tally, Option<Tally>)> = images
         .par_iter()
         .enumerate()
         .map(|(i, b)| {
@@ -438,10 +454,22 @@ pub fn run_derm(images: &[BenchImage], bench: &BenchConfig, cfg: &HairConfig, de
             }
             let mut t = score_one(&orig, &lesion, &painted, &r.occlusion, &r.clean, &free)?;
             t.seconds = secs;
-            Ok(t)
+            let other = match fill {
+                Some(fill) => {
+                    let t0 = Instant::now();
+                    let cleaned = fill(&painted.image, &crate::inpaint_region(&r.occlusion, cfg))?;
+                    let mut o = score_one(&orig, &lesion, &painted, &r.occlusion, &cleaned, &free)?;
+                    o.seconds = t0.elapsed().as_secs_f64();
+                    Some(o)
+                }
+                None => None,
+            };
+            Ok((t, other))
         })
         .collect::<Result<_>>()?;
-    Ok(tallies.iter().fold(Tally::default(), |a, t| a.add(t)))
+    let derm = tallies.iter().fold(Tally::default(), |a, t| a.add(&t.0));
+    let other = fill.map(|_| tallies.iter().filter_map(|t| t.1.as_ref()).fold(Tally::default(), |a, t| a.add(t)));
+    Ok((derm, other))
 }
 
 /// Scores another method's outputs on an exported benchmark folder: for every `<id>_painted.png`
@@ -490,6 +518,31 @@ mod tests {
         let b: Vec<f32> = a.iter().enumerate().map(|(i, &v)| v + if i % 2 == 0 { 30.0 } else { -30.0 }).collect();
         let m = ssim_map(&a, &b, 20, 20);
         assert!(m.iter().sum::<f32>() / 400.0 < 0.9);
+    }
+
+    #[test]
+    fn another_filler_is_scored_on_derm_masks() {
+        let img = RgbImage::from_fn(96, 96, |x, y| image::Rgb([200 + (x % 5) as u8, 150 + (y % 3) as u8, 130]));
+        let lesion = GrayImage::from_fn(96, 96, |x, y| {
+            image::Luma([if (30..60).contains(&x) && (30..60).contains(&y) { 255 } else { 0 }])
+        });
+        let images = vec![BenchImage { id: "a".into(), image: img.clone(), lesion }];
+        let bench = BenchConfig { seed: 3, size: 96, paint: PaintConfig::default(), export: None };
+        let cfg = HairConfig::default();
+        // A filler that knows the original fills perfectly; one that leaves the hole does nothing.
+        let perfect = |_: &RgbImage, hole: &GrayImage| -> Result<RgbImage> {
+            assert_eq!(hole.dimensions(), (96, 96));
+            Ok(img.clone())
+        };
+        let (derm, other) = run_derm_with(&images, &bench, &cfg, Detector::Current, Some(&perfect)).unwrap();
+        let (d, o) = (derm.summary(), other.unwrap().summary());
+        assert_eq!((d.recall, d.precision), (o.recall, o.precision), "the same masks");
+        assert!(o.psnr_hair > d.psnr_hair, "{} vs {}", o.psnr_hair, d.psnr_hair);
+        let painted = make_case(&images[0], 0, &bench).2.image;
+        let nothing = move |_: &RgbImage, _: &GrayImage| -> Result<RgbImage> { Ok(painted.clone()) };
+        let (_, other) = run_derm_with(&images, &bench, &cfg, Detector::Current, Some(&nothing)).unwrap();
+        assert!((other.unwrap().summary().psnr_hair - d.psnr_hair_painted).abs() < 1e-9);
+        assert_eq!(run_derm(&images, &bench, &cfg, Detector::Current).unwrap().summary().psnr_hair, d.psnr_hair);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! such as hairs. Since issue 18 the lines run in twelve orientations and a pixel's hair score is
 //! the largest response minus the smallest: a hair is closed by the lines across it but not by the
 //! line along it, while dots, globules and a pigment network are closed along every line. So the
-//! lesion no longer vetoes hairs; it only sets its own threshold. Light hairs are found the same
+//! lesion no longer vetoes hairs; it only sets its own threshold. The black-hat is also taken on
+//! the value plane (the lightness of each pixel's largest channel), where a hair crossing a brown
+//! lesion keeps its contrast while melanin's texture loses most of its own (the larger score
+//! wins). Light hairs are found the same
 //! way with the white top-hat, pieces must be long and thin, detection runs at a working
 //! resolution chosen from the image size, and the mask is refined back to full size. Rulers (long
 //! straight lines with regular ticks) are added, and the occluded pixels are filled by inpainting
@@ -118,18 +121,23 @@ pub fn clean_mask(img: &RgbImage, occlusion: GrayImage, cfg: &HairConfig) -> Res
         return Ok(HairResult { occlusion, clean: img.clone(), masked_fraction });
     }
     let clean = if f == 1 {
-        let margin = cfg.inpaint_margin * cfg.scale(w, h);
-        if margin >= 1.0 {
-            let grown = morph::dilate_disc(occlusion.as_raw(), w as usize, h as usize, margin);
-            let grown = GrayImage::from_raw(w, h, grown).unwrap_or_else(|| occlusion.clone());
-            inpaint(img, &grown, cfg)?
-        } else {
-            inpaint(img, &occlusion, cfg)?
-        }
+        inpaint(img, &inpaint_region(&occlusion, cfg), cfg)?
     } else {
         clean_reduced(img, &occlusion, f, cfg)?
     };
     Ok(HairResult { occlusion, clean, masked_fraction })
+}
+
+/// The pixels [`clean_mask`] fills for an occlusion mask: the mask grown by
+/// `cfg.inpaint_margin` (scaled to the image), so that the faint edges of hairs are filled too.
+pub fn inpaint_region(occlusion: &GrayImage, cfg: &HairConfig) -> GrayImage {
+    let (w, h) = occlusion.dimensions();
+    let margin = cfg.inpaint_margin * cfg.scale(w, h);
+    if margin < 1.0 {
+        return occlusion.clone();
+    }
+    let grown = morph::dilate_disc(occlusion.as_raw(), w as usize, h as usize, margin);
+    GrayImage::from_raw(w, h, grown).unwrap_or_else(|| occlusion.clone())
 }
 
 /// The reduced-resolution fill of [`clean_mask`].

@@ -134,7 +134,8 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 /// 1. [`crate::oriented::line_responses`]: in `cfg.directions` orientations, the line black-hat
 ///    (and, with `cfg.light`, the white top-hat); the hair score of a pixel is the largest
 ///    response minus the smallest (a hair is closed across, not along; dots, globules and a
-///    pigment network are closed along every line);
+///    pigment network are closed along every line). With `cfg.value_plane` the black-hat is
+///    also taken on the value plane ([`crate::color::value_u8`]) and the larger score wins;
 /// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
 ///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
 ///    through pixels scoring at least `cfg.hysteresis` times that;
@@ -144,7 +145,8 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///
 /// The mask is brought back to the input's size by refining the enlarged working mask (grown by
 /// one working pixel): a full-size pixel is kept when it is darker than the enlarged closing (or
-/// lighter than the enlarged opening) by at least half the threshold. Ink marks, dilation and
+/// lighter than the enlarged opening) by at least half the threshold, and in the grown ring also
+/// by `cfg.edge_share` of the hair's score next to it. Ink marks, dilation and
 /// hole filling then run at full size.
 ///
 /// Errors for an image smaller than [`MIN_SIDE`], a lesion mask of another size, or an invalid
@@ -475,9 +477,10 @@ pub(crate) fn detect(
             }
         }
     });
-    // Crossings, forks and hairs running close together fail the coherence or width test over a
-    // few pixels; the candidates reached from what passed within half the largest width are
-    // added back.
+    // Crossings, forks, wide hairs and hairs running close together fail the coherence or width
+    // test over a few pixels. Candidates within two pixels of what passed are added back when
+    // they score at least `addback_share` of the strongest hair pixel there (the lesion's
+    // texture beside a hair scores lower than the hair), repeatedly up to the largest width.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
     let score: Vec<u8> = (0..w * h)
         .map(|i| if light[i] != 0 { r.light_max[i] - r.light_min[i] } else { r.dark_max[i] - r.dark_min[i] })

@@ -12,7 +12,9 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use derm_hair::bench::{read_isic2017, run_derm, score_dir, select_hair_free, BenchConfig, BenchSummary, Detector};
+use derm_hair::bench::{
+    read_isic2017, run_derm, run_derm_with, score_dir, select_hair_free, BenchConfig, BenchSummary, Detector,
+};
 use derm_hair::paint::PaintConfig;
 use derm_hair::HairConfig;
 use serde::Serialize;
@@ -66,6 +68,11 @@ pub struct HairEvalArgs {
     /// Score another method's outputs in this folder against `--export` instead of running derm.
     #[arg(long, requires = "export")]
     pub score: Option<PathBuf>,
+    /// A trained purifier (run or checkpoint folder, `derm purify train`): also fill derm's masks
+    /// with it and report that cleaning as `purifier` (train it on images the benchmark does not
+    /// use: `derm purify train --ids`).
+    #[arg(long)]
+    pub purifier: Option<PathBuf>,
 }
 
 /// What `summary.json` holds.
@@ -83,6 +90,8 @@ struct Summary {
     derm: Option<BenchSummary>,
     legacy: Option<BenchSummary>,
     scored: Option<BenchSummary>,
+    /// derm's masks filled by the purifier of `--purifier` (mask numbers as `derm`).
+    purifier: Option<BenchSummary>,
 }
 
 impl HairEvalArgs {
@@ -114,7 +123,20 @@ impl HairEvalArgs {
         }
         let seed = g.seed; // the global --seed: the painting's seed
         let bench = BenchConfig { seed, size: self.size, paint: PaintConfig::default(), export: self.export.clone() };
-        let derm = run_derm(&free, &bench, &cfg, Detector::Current)?.summary();
+        let purifier = match &self.purifier {
+            Some(p) => Some(derm_purify::Purifier::load(p, &g.device()?)?),
+            None => None,
+        };
+        let fill;
+        let filler: Option<derm_hair::bench::Filler> = match &purifier {
+            Some(model) => {
+                fill = |img: &image::RgbImage, hole: &image::GrayImage| derm_purify::purify_image(model, img, hole);
+                Some(&fill)
+            }
+            None => None,
+        };
+        let (derm, by_purifier) = run_derm_with(&free, &bench, &cfg, Detector::Current, filler)?;
+        let (derm, by_purifier) = (derm.summary(), by_purifier.map(|t| t.summary()));
         let legacy = if self.legacy {
             let b = BenchConfig { export: None, ..bench.clone() };
             Some(run_derm(&free, &b, &cfg, Detector::Legacy)?.summary())
@@ -133,6 +155,7 @@ impl HairEvalArgs {
             derm: Some(derm),
             legacy,
             scored: None,
+            purifier: by_purifier,
         };
         derm_core::fsutil::write_json(&self.out.join("summary.json"), &summary)?;
         if !g.quiet {
