@@ -353,10 +353,9 @@ fn bench_hair(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     // Issue 18's size goal: a 4000 x 3000 photograph, mask (with the lesion) and cleaning, in
     // under a second on 2 cores.
     let (big, lesion) = derm_hair::eval::large_benchmark_scene(4000, 3000, None);
-    let big_cfg = derm_hair::HairConfig::default();
     let large = time("hair_mask + clean 4000x3000 (derm only)", a.warmup.max(1), a.repeats.max(3), || {
-        let m = derm_hair::hair_mask(&big, Some(&lesion), &big_cfg)?;
-        derm_hair::clean_mask(&big, m, &big_cfg)?;
+        let m = derm_hair::hair_mask(&big, Some(&lesion), &full_cfg)?;
+        derm_hair::clean_mask(&big, m, &full_cfg)?;
         Ok(())
     })?;
     Ok(vec![m, full, i, large])

@@ -82,7 +82,7 @@ pub struct HairConfig {
     /// winning: on a brown lesion a hair's contrast is much larger there (BENCH.md).
     pub value_plane: bool,
     /// Crossings, forks and wide hairs are added back to the pieces that passed the shape test
-    /// from the candidates within two pixels of them, repeatedly up to half `max_width`; a
+    /// from the candidates within two pixels of them, repeatedly up to `max_width` away; a
     /// candidate is added when its score is at least this share of the largest score of a hair
     /// pixel near it (lesion texture beside a hair scores lower than the hair, a crossing hair
     /// alike).

@@ -437,10 +437,13 @@ pub(crate) fn detect(
     let mut weak = vec![0u8; w * h];
     let mut strong = vec![0u8; w * h];
     let mut light = vec![0u8; w * h];
+    // The score of a candidate: its dark score, or its light one when only that passed.
+    let mut score = vec![0u8; w * h];
     for i in 0..w * h {
         let t = if in_lesion(i) { t_in } else { t_out };
-        let d = (r.dark_max[i] - r.dark_min[i]) as f32;
-        let g = (r.light_max[i] - r.light_min[i]) as f32;
+        let (d8, g8) = (r.dark_max[i] - r.dark_min[i], r.light_max[i] - r.light_min[i]);
+        let (d, g) = (d8 as f32, g8 as f32);
+        score[i] = d8;
         if d >= t * lo {
             weak[i] = 255;
             if d >= t {
@@ -449,6 +452,7 @@ pub(crate) fn detect(
         } else if cfg.light && g >= t_light * lo {
             weak[i] = 255;
             light[i] = 255;
+            score[i] = g8;
             if g >= t_light {
                 strong[i] = 255;
             }
@@ -482,9 +486,6 @@ pub(crate) fn detect(
     // they score at least `addback_share` of the strongest hair pixel there (the lesion's
     // texture beside a hair scores lower than the hair), repeatedly up to the largest width.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
-    let score: Vec<u8> = (0..w * h)
-        .map(|i| if light[i] != 0 { r.light_max[i] - r.light_min[i] } else { r.dark_max[i] - r.dark_min[i] })
-        .collect();
     for _ in 0..steps {
         let held: Vec<u8> = lined.iter().zip(&score).map(|(&l, &d)| if l != 0 { d } else { 0 }).collect();
         let near = crate::oriented::square3(&held, w, h, true);

@@ -444,9 +444,8 @@ fn periodicity(x: &[f32], lo: usize, hi: usize) -> f32 {
 mod tests {
     use super::*;
 
-    /// Skin with a dark straight 3 px line across the image through (0, 40), slightly tilted,
-    /// and, when `ticks`, perpendicular tick marks every 8 px.
-    /// A ruler (with ticks or without) from outside the left border to `end` along its line.
+    /// Skin with a dark straight 3 px line through (0, 40), slightly tilted, from outside the
+    /// left border to `end` px along it, and, when `ticks`, perpendicular tick marks every 8 px.
     fn scene(ticks: bool, end: i32) -> (RgbImage, GrayImage) {
         let (w, h) = (256u32, 200u32);
         let mut img = RgbImage::from_pixel(w, h, image::Rgb([215, 170, 150]));
