@@ -19,9 +19,11 @@
 # --balanced --select-operating-point` (the reference's width and learning rate).
 #
 # derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
-# U-Net at 128 px (the defaults); classification ResNet-18 at width 32, 128 px, Adam 1e-3,
-# class-balanced batches, operating point chosen on derm's own validation part (10-15% of the
-# training ids). The reference is the typical PyTorch script: plain U-Net width 32 at 128 px,
+# U-Net at 128 px (the defaults, test-time flips included); classification ResNet-18 at width 32,
+# 128 px, Adam 1e-3, shuffled batches, the weights' moving average (decay 0.998), operating point
+# chosen on derm's own validation part (10-15% of the training ids). Before 2026-12-03 (second
+# session) classification used class-balanced batches and no average (`--balanced` without
+# `--ema-decay`). The reference is the typical PyTorch script: plain U-Net width 32 at 128 px,
 # Adam 1e-4; torchvision ResNet-18 (width 64) at 128 px, Adam 1e-4, plain batches. Both are
 # scored on SPLIT's validation ids with the same metrics (per-image Jaccard at the masks' size,
 # ISIC 2017's mean AUC over melanoma and seborrheic keratosis, balanced accuracy).
@@ -47,7 +49,7 @@ train_ids="$out/split/${split}_train.txt"
 val_ids="$out/split/${split}_val.txt"
 tag="${split}_${minutes}min${TAG:+_$TAG}"
 read -r -a extra <<<"${DERM_EXTRA:-}"
-read -r -a cls_flags <<<"${DERM_CLS:---arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 --balanced --select-operating-point}"
+read -r -a cls_flags <<<"${DERM_CLS:---arch resnet18 --width 32 --size 128 --resize 146 --optimizer adam --lr 1e-3 --ema-decay 0.998 --select-operating-point}"
 export OMP_WAIT_POLICY=PASSIVE
 
 record() { # task framework json-file

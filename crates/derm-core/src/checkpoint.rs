@@ -28,6 +28,9 @@ pub const META: &str = "meta.json";
 pub const OPTIM: &str = "optim.safetensors";
 /// Training state file name.
 pub const STATE: &str = "state.json";
+/// The weights being trained, when the checkpoint's weights are their running average
+/// ([`crate::ema`]): read only to resume training.
+pub const TRAINING_WEIGHTS: &str = "training_weights.safetensors";
 
 /// One input or output of a model, as recorded in `meta.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -190,6 +193,9 @@ pub struct CheckpointData<'a, C: Serialize, S: Serialize> {
     pub state: Option<&'a S>,
     /// Further optimisers by file name (a GAN's generator optimiser beside the discriminator's).
     pub extra_optimizers: &'a [(&'a str, &'a crate::optim::Optimizer)],
+    /// The weights being trained when `varmap` holds their running average
+    /// ([`TRAINING_WEIGHTS`]).
+    pub training_weights: Option<&'a VarMap>,
 }
 
 impl<'a, C: Serialize, S: Serialize> CheckpointData<'a, C, S> {
@@ -201,7 +207,15 @@ impl<'a, C: Serialize, S: Serialize> CheckpointData<'a, C, S> {
         optimizer: &'a crate::optim::Optimizer,
         state: &'a S,
     ) -> Self {
-        CheckpointData { varmap, config, meta, optimizer: Some(optimizer), state: Some(state), extra_optimizers: &[] }
+        CheckpointData {
+            varmap,
+            config,
+            meta,
+            optimizer: Some(optimizer),
+            state: Some(state),
+            extra_optimizers: &[],
+            training_weights: None,
+        }
     }
 }
 
@@ -241,6 +255,9 @@ pub fn save<C: Serialize, S: Serialize>(dir: &Path, data: &CheckpointData<'_, C,
     }
     for (name, o) in data.extra_optimizers {
         o.save(&tmp.join(name))?;
+    }
+    if let Some(vm) = data.training_weights {
+        save_varmap(vm, &tmp.join(TRAINING_WEIGHTS))?;
     }
     if let Some(s) = data.state {
         write_json(&tmp.join(STATE), s)?;
@@ -363,6 +380,7 @@ mod tests {
                 optimizer: None,
                 state: None,
                 extra_optimizers: &[],
+                training_weights: None,
             },
         )
         .unwrap();
@@ -401,6 +419,7 @@ mod tests {
             optimizer: None,
             state: None,
             extra_optimizers: &[],
+            training_weights: None,
         };
         save(&dir, &data).unwrap();
         // A second write killed half way: its temporary folder has a truncated weights file.

@@ -16,6 +16,7 @@
 //! - [`metrics`]: Jaccard (per-image, global, ISIC 2018 thresholded), Dice, pixel scores, ROC AUC
 //!   with average ranks, specificity at fixed sensitivities (ISIC 2017), confusion matrix,
 //!   balanced accuracy (ISIC 2018).
+//! - [`ema`]: an exponential moving average of the weights, evaluated and saved as the model.
 //! - [`train`]: one training loop with evaluation, best-model keeping, periodic checkpoints,
 //!   resume, a time budget, and a stop on a non-finite loss.
 //! - [`rng`]: the one seeded generator.
@@ -34,6 +35,7 @@
 pub mod binary;
 pub mod checkpoint;
 pub mod device;
+pub mod ema;
 pub mod error;
 pub mod fsutil;
 pub mod image_io;

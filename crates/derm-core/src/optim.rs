@@ -543,7 +543,11 @@ impl InplaceOp1 for MutF32<'_> {
     }
 }
 
-fn with_f32_mut(t: &Tensor, f: &mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>) -> candle_core::Result<()> {
+/// Runs `f` on the f32 values of a contiguous CPU tensor, in place.
+pub(crate) fn with_f32_mut(
+    t: &Tensor,
+    f: &mut dyn FnMut(&mut [f32]) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
     t.inplace_op1(&MutF32(RefCell::new(f)))
 }
 

@@ -85,6 +85,14 @@ pub struct TrainArgs {
     /// Fraction of the split held out for validation (by id). [config default: 0.15]
     #[arg(long)]
     pub val_fraction: Option<f64>,
+    /// Evaluate and keep an exponential moving average of the weights with this decay per step
+    /// (0.998 is a half-life of about 350 steps; 0: off). [config default: 0.998]
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Label smoothing: this share of each target spread evenly over the classes. [config
+    /// default: 0]
+    #[arg(long)]
+    pub label_smoothing: Option<f64>,
 }
 
 impl TrainArgs {
@@ -110,6 +118,8 @@ impl TrainArgs {
         }
         set(&mut c.resize, self.resize);
         set(&mut c.val_fraction, self.val_fraction);
+        set(&mut c.ema_decay, self.ema_decay);
+        set(&mut c.label_smoothing, self.label_smoothing);
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;

@@ -54,6 +54,13 @@ pub struct TrainArgs {
     /// Probability threshold of the saved model. [config default: 0.5]
     #[arg(long)]
     pub threshold: Option<f32>,
+    /// Evaluate and keep an exponential moving average of the weights with this decay per step
+    /// (0: off). [config default: 0.998]
+    #[arg(long)]
+    pub ema_decay: Option<f64>,
+    /// Whether the saved model averages the four flips at inference. [config default: true]
+    #[arg(long)]
+    pub tta: Option<bool>,
 }
 
 impl TrainArgs {
@@ -65,6 +72,8 @@ impl TrainArgs {
         set(&mut c.size, self.size);
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.threshold, self.threshold);
+        set(&mut c.ema_decay, self.ema_decay);
+        set(&mut c.test_time_flips, self.tta);
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
         }
@@ -155,13 +164,17 @@ pub struct EvalArgs {
     /// How many overlays to write with --out.
     #[arg(long, default_value_t = 8)]
     pub overlays: usize,
+    /// Average the four flips (true) or score the image alone (false), whatever the model saved.
+    #[arg(long)]
+    pub tta: Option<bool>,
 }
 
 impl EvalArgs {
     /// Scores the model.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
-        let seg = Segmenter::load(&self.model, &device)?;
+        let mut seg = Segmenter::load(&self.model, &device)?;
+        set(&mut seg.cfg.test_time_flips, self.tta);
         let data: Dataset = self.data.open(g.quiet)?;
         if data.samples.iter().all(|s| s.mask.is_none()) {
             bail!("{} split {} has no lesion masks to score against", data.name, data.split);
