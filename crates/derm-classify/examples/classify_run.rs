@@ -59,7 +59,7 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
         let _ = net.forward_t(&x, false)?.to_vec2::<f32>()?;
         inf.push(t.elapsed().as_secs_f64() * 1e3);
         let t = Instant::now();
-        train_step(&net, &mut opt, &x, &y, None, Stage::Conv1)?;
+        train_step(&net, &mut opt, &x, &y, None, 0.0, Stage::Conv1)?;
         step.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let med = |v: &mut Vec<f64>| {
@@ -107,7 +107,7 @@ fn freeze(a: &[String]) -> anyhow::Result<()> {
     for from in [Stage::Conv1, Stage::Layer4] {
         let mut opt = Optimizer::from_varmap(&vm, sgd, |n| derm_classify::model::is_trainable(n, from));
         let ms = time(&mut || {
-            train_step(&net, &mut opt, &x, &y, None, from)?;
+            train_step(&net, &mut opt, &x, &y, None, 0.0, from)?;
             Ok(())
         })?;
         rows.push((format!("train step, trainable from {from:?}"), ms));

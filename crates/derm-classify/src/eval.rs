@@ -93,19 +93,37 @@ pub fn decide(probs: &[Vec<f64>], weights: &[f64]) -> Vec<usize> {
         .collect()
 }
 
-fn balanced_accuracy(probs: &[Vec<f64>], labels: &[usize], k: usize, weights: &[f64]) -> f64 {
-    ConfusionMatrix::new(labels, &decide(probs, weights), k).balanced_accuracy()
+/// A class whose sensitivity an operating point must reach: (class index, least sensitivity).
+pub type SensitivityFloor = Option<(usize, f64)>;
+
+/// The balanced accuracy of `weights`, or, when it leaves `floor`'s class below its least
+/// sensitivity, the shortfall minus 1: any operating point meeting the floor is better, and
+/// among those below it the nearer is.
+fn objective(probs: &[Vec<f64>], labels: &[usize], k: usize, weights: &[f64], floor: SensitivityFloor) -> f64 {
+    let cm = ConfusionMatrix::new(labels, &decide(probs, weights), k);
+    let short = floor.and_then(|(c, s)| Some(cm.per_class_sensitivity().get(c).copied().flatten()? - s));
+    match short {
+        Some(d) if d < -1e-12 => d - 1.0,
+        _ => cm.balanced_accuracy(),
+    }
 }
 
 /// Per-class weights on the probabilities that maximise the balanced accuracy of `probs`
-/// against `labels` (ISIC 2018's metric; a prior correction for imbalanced classes): class 0
-/// keeps weight 1, the others are searched by coordinate ascent over 2^(-4..4) in steps of
-/// 2^(1/4), three rounds; ties keep the weight nearest 1. Returns the weights and the balanced
-/// accuracy before (all 1) and after.
-pub fn choose_decision_weights(probs: &[Vec<f64>], labels: &[usize], k: usize) -> (Vec<f64>, f64, f64) {
+/// against `labels` (ISIC 2018's metric; a prior correction for imbalanced classes), among those
+/// that keep the sensitivity of `floor`'s class at least `floor`'s value when one is given (when
+/// none does, the nearest to it): class 0 keeps weight 1, the others are searched by coordinate
+/// ascent over 2^(-4..4) in steps of 2^(1/4), three rounds; ties keep the weight nearest 1.
+/// Returns the weights and the balanced accuracy before (all 1) and after.
+pub fn choose_decision_weights(
+    probs: &[Vec<f64>],
+    labels: &[usize],
+    k: usize,
+    floor: SensitivityFloor,
+) -> (Vec<f64>, f64, f64) {
+    let balanced = |w: &[f64]| ConfusionMatrix::new(labels, &decide(probs, w), k).balanced_accuracy();
     let mut w = vec![1.0; k];
-    let before = balanced_accuracy(probs, labels, k, &w);
-    let mut best = before;
+    let before = balanced(&w);
+    let mut best = objective(probs, labels, k, &w, floor);
     let grid: Vec<f64> = (-16..=16).map(|e| 2f64.powf(e as f64 / 4.0)).collect();
     for _ in 0..3 {
         for c in 1..k {
@@ -113,7 +131,7 @@ pub fn choose_decision_weights(probs: &[Vec<f64>], labels: &[usize], k: usize) -
             for &g in &grid {
                 let mut t = w.clone();
                 t[c] = g;
-                let b = balanced_accuracy(probs, labels, k, &t);
+                let b = objective(probs, labels, k, &t, floor);
                 if b > best + 1e-12 || ((b - best).abs() <= 1e-12 && g.ln().abs() < wc.ln().abs()) {
                     best = b;
                     wc = g;
@@ -122,7 +140,8 @@ pub fn choose_decision_weights(probs: &[Vec<f64>], labels: &[usize], k: usize) -
             w[c] = wc;
         }
     }
-    (w, before, best)
+    let after = balanced(&w);
+    (w, before, after)
 }
 
 /// The classes ISIC 2017's mean AUC is taken over: melanoma and seborrheic keratosis when both
@@ -230,7 +249,7 @@ mod tests {
             labels.push(2);
         }
         assert_eq!(decide(&probs, &[]), vec![2; 90]);
-        let (w, before, after) = choose_decision_weights(&probs, &labels, 3);
+        let (w, before, after) = choose_decision_weights(&probs, &labels, 3, None);
         assert!((before - 1.0 / 3.0).abs() < 1e-9, "{before}");
         assert!(after > 0.95, "balanced accuracy {before} -> {after} with {w:?}");
         assert_eq!(w[0], 1.0);
@@ -239,6 +258,37 @@ mod tests {
         assert!((r.balanced_accuracy - after).abs() < 1e-12);
         // AUCs do not depend on the operating point.
         assert_eq!(r.auc, score(&probs, &labels, &names, None, &[]).auc);
+    }
+
+    #[test]
+    fn a_sensitivity_floor_keeps_enough_melanomas_called() {
+        // Melanomas (class 0) overlap the nevi (class 2) in their melanoma probability, so the
+        // best balanced accuracy gives some of them up.
+        let (mut probs, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..10 {
+            let p0 = 0.04 * (i + 1) as f64;
+            probs.push(vec![p0, 0.0, 1.0 - p0]);
+            labels.push(0);
+        }
+        for i in 0..30 {
+            let p0 = 0.01 * i as f64;
+            probs.push(vec![p0, 0.0, 1.0 - p0]);
+            labels.push(2);
+        }
+        for _ in 0..10 {
+            probs.push(vec![0.05, 0.9, 0.05]);
+            labels.push(1);
+        }
+        let sens0 =
+            |w: &[f64]| ConfusionMatrix::new(&labels, &decide(&probs, w), 3).per_class_sensitivity()[0].unwrap();
+        let (free, _, free_ba) = choose_decision_weights(&probs, &labels, 3, None);
+        assert!(sens0(&free) < 0.9, "the test needs a free operating point below the floor: {}", sens0(&free));
+        let (held, _, held_ba) = choose_decision_weights(&probs, &labels, 3, Some((0, 0.9)));
+        assert!(sens0(&held) >= 0.9, "{} with {held:?}", sens0(&held));
+        assert!(held_ba <= free_ba + 1e-12 && held_ba > 0.6, "{held_ba} vs {free_ba}");
+        // An unreachable floor (the grid cannot call the faintest melanoma) gives the nearest.
+        let (most, _, _) = choose_decision_weights(&probs, &labels, 3, Some((0, 1.0)));
+        assert!(sens0(&most) >= sens0(&held), "{} < {}", sens0(&most), sens0(&held));
     }
 
     fn classes() -> Vec<String> {

@@ -93,6 +93,10 @@ pub struct TrainArgs {
     /// default: 0]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
+    /// part (the best balanced accuracy among the operating points that do). [config default: 0]
+    #[arg(long)]
+    pub min_melanoma_sensitivity: Option<f64>,
 }
 
 impl TrainArgs {
@@ -120,6 +124,7 @@ impl TrainArgs {
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.label_smoothing, self.label_smoothing);
+        set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
