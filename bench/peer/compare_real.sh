@@ -21,7 +21,8 @@
 # derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
 # U-Net at 128 px (the defaults, test-time flips included); classification ResNet-18 at width 32,
 # 128 px, Adam 1e-3, shuffled batches, the weights' moving average (decay 0.998), operating point
-# chosen on derm's own validation part (10-15% of the training ids). Before 2026-12-03 (second
+# chosen on derm's own validation part (10-15% of the training ids), keeping a melanoma sensitivity
+# of at least 0.6 there (the default floor). Before 2026-12-03 (second
 # session) classification used class-balanced batches and no average (`--balanced` without
 # `--ema-decay`). The reference is the typical PyTorch script: plain U-Net width 32 at 128 px,
 # Adam 1e-4; torchvision ResNet-18 (width 64) at 128 px, Adam 1e-4, plain batches. Both are

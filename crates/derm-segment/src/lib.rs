@@ -349,6 +349,27 @@ impl SegmentTask {
         }
         Ok(sum / n.max(1) as f64)
     }
+
+    /// Mean per-image Jaccard on the validation part under the current weights, at the working
+    /// size.
+    fn val_jaccard(&self) -> Result<f64> {
+        let s = self.seg.cfg.size;
+        let mut scores = SegmentationScores::default();
+        let idx: Vec<usize> = (0..self.val.len()).collect();
+        for chunk in idx.chunks(self.seg.cfg.batch_size.max(1)) {
+            let items = self.val.load_items(chunk, Some((s, s)), &self.cache)?;
+            let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
+            let probs = self.seg.probabilities_with(&imgs, false)?.to_device(&Device::Cpu)?;
+            for (k, it) in items.iter().enumerate() {
+                let v = probs.get(k)?.flatten_all()?.to_vec1::<f32>()?;
+                let p = self.seg.postprocess(&v, s, s);
+                if let Some(m) = &it.mask {
+                    scores.add(it.id.clone(), p.mask.as_raw(), m.as_raw());
+                }
+            }
+        }
+        Ok(scores.summary().jaccard_mean)
+    }
 }
 
 impl Task for SegmentTask {
@@ -404,29 +425,6 @@ impl Task for SegmentTask {
     fn check_resumable(&self, dir: &Path) -> Result<()> {
         let cfg = &self.seg.cfg;
         train::check_saved(dir, |s: &SegmentConfig| s.model == cfg.model && s.size == cfg.size, "model shape or size")
-    }
-}
-
-impl SegmentTask {
-    /// Mean per-image Jaccard on the validation part under the current weights, at the working
-    /// size.
-    fn val_jaccard(&self) -> Result<f64> {
-        let s = self.seg.cfg.size;
-        let mut scores = SegmentationScores::default();
-        let idx: Vec<usize> = (0..self.val.len()).collect();
-        for chunk in idx.chunks(self.seg.cfg.batch_size.max(1)) {
-            let items = self.val.load_items(chunk, Some((s, s)), &self.cache)?;
-            let imgs: Vec<&RgbImage> = items.iter().map(|i| &i.image).collect();
-            let probs = self.seg.probabilities_with(&imgs, false)?.to_device(&Device::Cpu)?;
-            for (k, it) in items.iter().enumerate() {
-                let v = probs.get(k)?.flatten_all()?.to_vec1::<f32>()?;
-                let p = self.seg.postprocess(&v, s, s);
-                if let Some(m) = &it.mask {
-                    scores.add(it.id.clone(), p.mask.as_raw(), m.as_raw());
-                }
-            }
-        }
-        Ok(scores.summary().jaccard_mean)
     }
 }
 

@@ -94,7 +94,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub label_smoothing: Option<f64>,
     /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
-    /// part (the best balanced accuracy among the operating points that do). [config default: 0]
+    /// part (the best balanced accuracy among the operating points that do; 0: no floor).
+    /// [config default: 0.6]
     #[arg(long)]
     pub min_melanoma_sensitivity: Option<f64>,
 }
