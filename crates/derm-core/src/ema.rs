@@ -40,7 +40,7 @@ impl WeightAverage {
             return Err(Error::invalid(format!("weight average decay {decay} is not in (0, 1)")));
         }
         let (vars, fixed): (Vec<_>, Vec<_>) = checkpoint::sorted_vars(vm).into_iter().partition(|(n, _)| averaged(n));
-        let avg = vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        let avg = copies(&vars)?;
         Ok(WeightAverage { decay, vars, avg, fixed, updates: 0 })
     }
 
@@ -96,27 +96,26 @@ impl WeightAverage {
     }
 
     /// After [`checkpoint::restore_training`] loaded a checkpoint's weights (the averages) into
-    /// the model: takes them as the average and loads the weights being trained from
-    /// `<dir>/training_weights.safetensors` into the model. A checkpoint written without an
-    /// average (no such file) continues with the average started at its weights. `updates` is
-    /// the number of updates the saved average had (the optimiser's step count).
-    pub fn restore(&mut self, dir: &Path, updates: usize) -> Result<()> {
+    /// the model `vm` (the one the average was made of): takes them as the average and loads
+    /// the weights being trained from `<dir>/training_weights.safetensors` into the model. A
+    /// checkpoint written without an average (no such file) continues with the average started
+    /// at its weights. `updates` is the number of updates the saved average had (the
+    /// optimiser's step count).
+    pub fn restore(&mut self, dir: &Path, vm: &VarMap, updates: usize) -> Result<()> {
         let dir = checkpoint::resolve(dir)?;
-        self.avg = self.vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
-        let vm = VarMap::new();
-        {
-            let mut data = vm.data().lock().map_err(|_| Error::invalid("weight average: poisoned lock"))?;
-            for (name, v) in self.vars.iter().chain(&self.fixed) {
-                data.insert(name.clone(), v.clone());
-            }
-        }
+        self.avg = copies(&self.vars)?;
         let raw = dir.join(checkpoint::TRAINING_WEIGHTS);
         if raw.exists() {
-            checkpoint::load_varmap(&vm, &raw, Strictness::Exact, |_| false)?;
+            checkpoint::load_varmap(vm, &raw, Strictness::Exact, |_| false)?;
         }
         self.updates = updates;
         Ok(())
     }
+}
+
+/// Copies of the variables' current values.
+fn copies(vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+    Ok(vars.iter().map(|(_, v)| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?)
 }
 
 /// On the host path (CPU f32, contiguous) `avg = d * avg + (1 - d) * w` in one parallel pass
@@ -178,7 +177,7 @@ pub fn restore_training(
 ) -> Result<std::path::PathBuf> {
     let dir = checkpoint::restore_training(dir, varmap, optimizer)?;
     if let Some(e) = ema {
-        e.restore(&dir, optimizer.steps())?;
+        e.restore(&dir, varmap, optimizer.steps())?;
     }
     Ok(dir)
 }
@@ -246,7 +245,7 @@ mod tests {
         let (vm2, var2) = one_var(0.0);
         let mut ema2 = WeightAverage::new(&vm2, 0.5, |_| true).unwrap();
         checkpoint::load_varmap(&vm2, &dir.join(checkpoint::WEIGHTS), Strictness::Exact, |_| false).unwrap();
-        ema2.restore(&dir, 1).unwrap();
+        ema2.restore(&dir, &vm2, 1).unwrap();
         assert_eq!(values(var2.as_tensor()), vec![3.0, 3.0], "the trained weights are resumed");
         ema2.swap().unwrap();
         assert!((values(var2.as_tensor())[0] - 2.8).abs() < 1e-5, "the average is resumed");
