@@ -10,13 +10,19 @@
 #            log and JSON, and OUT/summary.json (every run's scores, one object per line)
 #   MINUTES  training minutes of every run (default 10); scoring is not counted
 #   SPLIT    shift (default: the highest 20% of ISIC ids held out, a collection shift) or random
-#   TASKS    any of seg-derm, seg-torch, cls-derm, cls-torch (default: all four, in that order)
+#   TASKS    any of seg-derm, seg-torch, seg-masks, cls-derm, cls-torch (default: seg-derm,
+#            seg-torch, cls-derm, cls-torch, in that order). seg-masks writes the lesion masks of
+#            the validation ids predicted by this split's and TAG's seg-derm model into its run
+#            folder's val_masks/ (for classifiers trained with --lesion-crop).
 #
 # DERM_EXTRA (environment): more flags for derm's `train` commands (for example
 # `--color-constancy 6`), with TAG naming the variant in the run folders and the summary.
 # DERM_CLS replaces derm's classification settings (network, size, optimiser, sampling) below,
 # for example `--arch resnet18 --width 64 --size 128 --resize 146 --optimizer adam --lr 1e-4
 # --balanced --select-operating-point` (the reference's width and learning rate).
+# LESION_MASKS (environment): a folder of <id>_segmentation.png (seg-masks writes one) from which
+# derm's classification evaluation cuts lesion windows, for a model trained with --lesion-crop
+# (without it, the data set's ground-truth masks are used).
 #
 # derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
 # U-Net at 128 px (the defaults, test-time flips included); classification ResNet-18 at width 32,
@@ -87,6 +93,19 @@ for t in $tasks; do
             --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
         record seg derm "$dir/eval.json"
         ;;
+    seg-masks)
+        seg_dir="$out/seg-derm-$tag"
+        [ -d "$seg_dir/model" ] || { echo "compare_real.sh: no $seg_dir/model (run seg-derm with this TAG first)" >&2; exit 1; }
+        mkdir -p "$dir/images"
+        while read -r id; do
+            [ -n "$id" ] && ln -sf "$data/ISIC-2017_Training_Data/$id.jpg" "$dir/images/$id.jpg"
+        done <"$val_ids"
+        "$derm" -q segment predict --model "$seg_dir/model" --input "$dir/images" --out "$seg_dir/val_masks" \
+            2>"$seg_dir/val_masks_predict.log"
+        rm -r "$dir"
+        echo "lesion masks of $(grep -c . "$val_ids") validation ids in $seg_dir/val_masks" >&2
+        continue
+        ;;
     seg-torch)
         "$py" "$ref" seg --data "$data" --train-ids "$train_ids" --val-ids "$val_ids" --minutes "$minutes" \
             --threads 2 >"$dir/result.json" 2>"$dir/train.log"
@@ -96,7 +115,7 @@ for t in $tasks; do
         "$derm" -q classify train --root "$data" --manifest isic2017 --ids "$train_ids" --minutes "$minutes" \
             --epochs 1000 "${cls_flags[@]}" "${extra[@]}" --out "$dir/model" 2>"$dir/train.log"
         "$derm" -q classify eval --model "$dir/model" --root "$data" --manifest isic2017 --ids "$val_ids" \
-            --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
+            ${LESION_MASKS:+--lesion-masks "$LESION_MASKS"} --json --out "$dir/eval" >"$dir/eval.json" 2>"$dir/eval.log"
         record cls derm "$dir/eval.json"
         ;;
     cls-torch)

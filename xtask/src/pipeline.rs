@@ -936,6 +936,10 @@ fn synth_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
 }
 
 /// Classification: four variants, each scored with test-time purification off and on.
+/// The margin of the classifiers' lesion windows (`classify train --lesion-crop`): a fifth of the
+/// lesion's size on each side, so the border and the skin around it stay in view.
+const LESION_CROP_MARGIN: f64 = 0.2;
+
 fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
     let (budget, train, test) = (&c.budget, &c.train, &c.test);
     let variants: [(&str, bool, bool); 4] =
@@ -969,6 +973,12 @@ fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             s("--ema-decay"),
             s(0.998),
             s("--select-operating-point"),
+            // Lesion windows cut with the segmenter's masks, in training as at test: on real
+            // ISIC images they ranked better than whole images (BENCHMARKS.md).
+            s("--lesion-crop"),
+            s(LESION_CROP_MARGIN),
+            s("--lesion-masks"),
+            run.p("segment/train_masks"),
             s("--out"),
             model.clone(),
         ];
@@ -987,6 +997,8 @@ fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
                 model.clone(),
                 s("--root"),
                 test.clone(),
+                s("--lesion-masks"),
+                run.p("segment/test_masks"),
                 s("--json"),
                 s("--out"),
                 run.p(&format!("classify/{name}/eval_{tag}")),
@@ -997,7 +1009,7 @@ fn classify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
             cls_cmds.push(e);
         }
     }
-    run.stage("classify", &["purify", "synth"], cls_cmds, |r, c| {
+    run.stage("classify", &["segment", "purify", "synth"], cls_cmds, |r, c| {
         let outs = run_all(r, c)?;
         let mut m = ClassifyMetrics::new();
         for (i, (name, _, _)) in variants.iter().enumerate() {
@@ -1029,13 +1041,14 @@ fn vbp_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
                 s("--out"),
                 run.p(&format!("vbp/{name}")),
             ];
-            if has_masks {
-                v.extend([s("--lesion-masks"), format!("{test}/masks")]);
-            }
+            // The classifiers read lesion windows: VBP shows them the window of the true lesion
+            // mask where the test set has one, else of the segmenter's.
+            let masks = if has_masks { format!("{test}/masks") } else { run.p("segment/test_masks") };
+            v.extend([s("--lesion-masks"), masks]);
             v
         })
         .collect();
-    run.stage("vbp", &["classify"], vbp_cmds, |r, c| {
+    run.stage("vbp", &["segment", "classify"], vbp_cmds, |r, c| {
         let outs = run_all(r, c)?;
         Ok(VbpMetrics { baseline: parse_typed(&outs[0])?, both: parse_typed(&outs[1])? })
     })?;

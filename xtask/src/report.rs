@@ -313,6 +313,8 @@ mod tests {
             data: derm_classify::eval::DataRef { name: "ph2".into(), split: "test".into(), root: "r".into() },
             tta: false,
             purified_input: None,
+            lesion_windows: false,
+            lesion_masks: None,
             report,
         }
     }

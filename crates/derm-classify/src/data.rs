@@ -1,6 +1,6 @@
 //! The classifier's data: extra training sources (purified and synthetic images), a cache of
-//! images scaled to the working short side, and the crops and flips of training, evaluation and
-//! test-time augmentation.
+//! images scaled to the working short side, lesion-centred windows cut with a lesion mask, and
+//! the crops and flips of training, evaluation and test-time augmentation.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use derm_core::image_io::{self, Crop};
 use derm_core::{Error, Result, Rng};
 use derm_data::augment::{AugmentConfig, Geometry, Jitter};
 use derm_data::dataset::{Dataset, Sample};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
 
 /// Extra training images beside the data set's originals.
@@ -39,7 +39,8 @@ pub fn add_sources(train: &mut Dataset, src: &ExtraSources) -> Result<(usize, us
                 added.push(Sample {
                     id: format!("{}_purified", s.id),
                     image: p,
-                    mask: None,
+                    // The purified image has its original's geometry, so its lesion mask.
+                    mask: s.mask.clone(),
                     label: s.label,
                     group: s.group.clone(),
                     extras: Default::default(),
@@ -87,33 +88,41 @@ pub fn add_sources(train: &mut Dataset, src: &ExtraSources) -> Result<(usize, us
     Ok((n_purified, n_synth))
 }
 
-/// Decoded images scaled so their short side is `short`, kept up to a byte budget.
+/// Decoded images scaled so their short side is `short`, kept up to a byte budget; with a
+/// lesion margin, each image is first cut to the window around its lesion ([`lesion_window`]).
 #[derive(Debug)]
 pub struct ScaledCache {
     short: u32,
     max_bytes: usize,
+    lesion_margin: Option<f64>,
     inner: Mutex<(HashMap<PathBuf, Arc<RgbImage>>, usize)>,
 }
 
 impl ScaledCache {
-    /// A cache for short side `short` holding up to `max_bytes` of pixels.
-    pub fn new(short: u32, max_bytes: usize) -> Self {
-        ScaledCache { short, max_bytes, inner: Mutex::new((HashMap::new(), 0)) }
+    /// A cache for short side `short` holding up to `max_bytes` of pixels, of whole images
+    /// (`lesion_margin` `None`) or of lesion windows with that margin.
+    pub fn new(short: u32, max_bytes: usize, lesion_margin: Option<f64>) -> Self {
+        ScaledCache { short, max_bytes, lesion_margin, inner: Mutex::new((HashMap::new(), 0)) }
     }
 
-    /// The image at `path`, scaled.
-    pub fn get(&self, path: &Path) -> Result<Arc<RgbImage>> {
+    /// A sample's image: cut to its lesion window when the cache has a margin and the sample a
+    /// mask (a sample without one, such as a synthetic image, is read whole), then scaled.
+    pub fn get(&self, sample: &Sample) -> Result<Arc<RgbImage>> {
         if let Ok(g) = self.inner.lock() {
-            if let Some(img) = g.0.get(path) {
+            if let Some(img) = g.0.get(&sample.image) {
                 return Ok(img.clone());
             }
         }
-        let img = Arc::new(scale_short(&image_io::load_rgb(path)?, self.short));
+        let mut img = image_io::load_rgb(&sample.image)?;
+        if let (Some(m), Some(mask)) = (self.lesion_margin, &sample.mask) {
+            img = lesion_crop(&img, &sample.image, mask, m)?;
+        }
+        let img = Arc::new(scale_short(&img, self.short));
         if let Ok(mut g) = self.inner.lock() {
             let bytes = img.as_raw().len();
             if g.1 + bytes <= self.max_bytes {
                 g.1 += bytes;
-                g.0.insert(path.to_path_buf(), img.clone());
+                g.0.insert(sample.image.clone(), img.clone());
             }
         }
         Ok(img)
@@ -128,9 +137,64 @@ impl ScaledCache {
                     .samples
                     .get(i)
                     .ok_or_else(|| Error::invalid(format!("sample {i} of {} samples", data.len())))?;
-                self.get(&s.image)
+                self.get(s)
             })
             .collect()
+    }
+}
+
+/// The window lesion-centred classification reads: the bounding box of the mask's foreground,
+/// its longer side widened by `margin` of itself on each side (and at least a quarter of the
+/// image's short side, so a speck does not become the whole view), centred on the box and moved
+/// inside the image. A side longer than the image's is cut to the image's, so the window is
+/// square unless the lesion spans the short side. `None` when the mask is empty.
+pub fn lesion_window(mask: &GrayImage, margin: f64) -> Option<Crop> {
+    let (w, h) = mask.dimensions();
+    let (mut x0, mut y0, mut x1, mut y1) = (u32::MAX, u32::MAX, 0u32, 0u32);
+    for (x, y, p) in mask.enumerate_pixels() {
+        if p[0] >= 128 {
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+    }
+    if x0 == u32::MAX {
+        return None;
+    }
+    let long = (x1 - x0 + 1).max(y1 - y0 + 1) as f64;
+    let side = (long * (1.0 + 2.0 * margin.max(0.0))).max(w.min(h) as f64 / 4.0).round() as u32;
+    let (cw, ch) = (side.clamp(1, w), side.clamp(1, h));
+    // Centred on the box (twice the centre keeps it in integers), then moved inside.
+    let place = |lo: u32, hi: u32, len: u32, full: u32| ((lo + hi + 1).saturating_sub(len) / 2).min(full - len);
+    Some(Crop { x: place(x0, x1, cw, w), y: place(y0, y1, ch, h), w: cw, h: ch })
+}
+
+/// `img` (read from `origin`) cut to the lesion window of the mask at `mask_path`, which must
+/// have the image's size. An empty mask (no lesion found) leaves the image whole, with a warning.
+pub fn lesion_crop(img: &RgbImage, origin: &Path, mask_path: &Path, margin: f64) -> Result<RgbImage> {
+    let mask = image_io::load_mask(mask_path, Some(img.dimensions()))?;
+    Ok(match lesion_window(&mask, margin) {
+        Some(c) => c.apply(img),
+        None => {
+            tracing::warn!(image = %origin.display(), mask = %mask_path.display(), "empty lesion mask: the whole image is classified");
+            img.clone()
+        }
+    })
+}
+
+/// Checks that every sample of `data` has a lesion mask, as lesion-centred classification needs;
+/// the error names how many lack one and the first of them.
+pub fn require_masks(data: &Dataset, what: &str) -> Result<()> {
+    let missing: Vec<&Sample> = data.samples.iter().filter(|s| s.mask.is_none()).collect();
+    match missing.first() {
+        None => Ok(()),
+        Some(s) => Err(Error::invalid(format!(
+            "{what}: the model classifies lesion windows, but {} of {} images of {} have no lesion mask (first: {}, {}); \
+             give a data set with masks or a folder of <id>_segmentation.png (`derm segment predict` writes them)",
+            missing.len(),
+            data.len(),
+            data.name,
+            s.id,
+            s.image.display()
+        ))),
     }
 }
 
@@ -210,6 +274,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("empty") && e.contains("_purified.png"), "{e}");
+    }
+
+    fn boxed(w: u32, h: u32, x: std::ops::RangeInclusive<u32>, y: std::ops::RangeInclusive<u32>) -> GrayImage {
+        GrayImage::from_fn(w, h, |px, py| image::Luma([if x.contains(&px) && y.contains(&py) { 255 } else { 0 }]))
+    }
+
+    #[test]
+    fn the_lesion_window_is_the_widened_square_around_the_mask_inside_the_image() {
+        // A 10 x 10 lesion widened by half its side each way: a 20 x 20 window on its centre.
+        assert_eq!(lesion_window(&boxed(100, 60, 40..=49, 20..=29), 0.5), Some(Crop { x: 35, y: 15, w: 20, h: 20 }));
+        // Near a corner the window moves inside the image instead of shrinking.
+        assert_eq!(lesion_window(&boxed(100, 60, 95..=99, 0..=9), 1.0), Some(Crop { x: 70, y: 0, w: 30, h: 30 }));
+        // A lesion across the image: the window is cut to the image's short side.
+        assert_eq!(lesion_window(&boxed(100, 60, 0..=99, 10..=49), 0.1), Some(Crop { x: 0, y: 0, w: 100, h: 60 }));
+        // A one-pixel speck gets a quarter of the short side, not a one-pixel view.
+        assert_eq!(lesion_window(&boxed(100, 60, 50..=50, 30..=30), 0.0), Some(Crop { x: 43, y: 23, w: 15, h: 15 }));
+        assert_eq!(lesion_window(&GrayImage::new(100, 60), 0.2), None);
+    }
+
+    #[test]
+    fn lesion_crops_need_a_mask_of_the_images_size() {
+        let d = tempfile::tempdir().unwrap();
+        let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
+        let (ip, mp, bad) = (d.path().join("a.png"), d.path().join("a_mask.png"), d.path().join("b_mask.png"));
+        img.save(&ip).unwrap();
+        boxed(40, 30, 10..=19, 5..=14).save(&mp).unwrap();
+        boxed(30, 30, 10..=19, 5..=14).save(&bad).unwrap();
+        let c = lesion_crop(&img, &ip, &mp, 0.25).unwrap();
+        assert_eq!(c, Crop { x: 7, y: 2, w: 15, h: 15 }.apply(&img));
+        let e = lesion_crop(&img, &ip, &bad, 0.25).unwrap_err().to_string();
+        assert!(e.contains("b_mask.png") && e.contains("30x30") && e.contains("40x30"), "{e}");
+        // The cache cuts the window before scaling; a sample without a mask is read whole.
+        let s = Sample {
+            id: "a".into(),
+            image: ip.clone(),
+            mask: Some(mp),
+            label: Some(0),
+            group: None,
+            extras: Default::default(),
+        };
+        let cache = ScaledCache::new(30, 1 << 20, Some(0.25));
+        assert_eq!(*cache.get(&s).unwrap(), scale_short(&c, 30));
+        let whole = Sample { mask: None, image: d.path().join("a.png"), ..s.clone() };
+        assert_eq!(ScaledCache::new(30, 0, Some(0.25)).get(&whole).unwrap().dimensions(), (40, 30));
+        let data = Dataset {
+            name: "t".into(),
+            split: "train".into(),
+            root: d.path().into(),
+            classes: vec!["x".into()],
+            melanoma_class: None,
+            samples: vec![s, Sample { id: "b".into(), ..whole }],
+        };
+        let e = require_masks(&data, "check").unwrap_err().to_string();
+        assert!(e.contains("1 of 2") && e.contains("first: b"), "{e}");
     }
 
     #[test]

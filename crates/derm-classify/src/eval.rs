@@ -72,6 +72,13 @@ pub struct EvalSummary {
     pub tta: bool,
     /// The folder of purified images classified instead of the originals, if any.
     pub purified_input: Option<std::path::PathBuf>,
+    /// Whether the model read lesion windows ([`crate::ClassifyConfig::lesion_crop_margin`]).
+    #[serde(default)]
+    pub lesion_windows: bool,
+    /// The folder of lesion masks the windows were cut with (`None` with windows: the data
+    /// set's own masks).
+    #[serde(default)]
+    pub lesion_masks: Option<std::path::PathBuf>,
     /// The scores.
     pub report: ClassificationReport,
 }

@@ -45,7 +45,7 @@ use derm_core::{Error, Result, Rng};
 use derm_data::augment::AugmentConfig;
 use derm_data::dataset::Dataset;
 use derm_data::sampler::{BalancedSampler, Sampler, ShuffleSampler};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 pub use data::ExtraSources;
@@ -117,6 +117,12 @@ pub struct ClassifyConfig {
     pub ema_decay: f64,
     /// Label smoothing: the target puts this share of its mass evenly on all classes (0: off).
     pub label_smoothing: f64,
+    /// Lesion-centred classification: each image is cut to the square around its lesion mask's
+    /// bounding box, widened by this share of the box's longer side on each side
+    /// ([`data::lesion_window`]), before scaling and cropping; `None`: whole images. Training reads
+    /// the data set's masks; evaluation and prediction need a lesion mask for every image (the
+    /// segmenter's). Synthetic training images are read whole.
+    pub lesion_crop_margin: Option<f64>,
 }
 
 impl Default for ClassifyConfig {
@@ -156,6 +162,7 @@ impl Default for ClassifyConfig {
             cache_bytes: 1 << 30,
             ema_decay: 0.998,
             label_smoothing: 0.0,
+            lesion_crop_margin: None,
         }
     }
 }
@@ -187,6 +194,9 @@ impl ClassifyConfig {
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return Err(Error::invalid(format!("classify: label_smoothing {} is not in [0, 1)", self.label_smoothing)));
         }
+        if let Some(m) = self.lesion_crop_margin.filter(|m| !(0.0..=2.0).contains(m)) {
+            return Err(Error::invalid(format!("classify: lesion_crop_margin {m} is not in [0, 2]")));
+        }
         if !self.classes.is_empty() && self.classes.len() != self.model.num_classes {
             return Err(Error::invalid(format!(
                 "classify: {} class names but the model has {} outputs",
@@ -216,8 +226,15 @@ fn meta(cfg: &ClassifyConfig) -> Meta {
         dtype: "f32".into(),
         range: None,
         description: format!(
-            "RGB, short side scaled to {} then centre-cropped to {}, normalised with mean {:?} std {:?}",
-            cfg.resize, cfg.input_size, n.mean, n.std
+            "RGB{}, short side scaled to {} then centre-cropped to {}, normalised with mean {:?} std {:?}",
+            match cfg.lesion_crop_margin {
+                Some(m) => format!(" cut to the lesion mask's bounding square widened by {m} of its side"),
+                None => String::new(),
+            },
+            cfg.resize,
+            cfg.input_size,
+            n.mean,
+            n.std
         ),
     });
     m.outputs.push(TensorSpec {
@@ -290,6 +307,32 @@ impl Classifier {
     /// The evaluation view of an image of any size (short side to `resize`, centre crop).
     pub fn view(&self, img: &RgbImage) -> RgbImage {
         data::center_view(img, self.cfg.resize, self.cfg.input_size)
+    }
+
+    /// The evaluation view of an image with its lesion mask (0/255, the image's size): for a
+    /// model trained on lesion windows ([`ClassifyConfig::lesion_crop_margin`]) the window around
+    /// the lesion, otherwise the whole image, then [`Classifier::view`]. An empty mask leaves
+    /// the image whole.
+    pub fn lesion_view(&self, img: &RgbImage, mask: &GrayImage) -> Result<RgbImage> {
+        if mask.dimensions() != img.dimensions() {
+            return Err(Error::invalid(format!(
+                "lesion mask is {}x{} but the image is {}x{}",
+                mask.width(),
+                mask.height(),
+                img.width(),
+                img.height()
+            )));
+        }
+        Ok(match self.lesion_window(mask) {
+            Some(c) => self.view(&c.apply(img)),
+            None => self.view(img),
+        })
+    }
+
+    /// The window this model cuts around the lesion of `mask` (`None` for a model of whole
+    /// images, or an empty mask).
+    pub fn lesion_window(&self, mask: &GrayImage) -> Option<image_io::Crop> {
+        self.cfg.lesion_crop_margin.and_then(|m| data::lesion_window(mask, m))
     }
 
     /// Logits (N, K) of views already at `input_size`, batch norm in eval mode.
@@ -372,14 +415,25 @@ pub fn evaluate(
     if labelled.is_empty() {
         return Err(Error::invalid(format!("{} split {}: no labelled image to score", data.name, data.split)));
     }
-    let cache = data::ScaledCache::new(clf.cfg.resize, 0);
+    let margin = clf.cfg.lesion_crop_margin;
+    if margin.is_some() {
+        data::require_masks(data, "classify eval")?;
+    }
+    let cache = data::ScaledCache::new(clf.cfg.resize, 0, margin);
     let (mut ids, mut labels, mut probs) = (Vec::new(), Vec::new(), Vec::new());
     for chunk in labelled.chunks(clf.cfg.batch_size.max(1)) {
         let views: Vec<RgbImage> = match preprocess {
-            // The preprocessing step sees each image at its own size.
+            // The preprocessing step sees each image at its own size, before the lesion window.
             Some(f) => chunk
                 .iter()
-                .map(|&i| Ok(clf.view(&f(&image_io::load_rgb(&data.samples[i].image)?)?)))
+                .map(|&i| {
+                    let s = &data.samples[i];
+                    let img = f(&image_io::load_rgb(&s.image)?)?;
+                    Ok(match (margin, &s.mask) {
+                        (Some(m), Some(mask)) => clf.view(&data::lesion_crop(&img, &s.image, mask, m)?),
+                        _ => clf.view(&img),
+                    })
+                })
                 .collect::<Result<_>>()?,
             None => cache.load(data, chunk)?.iter().map(|img| clf.view(img)).collect(),
         };
@@ -480,6 +534,9 @@ impl ClassifyTask {
             return Err(Error::invalid(format!("{} split {}: no sample has a class label", data.name, data.split)));
         }
         let (mut train, val) = labelled.split_by_id(cfg.val_fraction, cfg.train.seed);
+        if cfg.lesion_crop_margin.is_some() {
+            data::require_masks(&labelled, "classify train")?;
+        }
         let (np, ns) = data::add_sources(&mut train, extra)?;
         if train.len() < cfg.batch_size {
             return Err(Error::invalid(format!(
@@ -516,7 +573,7 @@ impl ClassifyTask {
             true => Some(WeightAverage::new(&clf.varmap, cfg.ema_decay, |n| model::is_trainable(n, from))?),
             false => None,
         };
-        let cache = data::ScaledCache::new(cfg.resize, cfg.cache_bytes);
+        let cache = data::ScaledCache::new(cfg.resize, cfg.cache_bytes, cfg.lesion_crop_margin);
         Ok(ClassifyTask {
             clf,
             opt,
@@ -820,6 +877,37 @@ mod tests {
         for s in steps {
             assert!(s.loss.to_scalar::<f32>().unwrap().is_finite());
         }
+    }
+
+    #[test]
+    fn lesion_windows_are_what_training_evaluation_and_views_read() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 16, 64);
+        let cfg = ClassifyConfig {
+            lesion_crop_margin: Some(0.1),
+            train: LoopConfig { max_steps: Some(2), ..tiny_cfg().train },
+            ..tiny_cfg()
+        };
+        let mut task = ClassifyTask::new(cfg, &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        // The cache holds each training image cut to its lesion window, then scaled.
+        let s = task.train.samples[0].clone();
+        let img = image_io::load_rgb(&s.image).unwrap();
+        let mask = image_io::load_mask(s.mask.as_ref().unwrap(), None).unwrap();
+        let win = data::lesion_window(&mask, 0.1).unwrap();
+        assert!(win.w < 64, "the phantom's lesion fills the image: the test would not see the window");
+        assert_eq!(*task.cache.get(&s).unwrap(), data::scale_short(&win.apply(&img), 56));
+        task.train_batch(0, 0, &mut Rng::new(0)).unwrap();
+        // Views: the window with a mask; a mask of another size is an error.
+        let clf = task.classifier();
+        assert_eq!(clf.lesion_view(&img, &mask).unwrap(), clf.view(&win.apply(&img)));
+        assert!(clf.lesion_view(&img, &GrayImage::new(10, 10)).unwrap_err().to_string().contains("10x10"));
+        // Evaluation reads windows too, and needs a mask for every image.
+        let e = evaluate(clf, &data, None, false, &mut |_| {}).unwrap();
+        assert_eq!(e.ids.len(), 16);
+        let mut unmasked = data.clone();
+        unmasked.samples[3].mask = None;
+        let err = evaluate(clf, &unmasked, None, false, &mut |_| {}).unwrap_err().to_string();
+        assert!(err.contains("no lesion mask") && err.contains(&unmasked.samples[3].id), "{err}");
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub struct TrainArgs {
     /// [config default: 0.6]
     #[arg(long)]
     pub min_melanoma_sensitivity: Option<f64>,
+    /// Classify lesion windows: cut each image to the square around its lesion mask (the data
+    /// set's masks in training), widened by this share of the lesion's size on each side. `eval`
+    /// and `predict` then need lesion masks (--lesion-masks, from `derm segment predict`).
+    /// [config default: off]
+    #[arg(long, value_name = "MARGIN")]
+    pub lesion_crop: Option<f64>,
+    /// With --lesion-crop: read each training image's lesion mask from this folder
+    /// (<id>_segmentation.png, as `derm segment predict` writes) instead of the data set's.
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -126,6 +136,7 @@ impl TrainArgs {
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.label_smoothing, self.label_smoothing);
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
+        set_some(&mut c.lesion_crop_margin, self.lesion_crop);
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
@@ -154,7 +165,10 @@ impl TrainArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
         let device = g.device()?;
-        let data = self.data.open(g.quiet)?;
+        let mut data = self.data.open(g.quiet)?;
+        if let Some(dir) = &self.lesion_masks {
+            data = with_lesion_masks(data, dir)?;
+        }
         let extra = ExtraSources { purified: self.purified.clone(), synthetic: self.synthetic.clone() };
         let mut progress = StageProgress::new("classify", g.quiet);
         let (mut task, state) =
@@ -202,6 +216,10 @@ pub struct PredictArgs {
     /// Average the probabilities over the four flips.
     #[arg(long)]
     pub tta: bool,
+    /// A folder of lesion masks, <id>_segmentation.png (as `derm segment predict` writes), for
+    /// a model trained on lesion windows (`train --lesion-crop`).
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -214,12 +232,28 @@ impl PredictArgs {
         let clf = Classifier::load(&self.model, &device)?;
         let classes = clf.class_names();
         let files = collect_images(&self.input)?;
+        if clf.cfg.lesion_crop_margin.is_some() && self.lesion_masks.is_none() {
+            bail!(
+                "{} classifies lesion windows: give --lesion-masks DIR with <id>_segmentation.png for every image \
+                 (`derm segment predict` writes them)",
+                self.model.display()
+            );
+        }
         let pb = crate::progress::bar(files.len() as u64, "classify", g.quiet || self.json);
         let mut rows = Vec::with_capacity(files.len());
         for f in &files {
             let img = image_io::load_rgb(f)?;
-            let p = clf.probabilities(&[&img], self.tta)?.remove(0);
-            rows.push((common::file_id(f), f.clone(), p));
+            let id = common::file_id(f);
+            let view = match &self.lesion_masks {
+                Some(dir) => {
+                    let m = lesion_mask_of(dir, &id)?;
+                    let mask = image_io::load_mask(&m, Some(img.dimensions()))?;
+                    clf.lesion_view(&img, &mask).with_context(|| format!("{}", f.display()))?
+                }
+                None => clf.view(&img),
+            };
+            let p = clf.view_probabilities(&[view], self.tta)?.remove(0);
+            rows.push((id, f.clone(), p));
             pb.inc(1);
         }
         pb.finish_and_clear();
@@ -261,6 +295,11 @@ pub struct EvalArgs {
     /// Average the probabilities over the four flips.
     #[arg(long)]
     pub tta: bool,
+    /// For a model trained on lesion windows: read each image's lesion mask from this folder
+    /// (<id>_segmentation.png, as `derm segment predict` writes) instead of the data set's own
+    /// (ground-truth) masks.
+    #[arg(long)]
+    pub lesion_masks: Option<PathBuf>,
     /// Output folder for roc.png, confusion.png, metrics.json, predictions.csv (default: the
     /// run folder's eval/).
     #[arg(long)]
@@ -282,6 +321,25 @@ fn with_purified_images(mut data: Dataset, dir: &Path) -> anyhow::Result<Dataset
     Ok(data)
 }
 
+/// The lesion mask of `id` in `dir`, which must exist.
+fn lesion_mask_of(dir: &Path, id: &str) -> anyhow::Result<PathBuf> {
+    derm_data::handoff::find_mask(dir, id).with_context(|| {
+        format!(
+            "{}: no lesion mask for {id} (expected {})",
+            dir.display(),
+            dir.join(derm_data::handoff::segmentation(id)).display()
+        )
+    })
+}
+
+/// Replaces each sample's lesion mask by the one of its id in `dir`, which must exist.
+fn with_lesion_masks(mut data: Dataset, dir: &Path) -> anyhow::Result<Dataset> {
+    for s in &mut data.samples {
+        s.mask = Some(lesion_mask_of(dir, &s.id)?);
+    }
+    Ok(data)
+}
+
 /// The run folder of a model argument (a run folder, or one of its checkpoint folders).
 fn run_folder(model: &Path) -> PathBuf {
     if model.join(derm_core::checkpoint::WEIGHTS).exists() {
@@ -299,6 +357,9 @@ impl EvalArgs {
         let mut data: Dataset = self.data.open(g.quiet)?;
         if let Some(dir) = &self.purified_input {
             data = with_purified_images(data, dir)?;
+        }
+        if let Some(dir) = &self.lesion_masks {
+            data = with_lesion_masks(data, dir)?;
         }
         let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet || self.json);
         let e = derm_classify::evaluate(&clf, &data, None, self.tta, &mut |n| pb.inc(n as u64))?;
@@ -339,6 +400,8 @@ impl EvalArgs {
             },
             tta: self.tta,
             purified_input: self.purified_input.clone(),
+            lesion_windows: clf.cfg.lesion_crop_margin.is_some(),
+            lesion_masks: self.lesion_masks.clone(),
             report: r.clone(),
         };
         derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;

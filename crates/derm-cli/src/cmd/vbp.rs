@@ -22,7 +22,9 @@ pub struct VbpArgs {
     #[arg(long)]
     pub out: PathBuf,
     /// Folder of lesion masks (<id>_segmentation.png, <id>.png, <id>_mask.png): report the share
-    /// of saliency inside the lesion against the lesion's area.
+    /// of saliency inside the lesion against the lesion's area. A classifier of lesion windows
+    /// (`classify train --lesion-crop`) is shown the window around each lesion; without masks
+    /// it sees whole images.
     #[arg(long)]
     pub lesion_masks: Option<PathBuf>,
     /// At most this many images (the first, sorted by name).
@@ -58,11 +60,15 @@ impl Saliency {
         }
     }
 
-    /// The view of `img` the model sees, and its saliency map (row-major, view size).
-    pub fn map(&self, img: &RgbImage) -> anyhow::Result<(RgbImage, Vec<f32>)> {
+    /// The view of `img` the model sees (for a classifier of lesion windows, the window around
+    /// the lesion of `mask`, when given), and its saliency map (row-major, view size).
+    pub fn map(&self, img: &RgbImage, mask: Option<&GrayImage>) -> anyhow::Result<(RgbImage, Vec<f32>)> {
         match self {
             Saliency::Classifier(c) => {
-                let view = c.view(img);
+                let view = match mask {
+                    Some(m) => c.lesion_view(img, m)?,
+                    None => c.view(img),
+                };
                 let x = image_io::images_to_tensor(&[&view], c.cfg.normalize, &c.device)?;
                 let f = c.net.forward_features(&x, false)?;
                 let mut stages = vec![f.stem];
@@ -87,8 +93,13 @@ impl Saliency {
         }
     }
 
-    /// The mask brought to the view's geometry.
+    /// The mask brought to the view's geometry (that of [`Saliency::map`] with the mask).
     pub fn mask_view(&self, mask: &GrayImage) -> GrayImage {
+        let window = match self {
+            Saliency::Classifier(c) => c.lesion_window(mask),
+            Saliency::Segmenter(_) => None,
+        };
+        let mask = window.map(|w| w.apply(mask)).unwrap_or_else(|| mask.clone());
         let rgb = RgbImage::from_fn(mask.width(), mask.height(), |x, y| {
             let v = mask.get_pixel(x, y).0[0];
             image::Rgb([v, v, v])
@@ -117,16 +128,22 @@ impl VbpArgs {
         for f in &files {
             let img = image_io::load_rgb(f)?;
             let id = common::file_id(f);
-            let (view, map) = model.map(&img)?;
+            let lesion = match &self.lesion_masks {
+                Some(dir) => {
+                    let Some(mp) = derm_data::handoff::find_mask(dir, &id) else {
+                        bail!("no lesion mask for {id} in {}", dir.display());
+                    };
+                    Some(image_io::load_mask(&mp, Some(img.dimensions()))?)
+                }
+                None => None,
+            };
+            let (view, map) = model.map(&img, lesion.as_ref())?;
             let (w, h) = view.dimensions();
             image_io::save_png(&self.out.join(format!("{id}_saliency.png")), &derm_vbp::to_gray(&map, w, h))?;
             let mut over = derm_vbp::overlay(&view, &map);
             let mut row = derm_vbp::ImageSaliency { id: id.clone(), mass_inside: None, area_fraction: None };
-            if let Some(dir) = &self.lesion_masks {
-                let Some(mp) = derm_data::handoff::find_mask(dir, &id) else {
-                    bail!("no lesion mask for {id} in {}", dir.display());
-                };
-                let mask = model.mask_view(&image_io::load_mask(&mp, Some(img.dimensions()))?);
+            if let Some(lesion) = &lesion {
+                let mask = model.mask_view(lesion);
                 let (inside, area) = derm_vbp::mass_inside(&map, &mask);
                 row.mass_inside = Some(inside);
                 row.area_fraction = Some(area);
