@@ -5,6 +5,10 @@
 //! are filled in by a U-Net of partial convolutions (Liu et al., "Image Inpainting for Irregular
 //! Holes Using Partial Convolutions", ECCV 2018), which only ever reads known pixels. The
 //! network's output is used inside the hole only (the composite), so every other pixel is kept.
+//! With [`PurifyConfig::prior_fill`] (the default) the network's output is a correction added to
+//! the classic fill of `derm-hair` (Telea, then harmonic relaxation) rather than the pixels
+//! themselves, and it starts at zero: an untrained network returns the classic fill, and training
+//! only has to learn what the classic fill gets wrong (a coarse-then-fine scheme).
 //!
 //! - [`pconv`]: the partial convolution (cheap single-channel mask path, masks without gradient).
 //! - [`model`]: the U-Net, presets `paper` (7 layers), `peer` (5 layers, 11,619,988 parameters)
@@ -51,6 +55,7 @@ use derm_data::cache::{ImageCache, Item};
 use derm_data::dataset::Dataset;
 use derm_data::sampler::{Sampler, ShuffleSampler};
 use image::{GrayImage, Luma, RgbImage};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 pub use loss::{inpainting_loss, LossParts, LossTerms, LossWeights};
@@ -104,6 +109,12 @@ pub struct PurifyConfig {
     pub clean_dir: Option<PathBuf>,
     /// Bytes of decoded images kept in memory.
     pub cache_bytes: usize,
+    /// The network predicts a correction to the classic fill of the hole
+    /// ([`derm_hair::inpaint`]: Telea, then harmonic relaxation) instead of the pixels; its last
+    /// layer starts at zero, so the untrained network returns the classic fill. A checkpoint
+    /// without this field was trained without it (false).
+    #[serde(default)]
+    pub prior_fill: bool,
 }
 
 impl Default for PurifyConfig {
@@ -131,6 +142,7 @@ impl Default for PurifyConfig {
             hole_masks: None,
             clean_dir: None,
             cache_bytes: 1 << 30,
+            prior_fill: true,
         }
     }
 }
@@ -159,7 +171,11 @@ fn meta(cfg: &PurifyConfig) -> Meta {
         shape: vec![None, Some(3), None, None],
         dtype: "f32".into(),
         range: Some((-1.0, 1.0)),
-        description: "the network's image; the composite takes it inside the hole only".into(),
+        description: if cfg.prior_fill {
+            "a correction added to the classic fill (derm_hair::inpaint) of the hole; the composite takes the sum inside the hole only".into()
+        } else {
+            "the network's image; the composite takes it inside the hole only".into()
+        },
     });
     let perceptual = cfg.vgg_weights.is_some();
     m.extra = serde_json::json!({
@@ -183,11 +199,20 @@ pub struct Purifier {
 }
 
 impl Purifier {
-    /// A freshly initialised network.
+    /// A freshly initialised network (with `prior_fill`, its last layer at zero).
     pub fn new(cfg: PurifyConfig, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = derm_core::nn::seeded_var_builder(&varmap, cfg.train.seed, DType::F32, device);
         let net = PConvUNet::new(&cfg.model, vb)?;
+        if cfg.prior_fill {
+            let last = format!("dec.{}.conv.", cfg.model.depth() - 1);
+            for (name, var) in varmap.data().lock().map_err(|_| Error::invalid("purify: variable map poisoned"))?.iter()
+            {
+                if name.starts_with(&last) {
+                    var.set(&var.zeros_like()?)?;
+                }
+            }
+        }
         Ok(Purifier { cfg, net, varmap, device: device.clone() })
     }
 
@@ -203,10 +228,38 @@ impl Purifier {
         Ok(p)
     }
 
+    /// The classic fill of each image's hole (non-zero in `holes`) as a tensor with the config's
+    /// normalisation, when the model adds its output to it (`prior_fill`); `None` otherwise.
+    pub fn prior(&self, imgs: &[&RgbImage], holes: &[&GrayImage]) -> Result<Option<Tensor>> {
+        if !self.cfg.prior_fill {
+            return Ok(None);
+        }
+        let hair = derm_hair::HairConfig::default();
+        let filled: Vec<RgbImage> = imgs
+            .par_iter()
+            .zip(holes.par_iter())
+            .map(|(i, h)| derm_hair::inpaint(i, h, &hair))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&RgbImage> = filled.iter().collect();
+        Ok(Some(image_io::images_to_tensor(&refs, self.cfg.normalize, &self.device)?))
+    }
+
+    /// The network's image (N, 3, H, W) for images `x` whose holes it does not read, validity
+    /// masks `valid` and the classic fill `prior` (required with `prior_fill`).
+    pub fn predict(&self, x: &Tensor, valid: &Tensor, prior: Option<&Tensor>, mode: BnMode) -> Result<Tensor> {
+        let out = self.net.forward_mode(&x.broadcast_mul(valid)?, valid, mode)?;
+        match (self.cfg.prior_fill, prior) {
+            (false, _) => Ok(out),
+            (true, Some(p)) => Ok((out + p)?),
+            (true, None) => Err(Error::invalid("purify: a model trained on the classic fill needs it (prior)")),
+        }
+    }
+
     /// The composite (N, 3, H, W) for images `x` (N, 3, H, W) normalised with the config's
-    /// normalisation and validity masks `valid` (N, 1, H, W), 1 = known; any H and W.
-    pub fn inpaint_tensor(&self, x: &Tensor, valid: &Tensor) -> Result<Tensor> {
-        let out = self.net.forward_t(&x.broadcast_mul(valid)?, valid, false)?;
+    /// normalisation, validity masks `valid` (N, 1, H, W), 1 = known, and the classic fill
+    /// ([`Purifier::prior`]); any H and W.
+    pub fn inpaint_tensor(&self, x: &Tensor, valid: &Tensor, prior: Option<&Tensor>) -> Result<Tensor> {
+        let out = self.predict(x, valid, prior, BnMode::Eval)?;
         Ok(composite(x, &out, valid)?)
     }
 
@@ -223,7 +276,8 @@ impl Purifier {
             let bin: Vec<GrayImage> = hc.iter().map(|h| binary(h)).collect();
             let refs: Vec<&GrayImage> = bin.iter().collect();
             let valid = image_io::masks_to_tensor(&refs, &self.device)?.affine(-1.0, 1.0)?;
-            let comp = self.inpaint_tensor(&x, &valid)?.to_device(&Device::Cpu)?;
+            let prior = self.prior(ic, &refs)?;
+            let comp = self.inpaint_tensor(&x, &valid, prior.as_ref())?.to_device(&Device::Cpu)?;
             for (k, filled) in image_io::tensor_to_images(&comp, self.cfg.normalize)?.into_iter().enumerate() {
                 out.push(paste(ic[k], &filled, &bin[k]));
             }
@@ -502,24 +556,19 @@ impl PurifyTask {
         }
     }
 
-    fn val_tensors(&self, chunk: &[ValExample]) -> Result<(Tensor, Tensor, Tensor)> {
-        let dev = &self.pur.device;
-        let norm = self.pur.cfg.normalize;
-        let inputs: Vec<&RgbImage> = chunk.iter().map(|e| &e.input).collect();
-        let targets: Vec<&RgbImage> = chunk.iter().map(|e| &e.target).collect();
-        let holes: Vec<&GrayImage> = chunk.iter().map(|e| &e.hole).collect();
-        let x = image_io::images_to_tensor(&inputs, norm, dev)?;
-        let t = image_io::images_to_tensor(&targets, norm, dev)?;
-        let valid = image_io::masks_to_tensor(&holes, dev)?.affine(-1.0, 1.0)?;
-        Ok((x, t, valid))
-    }
-
     /// Mean loss over the validation examples (no update; batch norm in eval mode).
     pub fn val_loss(&self) -> Result<f64> {
+        let (dev, norm) = (&self.pur.device, self.pur.cfg.normalize);
         let (mut sum, mut n) = (0.0, 0usize);
         for chunk in self.val.chunks(self.pur.cfg.batch_size.max(1)) {
-            let (x, t, valid) = self.val_tensors(chunk)?;
-            let out = self.pur.net.forward_t(&x.broadcast_mul(&valid)?, &valid, false)?;
+            let inputs: Vec<&RgbImage> = chunk.iter().map(|e| &e.input).collect();
+            let targets: Vec<&RgbImage> = chunk.iter().map(|e| &e.target).collect();
+            let holes: Vec<&GrayImage> = chunk.iter().map(|e| &e.hole).collect();
+            let x = image_io::images_to_tensor(&inputs, norm, dev)?;
+            let t = image_io::images_to_tensor(&targets, norm, dev)?;
+            let valid = image_io::masks_to_tensor(&holes, dev)?.affine(-1.0, 1.0)?;
+            let prior = self.pur.prior(&inputs, &holes)?;
+            let out = self.pur.predict(&x, &valid, prior.as_ref(), BnMode::Eval)?;
             let (_, p) =
                 inpainting_loss(&out, &t, &valid, &self.pur.cfg.loss, self.vgg.as_ref(), self.pur.cfg.normalize)?;
             sum += p.read()?.total * chunk.len() as f64;
@@ -595,7 +644,8 @@ impl Task for PurifyTask {
         let t = image_io::images_to_tensor(&targets, cfg.normalize, dev)?;
         let valid = image_io::masks_to_tensor(&hole_refs, dev)?.affine(-1.0, 1.0)?;
         let mode = if self.finetuning { BnMode::FreezeEncoder } else { BnMode::Train };
-        let out = self.pur.net.forward_mode(&t.broadcast_mul(&valid)?, &valid, mode)?;
+        let prior = self.pur.prior(&targets, &hole_refs)?;
+        let out = self.pur.predict(&t, &valid, prior.as_ref(), mode)?;
         let (loss, terms) = inpainting_loss(&out, &t, &valid, &cfg.loss, self.vgg.as_ref(), cfg.normalize)?;
         let norm = self.opt.backward_step(&loss)?;
         self.terms.push(terms);
@@ -739,7 +789,8 @@ mod tests {
         let data = phantoms(&d.path().join("ph"), 24);
         let out = d.path().join("run");
         // Library masks from the phantoms' own occlusion folder.
-        let mut cfg = tiny_cfg();
+        // The network painting the holes on its own: from random weights the loss must fall.
+        let mut cfg = PurifyConfig { prior_fill: false, ..tiny_cfg() };
         cfg.hole_masks = Some(d.path().join("ph").join("occlusion"));
         let task0 = PurifyTask::new(cfg.clone(), &data, &Device::Cpu).unwrap();
         assert!(!task0.masks.library().is_empty());
@@ -807,6 +858,40 @@ mod tests {
         }
         assert_eq!(purify_image(&p, &img, &GrayImage::new(45, 37)).unwrap(), img);
         assert!(purify_image(&p, &img, &GrayImage::new(4, 4)).is_err());
+    }
+
+    #[test]
+    fn an_untrained_network_on_the_classic_fill_returns_it_and_old_configs_were_without_it() {
+        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]));
+        let hole = GrayImage::from_fn(32, 32, |x, y| Luma([if (12..16).contains(&x) && y > 4 { 255 } else { 0 }]));
+        let classic = derm_hair::inpaint(&img, &hole, &derm_hair::HairConfig::default()).unwrap();
+        let max_diff = |a: &RgbImage| {
+            a.as_raw().iter().zip(classic.as_raw()).map(|(&u, &v)| (u as i32 - v as i32).abs()).max().unwrap()
+        };
+        let p = Purifier::new(tiny_cfg(), &Device::Cpu).unwrap();
+        assert!(p.cfg.prior_fill, "the classic fill is the default base");
+        // Equal up to the normalisation's round trip.
+        assert!(max_diff(&p.inpaint(&[&img], &[&hole]).unwrap()[0]) <= 1);
+        // Without it the untrained network paints its own noise.
+        let plain = Purifier::new(PurifyConfig { prior_fill: false, ..tiny_cfg() }, &Device::Cpu).unwrap();
+        assert!(max_diff(&plain.inpaint(&[&img], &[&hole]).unwrap()[0]) > 10);
+        // A checkpoint's config written before the field existed was trained without it.
+        let old: PurifyConfig = serde_json::from_str("{}").unwrap();
+        assert!(!old.prior_fill);
+    }
+
+    #[test]
+    fn on_the_classic_fill_training_fits_a_batch_better_than_the_classic_fill() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(&d.path().join("ph"), 12);
+        let mut task = PurifyTask::new(tiny_cfg(), &data, &Device::Cpu).unwrap();
+        // The same batch and holes each time (the rng is reseeded); the loss is the one before
+        // the step, so the first is the classic fill's own.
+        let losses: Vec<f32> = (0..40)
+            .map(|_| task.train_batch(0, 0, &mut Rng::new(9)).unwrap().loss.to_scalar::<f32>().unwrap())
+            .collect();
+        let (first, last) = (losses[0], losses[39]);
+        assert!(last < 0.8 * first, "loss on the classic fill {first} -> {last}");
     }
 
     #[test]

@@ -61,6 +61,10 @@ pub struct TrainArgs {
     /// Folder of `<id>_clean.png` (from `derm hair`) used as targets for real images.
     #[arg(long)]
     pub clean_dir: Option<PathBuf>,
+    /// Learn a correction to the classic fill (Telea + harmonic, as `derm hair`) of each hole
+    /// instead of the pixels (false: the network paints the hole alone). [config default: true]
+    #[arg(long)]
+    pub prior_fill: Option<bool>,
 }
 
 impl TrainArgs {
@@ -79,6 +83,7 @@ impl TrainArgs {
         set_some(&mut c.vgg_weights, self.vgg.clone());
         set_some(&mut c.hole_masks, self.hole_masks.clone());
         set_some(&mut c.clean_dir, self.clean_dir.clone());
+        set(&mut c.prior_fill, self.prior_fill);
         self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
