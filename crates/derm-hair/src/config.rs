@@ -104,6 +104,12 @@ pub struct HairConfig {
     /// Hysteresis: a hair grows from pixels above its threshold through pixels above this share
     /// of it.
     pub hysteresis: f32,
+    /// The same share inside the lesion, when a lesion mask is given: a hair crossing a lesion
+    /// loses contrast there, and its faint part grows from the part that passed the threshold.
+    pub lesion_hysteresis: f32,
+    /// The orientation coherence (as `coherence`) a candidate below its threshold (grown by
+    /// hysteresis) must have.
+    pub weak_coherence: f32,
     /// Shortest piece (px) that counts as hair.
     pub min_length: f32,
     /// Widest piece (px, twice its area over its boundary pixels) that counts as hair.
@@ -152,6 +158,8 @@ impl Default for HairConfig {
             light: true,
             light_threshold: 8.0,
             hysteresis: 1.0,
+            lesion_hysteresis: 0.7,
+            weak_coherence: 0.7,
             min_length: 16.0,
             max_width: 8.0,
             ink: true,
@@ -190,6 +198,8 @@ impl HairConfig {
             ("lesion_threshold", self.lesion_threshold),
             ("light_threshold", self.light_threshold),
             ("hysteresis", self.hysteresis),
+            ("lesion_hysteresis", self.lesion_hysteresis),
+            ("weak_coherence", self.weak_coherence),
             ("min_length", self.min_length),
             ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),

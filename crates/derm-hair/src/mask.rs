@@ -138,7 +138,10 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///    also taken on the value plane ([`crate::color::value_u8`]) and the larger score wins;
 /// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
 ///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
-///    through pixels scoring at least `cfg.hysteresis` times that;
+///    through pixels scoring at least `cfg.hysteresis` (inside the lesion
+///    `cfg.lesion_hysteresis`) times that, when those fainter pixels' neighbourhood is
+///    orientation-coherent (`cfg.weak_coherence`): the faint stretch of a hair on a lesion
+///    continues the hair's direction, the lesion's texture points every way;
 /// 3. shape: a piece is kept when it is at least `cfg.min_length` long (second moments) and at
 ///    most `cfg.max_width` wide on average (twice its area over its boundary pixels);
 /// 4. rulers ([`crate::ruler`]) on the thresholded black-hat.
@@ -432,7 +435,7 @@ pub(crate) fn detect(
     }
     let thr = |t: f32| (t * 2.55).round().max(1.0);
     let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
-    let lo = cfg.hysteresis.clamp(0.1, 1.0);
+    let (lo_out, lo_in) = (cfg.hysteresis.clamp(0.1, 1.0), cfg.lesion_hysteresis.clamp(0.1, 1.0));
     let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
     let mut weak = vec![0u8; w * h];
     let mut strong = vec![0u8; w * h];
@@ -440,7 +443,7 @@ pub(crate) fn detect(
     // The score of a candidate: its dark score, or its light one when only that passed.
     let mut score = vec![0u8; w * h];
     for i in 0..w * h {
-        let t = if in_lesion(i) { t_in } else { t_out };
+        let (t, lo) = if in_lesion(i) { (t_in, lo_in) } else { (t_out, lo_out) };
         let (d8, g8) = (r.dark_max[i] - r.dark_min[i], r.light_max[i] - r.light_min[i]);
         let (d, g) = (d8 as f32, g8 as f32);
         score[i] = d8;
@@ -467,8 +470,16 @@ pub(crate) fn detect(
     // `cfg.coherence` of the sum of their lengths.
     let rho = (cfg.min_length * s / 2.0).round().max(2.0) as usize;
     let coh = coherence(&r.across, &weak, w, h, rho);
-    let cand: Vec<u8> =
-        weak.iter().zip(&coh).map(|(&v, &c)| if v != 0 && c >= cfg.coherence { 255 } else { 0 }).collect();
+    let cand: Vec<u8> = (0..w * h)
+        .map(|i| {
+            let need = if strong[i] != 0 { cfg.coherence } else { cfg.coherence.max(cfg.weak_coherence) };
+            if weak[i] != 0 && coh[i] >= need {
+                255
+            } else {
+                0
+            }
+        })
+        .collect();
     let min_len = (cfg.min_length * s).max(3.0);
     let max_w = (cfg.max_width * s).max(1.0) + 2.0;
     let loose = dilate_disc(&cand, w, h, 1.0);
@@ -484,14 +495,16 @@ pub(crate) fn detect(
     // Crossings, forks, wide hairs and hairs running close together fail the coherence or width
     // test over a few pixels. Candidates within two pixels of what passed are added back when
     // they score at least `addback_share` of the strongest hair pixel there (the lesion's
-    // texture beside a hair scores lower than the hair), repeatedly up to the largest width.
+    // texture beside a hair scores lower than the hair), repeatedly up to the largest width. Only
+    // candidates above their threshold are added back: the fainter ones grown by hysteresis
+    // must pass the shape test themselves.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
     for _ in 0..steps {
         let held: Vec<u8> = lined.iter().zip(&score).map(|(&l, &d)| if l != 0 { d } else { 0 }).collect();
         let near = crate::oriented::square3(&held, w, h, true);
         let near = crate::oriented::square3(&near, w, h, true);
         for (i, l) in lined.iter_mut().enumerate() {
-            if *l == 0 && weak[i] != 0 && near[i] > 0 && score[i] as f32 >= cfg.addback_share * near[i] as f32 {
+            if *l == 0 && strong[i] != 0 && near[i] > 0 && score[i] as f32 >= cfg.addback_share * near[i] as f32 {
                 *l = 255;
             }
         }
@@ -804,6 +817,58 @@ mod tests {
         let legacy = HairConfig { detector: HairDetector::Legacy, ..cfg.clone() };
         assert_eq!(hair_mask(&img, None, &legacy).unwrap(), old);
         assert_eq!(hair_mask(&img, None, &cfg).unwrap(), m0);
+    }
+
+    /// A hair that is plain on the skin and faint on the lesion (between the lesion threshold and
+    /// `lesion_hysteresis` of it), over a lesion dotted at the same faint contrast: the faint
+    /// stretch grows from the plain one, the dots stay out.
+    #[test]
+    fn a_hair_faint_on_the_lesion_is_followed_across_it() {
+        let mut rng = derm_core::Rng::new(11);
+        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
+        let mut img = RgbImage::from_fn(200, 200, |x, y| {
+            let g = (if inside(x, y) { 120.0 } else { 200.0 }) + rng.normal() * 1.5;
+            image::Rgb([g as u8; 3])
+        });
+        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let faint = 103u8;
+        // Dots of the hair's colour on the lesion, 3 x 3, away from the hair's line.
+        for _ in 0..60 {
+            let (cx, cy) = (45 + rng.below(110) as u32, 45 + rng.below(110) as u32);
+            let y_line = 40 + (cx * 3) / 5;
+            if !inside(cx, cy) || (cy as i32 - y_line as i32).abs() < 10 {
+                continue;
+            }
+            for (x, y) in (cx - 1..=cx + 1).flat_map(|x| (cy - 1..=cy + 1).map(move |y| (x, y))) {
+                img.put_pixel(x, y, image::Rgb([faint; 3]));
+            }
+        }
+        let mut hair = GrayImage::new(200, 200);
+        for x in 10..190u32 {
+            let y = 40 + (x * 3) / 5;
+            for yy in y..y + 3 {
+                let g = if inside(x, yy) { faint } else { 90 };
+                img.put_pixel(x, yy, image::Rgb([g; 3]));
+                hair.put_pixel(x, yy, image::Luma([255]));
+            }
+        }
+        let on_lesion = |lesion_hysteresis: f32| {
+            let cfg = HairConfig { lesion_hysteresis, ..HairConfig::default() };
+            let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+            let (mut tp, mut n) = (0, 0);
+            for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
+                if l.0[0] != 0 && t.0[0] != 0 {
+                    n += 1;
+                    tp += (p.0[0] != 0) as usize;
+                }
+            }
+            (tp as f64 / n as f64, crate::eval::lesion_leak(&m, &lesion, &hair).unwrap())
+        };
+        let (followed, leak) = on_lesion(HairConfig::default().lesion_hysteresis);
+        let (alone, _) = on_lesion(1.0);
+        assert!(followed > 0.9, "recall on the lesion with hysteresis {followed}");
+        assert!(leak < 0.01, "dots marked: {leak}");
+        assert!(alone < 0.5, "recall on the lesion without hysteresis {alone}");
     }
 
     /// A grey hair over a brown lesion, of about the lesion's luminance: plain in the red
