@@ -819,6 +819,18 @@ mod tests {
         assert_eq!(hair_mask(&img, None, &cfg).unwrap(), m0);
     }
 
+    /// The share of the hair pixels inside the lesion that `m` marks.
+    fn recall_on_lesion(m: &GrayImage, lesion: &GrayImage, hair: &GrayImage) -> f64 {
+        let (mut tp, mut n) = (0, 0);
+        for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
+            if l.0[0] != 0 && t.0[0] != 0 {
+                n += 1;
+                tp += (p.0[0] != 0) as usize;
+            }
+        }
+        tp as f64 / n as f64
+    }
+
     /// A hair that is plain on the skin and faint on the lesion (between the lesion threshold and
     /// `lesion_hysteresis` of it), over a lesion dotted at the same faint contrast: the faint
     /// stretch grows from the plain one, the dots stay out.
@@ -855,14 +867,7 @@ mod tests {
         let on_lesion = |lesion_hysteresis: f32| {
             let cfg = HairConfig { lesion_hysteresis, ..HairConfig::default() };
             let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
-            let (mut tp, mut n) = (0, 0);
-            for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
-                if l.0[0] != 0 && t.0[0] != 0 {
-                    n += 1;
-                    tp += (p.0[0] != 0) as usize;
-                }
-            }
-            (tp as f64 / n as f64, crate::eval::lesion_leak(&m, &lesion, &hair).unwrap())
+            (recall_on_lesion(&m, &lesion, &hair), crate::eval::lesion_leak(&m, &lesion, &hair).unwrap())
         };
         let (followed, leak) = on_lesion(HairConfig::default().lesion_hysteresis);
         let (alone, _) = on_lesion(1.0);
@@ -894,15 +899,8 @@ mod tests {
         let found = |value_plane: bool| {
             let cfg = HairConfig { value_plane, ..HairConfig::default() };
             let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
-            let (mut tp, mut n) = (0, 0);
-            for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
-                if l.0[0] != 0 && t.0[0] != 0 {
-                    n += 1;
-                    tp += (p.0[0] != 0) as usize;
-                }
-            }
             let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
-            (tp as f64 / n as f64, leak)
+            (recall_on_lesion(&m, &lesion, &hair), leak)
         };
         let (with, leak) = found(true);
         let (without, _) = found(false);
