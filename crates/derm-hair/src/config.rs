@@ -87,6 +87,14 @@ pub struct HairConfig {
     /// pixel near it (lesion texture beside a hair scores lower than the hair, a crossing hair
     /// alike).
     pub addback_share: f32,
+    /// A hair pixel is dropped when its score is under this share of the largest hair score on
+    /// the line across it within half `max_width`: the lesion's texture that lies along a hair
+    /// rides into the hair's piece through the shape test, but scores well below the hair
+    /// (0 keeps them all; BENCH.md).
+    pub relative_share: f32,
+    /// Pixels scoring at least this multiple of their threshold are kept by the
+    /// `relative_share` test whatever lies beside them.
+    pub relative_keep: f32,
     /// When detection runs on a reduced image, a full-size pixel near a hair is kept when it is
     /// darker than the closing by at least this share of the hair's largest score near it (as
     /// well as half the threshold): a pixel half covered by the hair is about half as dark.
@@ -152,6 +160,8 @@ impl Default for HairConfig {
             coherence: 0.0,
             value_plane: true,
             addback_share: 0.5,
+            relative_share: 0.8,
+            relative_keep: 2.0,
             edge_share: 0.3,
             directions: 12,
             lesion_threshold: 8.0,
@@ -205,6 +215,8 @@ impl HairConfig {
             ("inpaint_radius", self.inpaint_radius),
             ("coherence", self.coherence),
             ("addback_share", self.addback_share),
+            ("relative_share", self.relative_share),
+            ("relative_keep", self.relative_keep),
             ("edge_share", self.edge_share),
         ];
         for (name, v) in fields {

@@ -213,8 +213,9 @@ mod tests {
             ..PhantomConfig::default()
         };
         let phantoms = draw_phantoms(&pc, 11, 12);
-        // Measured: value plane recall 0.971, precision 0.867, leak 0.0101; luminance only
-        // recall 0.956, precision 0.884, leak 0.0048.
+        // Measured: value plane recall 0.967, precision 0.853, leak 0.0131; luminance only
+        // recall 0.959, precision 0.864, leak 0.0093 (before the hair's rim was tested at working
+        // size: leak 0.0101 and 0.0048).
         for (value_plane, max_leak) in [(true, 0.015), (false, 0.01)] {
             let cfg = HairConfig { value_plane, ..HairConfig::default() };
             let mut pooled = eval::PixelScores::default();
