@@ -125,6 +125,19 @@ pub fn value_u8(img: &RgbImage) -> Vec<u8> {
     out
 }
 
+/// The colourfulness of each pixel, `max - min` of its channels. Hair is grey or nearly so; skin
+/// and above all a brown lesion are coloured, so a grey hair as light as the lesion it crosses is
+/// still a dark line here.
+pub fn chroma_u8(img: &RgbImage) -> Vec<u8> {
+    img.as_raw().par_chunks_exact(3).map(|p| chroma_of(p[0], p[1], p[2])).collect()
+}
+
+/// [`chroma_u8`] of one pixel.
+pub fn chroma_of(r: u8, g: u8, b: u8) -> u8 {
+    let (hi, lo) = (r.max(g).max(b), r.min(g).min(b));
+    hi - lo
+}
+
 /// [`value_u8`] of one pixel.
 pub fn value_of(r: u8, g: u8, b: u8) -> u8 {
     value_table()[r.max(g).max(b) as usize]

@@ -81,6 +81,9 @@ pub struct HairConfig {
     /// largest channel, [`crate::color::value_u8`]) besides the luminance, the larger score
     /// winning: on a brown lesion a hair's contrast is much larger there (BENCH.md).
     pub value_plane: bool,
+    /// Whether dark hairs are also looked for in the chroma plane ([`crate::color::chroma_u8`]):
+    /// a grey hair as light as the brown lesion it crosses is a dark line only there.
+    pub chroma_plane: bool,
     /// Crossings, forks and wide hairs are added back to the pieces that passed the shape test
     /// from the candidates within two pixels of them, repeatedly up to `max_width` away; a
     /// candidate is added when its score is at least this share of the largest score of a hair
@@ -159,6 +162,7 @@ impl Default for HairConfig {
             min_work_side: 256,
             coherence: 0.0,
             value_plane: true,
+            chroma_plane: true,
             addback_share: 0.5,
             relative_share: 0.8,
             relative_keep: 2.0,

@@ -135,7 +135,9 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///    (and, with `cfg.light`, the white top-hat); the hair score of a pixel is the largest
 ///    response minus the smallest (a hair is closed across, not along; dots, globules and a
 ///    pigment network are closed along every line). With `cfg.value_plane` the black-hat is
-///    also taken on the value plane ([`crate::color::value_u8`]) and the larger score wins;
+///    also taken on the value plane ([`crate::color::value_u8`]), and with `cfg.chroma_plane`
+///    and a lesion mask on the chroma plane inside the lesion ([`crate::color::chroma_u8`]: a
+///    grey hair as light as the brown lesion); the largest score wins;
 /// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
 ///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
 ///    through pixels scoring at least `cfg.hysteresis` (inside the lesion
@@ -168,16 +170,18 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
     let f = work_factor(w, h, cfg);
     let u = up_factor(w, h, cfg);
     // The full-size value of a pixel is looked up where it is needed (`Detection::dark_value`).
-    let rgb = cfg.value_plane.then(|| img.as_raw().as_slice());
+    let rgb = (cfg.value_plane || cfg.chroma_plane).then(|| img.as_raw().as_slice());
     if u > 1 {
         let v = cfg.value_plane.then(|| crate::color::value_u8(img));
+        let c = (cfg.chroma_plane && lesion.is_some()).then(|| crate::color::chroma_u8(img));
         // A small image: detection on the bilinear enlargement; a pixel is kept when its block
         // holds hair and it differs from the surroundings as in [`refine`].
         let (wu, hu) = (w * u, h * u);
         let lu = up_bilinear(&l, w, h, u);
         let vu = v.as_ref().map(|v| up_bilinear(v, w, h, u));
+        let cu = c.as_ref().map(|c| up_bilinear(c, w, h, u));
         let lesion_u = lesion.map(|m| up_nearest(m.as_raw(), w, wu, hu, u));
-        let det = detect(&lu, vu.as_deref(), wu, hu, lesion_u.as_deref(), cfg);
+        let det = detect(&lu, vu.as_deref(), cu.as_deref(), wu, hu, lesion_u.as_deref(), cfg);
         let mut m = refine_up(&det, &l, rgb, w, h, u, cfg);
         if cfg.rulers {
             let raw = block_share(&det.raw, wu, w, h, u, 0.5);
@@ -191,11 +195,13 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
     let lw = box_down(&l, w, h, f);
     // The reduced colour image serves the value plane and the ruler's band search.
-    let small = if f > 1 && (cfg.value_plane || cfg.rulers) { Some(rgb_down(img, f)) } else { None };
+    let small =
+        if f > 1 && (cfg.value_plane || cfg.chroma_plane || cfg.rulers) { Some(rgb_down(img, f)) } else { None };
     let small = small.as_ref().unwrap_or(img);
     let vw = cfg.value_plane.then(|| crate::color::value_u8(small));
+    let cw = (cfg.chroma_plane && lesion.is_some()).then(|| crate::color::chroma_u8(small));
     let lesion_w = lesion.map(|m| box_down(m.as_raw(), w, h, f));
-    let det = detect(&lw, vw.as_deref(), ww, wh, lesion_w.as_deref(), cfg);
+    let det = detect(&lw, vw.as_deref(), cw.as_deref(), ww, wh, lesion_w.as_deref(), cfg);
     let mut m = refine(&det, &l, rgb, w, h, f, cfg);
     if cfg.rulers {
         let ruler = crate::ruler::ruler_mask(&det.raw, small, ww, wh, cfg);
@@ -399,21 +405,22 @@ impl Detection {
     /// The value a full-size pixel `i` is compared with the closing at working pixel `k`: of the
     /// plane that gave the dark score there (the value from the pixel's colour in `rgb`).
     fn dark_value(&self, k: usize, l: &[u8], rgb: Option<&[u8]>, i: usize) -> f32 {
-        match rgb {
-            Some(p) if self.from_value.get(k) == Some(&1) => {
-                crate::color::value_of(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]) as f32
-            }
+        match (rgb, self.from_value.get(k)) {
+            (Some(p), Some(&1)) => crate::color::value_of(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]) as f32,
+            (Some(p), Some(&2)) => crate::color::chroma_of(p[i * 3], p[i * 3 + 1], p[i * 3 + 2]) as f32,
             _ => l[i] as f32,
         }
     }
 }
 
-/// Hair detection on an `L* * 2.55` plane `l` and, when given, the value plane `v`
-/// ([`crate::color::value_u8`]): the dark score of a pixel is the larger of the two planes'
-/// (see [`hair_mask`]); light hairs are looked for in `l`.
+/// Hair detection on an `L* * 2.55` plane `l` and, when given, the value plane
+/// ([`crate::color::value_u8`]) and the chroma plane ([`crate::color::chroma_u8`], inside the
+/// lesion only): the dark score of a pixel is the largest of the planes' (see [`hair_mask`]);
+/// light hairs are looked for in `l`.
 pub(crate) fn detect(
     l: &[u8],
-    v: Option<&[u8]>,
+    value: Option<&[u8]>,
+    chroma: Option<&[u8]>,
     w: usize,
     h: usize,
     lesion: Option<&[u8]>,
@@ -423,24 +430,32 @@ pub(crate) fn detect(
     let radius = ((cfg.line_length * s - 1.0) / 2.0).round().max(1.0) as usize;
     let widen = s.round().max(1.0) as usize;
     let mut r = crate::oriented::line_responses(l, w, h, radius, cfg.directions, cfg.light, widen);
+    let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
+    // `from_value`: 1 where the value plane gave the larger dark score, 2 the chroma plane
+    // (which counts inside the lesion only: a grey hair on a brown lesion is a dark line there,
+    // while on skin grey-white scales and bubbles would be too).
     let mut from_value = Vec::new();
-    if let Some(v) = v {
+    let chroma = chroma.filter(|_| lesion.is_some());
+    for (k, v) in [(1u8, value), (2, chroma)] {
+        let Some(v) = v else { continue };
         let rv = crate::oriented::line_responses(v, w, h, radius, cfg.directions, false, widen);
-        from_value = vec![0u8; w * h];
+        from_value.resize(w * h, 0u8);
         for (i, fv) in from_value.iter_mut().enumerate() {
+            if k == 2 && !in_lesion(i) {
+                continue;
+            }
             if rv.dark_max[i] - rv.dark_min[i] > r.dark_max[i] - r.dark_min[i] {
                 r.dark_max[i] = rv.dark_max[i];
                 r.dark_min[i] = rv.dark_min[i];
                 r.across[i] = rv.across[i];
                 r.closing[i] = rv.closing[i];
-                *fv = 1;
+                *fv = k;
             }
         }
     }
     let thr = |t: f32| (t * 2.55).round().max(1.0);
     let (t_out, t_in, t_light) = (thr(cfg.threshold), thr(cfg.lesion_threshold), thr(cfg.light_threshold));
     let (lo_out, lo_in) = (cfg.hysteresis.clamp(0.1, 1.0), cfg.lesion_hysteresis.clamp(0.1, 1.0));
-    let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
     let mut weak = vec![0u8; w * h];
     let mut strong = vec![0u8; w * h];
     let mut light = vec![0u8; w * h];
@@ -985,6 +1000,45 @@ mod tests {
         assert!(strip_marked_off > 0.8, "strip marked without the relative test {strip_marked_off}");
     }
 
+    /// A faint grey hair over a brown lesion (half covering its pixels), neither darker in the
+    /// value plane than the lesion threshold nor lighter than the light threshold: only its lack
+    /// of colour gives it away (the chroma plane).
+    #[test]
+    fn grey_hair_as_light_as_the_lesion_is_found_in_the_chroma_plane() {
+        let mut rng = derm_core::Rng::new(5);
+        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
+        let mut img = RgbImage::from_fn(200, 200, |x, y| {
+            let n = (rng.normal() * 3.0) as f32;
+            let c = if inside(x, y) { [150.0, 100.0, 80.0] } else { [215.0, 170.0, 150.0] };
+            image::Rgb([(c[0] + n) as u8, (c[1] + n) as u8, (c[2] + n) as u8])
+        });
+        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let mut hair = GrayImage::new(200, 200);
+        // Half the pixel's colour, as a hair narrower than the pixels leaves it (greys 120-140
+        // were checked; 100 is dark enough in the value plane).
+        let grey = 130u8;
+        for x in 10..190u32 {
+            let y = 40 + (x * 3) / 5 + (x as i32 - 100).pow(2) as u32 / 500;
+            for yy in y..y + 3 {
+                let p = img.get_pixel(x, yy).0;
+                let mix = |c: u8| ((c as f32 + grey as f32) / 2.0) as u8;
+                img.put_pixel(x, yy, image::Rgb([mix(p[0]), mix(p[1]), mix(p[2])]));
+                hair.put_pixel(x, yy, image::Luma([255]));
+            }
+        }
+        let found = |chroma_plane: bool| {
+            let cfg = HairConfig { chroma_plane, ..HairConfig::default() };
+            let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+            let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
+            (recall_on_lesion(&m, &lesion, &hair), leak)
+        };
+        let (with, leak) = found(true);
+        let (without, _) = found(false);
+        assert!(with > 0.9, "recall on the lesion with the chroma plane {with}");
+        assert!(leak < 0.01, "leak {leak}");
+        assert!(without < 0.5, "recall on the lesion without it {without}");
+    }
+
     /// A grey hair over a brown lesion, of about the lesion's luminance: plain in the red
     /// channel (the value plane), faint in the luminance.
     #[test]
@@ -1006,7 +1060,8 @@ mod tests {
             }
         }
         let found = |value_plane: bool| {
-            let cfg = HairConfig { value_plane, ..HairConfig::default() };
+            // The chroma plane finds this hair too; this test is about the value plane.
+            let cfg = HairConfig { value_plane, chroma_plane: false, ..HairConfig::default() };
             let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
             let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
             (recall_on_lesion(&m, &lesion, &hair), leak)
