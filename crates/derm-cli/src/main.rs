@@ -158,6 +158,13 @@ mod tests {
         let cfg = a.config(&cli.global).unwrap();
         let def = derm_purify::PurifyConfig::default();
         assert_eq!((cfg.size, cfg.batch_size, cfg.train.epochs, cfg.train.seed), (48, 3, def.train.epochs, 5));
+        // The classic fill the purifier corrects follows `--hair-config`'s inpainting.
+        let h = file("hair-fill.json", r#"{"inpaint": "telea", "inpaint_radius": 2.0}"#);
+        let cli = parse(&[&["purify"], &train[..], &[&c, "--hair-config", &h]].concat());
+        let Command::Purify(cmd::purify::PurifyCommand::Train(a)) = &cli.command else { panic!("purify") };
+        let cfg = a.config(&cli.global).unwrap();
+        assert_eq!((cfg.prior_method, cfg.prior_radius), (derm_hair::InpaintMethod::Telea, 2.0));
+        assert_eq!(def.prior_method, derm_hair::HairConfig::default().inpaint);
 
         let c = file("classify.json", r#"{"input_size": 40, "batch_size": 3}"#);
         let cli = parse(&[&["classify"], &train[..], &[&c, "--batch", "7"]].concat());

@@ -115,6 +115,12 @@ pub struct PurifyConfig {
     /// without this field was trained without it (false).
     #[serde(default)]
     pub prior_fill: bool,
+    /// The classic fill's method and radius (px) under `prior_fill`: set them to the `inpaint`
+    /// and `inpaint_radius` of the hair config the images are cleaned with, so that the network
+    /// corrects the fill it will be given. Defaults: `derm_hair::HairConfig`'s.
+    pub prior_method: derm_hair::InpaintMethod,
+    /// See `prior_method`.
+    pub prior_radius: f32,
 }
 
 impl Default for PurifyConfig {
@@ -143,6 +149,8 @@ impl Default for PurifyConfig {
             clean_dir: None,
             cache_bytes: 1 << 30,
             prior_fill: true,
+            prior_method: derm_hair::HairConfig::default().inpaint,
+            prior_radius: derm_hair::HairConfig::default().inpaint_radius,
         }
     }
 }
@@ -231,17 +239,34 @@ impl Purifier {
     /// The classic fill of each image's hole (non-zero in `holes`) as a tensor with the config's
     /// normalisation, when the model adds its output to it (`prior_fill`); `None` otherwise.
     pub fn prior(&self, imgs: &[&RgbImage], holes: &[&GrayImage]) -> Result<Option<Tensor>> {
+        match self.prior_images(imgs, holes)? {
+            Some(filled) => self.prior_tensor(&filled.iter().collect::<Vec<_>>()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// The classic fills of [`Purifier::prior`] as images (`None` without `prior_fill`), with the
+    /// config's `prior_method` and `prior_radius`.
+    pub fn prior_images(&self, imgs: &[&RgbImage], holes: &[&GrayImage]) -> Result<Option<Vec<RgbImage>>> {
         if !self.cfg.prior_fill {
             return Ok(None);
         }
-        let hair = derm_hair::HairConfig::default();
-        let filled: Vec<RgbImage> = imgs
+        let hair = derm_hair::HairConfig {
+            inpaint: self.cfg.prior_method,
+            inpaint_radius: self.cfg.prior_radius,
+            ..derm_hair::HairConfig::default()
+        };
+        let filled = imgs
             .par_iter()
             .zip(holes.par_iter())
             .map(|(i, h)| derm_hair::inpaint(i, h, &hair))
             .collect::<Result<_>>()?;
-        let refs: Vec<&RgbImage> = filled.iter().collect();
-        Ok(Some(image_io::images_to_tensor(&refs, self.cfg.normalize, &self.device)?))
+        Ok(Some(filled))
+    }
+
+    /// Classic fills (from [`Purifier::prior_images`]) as the tensor [`Purifier::predict`] takes.
+    pub fn prior_tensor(&self, filled: &[&RgbImage]) -> Result<Tensor> {
+        image_io::images_to_tensor(filled, self.cfg.normalize, &self.device)
     }
 
     /// The network's image (N, 3, H, W) for images `x` whose holes it does not read, validity
@@ -266,17 +291,31 @@ impl Purifier {
     /// Fills the holes (non-zero in `holes`) of images of one size, at that size (no resizing);
     /// pixels outside the holes are returned unchanged.
     pub fn inpaint(&self, imgs: &[&RgbImage], holes: &[&GrayImage]) -> Result<Vec<RgbImage>> {
-        if imgs.len() != holes.len() {
+        self.inpaint_with(imgs, holes, None)
+    }
+
+    /// [`Purifier::inpaint`] with the classic fills of the holes given (`prior`, one per image,
+    /// from [`Purifier::prior_images`]) instead of computed.
+    fn inpaint_with(
+        &self,
+        imgs: &[&RgbImage],
+        holes: &[&GrayImage],
+        prior: Option<&[&RgbImage]>,
+    ) -> Result<Vec<RgbImage>> {
+        if imgs.len() != holes.len() || prior.is_some_and(|p| p.len() != imgs.len()) {
             return Err(Error::invalid(format!("inpaint: {} images but {} hole masks", imgs.len(), holes.len())));
         }
         let mut out = Vec::with_capacity(imgs.len());
         let bs = self.cfg.batch_size.max(1);
-        for (ic, hc) in imgs.chunks(bs).zip(holes.chunks(bs)) {
+        for (c, (ic, hc)) in imgs.chunks(bs).zip(holes.chunks(bs)).enumerate() {
             let x = image_io::images_to_tensor(ic, self.cfg.normalize, &self.device)?;
             let bin: Vec<GrayImage> = hc.iter().map(|h| binary(h)).collect();
             let refs: Vec<&GrayImage> = bin.iter().collect();
             let valid = image_io::masks_to_tensor(&refs, &self.device)?.affine(-1.0, 1.0)?;
-            let prior = self.prior(ic, &refs)?;
+            let prior = match prior {
+                Some(p) if self.cfg.prior_fill => Some(self.prior_tensor(&p[c * bs..c * bs + ic.len()])?),
+                _ => self.prior(ic, &refs)?,
+            };
             let comp = self.inpaint_tensor(&x, &valid, prior.as_ref())?.to_device(&Device::Cpu)?;
             for (k, filled) in image_io::tensor_to_images(&comp, self.cfg.normalize)?.into_iter().enumerate() {
                 out.push(paste(ic[k], &filled, &bin[k]));
@@ -424,6 +463,8 @@ struct ValExample {
     input: RgbImage,
     target: RgbImage,
     hole: GrayImage,
+    /// The classic fill of the hole (under `prior_fill`), computed once.
+    prior: Option<RgbImage>,
 }
 
 /// The training task for [`derm_core::train::fit`].
@@ -481,17 +522,26 @@ impl PurifyTask {
             let target = it.extra_images.get("clean").cloned();
             let occl = it.extra_masks.get("occlusion").filter(|m| m.as_raw().iter().any(|&v| v != 0)).cloned();
             let ex = match (target, occl) {
-                (Some(t), Some(h)) => ValExample { input: it.image.clone(), target: t, hole: h },
+                (Some(t), Some(h)) => ValExample { input: it.image.clone(), target: t, hole: h, prior: None },
                 (t, _) => {
                     let t = t.unwrap_or_else(|| it.image.clone());
                     let hole = masks.generate(s, s, &mut Rng::new(cfg.train.seed).fork(0x7a1 + k as u64));
-                    ValExample { input: t.clone(), target: t, hole }
+                    ValExample { input: t.clone(), target: t, hole, prior: None }
                 }
             };
             val_ex.push(ex);
         }
         tracing::info!(train = train.len(), val = val_ex.len(), library = masks.library().len(), "purification data");
         let pur = Purifier::new(cfg.clone(), device)?;
+        // The validation examples are fixed: their classic fills are computed once, here.
+        let inputs: Vec<&RgbImage> = val_ex.iter().map(|e| &e.input).collect();
+        let holes: Vec<GrayImage> = val_ex.iter().map(|e| binary(&e.hole)).collect();
+        let hole_refs: Vec<&GrayImage> = holes.iter().collect();
+        if let Some(filled) = pur.prior_images(&inputs, &hole_refs)? {
+            for (e, f) in val_ex.iter_mut().zip(filled) {
+                e.prior = Some(f);
+            }
+        }
         let opt = Optimizer::from_varmap(&pur.varmap, cfg.optim, |_| true);
         Ok(PurifyTask {
             pur,
@@ -567,7 +617,10 @@ impl PurifyTask {
             let x = image_io::images_to_tensor(&inputs, norm, dev)?;
             let t = image_io::images_to_tensor(&targets, norm, dev)?;
             let valid = image_io::masks_to_tensor(&holes, dev)?.affine(-1.0, 1.0)?;
-            let prior = self.pur.prior(&inputs, &holes)?;
+            let prior = match chunk.iter().map(|e| e.prior.as_ref()).collect::<Option<Vec<_>>>() {
+                Some(p) => Some(self.pur.prior_tensor(&p)?),
+                None => self.pur.prior(&inputs, &holes)?,
+            };
             let out = self.pur.predict(&x, &valid, prior.as_ref(), BnMode::Eval)?;
             let (_, p) =
                 inpainting_loss(&out, &t, &valid, &self.pur.cfg.loss, self.vgg.as_ref(), self.pur.cfg.normalize)?;
@@ -582,7 +635,8 @@ impl PurifyTask {
         let mut s = HoleScores::default();
         let inputs: Vec<&RgbImage> = self.val.iter().map(|e| &e.input).collect();
         let holes: Vec<&GrayImage> = self.val.iter().map(|e| &e.hole).collect();
-        let preds = self.pur.inpaint(&inputs, &holes)?;
+        let prior: Option<Vec<&RgbImage>> = self.val.iter().map(|e| e.prior.as_ref()).collect();
+        let preds = self.pur.inpaint_with(&inputs, &holes, prior.as_deref())?;
         for (k, (e, p)) in self.val.iter().zip(preds).enumerate() {
             let (psnr, ssim) = hole_metrics(&p, &e.target, &e.hole)?;
             if psnr.is_finite() {
@@ -878,6 +932,35 @@ mod tests {
         // A checkpoint's config written before the field existed was trained without it.
         let old: PurifyConfig = serde_json::from_str("{}").unwrap();
         assert!(!old.prior_fill);
+    }
+
+    #[test]
+    fn the_classic_fill_follows_the_config_and_validation_fills_are_computed_once() {
+        use derm_hair::{HairConfig, InpaintMethod};
+        let img = RgbImage::from_fn(32, 32, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, ((x + y) * 3) as u8]));
+        let hole = GrayImage::from_fn(32, 32, |x, y| Luma([if (12..16).contains(&x) && y > 4 { 255 } else { 0 }]));
+        // Not the default (harmonic relaxation after Telea, radius 3).
+        let other = HairConfig { inpaint: InpaintMethod::Telea, inpaint_radius: 2.0, ..HairConfig::default() };
+        let want = derm_hair::inpaint(&img, &hole, &other).unwrap();
+        assert!(want != derm_hair::inpaint(&img, &hole, &HairConfig::default()).unwrap());
+        let cfg = PurifyConfig { prior_method: other.inpaint, prior_radius: other.inpaint_radius, ..tiny_cfg() };
+        let p = Purifier::new(cfg, &Device::Cpu).unwrap();
+        let got = p.inpaint(&[&img], &[&hole]).unwrap().remove(0);
+        let diff = got.as_raw().iter().zip(want.as_raw()).map(|(&u, &v)| (u as i32 - v as i32).abs()).max().unwrap();
+        assert!(diff <= 1, "{diff}");
+        // Given fills give the same result as computed ones.
+        let fills = p.prior_images(&[&img], &[&hole]).unwrap().unwrap();
+        assert!(p.inpaint_with(&[&img], &[&hole], Some(&[&fills[0]])).unwrap()[0] == got);
+        // A task keeps its validation examples' fills and scores with them as without them.
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(&d.path().join("ph"), 12);
+        let mut task = PurifyTask::new(tiny_cfg(), &data, &Device::Cpu).unwrap();
+        assert!(!task.val.is_empty() && task.val.iter().all(|e| e.prior.is_some()));
+        let (cached, loss_cached) = (task.val_scores().unwrap(), task.val_loss().unwrap());
+        for e in &mut task.val {
+            e.prior = None;
+        }
+        assert_eq!((cached, loss_cached), (task.val_scores().unwrap(), task.val_loss().unwrap()));
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub struct TrainArgs {
     /// instead of the pixels (false: the network paints the hole alone). [config default: true]
     #[arg(long)]
     pub prior_fill: Option<bool>,
+    /// A JSON file with derm-hair's `HairConfig` the images are cleaned with: its `inpaint` and
+    /// `inpaint_radius` give the classic fill the network corrects. [config default: derm-hair's]
+    #[arg(long)]
+    pub hair_config: Option<PathBuf>,
 }
 
 impl TrainArgs {
@@ -84,6 +88,10 @@ impl TrainArgs {
         set_some(&mut c.hole_masks, self.hole_masks.clone());
         set_some(&mut c.clean_dir, self.clean_dir.clone());
         set(&mut c.prior_fill, self.prior_fill);
+        if let Some(p) = &self.hair_config {
+            let h = hair_config(Some(p))?;
+            (c.prior_method, c.prior_radius) = (h.inpaint, h.inpaint_radius);
+        }
         self.run.apply(g, &mut c.train, &mut c.batch_size);
         Ok(c)
     }
