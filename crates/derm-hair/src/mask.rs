@@ -16,7 +16,7 @@ use image::{GrayImage, RgbImage};
 
 use crate::color::luminance_u8;
 use crate::config::{HairConfig, HairDetector};
-use crate::morph::{black_hat_lines, components, dilate_disc, fill_holes, remove_small};
+use crate::morph::{black_hat_lines, components, dilate_disc, fill_holes, line_filter, remove_small, LineDir, MorphOp};
 use rayon::prelude::*;
 
 /// The smallest short side (px) an image may have.
@@ -136,8 +136,9 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///    response minus the smallest (a hair is closed across, not along; dots, globules and a
 ///    pigment network are closed along every line). With `cfg.value_plane` the black-hat is
 ///    also taken on the value plane ([`crate::color::value_u8`]), and with `cfg.chroma_plane`
-///    and a lesion mask on the chroma plane inside the lesion ([`crate::color::chroma_u8`]: a
-///    grey hair as light as the brown lesion); the largest score wins;
+///    and a lesion mask on the chroma plane inside the lesion, half a line element away from its
+///    border ([`crate::color::chroma_u8`]: a grey hair as light as the brown lesion); the
+///    largest score wins;
 /// 2. hysteresis: pixels scoring at least `cfg.threshold` (inside the lesion, when a lesion mask
 ///    is given, `cfg.lesion_threshold`; light hairs `cfg.light_threshold`) seed pieces that grow
 ///    through pixels scoring at least `cfg.hysteresis` (inside the lesion
@@ -433,15 +434,25 @@ pub(crate) fn detect(
     let in_lesion = |i: usize| lesion.is_some_and(|m| m[i] >= 128);
     // `from_value`: 1 where the value plane gave the larger dark score, 2 the chroma plane
     // (which counts inside the lesion only: a grey hair on a brown lesion is a dark line there,
-    // while on skin grey-white scales and bubbles would be too).
+    // while on skin grey-white scales and flakes would be too).
     let mut from_value = Vec::new();
     let chroma = chroma.filter(|_| lesion.is_some());
+    // The chroma plane counts at least a line element's half length inside the lesion's border:
+    // between a brown lesion and bluish skin the colours mix to grey, a thin low-chroma ring.
+    let deep: Vec<u8> = match (chroma, lesion) {
+        (Some(_), Some(m)) => {
+            let m: Vec<u8> = m.iter().map(|&v| if v >= 128 { 255 } else { 0 }).collect();
+            let e = line_filter(&m, w, h, LineDir::Horizontal, radius, MorphOp::Min);
+            line_filter(&e, w, h, LineDir::Vertical, radius, MorphOp::Min)
+        }
+        _ => Vec::new(),
+    };
     for (k, v) in [(1u8, value), (2, chroma)] {
         let Some(v) = v else { continue };
         let rv = crate::oriented::line_responses(v, w, h, radius, cfg.directions, false, widen);
         from_value.resize(w * h, 0u8);
         for (i, fv) in from_value.iter_mut().enumerate() {
-            if k == 2 && !in_lesion(i) {
+            if k == 2 && deep[i] == 0 {
                 continue;
             }
             if rv.dark_max[i] - rv.dark_min[i] > r.dark_max[i] - r.dark_min[i] {
