@@ -1011,19 +1011,31 @@ mod tests {
         assert!(strip_marked_off > 0.8, "strip marked without the relative test {strip_marked_off}");
     }
 
+    /// A brown lesion of `colour` (a disc of radius 70 in a 200 px image) on skin, with noise.
+    fn brown_lesion(colour: [f32; 3]) -> (RgbImage, GrayImage) {
+        let mut rng = derm_core::Rng::new(5);
+        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
+        let img = RgbImage::from_fn(200, 200, |x, y| {
+            let n = (rng.normal() * 3.0) as f32;
+            let c = if inside(x, y) { colour } else { [215.0, 170.0, 150.0] };
+            image::Rgb([(c[0] + n) as u8, (c[1] + n) as u8, (c[2] + n) as u8])
+        });
+        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        (img, lesion)
+    }
+
+    /// Recall on the lesion and lesion leak of `cfg`'s mask against the drawn `hair`.
+    fn recall_and_leak(img: &RgbImage, lesion: &GrayImage, hair: &GrayImage, cfg: &HairConfig) -> (f64, f64) {
+        let m = hair_mask(img, Some(lesion), cfg).unwrap();
+        (recall_on_lesion(&m, lesion, hair), crate::eval::lesion_leak(&m, lesion, hair).unwrap())
+    }
+
     /// A faint grey hair over a brown lesion (half covering its pixels), neither darker in the
     /// value plane than the lesion threshold nor lighter than the light threshold: only its lack
     /// of colour gives it away (the chroma plane).
     #[test]
     fn grey_hair_as_light_as_the_lesion_is_found_in_the_chroma_plane() {
-        let mut rng = derm_core::Rng::new(5);
-        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
-        let mut img = RgbImage::from_fn(200, 200, |x, y| {
-            let n = (rng.normal() * 3.0) as f32;
-            let c = if inside(x, y) { [150.0, 100.0, 80.0] } else { [215.0, 170.0, 150.0] };
-            image::Rgb([(c[0] + n) as u8, (c[1] + n) as u8, (c[2] + n) as u8])
-        });
-        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let (mut img, lesion) = brown_lesion([150.0, 100.0, 80.0]);
         let mut hair = GrayImage::new(200, 200);
         // Half the pixel's colour, as a hair narrower than the pixels leaves it (greys 120-140
         // were checked; 100 is dark enough in the value plane).
@@ -1038,10 +1050,7 @@ mod tests {
             }
         }
         let found = |chroma_plane: bool| {
-            let cfg = HairConfig { chroma_plane, ..HairConfig::default() };
-            let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
-            let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
-            (recall_on_lesion(&m, &lesion, &hair), leak)
+            recall_and_leak(&img, &lesion, &hair, &HairConfig { chroma_plane, ..HairConfig::default() })
         };
         let (with, leak) = found(true);
         let (without, _) = found(false);
@@ -1054,14 +1063,7 @@ mod tests {
     /// channel (the value plane), faint in the luminance.
     #[test]
     fn grey_hair_on_a_brown_lesion_is_found_in_the_value_plane() {
-        let mut rng = derm_core::Rng::new(5);
-        let inside = |x: u32, y: u32| (x as i32 - 100).pow(2) + (y as i32 - 100).pow(2) < 70 * 70;
-        let mut img = RgbImage::from_fn(200, 200, |x, y| {
-            let n = (rng.normal() * 3.0) as f32;
-            let c = if inside(x, y) { [165.0, 100.0, 75.0] } else { [215.0, 170.0, 150.0] };
-            image::Rgb([(c[0] + n) as u8, (c[1] + n) as u8, (c[2] + n) as u8])
-        });
-        let lesion = GrayImage::from_fn(200, 200, |x, y| image::Luma([if inside(x, y) { 255 } else { 0 }]));
+        let (mut img, lesion) = brown_lesion([165.0, 100.0, 75.0]);
         let mut hair = GrayImage::new(200, 200);
         for x in 10..190u32 {
             let y = 40 + (x * 3) / 5;
@@ -1072,10 +1074,12 @@ mod tests {
         }
         let found = |value_plane: bool| {
             // The chroma plane finds this hair too; this test is about the value plane.
-            let cfg = HairConfig { value_plane, chroma_plane: false, ..HairConfig::default() };
-            let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
-            let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
-            (recall_on_lesion(&m, &lesion, &hair), leak)
+            recall_and_leak(
+                &img,
+                &lesion,
+                &hair,
+                &HairConfig { value_plane, chroma_plane: false, ..HairConfig::default() },
+            )
         };
         let (with, leak) = found(true);
         let (without, _) = found(false);
