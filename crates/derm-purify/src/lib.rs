@@ -302,8 +302,11 @@ impl Purifier {
         holes: &[&GrayImage],
         prior: Option<&[&RgbImage]>,
     ) -> Result<Vec<RgbImage>> {
-        if imgs.len() != holes.len() || prior.is_some_and(|p| p.len() != imgs.len()) {
+        if imgs.len() != holes.len() {
             return Err(Error::invalid(format!("inpaint: {} images but {} hole masks", imgs.len(), holes.len())));
+        }
+        if let Some(p) = prior.filter(|p| p.len() != imgs.len()) {
+            return Err(Error::invalid(format!("inpaint: {} images but {} classic fills", imgs.len(), p.len())));
         }
         let mut out = Vec::with_capacity(imgs.len());
         let bs = self.cfg.batch_size.max(1);
