@@ -255,29 +255,62 @@ fn find_band(pale: &[u8], raw: &[u8], w: usize, h: usize, r: &Ruler, s: f32) -> 
     best.map(|(_, side, ext)| (side, ext))
 }
 
-/// Sets to `value` the pixels of the ruler: the line itself, the non-zero pixels of `src` among
-/// the ticks, and the whole band when there is one. A ruler with a body (band) is painted
-/// across the image; one without only where it is seen (its pieces along the line, plus a
-/// little over a tick pitch at each end), so that a straight hair taken for a ruler is not
-/// extended over the skin. `s` is the image scale.
+/// Sets to `value` the pixels of the ruler: the line itself, the ticks, and the whole band when
+/// there is one. A tick is the run of non-zero pixels of `src` that starts at the line and goes
+/// straight out on the tick side, up to the tick length (texture that lies beside the ruler
+/// without touching it stays out). A ruler with a body (band) is painted across the image; one
+/// without only where it is seen (its pieces along the line, plus a little over a tick pitch at
+/// each end), so that a straight hair taken for a ruler is not extended over the skin. `s` is
+/// the image scale.
 fn paint(dst: &mut [u8], src: &[u8], w: usize, h: usize, r: &Ruler, value: u8, s: f32) {
     let line = 1.5 * s.max(1.0);
     let reach = 10.0 * s.max(1.0);
+    let along = |x: f32, y: f32| -x * r.sin + y * r.cos;
     for y in 0..h {
         for x in 0..w {
-            let t = -(x as f32) * r.sin + y as f32 * r.cos;
+            let t = along(x as f32, y as f32);
             if r.band.is_none() && (t < r.t0 - reach || t > r.t1 + reach) {
                 continue;
             }
             let d = x as f32 * r.cos + y as f32 * r.sin - r.rho;
-            let o = d * r.side;
-            let i = y * w + x;
             let in_band = r.band.is_some_and(|(bs, b)| d * bs >= -line && d * bs <= b);
-            let on_ticks = o >= -line - 1.0 && o <= r.tick + 2.0 * s.max(1.0) && src[i] != 0;
-            if d.abs() <= line || in_band || on_ticks {
-                dst[i] = value;
+            if d.abs() <= line || in_band {
+                dst[y * w + x] = value;
             }
         }
+    }
+    // Ticks: from every half pixel along the seen line, out along the normal while `src` holds
+    // (gaps up to a pixel bridged).
+    let pixel = |t: f32, o: f32| -> Option<usize> {
+        let x = (r.rho * r.cos - t * r.sin + o * r.cos).round();
+        let y = (r.rho * r.sin + t * r.cos + o * r.sin).round();
+        (x >= 0.0 && y >= 0.0 && (x as usize) < w && (y as usize) < h).then(|| y as usize * w + x as usize)
+    };
+    let corners = [(0.0, 0.0), (w as f32, 0.0), (0.0, h as f32), (w as f32, h as f32)].map(|(x, y)| along(x, y));
+    let lo = corners.iter().copied().fold(f32::INFINITY, f32::min).max(r.t0 - reach);
+    let hi = corners.iter().copied().fold(f32::NEG_INFINITY, f32::max).min(r.t1 + reach);
+    let end = r.tick + 2.0 * s.max(1.0);
+    let mut t = lo;
+    let mut run = Vec::new();
+    while t <= hi {
+        run.clear();
+        let (mut o, mut gap) = (-line - 1.0, 0.0);
+        while o <= end && gap <= 1.0 {
+            match pixel(t, o * r.side) {
+                Some(i) if src[i] != 0 => {
+                    run.push(i);
+                    gap = 0.0;
+                }
+                // The line's own pixels may be missing from `src`; the walk starts past them.
+                _ if o.abs() <= line => {}
+                _ => gap += 0.5,
+            }
+            o += 0.5;
+        }
+        for &i in &run {
+            dst[i] = value;
+        }
+        t += 0.5;
     }
 }
 
@@ -431,11 +464,17 @@ fn periodicity(x: &[f32], lo: usize, hi: usize) -> f32 {
     if !(0.08..=0.6).contains(&busy) {
         return 0.0;
     }
-    let mut best = 0f32;
-    for lag in lo..=hi.min(x.len() - 1) {
+    // A lag counts only once the profile has decorrelated at a shorter one (ticks are apart at
+    // half their pitch): a profile of long blobs (texture beside a hair) stays correlated over
+    // small lags without being periodic.
+    let (mut best, mut dipped) = (0f32, false);
+    for lag in 1..=hi.min(x.len() - 1) {
         let m = x.len() - lag;
-        let c: f32 = (0..m).map(|i| d[i] * d[i + lag]).sum::<f32>() / m as f32;
-        best = best.max(c / var);
+        let c = (0..m).map(|i| d[i] * d[i + lag]).sum::<f32>() / m as f32 / var;
+        if lag >= lo && dipped {
+            best = best.max(c);
+        }
+        dipped |= c <= 0.0;
     }
     best
 }
@@ -508,5 +547,12 @@ mod tests {
         let mut rng = derm_core::Rng::new(2);
         let noise: Vec<f32> = (0..100).map(|_| if rng.bernoulli(0.2) { 1.0 } else { 0.0 }).collect();
         assert!(periodicity(&noise, 3, 25) < MIN_PERIODICITY);
+        // Long blobs (texture beside a hair) correlate over short lags but are not periodic.
+        let mut blobs = Vec::new();
+        while blobs.len() < 200 {
+            let (on, off) = (8 + rng.below(20), 10 + rng.below(40));
+            blobs.extend(std::iter::repeat_n(1.0f32, on).chain(std::iter::repeat_n(0.0, off)));
+        }
+        assert!(periodicity(&blobs, 3, 25) < MIN_PERIODICITY, "{}", periodicity(&blobs, 3, 25));
     }
 }
