@@ -116,6 +116,11 @@ pub struct Responses {
 /// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
 /// `n_dirs` orientations evenly spread over 180°, on the image widened by `widen` 3 x 3 minima
 /// (maxima for the top-hat); `light` adds the top-hat (else its planes are zero).
+///
+/// The top-hat is taken on the image with its thin dark structures closed (the closing of the
+/// orientation with the largest black-hat): the skin in the narrow wedge where two dark hairs
+/// cross is lighter than the hairs on both sides of it, but not lighter than its surroundings
+/// once the hairs are filled in, while a light hair is left as it is by the closing.
 pub fn line_responses(
     l: &[u8],
     w: usize,
@@ -133,33 +138,17 @@ pub fn line_responses(
     // a few pixels; on the image widened by a 3 x 3 minimum (maximum for light hairs) the line
     // along a hair stays inside it, while dots and meshes are still left within a few pixels.
     let mut eroded = l.to_vec();
-    let mut dilated = if light { l.to_vec() } else { Vec::new() };
     for _ in 0..widen {
         eroded = square3(&eroded, w, h, false);
-        if light {
-            dilated = square3(&dilated, w, h, true);
-        }
     }
-    let per_dir = |i: usize| -> (Vec<u8>, Vec<u8>) {
-        let theta = i as f32 * std::f32::consts::PI / n_dirs as f32;
-        let offs = pad.offsets(theta);
-        let mut a = Vec::new();
-        let mut b = vec![0u8; pad.len()];
+    let closing_at = |i: usize| -> Vec<u8> {
+        let offs = pad.offsets(i as f32 * std::f32::consts::PI / n_dirs as f32);
+        let (mut a, mut b) = (Vec::new(), vec![0u8; pad.len()]);
         pad.load(&eroded, 0, &mut a);
         line_op(&a, &offs, true, &mut b);
         pad.refill(&mut b, if border_black { 0 } else { 255 });
         line_op(&b, &offs, false, &mut a);
-        let closing = unpad(&a, &pad);
-        let opening = if light {
-            pad.load(&dilated, 255, &mut a);
-            line_op(&a, &offs, false, &mut b);
-            pad.refill(&mut b, 0);
-            line_op(&b, &offs, true, &mut a);
-            unpad(&a, &pad)
-        } else {
-            Vec::new()
-        };
-        (closing, opening)
+        unpad(&a, &pad)
     };
     let n = w * h;
     let unit: Vec<(i32, i32)> = (0..n_dirs)
@@ -176,10 +165,10 @@ pub fn line_responses(
         closing: l.to_vec(),
         across: vec![(0, 0); n],
     };
-    (0..n_dirs)
+    let mut r = (0..n_dirs)
         .into_par_iter()
         .fold(init, |mut acc, i| {
-            let (c, o) = per_dir(i);
+            let c = closing_at(i);
             let (ux, uy) = unit[i];
             for k in 0..n {
                 let d = c[k].saturating_sub(l[k]);
@@ -191,13 +180,6 @@ pub fn line_responses(
                 }
                 acc.dark_min[k] = acc.dark_min[k].min(d);
             }
-            if light {
-                for k in 0..n {
-                    let d = l[k].saturating_sub(o[k]);
-                    acc.light_max[k] = acc.light_max[k].max(d);
-                    acc.light_min[k] = acc.light_min[k].min(d);
-                }
-            }
             acc
         })
         .reduce(init, |mut a, b| {
@@ -207,12 +189,47 @@ pub fn line_responses(
                     a.closing[k] = b.closing[k];
                 }
                 a.dark_min[k] = a.dark_min[k].min(b.dark_min[k]);
-                a.light_max[k] = a.light_max[k].max(b.light_max[k]);
-                a.light_min[k] = a.light_min[k].min(b.light_min[k]);
                 a.across[k] = (a.across[k].0 + b.across[k].0, a.across[k].1 + b.across[k].1);
             }
             a
-        })
+        });
+    if light {
+        let mut dilated = r.closing.clone();
+        for _ in 0..widen {
+            dilated = square3(&dilated, w, h, true);
+        }
+        let opening_at = |i: usize| -> Vec<u8> {
+            let offs = pad.offsets(i as f32 * std::f32::consts::PI / n_dirs as f32);
+            let (mut a, mut b) = (Vec::new(), vec![0u8; pad.len()]);
+            pad.load(&dilated, 255, &mut a);
+            line_op(&a, &offs, false, &mut b);
+            pad.refill(&mut b, 0);
+            line_op(&b, &offs, true, &mut a);
+            unpad(&a, &pad)
+        };
+        let init = || (vec![0u8; n], vec![255u8; n]);
+        let (hi, lo) = (0..n_dirs)
+            .into_par_iter()
+            .fold(init, |(mut hi, mut lo), i| {
+                let o = opening_at(i);
+                for k in 0..n {
+                    let d = l[k].saturating_sub(o[k]);
+                    hi[k] = hi[k].max(d);
+                    lo[k] = lo[k].min(d);
+                }
+                (hi, lo)
+            })
+            .reduce(init, |(mut hi, mut lo), (bh, bl)| {
+                for k in 0..n {
+                    hi[k] = hi[k].max(bh[k]);
+                    lo[k] = lo[k].min(bl[k]);
+                }
+                (hi, lo)
+            });
+        r.light_max = hi;
+        r.light_min = lo;
+    }
+    r
 }
 
 /// 3 x 3 maximum (`max`) or minimum of a plane, the border clamped.
