@@ -1147,6 +1147,47 @@ mod tests {
         assert!(crate::eval::pixel_scores(&m, &light).unwrap().recall < 0.1);
     }
 
+    /// The narrow wedge of skin where two dark hairs cross at a small angle is lighter than the
+    /// hairs on both sides of it: it must not be taken for a light hair.
+    #[test]
+    fn skin_between_crossing_dark_hairs_is_not_a_light_hair() {
+        let mut rng = derm_core::Rng::new(4);
+        let mut img = RgbImage::from_fn(256, 256, |_, _| {
+            let n = (rng.normal() * 2.0) as f32;
+            image::Rgb([(215.0 + n) as u8, (172.0 + n) as u8, (158.0 + n) as u8])
+        });
+        let mut near = GrayImage::new(256, 256);
+        let mut hair = GrayImage::new(256, 256);
+        let (a, width) = (18f32.to_radians(), 5.0f32);
+        for y in 0..256u32 {
+            for x in 0..256u32 {
+                let (dx, dy) = (x as f32 + 0.5 - 128.0, y as f32 + 0.5 - 128.0);
+                // Distance to the horizontal hair and to the one at angle `a`, both 200 px long.
+                let along = |c: f32, s: f32| (dx * c + dy * s).abs() <= 100.0;
+                let d = [(1.0f32, 0.0f32), (a.cos(), a.sin())]
+                    .iter()
+                    .filter(|&&(c, s)| along(c, s))
+                    .map(|&(c, s)| (dy * c - dx * s).abs())
+                    .fold(f32::MAX, f32::min);
+                let cover = (width / 2.0 + 0.5 - d).clamp(0.0, 1.0);
+                let p = img.get_pixel_mut(x, y);
+                for v in &mut p.0 {
+                    *v = (*v as f32 * (1.0 - cover) + 40.0 * cover) as u8;
+                }
+                if d <= width / 2.0 {
+                    hair.put_pixel(x, y, image::Luma([255]));
+                }
+                if d <= width / 2.0 + 2.0 {
+                    near.put_pixel(x, y, image::Luma([255]));
+                }
+            }
+        }
+        let m = hair_mask(&img, None, &HairConfig::default()).unwrap();
+        let away = m.pixels().zip(near.pixels()).filter(|(p, n)| p.0[0] != 0 && n.0[0] == 0).count();
+        assert!(away <= 10, "{away} skin pixels between the hairs marked");
+        assert!(crate::eval::pixel_scores(&m, &hair).unwrap().recall > 0.9);
+    }
+
     #[test]
     fn mask_has_the_input_size_for_odd_sizes() {
         let cfg = HairConfig::default();
