@@ -170,7 +170,7 @@ impl Default for HairConfig {
             directions: 12,
             lesion_threshold: 8.0,
             light: true,
-            light_threshold: 8.0,
+            light_threshold: 6.0,
             hysteresis: 1.0,
             lesion_hysteresis: 0.7,
             weak_coherence: 0.7,

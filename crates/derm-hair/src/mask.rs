@@ -499,7 +499,10 @@ pub(crate) fn detect(
     // the sum of its neighbours' across-vectors (within half `min_length`) is at least
     // `cfg.coherence` of the sum of their lengths.
     let rho = (cfg.min_length * s / 2.0).round().max(2.0) as usize;
-    let coh = coherence(&r.across, &weak, w, h, rho);
+    // A light hair's orientation is the top-hat's.
+    let oriented: Vec<(i32, i32)> =
+        (0..w * h).map(|i| if light[i] != 0 { r.light_across[i] } else { r.across[i] }).collect();
+    let coh = coherence(&oriented, &weak, w, h, rho);
     let cand: Vec<u8> = (0..w * h)
         .map(|i| {
             let need = if strong[i] != 0 { cfg.coherence } else { cfg.coherence.max(cfg.weak_coherence) };

@@ -111,6 +111,9 @@ pub struct Responses {
     /// points across a hair (the doubled angle of the orientations that close it) and is near
     /// zero on a dot, which every orientation closes alike.
     pub across: Vec<(i32, i32)>,
+    /// The same sum for the white top-hat (pointing across a light hair); empty without the
+    /// top-hat.
+    pub light_across: Vec<(i32, i32)>,
 }
 
 /// Black-hat and white top-hat of `l` (`w` x `h`) with lines of `2 radius + 1` samples in
@@ -164,6 +167,7 @@ pub fn line_responses(
         light_min: vec![if light { 255 } else { 0 }; n],
         closing: l.to_vec(),
         across: vec![(0, 0); n],
+        light_across: Vec::new(),
     };
     let mut r = (0..n_dirs)
         .into_par_iter()
@@ -207,27 +211,32 @@ pub fn line_responses(
             line_op(&b, &offs, true, &mut a);
             unpad(&a, &pad)
         };
-        let init = || (vec![0u8; n], vec![255u8; n]);
-        let (hi, lo) = (0..n_dirs)
+        let init = || (vec![0u8; n], vec![255u8; n], vec![(0i32, 0i32); n]);
+        let (hi, lo, across) = (0..n_dirs)
             .into_par_iter()
-            .fold(init, |(mut hi, mut lo), i| {
+            .fold(init, |(mut hi, mut lo, mut across), i| {
                 let o = opening_at(i);
+                let (ux, uy) = unit[i];
                 for k in 0..n {
                     let d = l[k].saturating_sub(o[k]);
                     hi[k] = hi[k].max(d);
                     lo[k] = lo[k].min(d);
+                    let v = &mut across[k];
+                    *v = (v.0 + d as i32 * ux, v.1 + d as i32 * uy);
                 }
-                (hi, lo)
+                (hi, lo, across)
             })
-            .reduce(init, |(mut hi, mut lo), (bh, bl)| {
+            .reduce(init, |(mut hi, mut lo, mut across), (bh, bl, ba)| {
                 for k in 0..n {
                     hi[k] = hi[k].max(bh[k]);
                     lo[k] = lo[k].min(bl[k]);
+                    across[k] = (across[k].0 + ba[k].0, across[k].1 + ba[k].1);
                 }
-                (hi, lo)
+                (hi, lo, across)
             });
         r.light_max = hi;
         r.light_min = lo;
+        r.light_across = across;
     }
     r
 }
