@@ -73,9 +73,9 @@ pub struct HairConfig {
     /// for detection (line elements of a few pixels cannot tell a hair from a dot); 0 never.
     pub min_work_side: u32,
     /// Orientation coherence (0-1) a hair candidate's neighbourhood must have: the length of the
-    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: 0.45 keeps a
-    /// synthetic pigment network out of the mask but costs 5 points of recall on the real-image
-    /// benchmark (BENCH.md).
+    /// sum of the across-vectors over the sum of their lengths. Off (0) by default: everywhere,
+    /// 0.45 keeps a synthetic pigment network out of the mask but costs 1.5 points of recall on
+    /// the real-image benchmark; the `mesh_*` tests below do it only where a mesh is (BENCH.md).
     pub coherence: f32,
     /// Whether dark hairs are also looked for in the value plane (the lightness of each pixel's
     /// largest channel, [`crate::color::value_u8`]) besides the luminance, the larger score
@@ -121,6 +121,19 @@ pub struct HairConfig {
     /// The orientation coherence (as `coherence`) a candidate below its threshold (grown by
     /// hysteresis) must have.
     pub weak_coherence: f32,
+    /// Pigment network: inside the lesion, a candidate is in a mesh when candidates cover at
+    /// least `mesh_density` of the lesion's pixels in the square of `min_length` around it and
+    /// its orientation coherence (as `coherence`) is under this; 0 turns the mesh test off.
+    pub mesh_coherence: f32,
+    /// See `mesh_coherence`.
+    pub mesh_density: f32,
+    /// A mesh candidate counts as hair only on a straight run of this many times `min_length`
+    /// whose pixels all lie near candidates pointing the run's way.
+    pub mesh_length: f32,
+    /// A mesh candidate is added back next to a hair only when the cosine between its
+    /// doubled-angle orientation and that of the hair pixels around it is at least this (0.6:
+    /// within about 27°).
+    pub mesh_agreement: f32,
     /// Shortest piece (px) that counts as hair.
     pub min_length: f32,
     /// Widest piece (px, twice its area over its boundary pixels) that counts as hair.
@@ -174,6 +187,10 @@ impl Default for HairConfig {
             hysteresis: 1.0,
             lesion_hysteresis: 0.7,
             weak_coherence: 0.7,
+            mesh_coherence: 0.5,
+            mesh_density: 0.4,
+            mesh_length: 2.0,
+            mesh_agreement: 0.6,
             min_length: 16.0,
             max_width: 8.0,
             ink: true,
@@ -214,6 +231,9 @@ impl HairConfig {
             ("hysteresis", self.hysteresis),
             ("lesion_hysteresis", self.lesion_hysteresis),
             ("weak_coherence", self.weak_coherence),
+            ("mesh_coherence", self.mesh_coherence),
+            ("mesh_density", self.mesh_density),
+            ("mesh_length", self.mesh_length),
             ("min_length", self.min_length),
             ("max_width", self.max_width),
             ("inpaint_radius", self.inpaint_radius),
@@ -227,6 +247,9 @@ impl HairConfig {
             if !v.is_finite() || v < 0.0 {
                 derm_core::bail!("hair config: {name} must be finite and non-negative, got {v}");
             }
+        }
+        if !(-1.0..=1.0).contains(&self.mesh_agreement) {
+            derm_core::bail!("hair config: mesh_agreement is a cosine, -1 to 1, got {}", self.mesh_agreement);
         }
         if self.directions < 2 || self.directions > 64 {
             derm_core::bail!("hair config: directions must be 2 to 64, got {}", self.directions);

@@ -503,10 +503,22 @@ pub(crate) fn detect(
     let oriented: Vec<(i32, i32)> =
         (0..w * h).map(|i| if light[i] != 0 { r.light_across[i] } else { r.across[i] }).collect();
     let coh = coherence(&oriented, &weak, w, h, rho);
+    // Pigment network: inside the lesion, where candidates cover at least `mesh_density` of the
+    // lesion around a pixel (the same square) and its coherence is under `mesh_coherence`, the
+    // pixel is in a mesh. A hair crossing the mesh is a sparse line through it, but the mesh's
+    // own across-vectors outvote the hair's in the coherence sum, so a mesh pixel is judged by
+    // the length of its straight run instead (below).
+    let meshed: Vec<bool> = match lesion {
+        Some(m) if cfg.mesh_coherence > 0.0 => {
+            let density = lesion_density(&weak, m, w, h, rho);
+            (0..w * h).map(|i| in_lesion(i) && density[i] >= cfg.mesh_density && coh[i] < cfg.mesh_coherence).collect()
+        }
+        _ => vec![false; w * h],
+    };
     let cand: Vec<u8> = (0..w * h)
         .map(|i| {
             let need = if strong[i] != 0 { cfg.coherence } else { cfg.coherence.max(cfg.weak_coherence) };
-            if weak[i] != 0 && coh[i] >= need {
+            if weak[i] != 0 && !meshed[i] && coh[i] >= need {
                 255
             } else {
                 0
@@ -517,10 +529,27 @@ pub(crate) fn detect(
     let max_w = (cfg.max_width * s).max(1.0) + 2.0;
     let loose = dilate_disc(&cand, w, h, 1.0);
     let dirs = orientations();
+    // A mesh pixel stays when a run of `mesh_length` times `min_length` through it passes only
+    // pixels near a candidate pointing the run's way (a network's edges turn at every junction,
+    // a cell or two apart) while the run across it in the other candidates is at most `max_w`.
+    let mesh_len = min_len * cfg.mesh_length;
+    let bits = if meshed.contains(&true) { direction_bits(&weak, &oriented, w, h) } else { Vec::new() };
     let mut lined = vec![0u8; w * h];
     lined.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
         for (x, o) in row.iter_mut().enumerate() {
-            if cand[y * w + x] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs) {
+            let i = y * w + x;
+            let hair = if meshed[i] {
+                let (n, cap) = (dirs.len(), mesh_len.ceil() as usize);
+                weak[i] != 0
+                    && (0..n).any(|d| {
+                        bits[i] & (1 << d) != 0
+                            && run_bits(&bits, d, w, h, x, y, dirs[d], cap) as f32 >= mesh_len
+                            && run_through(&loose, w, h, x, y, dirs[(d + n / 2) % n], cap) as f32 <= max_w
+                    })
+            } else {
+                cand[i] != 0 && line_like(&loose, w, h, x, y, min_len, max_w, &dirs)
+            };
+            if hair {
                 *o = 255;
             }
         }
@@ -530,14 +559,21 @@ pub(crate) fn detect(
     // they score at least `addback_share` of the strongest hair pixel there (the lesion's
     // texture beside a hair scores lower than the hair), repeatedly up to the largest width. Only
     // candidates above their threshold are added back: the fainter ones grown by hysteresis
-    // must pass the shape test themselves.
+    // must pass the shape test themselves. A mesh pixel is added back only when it points the
+    // way of the hair pixels next to it (`mesh_agreement`): a network's edges meet a hair
+    // crossing it at every angle, a wide hair's rim and a fork run along it.
     let steps = (cfg.max_width * s / 2.0).ceil().max(1.0) as usize;
     for _ in 0..steps {
         let held: Vec<u8> = lined.iter().zip(&score).map(|(&l, &d)| if l != 0 { d } else { 0 }).collect();
         let near = crate::oriented::square3(&held, w, h, true);
         let near = crate::oriented::square3(&near, w, h, true);
         for (i, l) in lined.iter_mut().enumerate() {
-            if *l == 0 && strong[i] != 0 && near[i] > 0 && score[i] as f32 >= cfg.addback_share * near[i] as f32 {
+            if *l == 0
+                && strong[i] != 0
+                && near[i] > 0
+                && score[i] as f32 >= cfg.addback_share * near[i] as f32
+                && (!meshed[i] || agreement(&held, &oriented, w, h, i) >= cfg.mesh_agreement)
+            {
                 *l = 255;
             }
         }
@@ -585,6 +621,29 @@ pub(crate) fn detect(
     let peak = crate::oriented::square3(&hair_score, w, h, true);
     let lesion = lesion.map(<[u8]>::to_vec).unwrap_or_default();
     Detection { w, h, mask, light, raw, closing: r.closing, opening, from_value, peak, lesion }
+}
+
+/// The cosine between pixel `i`'s doubled-angle vector in `v` and the sum of those of the pixels
+/// of `held` (non-zero) in the 5 x 5 square around it (-1 where none is).
+fn agreement(held: &[u8], v: &[(i32, i32)], w: usize, h: usize, i: usize) -> f32 {
+    let (x, y) = ((i % w) as i64, (i / w) as i64);
+    let (mut sx, mut sy) = (0f64, 0f64);
+    for yy in (y - 2).max(0)..(y + 3).min(h as i64) {
+        for xx in (x - 2).max(0)..(x + 3).min(w as i64) {
+            let k = yy as usize * w + xx as usize;
+            if held[k] != 0 {
+                sx += v[k].0 as f64;
+                sy += v[k].1 as f64;
+            }
+        }
+    }
+    let (a, b) = (v[i].0 as f64, v[i].1 as f64);
+    let d = (a * a + b * b).sqrt() * (sx * sx + sy * sy).sqrt();
+    if d > 0.0 {
+        ((a * sx + b * sy) / d) as f32
+    } else {
+        -1.0
+    }
 }
 
 /// The largest value of `plane` on the line of `2 reach + 1` samples through pixel `i` in the
@@ -646,6 +705,40 @@ fn coherence(v: &[(i32, i32)], inside: &[u8], w: usize, h: usize, rho: usize) ->
                 let own = (a * a + b * b).sqrt();
                 let cos = if own > 0.0 { ((a * sx + b * sy) / (own * sn)).max(0.0) } else { 0.0 };
                 *o = (sn / m * cos) as f32;
+            }
+        }
+    });
+    out
+}
+
+/// Per pixel, the share of the lesion's pixels (`lesion` >= 128) in the `(2 rho + 1)^2` square
+/// around it that are in `inside` (0 where the square holds none of the lesion).
+fn lesion_density(inside: &[u8], lesion: &[u8], w: usize, h: usize, rho: usize) -> Vec<f32> {
+    let w1 = w + 1;
+    let mut ic = vec![0u32; w1 * (h + 1)];
+    let mut il = ic.clone();
+    for y in 0..h {
+        let (mut sc, mut sl) = (0u32, 0u32);
+        for x in 0..w {
+            let i = y * w + x;
+            if lesion[i] >= 128 {
+                sl += 1;
+                sc += u32::from(inside[i] != 0);
+            }
+            let o = (y + 1) * w1 + x + 1;
+            ic[o] = ic[o - w1] + sc;
+            il[o] = il[o - w1] + sl;
+        }
+    }
+    let mut out = vec![0f32; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(h));
+        for (x, o) in row.iter_mut().enumerate() {
+            let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(w));
+            let bx = |p: &[u32]| p[y1 * w1 + x1] + p[y0 * w1 + x0] - p[y0 * w1 + x1] - p[y1 * w1 + x0];
+            let n = bx(&il);
+            if n > 0 {
+                *o = bx(&ic) as f32 / n as f32;
             }
         }
     });
@@ -769,6 +862,58 @@ fn run_through(inside: &[u8], w: usize, h: usize, x: usize, y: usize, (cx, cy): 
     let at = |k: f32| -> bool {
         let (xi, yi) = ((x as f32 + cx * k).round() as i32, (y as f32 + cy * k).round() as i32);
         xi >= 0 && yi >= 0 && (xi as usize) < w && (yi as usize) < h && inside[yi as usize * w + xi as usize] != 0
+    };
+    let mut n = 1;
+    for sgn in [1.0f32, -1.0] {
+        let mut k = 1;
+        while k <= cap && at(sgn * k as f32) {
+            k += 1;
+        }
+        n += k - 1;
+    }
+    n
+}
+
+/// Per pixel, bit `d` set when a candidate of `weak` in the 3 x 3 square around it runs along
+/// orientation `d` of [`orientations`] (within one step of 11.25°), its line direction taken as
+/// perpendicular to its across-vector in `v`.
+fn direction_bits(weak: &[u8], v: &[(i32, i32)], w: usize, h: usize) -> Vec<u16> {
+    let step = std::f32::consts::PI / 16.0;
+    let own: Vec<u16> = (0..w * h)
+        .map(|i| {
+            let (a, b) = v[i];
+            if weak[i] == 0 || (a == 0 && b == 0) {
+                return 0;
+            }
+            let phi = (b as f32).atan2(a as f32) / 2.0 + std::f32::consts::FRAC_PI_2;
+            let bin = ((phi / step).round() as i32).rem_euclid(16) as u32;
+            let rot = |k: i32| 1u16 << ((bin as i32 + k).rem_euclid(16));
+            rot(-1) | rot(0) | rot(1)
+        })
+        .collect();
+    let mut out = vec![0u16; w * h];
+    out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, o) in row.iter_mut().enumerate() {
+            for yy in y.saturating_sub(1)..(y + 2).min(h) {
+                for xx in x.saturating_sub(1)..(x + 2).min(w) {
+                    *o |= own[yy * w + xx];
+                }
+            }
+        }
+    });
+    out
+}
+
+/// As [`run_through`], over the pixels of `bits` with bit `d` set.
+#[allow(clippy::too_many_arguments)]
+fn run_bits(bits: &[u16], d: usize, w: usize, h: usize, x: usize, y: usize, (cx, cy): (f32, f32), cap: usize) -> usize {
+    let at = |k: f32| -> bool {
+        let (xi, yi) = ((x as f32 + cx * k).round() as i32, (y as f32 + cy * k).round() as i32);
+        xi >= 0
+            && yi >= 0
+            && (xi as usize) < w
+            && (yi as usize) < h
+            && bits[yi as usize * w + xi as usize] & (1 << d) != 0
     };
     let mut n = 1;
     for sgn in [1.0f32, -1.0] {
@@ -1092,6 +1237,32 @@ mod tests {
     }
 
     /// A violet pen stroke is ink; a violet lesion of the same colour is not.
+    /// A pigment network (short dark segments meeting at junctions, dense over the lesion) is
+    /// not hair, and hairs drawn over it are found there without the network beside them.
+    #[test]
+    fn pigment_network_is_left_out_and_hairs_over_it_are_found() {
+        let cfg = HairConfig::default();
+        let (img, lesion) = crate::paint::network_lesion(160, 7);
+        let none = GrayImage::new(160, 160);
+        let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+        let leak = crate::eval::lesion_leak(&m, &lesion, &none).unwrap();
+        assert!(leak < 0.01, "network marked: {leak}");
+        // Without the mesh test a third of it is.
+        let off = HairConfig { mesh_coherence: 0.0, ..cfg.clone() };
+        let m = hair_mask(&img, Some(&lesion), &off).unwrap();
+        let leak = crate::eval::lesion_leak(&m, &lesion, &none).unwrap();
+        assert!(leak > 0.2, "network marked without the mesh test: {leak}");
+
+        let (mut img, lesion) = crate::paint::network_lesion(256, 3);
+        let hair = crate::paint::three_hairs(&mut img);
+        let m = hair_mask(&img, Some(&lesion), &cfg).unwrap();
+        let s = crate::eval::pixel_scores(&m, &hair).unwrap();
+        let on_lesion = recall_on_lesion(&m, &lesion, &hair);
+        let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
+        assert!(s.recall > 0.9 && on_lesion > 0.9, "{s:?}, on the lesion {on_lesion}");
+        assert!(s.precision > 0.6 && leak < 0.03, "{s:?}, network beside the hairs {leak}");
+    }
+
     #[test]
     fn ink_is_a_stroke_not_a_violet_lesion() {
         let violet = image::Rgb([120u8, 70, 150]);

@@ -264,6 +264,89 @@ fn ruler(rng: &mut Rng, canvas: &mut Canvas, w: f32, h: f32, s: f32) {
     }
 }
 
+/// A synthetic lesion with a pigment network and no hair, `size` px square, and its mask: brown,
+/// with a reticular network (dark lines about 2 px wide, 45 % darker, around cells of about 6 px
+/// at 160 px; the edges of a Voronoi diagram of jittered cell centres, so short segments meeting
+/// at junctions), dark dots and noise, on noisy skin. For the tests and the `hair_network`
+/// example: a hair detector must leave it out.
+pub fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
+    let mut rng = derm_core::Rng::new(seed);
+    let s = size as f32;
+    let (cx, cy, rad) = (s * 0.5, s * 0.5, s * 0.3);
+    let cell = 6.0 * s / 160.0;
+    let mut lesion = GrayImage::new(size, size);
+    let img = RgbImage::from_fn(size, size, |x, y| {
+        let n = (rng.normal() * 3.0) as f32;
+        let (xf, yf) = (x as f32, y as f32);
+        let d = ((xf - cx).powi(2) + (yf - cy).powi(2)).sqrt();
+        if d < rad {
+            lesion.put_pixel(x, y, image::Luma([255]));
+            // Network: the edges of a Voronoi diagram of jittered cell centres (short
+            // segments meeting at junctions, as in a real reticular network).
+            let (gx, gy) = ((xf / cell).floor() as i64, (yf / cell).floor() as i64);
+            let (mut d1, mut d2) = (f32::MAX, f32::MAX);
+            for j in gy - 1..=gy + 1 {
+                for i in gx - 1..=gx + 1 {
+                    let hsh = derm_core::rng::splitmix_mix(((i + 100) as u64) << 32 | (j + 100) as u64);
+                    let (jx, jy) = ((hsh & 0xffff) as f32 / 65535.0, ((hsh >> 16) & 0xffff) as f32 / 65535.0);
+                    let (px, py) = ((i as f32 + 0.15 + 0.7 * jx) * cell, (j as f32 + 0.15 + 0.7 * jy) * cell);
+                    let d = ((xf - px).powi(2) + (yf - py).powi(2)).sqrt();
+                    if d < d1 {
+                        d2 = d1;
+                        d1 = d;
+                    } else if d < d2 {
+                        d2 = d;
+                    }
+                }
+            }
+            let edge = (d2 - d1) / 2.0;
+            let line = (1.0 * s / 160.0 - edge).clamp(0.0, 1.0);
+            let dot = derm_core::rng::splitmix_mix(((x as u64 / 4) << 32) | (y as u64 / 4)).is_multiple_of(9)
+                && x % 4 < 2
+                && y % 4 < 2;
+            let v = (1.0 - 0.45 * line) * if dot { 0.6 } else { 1.0 };
+            image::Rgb([(140.0 * v + n) as u8, (95.0 * v + n) as u8, (70.0 * v + n) as u8])
+        } else {
+            image::Rgb([(215.0 + n) as u8, (170.0 + n) as u8, (150.0 + n) as u8])
+        }
+    });
+    (img, lesion)
+}
+/// Three near-black hairs 1.5-3 px wide (at a short side of 256 px, scaled) drawn into `img`, two crossing a lesion at
+/// the centre and one ending in it (not anti-aliased); returns their mask.
+pub fn three_hairs(img: &mut RgbImage) -> GrayImage {
+    let (w, h) = img.dimensions();
+    let mut hair = GrayImage::new(w, h);
+    let hairs = [
+        ((10.0f32, 40.0f32), (250.0f32, 200.0f32), 1.5f32),
+        ((60.0, 250.0), (200.0, 20.0), 3.0),
+        ((5.0, 128.0), (140.0, 120.0), 2.0),
+    ];
+    // Given at 256 px.
+    let s = w.min(h) as f32 / 256.0;
+    let r = (2.0 * s).ceil() as i32;
+    for ((x0, y0), (x1, y1), wd) in hairs {
+        let (x0, y0, x1, y1, wd) = (x0 * s, y0 * s, x1 * s, y1 * s, wd * s);
+        for k in 0..=2000 {
+            let t = k as f32 / 2000.0;
+            let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t + 12.0 * s * (std::f32::consts::PI * t).sin());
+            for dy in -r..=r {
+                for dx in -r..=r {
+                    let (px, py) = (x.round() as i32 + dx, y.round() as i32 + dy);
+                    if px < 0 || py < 0 || px >= w as i32 || py >= h as i32 {
+                        continue;
+                    }
+                    if ((px as f32 - x).powi(2) + (py as f32 - y).powi(2)).sqrt() <= wd / 2.0 {
+                        img.put_pixel(px as u32, py as u32, image::Rgb([35, 28, 25]));
+                        hair.put_pixel(px as u32, py as u32, image::Luma([255]));
+                    }
+                }
+            }
+        }
+    }
+    hair
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
