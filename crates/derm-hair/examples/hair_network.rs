@@ -1,5 +1,5 @@
-//! The open pigment-network targets of issue 18 (BENCH.md, "Not met"), measured rather than
-//! tested until they pass:
+//! The pigment-network targets of issue 18 (BENCH.md, "Pigment network"), measured beyond
+//! what the unit test checks:
 //!
 //! - a Voronoi pigment network without hair (cells of 6 px and lines of 2 px at 160 px, 45 %
 //!   darker than the lesion, with dots), at 160 and 320 px: the share of its lesion marked

@@ -12,8 +12,10 @@
 //! lesion no longer vetoes hairs; it only sets its own threshold. The black-hat is also taken on
 //! the value plane (the lightness of each pixel's largest channel), where a hair crossing a brown
 //! lesion keeps its contrast while melanin's texture loses most of its own (the larger score
-//! wins). Light hairs are found the same
-//! way with the white top-hat, pieces must be long and thin, detection runs at a working
+//! wins). A dense pigment network, which the black-hat lights up as a mesh of short segments,
+//! is told from a hair crossing it by the length of the straight runs that point one way. Light
+//! hairs are found the same way with the white top-hat, pieces must be long and thin, detection
+//! runs at a working
 //! resolution chosen from the image size, and the mask is refined back to full size. Rulers (long
 //! straight lines with regular ticks) are added, and the occluded pixels are filled by inpainting
 //! (Telea's fast marching method, or a harmonic fill).
@@ -25,7 +27,7 @@
 //! - [`color`], [`morph`]: CIE L*, and van Herk / Gil-Werman line morphology (O(1) per pixel).
 //! - [`eval`]: recall and precision of a mask, lesion leak, PSNR (whole image or in a mask).
 //! - [`paint`], [`bench`](mod@bench): the real-image benchmark (artificial hairs painted onto hair-free
-//!   ISIC 2017 images, with exact masks).
+//!   ISIC 2017 images, with exact masks), and a synthetic pigment-network lesion.
 //! - [`oriented`]: line morphology in any number of orientations.
 //! - [`legacy_hair_mask`]: the detector before issue 18, for comparison; [`hair_mask`] runs it
 //!   when `HairConfig::detector` is [`HairDetector::Legacy`] (the default is the oriented one,

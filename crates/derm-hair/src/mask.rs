@@ -145,11 +145,15 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///    `cfg.lesion_hysteresis`) times that, when those fainter pixels' neighbourhood is
 ///    orientation-coherent (`cfg.weak_coherence`): the faint stretch of a hair on a lesion
 ///    continues the hair's direction, the lesion's texture points every way;
-/// 3. shape: a piece is kept when it is at least `cfg.min_length` long (second moments) and at
+/// 3. pigment network: inside the lesion, where candidates are dense (`cfg.mesh_density`) and
+///    point every way (coherence under `cfg.mesh_coherence`), a candidate counts only on a
+///    straight run of `cfg.mesh_length` times `cfg.min_length` through pixels pointing the run's
+///    way, and joins a hair next to it only along it (`cfg.mesh_agreement`);
+/// 4. shape: a piece is kept when it is at least `cfg.min_length` long (second moments) and at
 ///    most `cfg.max_width` wide on average (twice its area over its boundary pixels); before
 ///    that, pixels scoring under `cfg.relative_share` of the hair across them are dropped (the
 ///    lesion's texture along a hair);
-/// 4. rulers ([`crate::ruler`]) on the thresholded black-hat.
+/// 5. rulers ([`crate::ruler`]) on the thresholded black-hat.
 ///
 /// The mask is brought back to the input's size by refining the enlarged working mask (grown by
 /// one working pixel): a full-size pixel is kept when it is darker than the enlarged closing (or
