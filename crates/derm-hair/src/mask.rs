@@ -666,41 +666,63 @@ fn across_max(plane: &[u8], w: usize, h: usize, i: usize, across: (i32, i32), re
     m
 }
 
+/// A summed-area table of a plane (a row and a column of zeros in front), for sums over squares.
+struct Summed {
+    w: usize,
+    h: usize,
+    s: Vec<f64>,
+}
+
+impl Summed {
+    /// The table of `value(i)` over the pixels `i` of a `w` x `h` plane.
+    fn new(w: usize, h: usize, value: impl Fn(usize) -> f64) -> Self {
+        let w1 = w + 1;
+        let mut s = vec![0f64; w1 * (h + 1)];
+        for y in 0..h {
+            let mut row = 0f64;
+            for x in 0..w {
+                row += value(y * w + x);
+                let o = (y + 1) * w1 + x + 1;
+                s[o] = s[o - w1] + row;
+            }
+        }
+        Summed { w, h, s }
+    }
+
+    /// The sum over the `(2 rho + 1)^2` square around `(x, y)`, clipped to the plane.
+    fn square(&self, x: usize, y: usize, rho: usize) -> f64 {
+        let w1 = self.w + 1;
+        let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(self.w));
+        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(self.h));
+        let p = &self.s;
+        p[y1 * w1 + x1] - p[y0 * w1 + x1] - p[y1 * w1 + x0] + p[y0 * w1 + x0]
+    }
+}
+
 /// Per pixel, `|sum v |v|| / sum |v|^2` over the pixels of `inside` in the `(2 rho + 1)^2` square
 /// around it, `v` the across-vectors of [`crate::oriented::Responses`], times the cosine between
 /// the pixel's own vector and that sum (1 where the square holds none).
 fn coherence(v: &[(i32, i32)], inside: &[u8], w: usize, h: usize, rho: usize) -> Vec<f32> {
-    let w1 = w + 1;
-    let mut ix = vec![0f64; w1 * (h + 1)];
-    let mut iy = ix.clone();
-    let mut im = ix.clone();
-    for y in 0..h {
-        let (mut sx, mut sy, mut sm) = (0f64, 0f64, 0f64);
-        for x in 0..w {
-            let i = y * w + x;
-            if inside[i] != 0 {
-                // Each vector counts with its own length as weight, so that a strong hair is
-                // not outvoted by the weaker texture around it.
-                let (a, b) = (v[i].0 as f64 / 1024.0, v[i].1 as f64 / 1024.0);
-                let m = (a * a + b * b).sqrt();
-                sx += a * m;
-                sy += b * m;
-                sm += m * m;
-            }
-            let o = (y + 1) * w1 + x + 1;
-            ix[o] = ix[o - w1] + sx;
-            iy[o] = iy[o - w1] + sy;
-            im[o] = im[o - w1] + sm;
+    // Each vector counts with its own length as weight, so that a strong hair is not outvoted by
+    // the weaker texture around it.
+    let weighted = |i: usize, k: usize| -> f64 {
+        if inside[i] == 0 {
+            return 0.0;
         }
-    }
+        let (a, b) = (v[i].0 as f64 / 1024.0, v[i].1 as f64 / 1024.0);
+        let m = (a * a + b * b).sqrt();
+        [a * m, b * m, m * m][k]
+    };
+    let (ix, iy, im) = (
+        Summed::new(w, h, |i| weighted(i, 0)),
+        Summed::new(w, h, |i| weighted(i, 1)),
+        Summed::new(w, h, |i| weighted(i, 2)),
+    );
     let mut out = vec![1f32; w * h];
     out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
-        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(h));
         for (x, o) in row.iter_mut().enumerate() {
-            let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(w));
-            let bx = |p: &[f64]| p[y1 * w1 + x1] - p[y0 * w1 + x1] - p[y1 * w1 + x0] + p[y0 * w1 + x0];
-            let m = bx(&im);
-            let (sx, sy) = (bx(&ix), bx(&iy));
+            let m = im.square(x, y, rho);
+            let (sx, sy) = (ix.square(x, y, rho), iy.square(x, y, rho));
             let sn = (sx * sx + sy * sy).sqrt();
             if m > 0.0 && sn > 0.0 {
                 // Times the cosine between the pixel's own vector and the sum: texture beside a
@@ -718,31 +740,14 @@ fn coherence(v: &[(i32, i32)], inside: &[u8], w: usize, h: usize, rho: usize) ->
 /// Per pixel, the share of the lesion's pixels (`lesion` >= 128) in the `(2 rho + 1)^2` square
 /// around it that are in `inside` (0 where the square holds none of the lesion).
 fn lesion_density(inside: &[u8], lesion: &[u8], w: usize, h: usize, rho: usize) -> Vec<f32> {
-    let w1 = w + 1;
-    let mut ic = vec![0u32; w1 * (h + 1)];
-    let mut il = ic.clone();
-    for y in 0..h {
-        let (mut sc, mut sl) = (0u32, 0u32);
-        for x in 0..w {
-            let i = y * w + x;
-            if lesion[i] >= 128 {
-                sl += 1;
-                sc += u32::from(inside[i] != 0);
-            }
-            let o = (y + 1) * w1 + x + 1;
-            ic[o] = ic[o - w1] + sc;
-            il[o] = il[o - w1] + sl;
-        }
-    }
+    let il = Summed::new(w, h, |i| f64::from(u8::from(lesion[i] >= 128)));
+    let ic = Summed::new(w, h, |i| f64::from(u8::from(lesion[i] >= 128 && inside[i] != 0)));
     let mut out = vec![0f32; w * h];
     out.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
-        let (y0, y1) = (y.saturating_sub(rho), (y + rho + 1).min(h));
         for (x, o) in row.iter_mut().enumerate() {
-            let (x0, x1) = (x.saturating_sub(rho), (x + rho + 1).min(w));
-            let bx = |p: &[u32]| p[y1 * w1 + x1] + p[y0 * w1 + x0] - p[y0 * w1 + x1] - p[y1 * w1 + x0];
-            let n = bx(&il);
-            if n > 0 {
-                *o = bx(&ic) as f32 / n as f32;
+            let n = il.square(x, y, rho);
+            if n > 0.0 {
+                *o = ic.square(x, y, rho) as f32 / n as f32;
             }
         }
     });
