@@ -547,7 +547,7 @@ pub(crate) fn detect(
                 weak[i] != 0
                     && (0..n).any(|d| {
                         bits[i] & (1 << d) != 0
-                            && run_bits(&bits, d, w, h, x, y, dirs[d], cap) as f32 >= mesh_len
+                            && run_where(w, h, x, y, dirs[d], cap, |k| bits[k] & (1 << d) != 0) as f32 >= mesh_len
                             && run_through(&loose, w, h, x, y, dirs[(d + n / 2) % n], cap) as f32 <= max_w
                     })
             } else {
@@ -867,10 +867,23 @@ fn orientations() -> Vec<(f32, f32)> {
 
 /// Number of consecutive samples in `inside` through `(x, y)` along `(cx, cy)` (both ways,
 /// the pixel itself included), counting up to `cap` each way.
-fn run_through(inside: &[u8], w: usize, h: usize, x: usize, y: usize, (cx, cy): (f32, f32), cap: usize) -> usize {
+fn run_through(inside: &[u8], w: usize, h: usize, x: usize, y: usize, dir: (f32, f32), cap: usize) -> usize {
+    run_where(w, h, x, y, dir, cap, |i| inside[i] != 0)
+}
+
+/// As [`run_through`], over the pixels `i` (row-major in a `w` x `h` plane) where `inside(i)`.
+fn run_where(
+    w: usize,
+    h: usize,
+    x: usize,
+    y: usize,
+    (cx, cy): (f32, f32),
+    cap: usize,
+    inside: impl Fn(usize) -> bool,
+) -> usize {
     let at = |k: f32| -> bool {
         let (xi, yi) = ((x as f32 + cx * k).round() as i32, (y as f32 + cy * k).round() as i32);
-        xi >= 0 && yi >= 0 && (xi as usize) < w && (yi as usize) < h && inside[yi as usize * w + xi as usize] != 0
+        xi >= 0 && yi >= 0 && (xi as usize) < w && (yi as usize) < h && inside(yi as usize * w + xi as usize)
     };
     let mut n = 1;
     for sgn in [1.0f32, -1.0] {
@@ -911,28 +924,6 @@ fn direction_bits(weak: &[u8], v: &[(i32, i32)], w: usize, h: usize) -> Vec<u16>
         }
     });
     out
-}
-
-/// As [`run_through`], over the pixels of `bits` with bit `d` set.
-#[allow(clippy::too_many_arguments)]
-fn run_bits(bits: &[u16], d: usize, w: usize, h: usize, x: usize, y: usize, (cx, cy): (f32, f32), cap: usize) -> usize {
-    let at = |k: f32| -> bool {
-        let (xi, yi) = ((x as f32 + cx * k).round() as i32, (y as f32 + cy * k).round() as i32);
-        xi >= 0
-            && yi >= 0
-            && (xi as usize) < w
-            && (yi as usize) < h
-            && bits[yi as usize * w + xi as usize] & (1 << d) != 0
-    };
-    let mut n = 1;
-    for sgn in [1.0f32, -1.0] {
-        let mut k = 1;
-        while k <= cap && at(sgn * k as f32) {
-            k += 1;
-        }
-        n += k - 1;
-    }
-    n
 }
 
 /// True when `(x, y)` lies on a thin straight piece of `inside`: along some orientation the run
