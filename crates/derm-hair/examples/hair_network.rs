@@ -15,18 +15,6 @@
 use derm_hair::{eval, hair_mask, paint, HairConfig};
 use image::GrayImage;
 
-/// Recall of the `hair` pixels inside `lesion`.
-fn lesion_recall(m: &GrayImage, lesion: &GrayImage, hair: &GrayImage) -> f64 {
-    let (mut tp, mut n) = (0, 0);
-    for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
-        if l.0[0] != 0 && t.0[0] != 0 {
-            n += 1;
-            tp += usize::from(p.0[0] != 0);
-        }
-    }
-    tp as f64 / n.max(1) as f64
-}
-
 fn main() -> anyhow::Result<()> {
     let cfg: HairConfig = match std::env::var("HAIR_CFG") {
         Ok(j) => serde_json::from_str(&j)?,
@@ -60,7 +48,8 @@ fn main() -> anyhow::Result<()> {
             hair.save(format!("{dir}/network_{k}_hair.png"))?;
         }
         let s = eval::pixel_scores(&m, &hair)?;
-        let row = [s.recall, s.precision, lesion_recall(&m, &lesion, &hair), eval::lesion_leak(&m, &lesion, &hair)?];
+        let row =
+            [s.recall, s.precision, eval::lesion_recall(&m, &lesion, &hair)?, eval::lesion_leak(&m, &lesion, &hair)?];
         for (a, b) in sums.iter_mut().zip(row) {
             *a += b / seeds.len() as f64;
         }

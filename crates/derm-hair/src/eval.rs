@@ -74,6 +74,21 @@ pub fn lesion_leak(pred: &GrayImage, lesion: &GrayImage, truth: &GrayImage) -> R
     Ok(if area == 0 { 0.0 } else { leak as f64 / area as f64 })
 }
 
+/// Recall inside the lesion: the share of the `truth` pixels inside `lesion` that `pred` marks
+/// (NaN when `truth` has none there: nothing to recall).
+pub fn lesion_recall(pred: &GrayImage, lesion: &GrayImage, truth: &GrayImage) -> Result<f64> {
+    same_size(pred.dimensions(), lesion.dimensions(), "lesion recall")?;
+    same_size(pred.dimensions(), truth.dimensions(), "lesion recall")?;
+    let (mut n, mut tp) = (0u64, 0u64);
+    for ((&p, &l), &t) in pred.as_raw().iter().zip(lesion.as_raw()).zip(truth.as_raw()) {
+        if l != 0 && t != 0 {
+            n += 1;
+            tp += u64::from(p != 0);
+        }
+    }
+    Ok(tp as f64 / n as f64)
+}
+
 /// Peak signal-to-noise ratio (dB, peak 255) of `a` against `b` over all pixels and channels;
 /// infinite for identical images.
 pub fn psnr(a: &RgbImage, b: &RgbImage) -> Result<f64> {

@@ -1051,14 +1051,7 @@ mod tests {
 
     /// The share of the hair pixels inside the lesion that `m` marks.
     fn recall_on_lesion(m: &GrayImage, lesion: &GrayImage, hair: &GrayImage) -> f64 {
-        let (mut tp, mut n) = (0, 0);
-        for ((p, l), t) in m.pixels().zip(lesion.pixels()).zip(hair.pixels()) {
-            if l.0[0] != 0 && t.0[0] != 0 {
-                n += 1;
-                tp += (p.0[0] != 0) as usize;
-            }
-        }
-        tp as f64 / n as f64
+        crate::eval::lesion_recall(m, lesion, hair).unwrap()
     }
 
     /// A hair that is plain on the skin and faint on the lesion (between the lesion threshold and

@@ -270,7 +270,7 @@ fn ruler(rng: &mut Rng, canvas: &mut Canvas, w: f32, h: f32, s: f32) {
 /// at junctions), dark dots and noise, on noisy skin. For the tests and the `hair_network`
 /// example: a hair detector must leave it out.
 pub fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
-    let mut rng = derm_core::Rng::new(seed);
+    let mut rng = Rng::new(seed);
     let s = size as f32;
     let (cx, cy, rad) = (s * 0.5, s * 0.5, s * 0.3);
     let cell = 6.0 * s / 160.0;
@@ -312,8 +312,10 @@ pub fn network_lesion(size: u32, seed: u64) -> (RgbImage, GrayImage) {
     });
     (img, lesion)
 }
-/// Three near-black hairs 1.5-3 px wide (at a short side of 256 px, scaled) drawn into `img`, two crossing a lesion at
-/// the centre and one ending in it (not anti-aliased); returns their mask.
+
+/// Three near-black hairs 1.5-3 px wide (at a short side of 256 px, scaled) drawn into `img`,
+/// two crossing a lesion at the centre and one ending in it (not anti-aliased); returns their
+/// mask.
 pub fn three_hairs(img: &mut RgbImage) -> GrayImage {
     let (w, h) = img.dimensions();
     let mut hair = GrayImage::new(w, h);
