@@ -56,7 +56,7 @@ enum Command {
     Data(cmd::data::DataCommand),
     /// Draw procedural dermoscopy phantoms with exact ground truth.
     Phantom(cmd::phantom::PhantomArgs),
-    /// Find hairs and rulers, and remove them with classic inpainting.
+    /// Find hairs, rulers, ink and air bubbles, and remove them with classic inpainting.
     Hair(cmd::hair::HairArgs),
     /// Lesion segmentation with the dilated U-Net.
     #[command(subcommand)]

@@ -8,6 +8,8 @@
 //!   segmenter's.
 //! - `hair_painted_benchmark.png`: three cases of the real-image benchmark (paint seed 18): the
 //!   painted input, the painted hair mask, derm's mask, derm's cleaned image, the original.
+//! - `hair_bubbles.png`: real images with air bubbles: the input, the mask without the bubble
+//!   test (red), the current mask (red), the current cleaned image.
 
 use std::path::PathBuf;
 
@@ -64,6 +66,16 @@ fn main() -> anyhow::Result<()> {
         rows.push(vec![b.image.clone(), red(&b.image, &before), red(&b.image, &after), cleaned]);
     }
     sheet(&rows).save(out.join("hair_real_before_after.png"))?;
+    let no_bubbles = HairConfig { bubbles: false, ..cfg.clone() };
+    let mut rows = Vec::new();
+    for id in ["ISIC_0000111", "ISIC_0000147", "ISIC_0010222", "ISIC_0015112"] {
+        let Some(b) = all.iter().find(|b| b.id == id) else { anyhow::bail!("{id} is not under {}", root.display()) };
+        let before = hair_mask(&b.image, Some(&b.lesion), &no_bubbles)?;
+        let after = hair_mask(&b.image, Some(&b.lesion), &cfg)?;
+        let cleaned = clean_mask(&b.image, after.clone(), &cfg)?.clean;
+        rows.push(vec![b.image.clone(), red(&b.image, &before), red(&b.image, &after), cleaned]);
+    }
+    sheet(&rows).save(out.join("hair_bubbles.png"))?;
     let free = select_hair_free(all);
     let bench = BenchConfig { seed: 18, size: 256, paint: PaintConfig::default(), export: None };
     let mut rows = Vec::new();

@@ -145,6 +145,23 @@ pub struct HairConfig {
     /// Ink: the widest piece (px, area over length) that counts as a pen's stroke or dot; wider
     /// violet pieces are lesions (a blue-violet nevus passes the colour test).
     pub ink_max_width: f32,
+    /// Whether air bubbles (rings and ovals with a bright rim, [`crate::bubble`]) are looked for.
+    pub bubbles: bool,
+    /// Bubbles: how much lighter than its opening (L* units) a rim pixel must be (half of it
+    /// along the rest of the rim).
+    pub bubble_threshold: f32,
+    /// Bubbles: the shortest semi-axis (px) that counts.
+    pub bubble_min_radius: f32,
+    /// Bubbles: the longest semi-axis (px) that counts.
+    pub bubble_max_radius: f32,
+    /// Bubbles: the least ratio of the short semi-axis to the long one.
+    pub bubble_min_aspect: f32,
+    /// Bubbles: the share (0-1) of its ellipse the rim must go round.
+    pub bubble_coverage: f32,
+    /// Bubbles: the largest share of the concentric ellipses a few pixels inside and outside the
+    /// rim that may be bright ridges too (a bubble lies on smooth skin or lesion; a ring-shaped
+    /// piece of a network or crust has more such rings around it).
+    pub bubble_clear: f32,
     /// Whether rulers (long straight dark lines with regular tick marks) are looked for.
     pub rulers: bool,
     /// Shortest ruler line (px) that counts.
@@ -196,6 +213,13 @@ impl Default for HairConfig {
             ink: true,
             ink_chroma: 20.0,
             ink_max_width: 16.0,
+            bubbles: true,
+            bubble_threshold: 10.0,
+            bubble_min_radius: 3.0,
+            bubble_max_radius: 32.0,
+            bubble_min_aspect: 0.35,
+            bubble_coverage: 0.75,
+            bubble_clear: 0.1,
             rulers: true,
             ruler_min_length: 96.0,
             inpaint: InpaintMethod::Harmonic,
@@ -231,6 +255,12 @@ impl HairConfig {
             ("hysteresis", self.hysteresis),
             ("lesion_hysteresis", self.lesion_hysteresis),
             ("weak_coherence", self.weak_coherence),
+            ("bubble_threshold", self.bubble_threshold),
+            ("bubble_min_radius", self.bubble_min_radius),
+            ("bubble_max_radius", self.bubble_max_radius),
+            ("bubble_min_aspect", self.bubble_min_aspect),
+            ("bubble_coverage", self.bubble_coverage),
+            ("bubble_clear", self.bubble_clear),
             ("mesh_coherence", self.mesh_coherence),
             ("mesh_density", self.mesh_density),
             ("mesh_length", self.mesh_length),

@@ -15,13 +15,13 @@
 //! wins). A dense pigment network, which the black-hat lights up as a mesh of short segments,
 //! is told from a hair crossing it by the length of the straight runs that point one way. Light
 //! hairs are found the same way with the white top-hat, pieces must be long and thin, detection
-//! runs at a working
-//! resolution chosen from the image size, and the mask is refined back to full size. Rulers (long
-//! straight lines with regular ticks) are added, and the occluded pixels are filled by inpainting
+//! runs at a working resolution chosen from the image size, and the mask is refined back to full
+//! size. Rulers (long straight lines with regular ticks), violet ink and air bubbles (rings with
+//! a bright rim, fitted as ellipses) are added, and the occluded pixels are filled by inpainting
 //! (Telea's fast marching method, or a harmonic fill).
 //!
 //! - [`hair_mask`]: the occlusion mask (0/255) of an RGB image, optionally with its lesion mask.
-//! - [`detect_ruler`]: ruler pixels only.
+//! - [`detect_ruler`]: ruler pixels only; [`bubble`]: air bubbles (ellipse fit, rim test).
 //! - [`inpaint`](fn@inpaint): fills masked pixels ([`InpaintMethod::Telea`] or [`InpaintMethod::Harmonic`]).
 //! - [`clean`]: both, as a [`HairResult`].
 //! - [`color`], [`morph`]: CIE L*, and van Herk / Gil-Werman line morphology (O(1) per pixel).
@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod bubble;
 pub mod color;
 pub mod config;
 pub mod eval;

@@ -153,7 +153,8 @@ pub fn hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairConfig) -
 ///    most `cfg.max_width` wide on average (twice its area over its boundary pixels); before
 ///    that, pixels scoring under `cfg.relative_share` of the hair across them are dropped (the
 ///    lesion's texture along a hair);
-/// 5. rulers ([`crate::ruler`]) on the thresholded black-hat.
+/// 5. rulers ([`crate::ruler`]) on the thresholded black-hat;
+/// 6. air bubbles ([`crate::bubble`], with `cfg.bubbles`) on the working luminance.
 ///
 /// The mask is brought back to the input's size by refining the enlarged working mask (grown by
 /// one working pixel): a full-size pixel is kept when it is darker than the enlarged closing (or
@@ -195,6 +196,12 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
                 *a |= b;
             }
         }
+        if cfg.bubbles {
+            let rims = crate::bubble::bubble_mask(&l, w, h, cfg.scale(w as u32, h as u32), cfg);
+            for (a, &b) in m.iter_mut().zip(&rims) {
+                *a |= b;
+            }
+        }
         return finish(m, ink, w, h, 1, cfg);
     }
     let (ww, wh) = (w.div_ceil(f), h.div_ceil(f));
@@ -213,6 +220,15 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
         if ruler.iter().any(|&v| v != 0) {
             let ruler = if f == 1 { ruler } else { up_nearest(&ruler, ww, w, h, f) };
             for (a, &b) in m.iter_mut().zip(&ruler) {
+                *a |= b;
+            }
+        }
+    }
+    if cfg.bubbles {
+        let rims = crate::bubble::bubble_mask(&lw, ww, wh, cfg.scale(ww as u32, wh as u32), cfg);
+        if rims.iter().any(|&v| v != 0) {
+            let rims = if f == 1 { rims } else { up_nearest(&rims, ww, w, h, f) };
+            for (a, &b) in m.iter_mut().zip(&rims) {
                 *a |= b;
             }
         }
@@ -1254,6 +1270,29 @@ mod tests {
         let leak = crate::eval::lesion_leak(&m, &lesion, &hair).unwrap();
         assert!(s.recall > 0.9 && on_lesion > 0.9, "{s:?}, on the lesion {on_lesion}");
         assert!(s.precision > 0.6 && leak < 0.03, "{s:?}, network beside the hairs {leak}");
+    }
+
+    /// Air bubbles on textured skin with hairs and a lesion are found by the bubble test, which
+    /// the hair tests alone mostly miss; without bubbles, and on a pigment network, it adds
+    /// nothing.
+    #[test]
+    fn air_bubbles_are_found_and_a_network_is_not_a_bubble() {
+        let (scene, lesion) = crate::eval::large_benchmark_scene(320, 256, None);
+        let bubbly = crate::paint::paint_bubbles(&scene, 4, 5);
+        let cfg = HairConfig::default();
+        let off = HairConfig { bubbles: false, ..cfg.clone() };
+        let rims = |c: &HairConfig| {
+            let m = hair_mask(&bubbly.image, Some(&lesion), c).unwrap();
+            crate::eval::pixel_scores(&m, &bubbly.hair).unwrap().recall
+        };
+        let (with, without) = (rims(&cfg), rims(&off));
+        assert!(with > 0.9 && with > without + 0.1, "recall {with} with the bubble test, {without} without");
+        assert_eq!(hair_mask(&scene, Some(&lesion), &cfg).unwrap(), hair_mask(&scene, Some(&lesion), &off).unwrap());
+        let (net, net_lesion) = crate::paint::network_lesion(256, 5);
+        assert_eq!(
+            hair_mask(&net, Some(&net_lesion), &cfg).unwrap(),
+            hair_mask(&net, Some(&net_lesion), &off).unwrap()
+        );
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct HairArgs {
     /// Do not look for rulers.
     #[arg(long)]
     pub no_rulers: bool,
+    /// Do not look for air bubbles (rings with a bright rim; the oriented detector only).
+    #[arg(long)]
+    pub no_bubbles: bool,
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
@@ -85,6 +88,9 @@ impl HairArgs {
         }
         if self.no_rulers {
             cfg.rulers = false;
+        }
+        if self.no_bubbles {
+            cfg.bubbles = false;
         }
         cfg.validate()?;
         Ok(cfg)

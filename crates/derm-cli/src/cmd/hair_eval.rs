@@ -55,6 +55,10 @@ pub struct HairEvalArgs {
     /// At most this many hair-free images (the first by id).
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Also paint this many air bubbles per image (white rims, 3-20 px at 256 px); their rims
+    /// count as occlusion with the hairs.
+    #[arg(long, default_value_t = 0)]
+    pub bubbles: usize,
     /// Also run the detector before issue 18 (`legacy_hair_mask`) and report both.
     #[arg(long)]
     pub legacy: bool,
@@ -122,7 +126,8 @@ impl HairEvalArgs {
             bail!("no hair-free images selected under {}", root.display());
         }
         let seed = g.seed; // the global --seed: the painting's seed
-        let bench = BenchConfig { seed, size: self.size, paint: PaintConfig::default(), export: self.export.clone() };
+        let paint = PaintConfig { bubbles: self.bubbles, ..PaintConfig::default() };
+        let bench = BenchConfig { seed, size: self.size, paint, export: self.export.clone() };
         let purifier = match &self.purifier {
             Some(p) => Some(derm_purify::Purifier::load(p, &g.device()?)?),
             None => None,
