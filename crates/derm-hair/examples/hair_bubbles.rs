@@ -11,7 +11,8 @@
 //!
 //! - `hair_bubbles find IMAGE...`: the bubbles found on each image at its own size.
 //!
-//! `HAIR_CFG='{"bubble_coverage":0.7}'` tries another config; with `HAIR_OUT=DIR`, `paint` writes
+//! `HAIR_CFG='{"bubble_coverage":0.7}'` tries another config, and `SCAN_OFF='{"ink":false}'`
+//! compares with another config than the bubble test off (`scan` then lists where ink adds); with `HAIR_OUT=DIR`, `paint` writes
 //! the first twelve painted images, their rims and the masks there.
 
 use std::path::PathBuf;
@@ -29,7 +30,11 @@ fn main() -> anyhow::Result<()> {
         Ok(j) => serde_json::from_str(&j)?,
         Err(_) => HairConfig::default(),
     };
-    let off = HairConfig { bubbles: false, ..cfg.clone() };
+    // What the test is compared with: bubbles off, or the config in `SCAN_OFF`.
+    let off: HairConfig = match std::env::var("SCAN_OFF") {
+        Ok(j) => serde_json::from_str(&j)?,
+        Err(_) => HairConfig { bubbles: false, ..cfg.clone() },
+    };
     if args.first().map(String::as_str) == Some("find") {
         for p in &args[1..] {
             let img = image::open(p).with_context(|| format!("reading {p}"))?.to_rgb8();

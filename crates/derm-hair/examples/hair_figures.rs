@@ -13,7 +13,7 @@
 
 use std::path::PathBuf;
 
-use derm_hair::bench::{make_case, read_isic2017, select_hair_free, BenchConfig};
+use derm_hair::bench::{make_case, read_isic2017, select_hair_free, BenchConfig, BenchImage};
 use derm_hair::paint::PaintConfig;
 use derm_hair::{clean_mask, hair_mask, legacy_hair_mask, HairConfig};
 use image::{GrayImage, Rgb, RgbImage};
@@ -57,25 +57,26 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&out)?;
     let cfg = HairConfig::default();
     let all = read_isic2017(&root, None)?;
-    let mut rows = Vec::new();
-    for id in ["ISIC_0000138", "ISIC_0000042", "ISIC_0000167", "ISIC_0000219"] {
-        let Some(b) = all.iter().find(|b| b.id == id) else { anyhow::bail!("{id} is not under {}", root.display()) };
-        let before = legacy_hair_mask(&b.image, Some(&b.lesion), &cfg)?;
-        let after = hair_mask(&b.image, Some(&b.lesion), &cfg)?;
-        let cleaned = clean_mask(&b.image, after.clone(), &cfg)?.clean;
-        rows.push(vec![b.image.clone(), red(&b.image, &before), red(&b.image, &after), cleaned]);
-    }
-    sheet(&rows).save(out.join("hair_real_before_after.png"))?;
+    // Rows of real images: the input, the `before` mask (red), the current mask (red), cleaned.
+    let compare = |ids: &[&str], before: &dyn Fn(&BenchImage) -> derm_core::Result<GrayImage>| {
+        let mut rows = Vec::new();
+        for id in ids {
+            let Some(b) = all.iter().find(|b| b.id == *id) else {
+                anyhow::bail!("{id} is not under {}", root.display())
+            };
+            let after = hair_mask(&b.image, Some(&b.lesion), &cfg)?;
+            let cleaned = clean_mask(&b.image, after.clone(), &cfg)?.clean;
+            rows.push(vec![b.image.clone(), red(&b.image, &before(b)?), red(&b.image, &after), cleaned]);
+        }
+        Ok(sheet(&rows))
+    };
+    let legacy = |b: &BenchImage| legacy_hair_mask(&b.image, Some(&b.lesion), &cfg);
+    compare(&["ISIC_0000138", "ISIC_0000042", "ISIC_0000167", "ISIC_0000219"], &legacy)?
+        .save(out.join("hair_real_before_after.png"))?;
     let no_bubbles = HairConfig { bubbles: false, ..cfg.clone() };
-    let mut rows = Vec::new();
-    for id in ["ISIC_0000111", "ISIC_0000147", "ISIC_0010222", "ISIC_0015112"] {
-        let Some(b) = all.iter().find(|b| b.id == id) else { anyhow::bail!("{id} is not under {}", root.display()) };
-        let before = hair_mask(&b.image, Some(&b.lesion), &no_bubbles)?;
-        let after = hair_mask(&b.image, Some(&b.lesion), &cfg)?;
-        let cleaned = clean_mask(&b.image, after.clone(), &cfg)?.clean;
-        rows.push(vec![b.image.clone(), red(&b.image, &before), red(&b.image, &after), cleaned]);
-    }
-    sheet(&rows).save(out.join("hair_bubbles.png"))?;
+    let without = |b: &BenchImage| hair_mask(&b.image, Some(&b.lesion), &no_bubbles);
+    compare(&["ISIC_0000111", "ISIC_0000147", "ISIC_0010222", "ISIC_0015112"], &without)?
+        .save(out.join("hair_bubbles.png"))?;
     let free = select_hair_free(all);
     let bench = BenchConfig { seed: 18, size: 256, paint: PaintConfig::default(), export: None };
     let mut rows = Vec::new();

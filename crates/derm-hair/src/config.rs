@@ -145,6 +145,9 @@ pub struct HairConfig {
     /// Ink: the widest piece (px, area over length) that counts as a pen's stroke or dot; wider
     /// violet pieces are lesions (a blue-violet nevus passes the colour test).
     pub ink_max_width: f32,
+    /// Ink: whether the colour test runs on the image's colours corrected by Shades of Gray
+    /// colour constancy (so a bluish light is not taken for violet ink).
+    pub ink_constancy: bool,
     /// Whether air bubbles (rings and ovals with a bright rim, [`crate::bubble`]) are looked for.
     pub bubbles: bool,
     /// Bubbles: how much lighter than its opening (L* units) a rim pixel must be (half of it
@@ -213,6 +216,7 @@ impl Default for HairConfig {
             ink: true,
             ink_chroma: 20.0,
             ink_max_width: 16.0,
+            ink_constancy: true,
             bubbles: true,
             bubble_threshold: 10.0,
             bubble_min_radius: 3.0,

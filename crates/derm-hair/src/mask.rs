@@ -79,16 +79,45 @@ fn raw_from_luminance(l: &[u8], w: usize, h: usize, cfg: &HairConfig) -> Vec<u8>
 /// blood and pigment have blue well below red; pinkish skin has blue only a little above green),
 /// with small pieces dropped and a one-pixel (scaled) margin for the anti-aliased edge.
 pub fn ink_mask(img: &RgbImage, cfg: &HairConfig) -> Vec<u8> {
-    let (_, m, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+    let (_, m, found) = crate::color::luminance_u8_and_flags(img, ink_test(img, cfg));
     ink_cleanup(m, found, img.width() as usize, img.height() as usize, cfg)
 }
 
 /// The per-pixel ink test on whole r, g, b: `r - g >= t` is `r - g >= ceil(t)`,
 /// `b - g >= 1.75 t` is `b - g >= ceil(1.75 t)`, and `b >= r - t / 2` is `b >= r - floor(t / 2)`.
-fn ink_test(cfg: &HairConfig) -> impl Fn(i32, i32, i32) -> bool + Sync {
+/// With `cfg.ink_constancy`, the channels are first scaled by the Shades of Gray gains (p = 6) of
+/// `img` (taken on a reduction to about 256 px): the skin then is grey whatever the light's
+/// colour, so a bluish cast is not violet, and a red-purple marker on pink skin is.
+fn ink_test(img: &RgbImage, cfg: &HairConfig) -> impl Fn(i32, i32, i32) -> bool + Sync {
     let t = cfg.ink_chroma.ceil() as i32;
     let (t2, th) = ((1.75 * cfg.ink_chroma).ceil() as i32, (cfg.ink_chroma / 2.0).floor() as i32);
-    move |r, g, b| r - g >= t && b - g >= t2 && b >= r - th
+    let gains = if cfg.ink_constancy {
+        let f = (img.width().min(img.height()) as usize / 256).max(1);
+        let small = if f > 1 { rgb_down(img, f) } else { img.clone() };
+        derm_core::image_io::shades_of_gray_gains(&small, 6.0)
+    } else {
+        [1.0; 3]
+    };
+    // Gains in 1/1024 (whole numbers keep the test exact and fast). Once the skin is grey, a
+    // violet marker is redder than green by less than on the raw pink-brown skin.
+    let [gr, gg, gb] = gains.map(|g| (g * 1024.0).round() as i32);
+    let t = if cfg.ink_constancy { (cfg.ink_chroma / 4.0).ceil() as i32 } else { t };
+    move |r, g, b| {
+        let (r, g, b) = ((r * gr) >> 10, (g * gg) >> 10, (b * gb) >> 10);
+        r - g >= t && b - g >= t2 && b >= r - th
+    }
+}
+
+/// Drops the ink pieces lying mostly on the lesion (`lesion` non-zero inside): a marker is drawn
+/// around a lesion, while a lesion's own violet or blue-grey areas pass the colour test.
+fn off_the_lesion(ink: &mut [u8], lesion: &[u8], w: usize, h: usize) {
+    for c in components(ink, w, h, true) {
+        if c.pixels(w).filter(|&p| lesion[p] != 0).count() * 2 > c.area() {
+            for p in c.pixels(w) {
+                ink[p] = 0;
+            }
+        }
+    }
 }
 
 /// Drops small ink pieces and wide ones (a violet lesion is a blob, a pen leaves strokes and
@@ -102,7 +131,10 @@ fn ink_cleanup(mut m: Vec<u8>, found: usize, w: usize, h: usize, cfg: &HairConfi
     remove_small(&mut m, w, h, (cfg.min_area * 2.0 * s * s).round() as usize);
     let widest = cfg.ink_max_width * s;
     for c in components(&m, w, h, true) {
-        if c.area() as f32 / c.length() > widest {
+        // A marker's band or line of dots is long for its width; a violet lesion is round.
+        let length = c.length();
+        let width = c.area() as f32 / length;
+        if width > widest && length < 3.0 * width {
             for p in c.pixels(w) {
                 m[p] = 0;
             }
@@ -168,8 +200,12 @@ pub fn oriented_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &Hair
     check_inputs(img, lesion, cfg)?;
     let (w, h) = (img.width() as usize, img.height() as usize);
     let (l, ink) = if cfg.ink {
-        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
-        (l, Some(ink_cleanup(ink, found, w, h, cfg)))
+        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(img, cfg));
+        let mut ink = ink_cleanup(ink, found, w, h, cfg);
+        if let Some(m) = lesion {
+            off_the_lesion(&mut ink, m.as_raw(), w, h);
+        }
+        (l, Some(ink))
     } else {
         (luminance_u8(img), None)
     };
@@ -837,7 +873,7 @@ pub fn legacy_hair_mask(img: &RgbImage, lesion: Option<&GrayImage>, cfg: &HairCo
     let s = cfg.scale(img.width(), img.height());
     // One pass over the pixels gives the luminance and the ink candidates.
     let (raw, ink) = if cfg.ink {
-        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(cfg));
+        let (l, ink, found) = crate::color::luminance_u8_and_flags(img, ink_test(img, cfg));
         let raw = raw_from_luminance(&l, w, h, cfg);
         (raw, Some(ink_cleanup(ink, found, w, h, cfg)))
     } else {
@@ -1316,6 +1352,38 @@ mod tests {
         assert!(!at(150, 150), "the violet lesion is not ink");
         let wide = HairConfig { ink_max_width: 1000.0, ..HairConfig::default() };
         assert!(ink_mask(&img, &wide)[150 * 256 + 150] != 0, "without the width rule it was");
+    }
+
+    /// The ink test reads colours corrected for the light: a red-purple marker stroke on pink
+    /// skin is ink (the raw test missed it: blue under red), a bluish light over skin and a
+    /// lesion is not; and an ink piece lying mostly on the lesion is left to the lesion.
+    #[test]
+    fn ink_under_coloured_light_and_off_the_lesion() {
+        let stroke = |skin: image::Rgb<u8>, ink: image::Rgb<u8>| {
+            let mut img = RgbImage::from_pixel(256, 256, skin);
+            for x in 40..200u32 {
+                for y in 100..104u32 {
+                    img.put_pixel(x, y + x / 10, ink);
+                }
+            }
+            img
+        };
+        let magenta = stroke(image::Rgb([150, 118, 109]), image::Rgb([85, 34, 63]));
+        let cfg = HairConfig::default();
+        assert!(ink_mask(&magenta, &cfg)[(102 + 10) * 256 + 100] != 0, "a red-purple stroke is ink");
+        let raw = HairConfig { ink_constancy: false, ..cfg.clone() };
+        assert!(ink_mask(&magenta, &raw).iter().all(|&v| v == 0), "the raw colour test missed it");
+        // Bluish light: skin (190, 185, 225), a lesion's stroke-shaped shadow (150, 120, 170).
+        let cast = stroke(image::Rgb([190, 185, 225]), image::Rgb([150, 120, 170]));
+        assert!(ink_mask(&cast, &cfg).iter().all(|&v| v == 0), "a bluish cast is not ink");
+        assert!(ink_mask(&cast, &raw).iter().any(|&v| v != 0), "the raw colour test called it ink");
+        // The same magenta stroke inside a lesion mask is left out of the occlusion mask.
+        let lesion = GrayImage::from_fn(256, 256, |x, y| {
+            image::Luma([if (30..210).contains(&x) && (80..140).contains(&y) { 255 } else { 0 }])
+        });
+        let mut ink = ink_mask(&magenta, &cfg);
+        off_the_lesion(&mut ink, lesion.as_raw(), 256, 256);
+        assert!(ink.iter().all(|&v| v == 0));
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! Artificial hairs, rulers and air bubbles painted onto real hair-free images, with the exact
-//! mask: the ground truth of the real-image benchmark ([`crate::bench`]).
+//! Artificial hairs, rulers, air bubbles and ink marks painted onto real hair-free images, with
+//! the exact mask: the ground truth of the real-image benchmark ([`crate::bench`]).
 //!
 //! Each hair is a smooth curve: a start point, a heading, and a curvature that drifts smoothly
 //! along the arc (a constant bend plus a slow sine), traced in quarter-pixel steps. It is drawn
@@ -39,6 +39,9 @@ pub struct PaintConfig {
     pub ruler_probability: f64,
     /// Air bubbles per image ([`paint_bubbles`]; their rims count as occlusion with the hairs).
     pub bubbles: usize,
+    /// Violet ink marks per image (a surgical marker's dots and strokes; they count as
+    /// occlusion with the hairs).
+    pub ink: usize,
 }
 
 impl Default for PaintConfig {
@@ -52,6 +55,7 @@ impl Default for PaintConfig {
             light: 0.1,
             ruler_probability: 0.15,
             bubbles: 0,
+            ink: 0,
         }
     }
 }
@@ -230,7 +234,33 @@ pub fn paint_hairs(img: &RgbImage, lesion: Option<&GrayImage>, seed: u64, cfg: &
         ruler(&mut rng, &mut canvas, wf, hf, s);
     }
     bubbles(&mut rng, &mut canvas, wf, hf, cfg.bubbles);
+    ink(&mut rng, &mut canvas, wf, hf, s, cfg.ink);
     canvas.apply(img)
+}
+
+/// `count` violet ink marks, as a surgical skin marker leaves them: half dots (discs of radius
+/// 2-5 px at 256 px), half strokes (smooth curves 15-60 px long and 2-5 px wide), in violets from
+/// blue-purple to red-purple at opacity 0.7-0.95.
+fn ink(rng: &mut Rng, canvas: &mut Canvas, w: f32, h: f32, s: f32, count: usize) {
+    for _ in 0..count {
+        let colour = [
+            rng.uniform(90.0, 135.0) as f32,
+            rng.uniform(25.0, 60.0) as f32,
+            rng.uniform(125.0, 170.0) as f32,
+            rng.uniform(0.7, 0.95) as f32,
+        ];
+        let start = (rng.uniform(0.0, w as f64) as f32, rng.uniform(0.0, h as f64) as f32);
+        if rng.bernoulli(0.5) {
+            let r = s * rng.uniform(2.0, 5.0) as f32;
+            canvas.stroke(&[start], 2.0 * r, colour);
+        } else {
+            let len = s * rng.uniform(15.0, 60.0) as f32;
+            let heading = rng.uniform(0.0, std::f64::consts::TAU) as f32;
+            let width = s * rng.uniform(2.0, 5.0) as f32;
+            let pts = curve(rng, start, heading, len, w, h, s);
+            canvas.stroke(&pts, width, colour);
+        }
+    }
 }
 
 /// A straight ruler line near one edge with perpendicular ticks on one side.

@@ -59,6 +59,10 @@ pub struct HairEvalArgs {
     /// count as occlusion with the hairs.
     #[arg(long, default_value_t = 0)]
     pub bubbles: usize,
+    /// Also paint this many violet ink marks per image (a marker's dots and strokes); they count
+    /// as occlusion with the hairs.
+    #[arg(long, default_value_t = 0)]
+    pub ink: usize,
     /// Also run the detector before issue 18 (`legacy_hair_mask`) and report both.
     #[arg(long)]
     pub legacy: bool,
@@ -126,7 +130,7 @@ impl HairEvalArgs {
             bail!("no hair-free images selected under {}", root.display());
         }
         let seed = g.seed; // the global --seed: the painting's seed
-        let paint = PaintConfig { bubbles: self.bubbles, ..PaintConfig::default() };
+        let paint = PaintConfig { bubbles: self.bubbles, ink: self.ink, ..PaintConfig::default() };
         let bench = BenchConfig { seed, size: self.size, paint, export: self.export.clone() };
         let purifier = match &self.purifier {
             Some(p) => Some(derm_purify::Purifier::load(p, &g.device()?)?),
