@@ -140,7 +140,7 @@ fn main() -> anyhow::Result<()> {
             for (id, s) in &flagged {
                 println!("{id} {:.3} %", s * 100.0);
             }
-            println!("{} of {} images: the bubble test added pixels", flagged.len(), all.len());
+            println!("{} of {} images: the test added pixels", flagged.len(), all.len());
         }
         _ => anyhow::bail!("usage: hair_bubbles paint ROOT [SIZE] [LIMIT] [SEED] | scan ROOT OUT"),
     }
