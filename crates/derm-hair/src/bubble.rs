@@ -50,13 +50,18 @@ impl Ellipse {
         (self.cx + u * c - v * s, self.cy + u * s + v * c)
     }
 
+    /// `(x, y)` in the ellipse's own frame: from its centre, along its long and short axes.
+    fn local(&self, x: f64, y: f64) -> (f64, f64) {
+        let (c, s) = (self.theta.cos(), self.theta.sin());
+        let (dx, dy) = (x - self.cx, y - self.cy);
+        (dx * c + dy * s, -dx * s + dy * c)
+    }
+
     /// The first-order (Sampson) distance of `(x, y)` from the ellipse: the value of its implicit
     /// function over the length of its gradient; exact on the curve, a good approximation near
     /// it, and infinite at the centre.
     pub fn distance(&self, x: f64, y: f64) -> f64 {
-        let (c, s) = (self.theta.cos(), self.theta.sin());
-        let (dx, dy) = (x - self.cx, y - self.cy);
-        let (u, v) = (dx * c + dy * s, -dx * s + dy * c);
+        let (u, v) = self.local(x, y);
         let (a2, b2) = (self.a * self.a, self.b * self.b);
         let f = u * u / a2 + v * v / b2 - 1.0;
         let g = 2.0 * ((u / a2).powi(2) + (v / b2).powi(2)).sqrt();
@@ -67,35 +72,35 @@ impl Ellipse {
         }
     }
 
+    /// The mean [`Ellipse::distance`] of `pts`, each counted at most 10 px.
+    pub fn mean_distance(&self, pts: &[(f64, f64)]) -> f64 {
+        pts.iter().map(|&(x, y)| self.distance(x, y).min(10.0)).sum::<f64>() / pts.len() as f64
+    }
+
+    /// Whether `(x, y)` lies inside the ellipse.
+    pub fn contains(&self, x: f64, y: f64) -> bool {
+        let (u, v) = self.local(x, y);
+        u * u / (self.a * self.a) + v * v / (self.b * self.b) < 1.0
+    }
+
     /// The pixels of a `w` x `h` image inside the ellipse scaled by `k` about its centre (at
     /// least 0.3), and how many of them `hit` is true for.
-    pub fn inside(&self, k: f64, w: usize, h: usize, mut hit: impl FnMut(usize) -> bool) -> (usize, usize) {
+    pub fn inside(&self, k: f64, w: usize, h: usize, hit: impl Fn(usize) -> bool) -> (usize, usize) {
         let k = k.max(0.3);
-        let (c, s) = (self.theta.cos(), self.theta.sin());
-        let (a2, b2) = ((k * self.a).powi(2), (k * self.b).powi(2));
-        let reach = k * self.a;
+        let scaled = Ellipse { a: k * self.a, b: k * self.b, ..*self };
+        let reach = scaled.a;
         let (x0, x1) = ((self.cx - reach).floor().max(0.0) as usize, (self.cx + reach).ceil().max(0.0) as usize);
         let (y0, y1) = ((self.cy - reach).floor().max(0.0) as usize, (self.cy + reach).ceil().max(0.0) as usize);
         let (mut n, mut hits) = (0, 0);
         for y in y0..=y1.min(h.saturating_sub(1)) {
             for x in x0..=x1.min(w.saturating_sub(1)) {
-                let (dx, dy) = (x as f64 - self.cx, y as f64 - self.cy);
-                let (u, v) = (dx * c + dy * s, -dx * s + dy * c);
-                if u * u / a2 + v * v / b2 < 1.0 {
+                if scaled.contains(x as f64, y as f64) {
                     n += 1;
                     hits += hit(y * w + x) as usize;
                 }
             }
         }
         (n, hits)
-    }
-
-    /// Whether `(x, y)` lies inside the ellipse.
-    pub fn contains(&self, x: f64, y: f64) -> bool {
-        let (c, s) = (self.theta.cos(), self.theta.sin());
-        let (dx, dy) = (x - self.cx, y - self.cy);
-        let (u, v) = (dx * c + dy * s, -dx * s + dy * c);
-        (u / self.a).powi(2) + (v / self.b).powi(2) < 1.0
     }
 
     /// Ramanujan's approximation of the circumference.
@@ -363,8 +368,7 @@ pub fn find_bubbles(l: &[u8], w: usize, h: usize, s: f32, cfg: &HairConfig) -> (
         if e.a > r_max || e.b < r_min || e.b < cfg.bubble_min_aspect as f64 * e.a {
             return None;
         }
-        let residual = pts.iter().map(|&(x, y)| e.distance(x, y).min(10.0)).sum::<f64>() / pts.len() as f64;
-        if residual > 0.5 + s {
+        if e.mean_distance(pts) > 0.5 + s {
             return None;
         }
         // The share of the ellipse scaled by `k` that is a ridge (None: too little of it lies
@@ -389,11 +393,7 @@ pub fn find_bubbles(l: &[u8], w: usize, h: usize, s: f32, cfg: &HairConfig) -> (
     };
     let mut found: Vec<Ellipse> = Vec::new();
     // A piece on a bubble already found has nothing more to propose.
-    let explained = |found: &[Ellipse], pts: &[(f64, f64)]| {
-        found
-            .iter()
-            .any(|e| pts.iter().map(|&(x, y)| e.distance(x, y).min(10.0)).sum::<f64>() <= 1.5 * pts.len() as f64)
-    };
+    let explained = |found: &[Ellipse], pts: &[(f64, f64)]| found.iter().any(|e| e.mean_distance(pts) <= 1.5);
     // Each piece proposes its own ellipse; then, for a rim broken into arcs too short to fit
     // alone, each pair of pieces near enough to lie on one bubble proposes theirs.
     let mut used = vec![false; pieces.len()];

@@ -87,21 +87,20 @@ pub fn ink_mask(img: &RgbImage, cfg: &HairConfig) -> Vec<u8> {
 /// `b - g >= 1.75 t` is `b - g >= ceil(1.75 t)`, and `b >= r - t / 2` is `b >= r - floor(t / 2)`.
 /// With `cfg.ink_constancy`, the channels are first scaled by the Shades of Gray gains (p = 6) of
 /// `img` (taken on a reduction to about 256 px): the skin then is grey whatever the light's
-/// colour, so a bluish cast is not violet, and a red-purple marker on pink skin is.
+/// colour, so a bluish cast is not violet, and a red-purple marker on pink skin is. On grey skin
+/// a marker is redder than green by less than on the raw pink-brown skin, so the first condition
+/// is then `r - g >= t / 4`.
 fn ink_test(img: &RgbImage, cfg: &HairConfig) -> impl Fn(i32, i32, i32) -> bool + Sync {
-    let t = cfg.ink_chroma.ceil() as i32;
     let (t2, th) = ((1.75 * cfg.ink_chroma).ceil() as i32, (cfg.ink_chroma / 2.0).floor() as i32);
-    let gains = if cfg.ink_constancy {
+    let (t, gains) = if cfg.ink_constancy {
         let f = (img.width().min(img.height()) as usize / 256).max(1);
         let small = if f > 1 { rgb_down(img, f) } else { img.clone() };
-        derm_core::image_io::shades_of_gray_gains(&small, 6.0)
+        ((cfg.ink_chroma / 4.0).ceil() as i32, derm_core::image_io::shades_of_gray_gains(&small, 6.0))
     } else {
-        [1.0; 3]
+        (cfg.ink_chroma.ceil() as i32, [1.0; 3])
     };
-    // Gains in 1/1024 (whole numbers keep the test exact and fast). Once the skin is grey, a
-    // violet marker is redder than green by less than on the raw pink-brown skin.
+    // Gains in 1/1024 (whole numbers keep the test exact and fast).
     let [gr, gg, gb] = gains.map(|g| (g * 1024.0).round() as i32);
-    let t = if cfg.ink_constancy { (cfg.ink_chroma / 4.0).ceil() as i32 } else { t };
     move |r, g, b| {
         let (r, g, b) = ((r * gr) >> 10, (g * gg) >> 10, (b * gb) >> 10);
         r - g >= t && b - g >= t2 && b >= r - th
