@@ -24,8 +24,9 @@
 # derm's classification evaluation cuts lesion windows, for a model trained with --lesion-crop
 # (without it, the data set's ground-truth masks are used).
 #
-# derm runs with the settings its pipeline uses at a CPU budget: segmentation the `small` dilated
-# U-Net at 128 px (the defaults, test-time flips included); classification ResNet-18 at width 32,
+# derm runs with the settings its pipeline uses at a CPU budget: segmentation the defaults (the
+# `medium` dilated U-Net at 128 px, Adam 3e-4, test-time flips included; before 2026-12-04, fifth
+# session, the `small` one at 1e-4); classification ResNet-18 at width 32,
 # 128 px, Adam 1e-3, shuffled batches, the weights' moving average (decay 0.998), operating point
 # chosen on derm's own validation part (10-15% of the training ids), keeping a melanoma sensitivity
 # of at least 0.6 there (the default floor). Before 2026-12-03 (second

@@ -196,4 +196,24 @@ mod tests {
         let e = format!("{:#}", a.config(&cli.global).unwrap_err());
         assert!(e.contains("bad.json") && e.contains("sise"), "{e}");
     }
+
+    /// `derm segment train` trains the medium network at 3e-4 unless told otherwise; `--preset`
+    /// and `--lr` choose another.
+    #[test]
+    fn the_segmenter_preset_and_rate_flags() {
+        use derm_segment::UNetConfig;
+        let seg = |extra: &[&str]| {
+            let mut all = vec!["derm", "segment", "train", "--root", "r", "--out", "o"];
+            all.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(all).unwrap();
+            let Command::Segment(cmd::segment::SegmentCommand::Train(a)) = &cli.command else { panic!("segment") };
+            a.config(&cli.global)
+        };
+        let def = seg(&["--minutes", "10"]).unwrap();
+        assert_eq!((def.model, def.optim.optimizer.lr()), (UNetConfig::medium(), 3e-4));
+        let chosen = seg(&["--preset", "small", "--lr", "1e-4"]).unwrap();
+        assert_eq!((chosen.model, chosen.optim.optimizer.lr()), (UNetConfig::small(), 1e-4));
+        let e = format!("{:#}", seg(&["--preset", "large"]).unwrap_err());
+        assert!(e.contains("\"large\"") && e.contains("small, medium or paper"), "{e}");
+    }
 }

@@ -53,13 +53,29 @@ impl UNetConfig {
             batch_norm: true,
         }
     }
-    /// A preset by name (`paper` or `small`).
+    /// The small shape at 1.5 times the width: 24/48/96, bottleneck 192 d2, 192 d2, 192 d4,
+    /// 192 d4. About 1.7 times the small preset's CPU time per step, and ahead of it on real
+    /// images at 10 and at 40 CPU minutes (BENCHMARKS.md); the default.
+    pub fn medium() -> Self {
+        UNetConfig {
+            in_channels: 3,
+            widths: vec![24, 48, 96],
+            bottleneck: vec![(192, 2), (192, 2), (192, 4), (192, 4)],
+            batch_norm: true,
+        }
+    }
+    /// A preset by name (`paper`, `medium` or `small`).
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "paper" => Some(Self::paper()),
+            "medium" => Some(Self::medium()),
             "small" => Some(Self::small()),
             _ => None,
         }
+    }
+    /// The name of the preset this shape is, if it is one.
+    pub fn preset_name(&self) -> Option<&'static str> {
+        ["small", "medium", "paper"].into_iter().find(|n| Self::preset(n).as_ref() == Some(self))
     }
 }
 

@@ -42,13 +42,13 @@ pub struct TrainArgs {
     /// Fraction of the split held out for validation (by id). [config default: 0.1]
     #[arg(long)]
     pub val_fraction: Option<f64>,
-    /// Network preset: small (CPU) or paper. [config default: small]
+    /// Network preset: small or medium (CPU sizes) or paper. [config default: medium]
     #[arg(long)]
     pub preset: Option<String>,
     /// Working size in pixels (images are resized to SIZE x SIZE). [config default: 128]
     #[arg(long)]
     pub size: Option<u32>,
-    /// Learning rate (Adam). [config default: 1e-4]
+    /// Learning rate (Adam; the paper's was 1e-4). [config default: 3e-4]
     #[arg(long)]
     pub lr: Option<f64>,
     /// Probability threshold of the saved model. [config default: 0.5]
@@ -67,7 +67,8 @@ impl TrainArgs {
     pub(crate) fn config(&self, g: &GlobalOpts) -> anyhow::Result<SegmentConfig> {
         let mut c: SegmentConfig = self.run.base_config()?;
         if let Some(p) = &self.preset {
-            c.model = UNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small or paper"))?;
+            c.model =
+                UNetConfig::preset(p).with_context(|| format!("unknown preset {p:?}: use small, medium or paper"))?;
         }
         set(&mut c.size, self.size);
         set(&mut c.val_fraction, self.val_fraction);
@@ -86,6 +87,9 @@ impl TrainArgs {
     /// Trains and writes the run folder.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
+        if !g.quiet {
+            eprintln!("segment: training a {}", cfg.describe());
+        }
         let device = g.device()?;
         let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("segment", g.quiet);
