@@ -201,6 +201,7 @@ mod tests {
     /// and `--lr` choose another.
     #[test]
     fn the_segmenter_preset_and_rate_flags() {
+        use derm_core::optim::LrSchedule;
         use derm_segment::UNetConfig;
         let seg = |extra: &[&str]| {
             let mut all = vec!["derm", "segment", "train", "--root", "r", "--out", "o"];
@@ -210,10 +211,15 @@ mod tests {
             a.config(&cli.global)
         };
         let def = seg(&["--minutes", "10"]).unwrap();
-        assert_eq!((def.model, def.optim.optimizer.lr()), (UNetConfig::medium(), 3e-4));
+        assert_eq!((def.model.clone(), def.optim.optimizer.lr()), (UNetConfig::medium(), 3e-4));
         let chosen = seg(&["--preset", "small", "--lr", "1e-4"]).unwrap();
         assert_eq!((chosen.model, chosen.optim.optimizer.lr()), (UNetConfig::small(), 1e-4));
         let e = format!("{:#}", seg(&["--preset", "large"]).unwrap_err());
         assert!(e.contains("\"large\"") && e.contains("small, medium or paper"), "{e}");
+        // The schedule and the loss: each flag changes only what it names.
+        let other = seg(&["--schedule", "constant", "--dice-weight", "0.5"]).unwrap();
+        assert_eq!((other.optim.schedule, other.dice_weight), (LrSchedule::Constant, 0.5));
+        assert_eq!((other.model, other.optim.optimizer.lr()), (def.model, def.optim.optimizer.lr()));
+        assert_ne!(def.optim.schedule, LrSchedule::Constant);
     }
 }

@@ -107,23 +107,50 @@ pub enum LrSchedule {
         /// Final rate.
         min_lr: f64,
     },
+    /// Cosine from the base rate to `floor` times it over the whole run, however long the run
+    /// turns out to be: its step limit, or under a time budget the number of steps the budget is
+    /// measured to allow (the training loop's horizon, [`Optimizer::set_horizon`]). The base
+    /// rate until the horizon is known.
+    CosineRun {
+        /// Final rate as a fraction of the base rate.
+        floor: f64,
+    },
 }
 
 impl LrSchedule {
-    /// The rate at `step` (0-based) for base rate `base`.
-    pub fn rate(&self, base: f64, step: usize) -> f64 {
+    /// The rate at `step` (0-based) for base rate `base`, in a run expected to last `horizon`
+    /// steps (used by [`LrSchedule::CosineRun`] only; `None` while it is not known).
+    pub fn rate(&self, base: f64, step: usize, horizon: Option<usize>) -> f64 {
         match *self {
             LrSchedule::Constant => base,
             LrSchedule::Step { every, gamma } => base * gamma.powi((step / every.max(1)) as i32),
-            LrSchedule::Cosine { total, min_lr } => {
-                if step >= total {
-                    min_lr
-                } else {
-                    let t = step as f64 / total.max(1) as f64;
-                    min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
-                }
-            }
+            LrSchedule::Cosine { total, min_lr } => cosine(base, min_lr, step, total),
+            LrSchedule::CosineRun { floor } => match horizon {
+                Some(total) => cosine(base, base * floor, step, total),
+                None => base,
+            },
         }
+    }
+
+    /// A short name for logs: `constant`, `step 2000 x0.5`, `cosine 1000 to 1e-5`, `cosine over
+    /// the run to 0.02x`.
+    pub fn describe(&self) -> String {
+        match *self {
+            LrSchedule::Constant => "constant".into(),
+            LrSchedule::Step { every, gamma } => format!("step {every} x{gamma}"),
+            LrSchedule::Cosine { total, min_lr } => format!("cosine {total} to {min_lr:e}"),
+            LrSchedule::CosineRun { floor } => format!("cosine over the run to {floor}x"),
+        }
+    }
+}
+
+/// Cosine from `base` at step 0 to `min` at step `total`, then `min`.
+fn cosine(base: f64, min: f64, step: usize, total: usize) -> f64 {
+    if step >= total {
+        min
+    } else {
+        let t = step as f64 / total.max(1) as f64;
+        min + (base - min) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
     }
 }
 
@@ -154,6 +181,8 @@ pub struct Optimizer {
     /// Second moments (Adam).
     v: Vec<Option<Tensor>>,
     step: usize,
+    /// Steps the whole run is expected to take ([`LrSchedule::CosineRun`]).
+    horizon: Option<usize>,
     /// Whether CPU f32 parameters take the fused in-place update (off only to test it against
     /// the tensor-op path).
     in_place: bool,
@@ -169,7 +198,7 @@ impl Optimizer {
     pub fn new(mut params: Vec<(String, Var)>, cfg: OptimConfig) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let n = params.len();
-        Optimizer { cfg, params, m: vec![None; n], v: vec![None; n], step: 0, in_place: true }
+        Optimizer { cfg, params, m: vec![None; n], v: vec![None; n], step: 0, horizon: None, in_place: true }
     }
 
     /// An optimiser over every trainable variable of a VarMap (batch-norm buffers excluded), or
@@ -199,7 +228,13 @@ impl Optimizer {
 
     /// The learning rate the next step will use.
     pub fn lr(&self) -> f64 {
-        self.cfg.schedule.rate(self.cfg.optimizer.lr(), self.step)
+        self.cfg.schedule.rate(self.cfg.optimizer.lr(), self.step, self.horizon)
+    }
+
+    /// Tells the schedule how many steps the whole run is expected to take (the training loop
+    /// does, through [`crate::train::Task::set_horizon`]).
+    pub fn set_horizon(&mut self, steps: usize) {
+        self.horizon = Some(steps);
     }
 
     /// Switches to another configuration (for example Adam, then SGD for fine-tuning), dropping the
@@ -696,9 +731,15 @@ mod tests {
 
     #[test]
     fn schedules() {
-        assert_eq!(LrSchedule::Step { every: 2, gamma: 0.1 }.rate(1.0, 3), 0.1);
+        assert_eq!(LrSchedule::Step { every: 2, gamma: 0.1 }.rate(1.0, 3, None), 0.1);
         let c = LrSchedule::Cosine { total: 10, min_lr: 0.0 };
-        assert!((c.rate(1.0, 5) - 0.5).abs() < 1e-12 && c.rate(1.0, 0) == 1.0 && c.rate(1.0, 11) == 0.0);
+        assert!(
+            (c.rate(1.0, 5, None) - 0.5).abs() < 1e-12 && c.rate(1.0, 0, None) == 1.0 && c.rate(1.0, 11, None) == 0.0
+        );
+        // Over the run: the base rate until the horizon is known, then the cosine down to the floor.
+        let r = LrSchedule::CosineRun { floor: 0.1 };
+        assert_eq!((r.rate(2.0, 50, None), r.rate(2.0, 0, Some(100)), r.rate(2.0, 100, Some(100))), (2.0, 2.0, 0.2));
+        assert!((r.rate(2.0, 50, Some(100)) - 1.1).abs() < 1e-12);
         let s: OptimConfig = serde_json::from_str(
             r#"{"optimizer":{"kind":"sgd","lr":0.001,"momentum":0.9,"weight_decay":0,"nesterov":false}}"#,
         )

@@ -199,6 +199,10 @@ pub struct TrainState {
     /// The task's own resumable counters (for example a GAN's early-stopping streak).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub task: serde_json::Value,
+    /// Steps the whole run is expected to take, for schedules that span it ([`Task::set_horizon`]):
+    /// under a time budget measured once, after a tenth of the budget, and kept when resuming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub horizon: Option<usize>,
 }
 
 /// What [`fit`] needs from a stage.
@@ -237,6 +241,11 @@ pub trait Task {
     fn after_step(&mut self, _out: &Path, _step: usize, _on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         Ok(())
     }
+    /// The number of steps the whole run is expected to take, for a learning-rate schedule that
+    /// spans the run ([`crate::optim::LrSchedule::CosineRun`]): the step limit, or under a time
+    /// budget the steps the budget allows at the speed measured over its first tenth. Called
+    /// before the first step when it is known, else once when it is measured.
+    fn set_horizon(&mut self, _steps: usize) {}
     /// After the last checkpoint of a run that ended normally.
     fn finish(&mut self, _out: &Path, _state: &TrainState, _on_event: &mut dyn FnMut(&Event)) -> Result<()> {
         Ok(())
@@ -365,6 +374,15 @@ pub fn fit(
     let mut pending = Pending::default();
     state.finished = false;
     state.stop_reason = None;
+    // The run's length in steps: the step limit, or under a time budget the steps it allows at the
+    // speed of its first tenth (measured once; a resumed run keeps the saved value).
+    let step0 = state.step;
+    if cfg.minutes.is_none() {
+        state.horizon = Some(total);
+    }
+    if let Some(h) = state.horizon {
+        task.set_horizon(h);
+    }
 
     let direction = task.metric_direction();
     let evaluate = |task: &mut dyn Task,
@@ -407,9 +425,17 @@ pub fn fit(
                 break 'outer;
             }
             if let Some(m) = cfg.minutes {
-                if elapsed(&start) >= m * 60.0 {
+                let (budget, now) = (m * 60.0, elapsed(&start));
+                if now >= budget {
                     state.stop_reason = Some("time_budget".into());
                     break 'outer;
+                }
+                let here = start.elapsed().as_secs_f64();
+                if state.horizon.is_none() && now >= 0.1 * budget && state.step > step0 && here > 0.0 {
+                    let per_s = (state.step - step0) as f64 / here;
+                    let h = (state.step + ((budget - now) * per_s).round() as usize).min(total);
+                    state.horizon = Some(h);
+                    task.set_horizon(h);
                 }
             }
             let mut rng = base.fork(state.step as u64);
@@ -504,6 +530,8 @@ mod tests {
         /// Ask to stop after this many evaluations.
         stop_after: Option<usize>,
         evals: usize,
+        /// What the loop said the run's length is ([`Task::set_horizon`]), with the step then.
+        horizon: Option<(usize, usize)>,
     }
 
     impl Toy {
@@ -520,7 +548,7 @@ mod tests {
             let mut r = Rng::new(2);
             let x = Tensor::from_vec(r.normal_vec(16 * 3, 0.0, 1.0), (16, 3), &Device::Cpu).unwrap();
             let y = x.matmul(&Tensor::new(&[[1f32], [-2.0], [0.5]], &Device::Cpu).unwrap()).unwrap();
-            Toy { vm, w, opt, x, y, nan_at, steps: 0, lower: false, stop_after: None, evals: 0 }
+            Toy { vm, w, opt, x, y, nan_at, steps: 0, lower: false, stop_after: None, evals: 0, horizon: None }
         }
         fn loss(&self, b: usize) -> Tensor {
             let xb = self.x.narrow(0, b * 4, 4).unwrap();
@@ -572,6 +600,10 @@ mod tests {
         }
         fn check_resumable(&self, dir: &Path) -> Result<()> {
             check_saved(dir, |c: &i32| *c == 0, "config")
+        }
+        fn set_horizon(&mut self, steps: usize) {
+            self.horizon = Some((steps, self.steps));
+            self.opt.set_horizon(steps);
         }
     }
 
@@ -711,5 +743,25 @@ mod tests {
         let st = fit(&mut t, &cfg, d.path(), TrainState::default(), &mut |_| {}).unwrap();
         assert_eq!(st.stop_reason.as_deref(), Some("time_budget"));
         assert_eq!(st.step, 0);
+    }
+
+    #[test]
+    fn the_run_length_is_the_step_limit_or_measured_under_a_time_budget() {
+        let d = tempfile::tempdir().unwrap();
+        // A step limit is known before the first step.
+        let mut t = Toy::new(None);
+        let cfg = LoopConfig { epochs: 6, max_steps: Some(10), ..Default::default() };
+        let st = fit(&mut t, &cfg, &d.path().join("steps"), TrainState::default(), &mut |_| {}).unwrap();
+        assert_eq!((t.horizon, st.horizon), (Some((10, 0)), Some(10)));
+
+        // Under a time budget it is measured after a tenth of it, from the speed so far: far
+        // below the epochs' limit, and saved for a resumed run.
+        let mut t = Toy::new(None);
+        let cfg = LoopConfig { epochs: 1_000_000, minutes: Some(0.005), ..Default::default() };
+        let st = fit(&mut t, &cfg, &d.path().join("time"), TrainState::default(), &mut |_| {}).unwrap();
+        let (h, at) = t.horizon.expect("no horizon was measured");
+        assert!(at > 0 && h > at && h < 4_000_000 && st.horizon == Some(h), "{h} at {at}, {:?}", st.horizon);
+        let saved: TrainState = checkpoint::read_state(&last_dir(&d.path().join("time"))).unwrap().unwrap();
+        assert_eq!(saved.horizon, Some(h));
     }
 }

@@ -702,6 +702,21 @@ pub fn bce_with_logits_elementwise(logits: &Tensor, targets: &Tensor) -> CResult
     (logits.relu()? - (logits * targets)?)? + softplus_neg_abs
 }
 
+/// One minus the soft Dice coefficient of each image, averaged over the batch: for logits and
+/// 0/1 targets of shape (N, ...), with p = sigmoid(logits),
+/// `1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1)` per image (the 1 keeps an empty mask's loss
+/// finite and near 0 when nothing is predicted). Per image, so that a small lesion weighs as
+/// much as a large one, as in the per-image Jaccard it stands in for.
+pub fn soft_dice_loss(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let n = logits.dim(0)?;
+    let p = candle_nn::ops::sigmoid(logits)?.reshape((n, ()))?;
+    let t = targets.to_dtype(logits.dtype())?.reshape((n, ()))?;
+    let inter = (&p * &t)?.sum(1)?;
+    let total = (p.sum(1)? + t.sum(1)?)?;
+    let dice = ((inter * 2.0)? + 1.0)?.div(&(total + 1.0)?)?;
+    dice.neg()?.mean_all()? + 1.0
+}
+
 /// Log-softmax along `dim`, stable (the maximum is subtracted as a constant).
 pub fn log_softmax<Dm: candle_core::shape::Dim + Copy>(x: &Tensor, dim: Dm) -> CResult<Tensor> {
     let m = x.max_keepdim(dim)?.detach();
@@ -1002,6 +1017,23 @@ pub(crate) mod tests {
         assert!((g[0] - 0.25).abs() < 1e-6 && (g[2] + 0.25).abs() < 1e-6, "{g:?}");
         let tt = Tensor::new(&[0f64, 1., 1., 0., 0.3, 1.], &Device::Cpu).unwrap();
         let e = grad_error(&[6], 8, |x| bce_with_logits_elementwise(&(x * 5.0)?, &tt));
+        assert!(e < 1e-6, "{e}");
+    }
+
+    #[test]
+    fn soft_dice_is_per_image_and_has_the_right_gradient() {
+        let dev = Device::Cpu;
+        // Image 0: a right prediction of half its pixels; image 1: an empty mask, nothing predicted.
+        let t = Tensor::new(&[[1f32, 1., 0., 0.], [0., 0., 0., 0.]], &dev).unwrap();
+        let right = Tensor::new(&[[30f32, 30., -30., -30.], [-30., -30., -30., -30.]], &dev).unwrap();
+        let l = soft_dice_loss(&right, &t).unwrap().to_scalar::<f32>().unwrap();
+        assert!(l.abs() < 1e-5, "{l}");
+        // The first image wrong: 1 - 1/5 for it, 0 for the other, 0.4 on average.
+        let wrong = Tensor::new(&[[-30f32, -30., 30., 30.], [-30., -30., -30., -30.]], &dev).unwrap();
+        let l = soft_dice_loss(&wrong, &t).unwrap().to_scalar::<f32>().unwrap();
+        assert!((l - 0.4).abs() < 1e-5, "{l}");
+        let tt = Tensor::new(&[[1f64, 0., 1.], [0., 1., 1.]], &dev).unwrap();
+        let e = grad_error(&[2, 3], 10, |x| soft_dice_loss(x, &tt));
         assert!(e < 1e-6, "{e}");
     }
 

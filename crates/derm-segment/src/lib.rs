@@ -76,6 +76,9 @@ pub struct SegmentConfig {
     /// kept and saved as the average with this decay per step (0: off). 0.998 by default: +0.03
     /// per-image Jaccard on a held-out ISIC collection at 10 CPU minutes (BENCHMARKS.md).
     pub ema_decay: f64,
+    /// Weight of a per-image soft Dice term added to the cross-entropy
+    /// ([`derm_kernels::ops::soft_dice_loss`]; 0: cross-entropy alone, as the paper).
+    pub dice_weight: f64,
     /// Average the probabilities of the four flips (none, left-right, top-bottom, both) at
     /// inference: prediction, evaluation and threshold selection. Validation during training
     /// scores one view.
@@ -106,6 +109,7 @@ impl Default for SegmentConfig {
             select_threshold: false,
             cache_bytes: 1 << 30,
             ema_decay: 0.998,
+            dice_weight: 0.0,
             test_time_flips: true,
         }
     }
@@ -119,12 +123,13 @@ impl SegmentConfig {
             None => "custom network".to_string(),
         };
         format!(
-            "dilated U-Net, {net} (widths {:?}, bottleneck {:?}), {} px, batch {}, lr {:e}",
+            "dilated U-Net, {net} (widths {:?}, bottleneck {:?}), {} px, batch {}, lr {:e} ({})",
             self.model.widths,
             self.model.bottleneck.iter().map(|b| b.0).collect::<Vec<_>>(),
             self.size,
             self.batch_size,
-            self.optim.optimizer.lr()
+            self.optim.optimizer.lr(),
+            self.optim.schedule.describe()
         )
     }
 }
@@ -407,7 +412,10 @@ impl Task for SegmentTask {
         let b = derm_data::loader::collate(&items, self.seg.cfg.normalize, &self.seg.device)?;
         let masks = b.masks.ok_or_else(|| Error::invalid("training batch without masks"))?;
         let logits = self.seg.net.forward_t(&b.images, true)?;
-        let loss = derm_kernels::ops::bce_with_logits(&logits, &masks)?;
+        let mut loss = derm_kernels::ops::bce_with_logits(&logits, &masks)?;
+        if self.seg.cfg.dice_weight > 0.0 {
+            loss = (loss + (derm_kernels::ops::soft_dice_loss(&logits, &masks)? * self.seg.cfg.dice_weight)?)?;
+        }
         let norm = self.opt.backward_step(&loss)?;
         if let Some(e) = &mut self.ema {
             e.update()?;
@@ -442,6 +450,10 @@ impl Task for SegmentTask {
 
     fn restore(&mut self, dir: &Path, _state: &TrainState) -> Result<()> {
         ema::restore_training(dir, self.ema.as_mut(), &self.seg.varmap, &mut self.opt).map(drop)
+    }
+
+    fn set_horizon(&mut self, steps: usize) {
+        self.opt.set_horizon(steps);
     }
 
     fn check_resumable(&self, dir: &Path) -> Result<()> {
@@ -538,7 +550,7 @@ mod tests {
         let def = SegmentConfig::default();
         assert_eq!((def.model.preset_name(), def.optim.optimizer.lr()), (Some("medium"), 3e-4));
         assert!(def.describe().starts_with("dilated U-Net, medium preset (widths [24, 48, 96]"), "{}", def.describe());
-        assert!(def.describe().ends_with("128 px, batch 8, lr 3e-4"), "{}", def.describe());
+        assert!(def.describe().ends_with("128 px, batch 8, lr 3e-4 (step 2000 x0.5)"), "{}", def.describe());
         assert!(tiny_cfg().describe().contains("custom network"));
         assert_eq!(UNetConfig::paper().preset_name(), Some("paper"));
         assert_eq!(UNetConfig::small().preset_name(), Some("small"));
@@ -600,6 +612,28 @@ mod tests {
         more.train.epochs = 5;
         let (_, st) = train(more, &data, &Device::Cpu, &out, true, &mut |_| {}).unwrap();
         assert_eq!(st.step, 5 * per_epoch);
+    }
+
+    #[test]
+    fn the_dice_term_adds_to_the_loss_and_the_schedule_spans_the_run() {
+        let d = tempfile::tempdir().unwrap();
+        write_phantom_set(&d.path().join("ph"), &PhantomConfig { size: 48, ..Default::default() }, 1, 16).unwrap();
+        let data = Dataset::open_dir(&d.path().join("ph"), None, None).unwrap();
+        let mut cfg =
+            SegmentConfig { dice_weight: 1.0, train: LoopConfig { epochs: 3, ..Default::default() }, ..tiny_cfg() };
+        cfg.optim.schedule = LrSchedule::CosineRun { floor: 0.1 };
+        // Same weights, same batch: the soft Dice term (between 0 and 1) on top of the cross-entropy.
+        let loss = |c: &SegmentConfig| {
+            let mut t = SegmentTask::new(c.clone(), &data, &Device::Cpu).unwrap();
+            t.train_batch(0, 0, &mut Rng::new(5)).unwrap().loss.to_scalar::<f32>().unwrap()
+        };
+        let extra = loss(&cfg) - loss(&SegmentConfig { dice_weight: 0.0, ..cfg.clone() });
+        assert!(extra > 0.0 && extra < 1.0, "dice term {extra}");
+        // The cosine runs over the three epochs and ends at its floor.
+        let (task, state) = train(cfg.clone(), &data, &Device::Cpu, &d.path().join("run"), false, &mut |_| {}).unwrap();
+        assert_eq!(state.horizon, Some(3 * task.batches_per_epoch()));
+        assert!((task.opt.lr() - 3e-4).abs() < 1e-12, "{}", task.opt.lr());
+        assert!(state.history.iter().all(|h| h.loss.is_finite()));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use derm_core::image_io;
+use derm_core::optim::LrSchedule;
 use derm_data::dataset::Dataset;
 use derm_segment::{SegmentConfig, Segmenter, UNetConfig};
 
@@ -51,6 +52,10 @@ pub struct TrainArgs {
     /// Learning rate (Adam; the paper's was 1e-4). [config default: 3e-4]
     #[arg(long)]
     pub lr: Option<f64>,
+    /// Learning-rate schedule: step (halve every 2000 steps), cosine (down to 0.02 of the rate
+    /// over the whole run, its length measured under --minutes) or constant. [config default: step]
+    #[arg(long, value_enum)]
+    pub schedule: Option<Schedule>,
     /// Probability threshold of the saved model. [config default: 0.5]
     #[arg(long)]
     pub threshold: Option<f32>,
@@ -58,9 +63,34 @@ pub struct TrainArgs {
     /// (0: off). [config default: 0.998]
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// Weight of a per-image soft Dice term added to the cross-entropy (0: cross-entropy alone,
+    /// as the paper). [config default: 0]
+    #[arg(long)]
+    pub dice_weight: Option<f64>,
     /// Whether the saved model averages the four flips at inference. [config default: true]
     #[arg(long)]
     pub tta: Option<bool>,
+}
+
+/// The segmenter's learning-rate schedules by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Schedule {
+    /// Halve the rate every 2000 steps.
+    Step,
+    /// Cosine over the whole run down to 0.02 of the rate.
+    Cosine,
+    /// The same rate throughout.
+    Constant,
+}
+
+impl Schedule {
+    fn schedule(self) -> LrSchedule {
+        match self {
+            Schedule::Step => LrSchedule::Step { every: 2000, gamma: 0.5 },
+            Schedule::Cosine => LrSchedule::CosineRun { floor: 0.02 },
+            Schedule::Constant => LrSchedule::Constant,
+        }
+    }
 }
 
 impl TrainArgs {
@@ -74,9 +104,13 @@ impl TrainArgs {
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.threshold, self.threshold);
         set(&mut c.ema_decay, self.ema_decay);
+        set(&mut c.dice_weight, self.dice_weight);
         set(&mut c.test_time_flips, self.tta);
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
+        }
+        if let Some(s) = self.schedule {
+            c.optim.schedule = s.schedule();
         }
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         c.select_threshold |= self.select_threshold;
