@@ -709,6 +709,10 @@ impl Task for ClassifyTask {
         self.per_epoch
     }
 
+    fn set_horizon(&mut self, steps: usize) {
+        self.opt.set_horizon(steps);
+    }
+
     fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let bs = self.clf.cfg.batch_size;
         let indices: Vec<usize> = self.epoch_order(epoch).iter().skip(batch * bs).take(bs).copied().collect();

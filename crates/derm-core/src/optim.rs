@@ -238,7 +238,7 @@ impl Optimizer {
     }
 
     /// Switches to another configuration (for example Adam, then SGD for fine-tuning), dropping the
-    /// moment buffers but keeping the step count.
+    /// moment buffers but keeping the step count and the run's horizon.
     pub fn switch(&mut self, cfg: OptimConfig) {
         self.cfg = cfg;
         self.m = vec![None; self.params.len()];

@@ -757,7 +757,7 @@ mod tests {
         // Under a time budget it is measured after a tenth of it, from the speed so far: far
         // below the epochs' limit, and saved for a resumed run.
         let mut t = Toy::new(None);
-        let cfg = LoopConfig { epochs: 1_000_000, minutes: Some(0.005), ..Default::default() };
+        let cfg = LoopConfig { epochs: 1_000_000, minutes: Some(0.02), ..Default::default() };
         let st = fit(&mut t, &cfg, &d.path().join("time"), TrainState::default(), &mut |_| {}).unwrap();
         let (h, at) = t.horizon.expect("no horizon was measured");
         assert!(at > 0 && h > at && h < 4_000_000 && st.horizon == Some(h), "{h} at {at}, {:?}", st.horizon);

@@ -674,6 +674,11 @@ impl Task for PurifyTask {
         self.train.len() / self.pur.cfg.batch_size.max(1)
     }
 
+    /// The horizon outlives the switch to SGD ([`Optimizer::switch`] keeps it and the step count).
+    fn set_horizon(&mut self, steps: usize) {
+        self.opt.set_horizon(steps);
+    }
+
     fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let step = epoch * self.batches_per_epoch() + batch;
         if !self.finetuning && self.finetune_due(step) {

@@ -2,8 +2,9 @@
 //!
 //! Trains and runs the segmentation stage of derm (Bisla et al.): a U-Net whose bottleneck uses
 //! dilated convolutions (dilation 2 and 4) to widen its view, trained with binary cross-entropy
-//! (numerically stable, with logits) and Adam (betas 0.9/0.999, step decay; lr 3e-4 by default,
-//! the paper's 1e-4 measured lower on real images at CPU budgets), with random flips, rotations and
+//! (numerically stable, with logits; a per-image soft Dice term can be added) and Adam (betas
+//! 0.9/0.999, step decay or a cosine over the whole run; lr 3e-4 by default, the paper's 1e-4
+//! measured lower on real images at CPU budgets), with random flips, rotations and
 //! crops; the model kept is an exponential moving average of the weights
 //! ([`derm_core::ema`]). Inference: sigmoid, averaged over the four flips of the image, threshold
 //! (default 0.5), binary hole filling, optionally only the largest connected component, and masks

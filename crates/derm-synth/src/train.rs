@@ -301,6 +301,12 @@ impl Task for GanTrainer {
         self.steps_per_epoch()
     }
 
+    /// The generator's optimiser takes `g_steps` updates per step.
+    fn set_horizon(&mut self, steps: usize) {
+        self.opt_d.set_horizon(steps);
+        self.opt_g.set_horizon(steps * self.synth.cfg.g_steps.max(1));
+    }
+
     fn train_batch(&mut self, epoch: usize, batch: usize, rng: &mut Rng) -> Result<StepLoss> {
         let l = self.step(epoch, batch, rng)?;
         self.acc.push(l.losses.clone());
