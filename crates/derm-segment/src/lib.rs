@@ -41,6 +41,11 @@ use serde::{Deserialize, Serialize};
 
 pub use model::{UNet, UNetConfig};
 
+/// The segmenter's step decay, its default schedule: halve the rate every 2000 steps.
+pub const STEP_DECAY: LrSchedule = LrSchedule::Step { every: 2000, gamma: 0.5 };
+/// The segmenter's cosine over the whole run, down to 0.02 of the rate (`--schedule cosine`).
+pub const COSINE_OVER_RUN: LrSchedule = LrSchedule::CosineRun { floor: 0.02 };
+
 /// Everything a segmentation run is made of; saved as the checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,11 +100,7 @@ impl Default for SegmentConfig {
             model: UNetConfig::medium(),
             size: 128,
             batch_size: 8,
-            optim: OptimConfig {
-                optimizer: OptimizerKind::adam(3e-4),
-                schedule: LrSchedule::Step { every: 2000, gamma: 0.5 },
-                clip_grad_norm: None,
-            },
+            optim: OptimConfig { optimizer: OptimizerKind::adam(3e-4), schedule: STEP_DECAY, clip_grad_norm: None },
             train: LoopConfig { epochs: 20, ..Default::default() },
             val_fraction: 0.1,
             augment: AugmentConfig { crop_scale: [0.85, 1.0], ..AugmentConfig::geometric() },

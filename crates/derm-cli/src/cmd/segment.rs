@@ -86,8 +86,8 @@ pub enum Schedule {
 impl Schedule {
     fn schedule(self) -> LrSchedule {
         match self {
-            Schedule::Step => LrSchedule::Step { every: 2000, gamma: 0.5 },
-            Schedule::Cosine => LrSchedule::CosineRun { floor: 0.02 },
+            Schedule::Step => derm_segment::STEP_DECAY,
+            Schedule::Cosine => derm_segment::COSINE_OVER_RUN,
             Schedule::Constant => LrSchedule::Constant,
         }
     }
