@@ -59,7 +59,8 @@ pub struct SegmentMetrics {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PurifyMetrics {
-    /// `derm purify eval` on the test folder (phantoms only: it needs clean images).
+    /// `derm purify eval` on the test folder: against the clean phantoms, or on real images inside
+    /// holes borrowed from other test images' occlusion masks (`None` in records of older runs).
     pub eval: Option<Vec<derm_purify::MethodScores>>,
 }
 

@@ -47,6 +47,11 @@ pub struct PipelineArgs {
     /// Default: quick, or full with `--device cuda`.
     #[arg(long)]
     pub budget: Option<String>,
+    /// Multiplies every stage's training minutes (`tiny` stops on its two epochs long before
+    /// them): `--budget overnight --time-scale 0.2` keeps the overnight networks and sizes and
+    /// takes about 1.7 hours on 2 cores.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
     /// Run folder.
     #[arg(long, default_value = "runs/pipeline")]
     pub out: PathBuf,
@@ -95,6 +100,13 @@ pub struct Budget {
     /// Epoch limit of every training stage (the quick and full budgets stop on minutes; `tiny`
     /// stops on epochs, so its results do not depend on the machine's speed).
     epochs: usize,
+    /// The factor `--time-scale` applied to the minutes above (1 when it was not given).
+    #[serde(default = "unit_scale")]
+    time_scale: f64,
+}
+
+fn unit_scale() -> f64 {
+    1.0
 }
 
 impl Budget {
@@ -119,6 +131,7 @@ impl Budget {
                 cls_arch: "resnet18".into(),
                 cls_width: 16,
                 epochs: 1000,
+                time_scale: 1.0,
             },
             // The paper's networks at the paper's sizes, for a GPU (the default with --device
             // cuda): U-Net and partial-convolution U-Net at 256 px, a 64-pixel DCGAN, ResNet-50 at
@@ -142,6 +155,7 @@ impl Budget {
                 cls_arch: "resnet50".into(),
                 cls_width: 64,
                 epochs: 1000,
+                time_scale: 1.0,
             },
             // A night on a CPU (about 7 hours on 2 cores): the CPU-sized networks at 128 px, with
             // time to converge.
@@ -164,6 +178,7 @@ impl Budget {
                 cls_arch: "resnet18".into(),
                 cls_width: 32,
                 epochs: 1000,
+                time_scale: 1.0,
             },
             // For tests: seconds, not minutes, and the same result on any machine.
             "tiny" => Budget {
@@ -185,6 +200,7 @@ impl Budget {
                 cls_arch: "resnet18".into(),
                 cls_width: 16,
                 epochs: 2,
+                time_scale: 1.0,
             },
             other => bail!("unknown budget {other:?}: use quick, full, overnight or tiny"),
         })
@@ -218,28 +234,44 @@ pub struct Run {
     pub records: BTreeMap<String, Record>,
     /// Stage order.
     pub order: Vec<String>,
-    /// Planned seconds per stage, in order (for the overall ETA).
-    plan: Vec<(String, f64)>,
+    /// Planned seconds per stage, in order, as (stage, training, other work), for the overall ETA.
+    plan: Vec<(String, f64, f64)>,
     /// When the pipeline started.
     started: Instant,
 }
 
 impl Budget {
-    /// Planned seconds of each stage: the training budgets plus the measured overheads of a
-    /// quick run on 2 cores (data and hair a few seconds per 100 images, predictions, scoring).
-    fn plan(&self) -> Vec<(String, f64)> {
+    /// The same budget with every stage's training minutes multiplied by `factor`.
+    fn scaled(mut self, factor: f64) -> anyhow::Result<Self> {
+        if !(factor.is_finite() && factor > 0.0) {
+            bail!("--time-scale must be a positive number, not {factor}");
+        }
+        for m in [&mut self.seg_minutes, &mut self.purify_minutes, &mut self.synth_minutes, &mut self.cls_minutes] {
+            *m = ((*m * factor * 100.0).round() / 100.0).max(0.01);
+        }
+        self.time_scale *= factor;
+        Ok(self)
+    }
+
+    /// Planned seconds of each stage, as (stage, training, the rest): the training budgets, and
+    /// the measured overheads of a quick run on 2 cores (data and hair a few seconds per 100
+    /// images, predictions, scoring).
+    fn plan(&self) -> Vec<(String, f64, f64)> {
         let per_image = (self.train_count + self.test_count) as f64 / 100.0;
         let train = |minutes: f64| if self.epochs < 1000 { 5.0 * self.epochs as f64 } else { 60.0 * minutes };
-        vec![
-            ("data".into(), 2.0 * per_image),
-            ("hair".into(), 1.0 * per_image),
-            ("segment".into(), train(self.seg_minutes) + 6.0 * per_image),
-            ("hair_train".into(), 1.0 * per_image),
-            ("purify".into(), train(self.purify_minutes) + 8.0 * per_image),
-            ("synth".into(), train(self.synth_minutes) + 10.0),
-            ("classify".into(), 4.0 * train(self.cls_minutes) + 8.0 * 6.0 * per_image),
-            ("vbp".into(), 20.0),
+        [
+            ("data", 0.0, 2.0 * per_image),
+            ("hair", 0.0, 1.0 * per_image),
+            ("segment", train(self.seg_minutes), 6.0 * per_image),
+            ("hair_train", 0.0, 1.0 * per_image),
+            ("purify", train(self.purify_minutes), 8.0 * per_image),
+            ("synth", train(self.synth_minutes), 10.0),
+            ("classify", 4.0 * train(self.cls_minutes), 8.0 * 6.0 * per_image),
+            ("vbp", 0.0, 20.0),
         ]
+        .into_iter()
+        .map(|(s, t, o)| (s.to_string(), t, o))
+        .collect()
     }
 }
 
@@ -297,23 +329,23 @@ impl Run {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Prints where the run is: stage k of n, time so far and an estimate of what is left
-    /// (the remaining stages' planned seconds, scaled by how the finished ones compared with
-    /// their plan).
+    /// Prints where the run is: stage k of n, time so far and an estimate of what is left: the
+    /// remaining stages' training minutes as planned (they stop on time), and their other work
+    /// scaled by how the finished stages' other work compared with its plan.
     fn announce(&self, name: &str) {
         if self.args.quiet {
             return;
         }
         let k = self.order.len();
         let n = self.plan.len();
-        let planned = |st: &str| self.plan.iter().find(|(s, _)| s == st).map(|(_, v)| *v).unwrap_or(0.0);
-        let (done_real, done_plan) = self
-            .records
-            .values()
-            .filter(|r| !r.skipped)
-            .fold((0.0, 0.0), |(a, b), r| (a + r.seconds, b + planned(&r.stage)));
+        let planned = |st: &str| self.plan.iter().find(|(s, ..)| s == st).map(|(_, t, o)| (*t, *o)).unwrap_or_default();
+        let (done_real, done_plan) = self.records.values().filter(|r| !r.skipped).fold((0.0, 0.0), |(a, b), r| {
+            let (train, other) = planned(&r.stage);
+            (a + (r.seconds - train).max(0.0), b + other)
+        });
         let scale = if done_plan > 0.0 { (done_real / done_plan).clamp(0.3, 5.0) } else { 1.0 };
-        let left: f64 = self.plan.iter().filter(|(s, _)| !self.records.contains_key(s)).map(|(_, v)| v * scale).sum();
+        let left: f64 =
+            self.plan.iter().filter(|(s, ..)| !self.records.contains_key(s)).map(|(_, t, o)| t + o * scale).sum();
         eprintln!(
             "[{k}/{n} {name}] elapsed {}, about {} left",
             crate::hms(self.started.elapsed().as_secs_f64()),
@@ -552,7 +584,7 @@ impl PipelineArgs {
 
     /// Runs the pipeline.
     pub fn run(&self) -> anyhow::Result<()> {
-        let budget = Budget::of(self.budget_name())?;
+        let budget = Budget::of(self.budget_name())?.scaled(self.time_scale)?;
         let t0 = Instant::now();
         let root = crate::project_root();
         let derm = match &self.derm_bin {
@@ -668,7 +700,9 @@ impl PipelineArgs {
             };
             let data = derm_data::dataset::Dataset::open_dir(root_dir, Some(&self.data), self.split.as_deref())
                 .with_context(|| format!("opening {} at {}", self.data, root_dir.display()))?;
-            let (tr, te) = data.split_by_id(0.2, seed);
+            // Drawn apart from the stages' own validation splits (same seed), which would
+            // otherwise find no ids left to validate on.
+            let (tr, te) = data.split_held_out(0.2, seed);
             materialise(&tr, &run.path("data/train"))?;
             materialise(&te, &run.path("data/test"))?;
             if !self.quiet {
@@ -882,21 +916,13 @@ fn purify_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
     ];
     run.stage("purify", &["hair_train"], pur_cmds, |r, c| {
         run_all(r, c)?;
-        // Scoring needs the clean images only phantoms have.
-        let eval = phantom
-            .then(|| {
-                parse_typed(&r.derm(&[
-                    s("purify"),
-                    s("eval"),
-                    s("--model"),
-                    pur.clone(),
-                    s("--root"),
-                    test.clone(),
-                    s("--json"),
-                ])?)
-            })
-            .transpose()?;
-        Ok(PurifyMetrics { eval })
+        // Phantoms are scored against their clean images; real images inside holes borrowed
+        // from other test images' occlusion masks, against their own pixels.
+        let mut eval = vec![s("purify"), s("eval"), s("--model"), pur.clone(), s("--root"), test.clone(), s("--json")];
+        if !phantom {
+            eval.extend([s("--holes"), r.p("hair/test")]);
+        }
+        Ok(PurifyMetrics { eval: Some(parse_typed(&r.derm(&eval)?)?) })
     })?;
     Ok(())
 }
@@ -1068,6 +1094,11 @@ fn vbp_stage(run: &mut Run, c: &Ctx) -> anyhow::Result<()> {
 }
 
 impl Run {
+    /// The data the run used: `phantom`, or the manifest of a real data set.
+    pub fn data(&self) -> &str {
+        &self.args.data
+    }
+
     /// The record of a stage.
     pub fn record(&self, stage: &str) -> Option<&Record> {
         self.records.get(stage)
@@ -1079,5 +1110,24 @@ impl Run {
         let r = self.record(stage).with_context(|| format!("no record of stage {stage}"))?;
         serde_json::from_value(r.metrics.clone())
             .with_context(|| format!("stage {stage}'s record.json is not a {}", std::any::type_name::<T>()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_time_scale_multiplies_every_stages_minutes_and_nothing_else() {
+        let b = Budget::of("overnight").unwrap().scaled(0.2).unwrap();
+        assert_eq!((b.seg_minutes, b.purify_minutes, b.synth_minutes, b.cls_minutes), (12.0, 9.0, 6.0, 12.0));
+        assert_eq!((b.seg_size, b.cls_width, b.train_count), (128, 32, 1600));
+        assert_eq!(b.time_scale, 0.2);
+        let full: f64 = Budget::of("overnight").unwrap().plan().iter().map(|(_, t, o)| t + o).sum();
+        let short: f64 = b.plan().iter().map(|(_, t, o)| t + o).sum();
+        assert!(short < 0.3 * full, "planned {short} s against {full} s");
+        for bad in [0.0, -1.0, f64::NAN] {
+            assert!(Budget::of("quick").unwrap().scaled(bad).is_err());
+        }
     }
 }

@@ -534,6 +534,16 @@ impl ClassifyTask {
             return Err(Error::invalid(format!("{} split {}: no sample has a class label", data.name, data.split)));
         }
         let (mut train, val) = labelled.split_by_id(cfg.val_fraction, cfg.train.seed);
+        if cfg.select_operating_point && val.is_empty() {
+            return Err(Error::invalid(format!(
+                "{} split {}: choosing an operating point needs a validation part, but a fraction of {} of {} \
+                 labelled samples gave none (raise --val-fraction, or hold test ids out with another seed)",
+                data.name,
+                data.split,
+                cfg.val_fraction,
+                labelled.len()
+            )));
+        }
         if cfg.lesion_crop_margin.is_some() {
             data::require_masks(&labelled, "classify train")?;
         }
@@ -1064,6 +1074,10 @@ mod tests {
         let data = phantoms(d.path(), 24, 48);
         let out = d.path().join("run");
         let cfg = ClassifyConfig { select_operating_point: true, min_melanoma_sensitivity: 0.0, ..tiny_cfg() };
+        // Without a validation part it is refused before training, not skipped.
+        let none = ClassifyConfig { val_fraction: 0.0, ..cfg.clone() };
+        let e = ClassifyTask::new(none, &data, &ExtraSources::default(), &Device::Cpu).err().unwrap().to_string();
+        assert!(e.contains("validation part"), "{e}");
         train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
         let clf = Classifier::load(&out, &Device::Cpu).unwrap();
         let w = clf.cfg.decision_weights.clone();

@@ -314,7 +314,8 @@ pub enum Event {
         epoch: usize,
         /// Its loss.
         loss: f64,
-        /// Steps the run will take at most (for a progress bar).
+        /// Steps the run will take (for a progress bar): the step limit, or under a time budget
+        /// the length measured after its first tenth ([`TrainState::horizon`]) once known.
         total: usize,
     },
     /// An evaluation finished.
@@ -330,6 +331,12 @@ pub enum Event {
     Saved(PathBuf),
     /// A figure (for example a sample grid) was written.
     Figure(PathBuf),
+}
+
+/// The run's length a progress bar shows at `step`: the step limit `total`, or under a time
+/// budget the measured length once known (never below the step reached).
+fn shown_total(state: &TrainState, total: usize, step: usize) -> usize {
+    state.horizon.map_or(total, |h| h.max(step))
 }
 
 /// Formats seconds for progress lines: `1h02m`, `3m05s` or `12s`.
@@ -457,7 +464,7 @@ pub fn fit(
                 for (step, epoch, loss) in pending.read()? {
                     loss_sum += loss;
                     loss_n += 1;
-                    on_event(&Event::Step { step, epoch, loss, total });
+                    on_event(&Event::Step { step, epoch, loss, total: shown_total(&state, total, step) });
                 }
             }
             task.after_step(out, state.step, on_event)?;
@@ -490,7 +497,7 @@ pub fn fit(
     for (step, epoch, loss) in pending.read()? {
         loss_sum += loss;
         loss_n += 1;
-        on_event(&Event::Step { step, epoch, loss, total });
+        on_event(&Event::Step { step, epoch, loss, total: shown_total(&state, total, step) });
     }
     if loss_n > 0 {
         let l = loss_sum / loss_n as f64;
@@ -758,9 +765,19 @@ mod tests {
         // below the epochs' limit, and saved for a resumed run.
         let mut t = Toy::new(None);
         let cfg = LoopConfig { epochs: 1_000_000, minutes: Some(0.02), ..Default::default() };
-        let st = fit(&mut t, &cfg, &d.path().join("time"), TrainState::default(), &mut |_| {}).unwrap();
+        let mut totals = Vec::new();
+        let st = fit(&mut t, &cfg, &d.path().join("time"), TrainState::default(), &mut |e| {
+            if let Event::Step { step, total, .. } = e {
+                totals.push((*step, *total));
+            }
+        })
+        .unwrap();
         let (h, at) = t.horizon.expect("no horizon was measured");
         assert!(at > 0 && h > at && h < 4_000_000 && st.horizon == Some(h), "{h} at {at}, {:?}", st.horizon);
+        // The progress bar's length: the epochs' limit until then, the measured length after.
+        let &(last, total) = totals.last().unwrap();
+        assert_eq!(total, h.max(last));
+        assert!(totals.iter().any(|&(_, t)| t >= 4_000_000), "{:?}", totals.first());
         let saved: TrainState = checkpoint::read_state(&last_dir(&d.path().join("time"))).unwrap().unwrap();
         assert_eq!(saved.horizon, Some(h));
     }

@@ -226,7 +226,29 @@ impl Dataset {
                 train.samples.push(s.clone());
             }
         }
+        if val_fraction > 0.0 && val.is_empty() && !train.is_empty() {
+            tracing::warn!(
+                samples = train.len(),
+                val_fraction,
+                seed,
+                "{} split {}: the validation part is empty (too few samples, or the set was already cut by \
+                 split_by_id with this seed: its held-out ids are exactly those that would validate here)",
+                self.name,
+                self.split
+            );
+        }
         (train, val)
+    }
+
+    /// Holds out about `fraction` of the samples as a test part, as [`Dataset::split_by_id`]
+    /// does (by group where known, else by id), but from a draw independent of its draw with
+    /// the same seed. Cut with one draw, the training part would keep none of the keys that fall
+    /// below a smaller validation fraction, and a training stage's validation part would be
+    /// empty. Returns (training part, test part).
+    pub fn split_held_out(&self, fraction: f64, seed: u64) -> (Dataset, Dataset) {
+        let (train, mut test) = self.split_by_id(fraction, seed ^ HELD_OUT_STREAM);
+        test.split = format!("{}-test", self.split);
+        (train, test)
     }
 
     /// The samples in a seeded random order.
@@ -252,6 +274,10 @@ pub fn read_id_list(path: &Path) -> Result<Vec<String>> {
     }
     Ok(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect())
 }
+
+/// Mixed into the seed of [`Dataset::split_held_out`], so that its draw is independent of
+/// [`Dataset::split_by_id`]'s.
+const HELD_OUT_STREAM: u64 = 0x6865_6c64_5f6f_7574;
 
 /// A number in [0, 1) from an id and a seed (FNV-1a, then SplitMix64's mixer).
 pub fn id_unit(id: &str, seed: u64) -> f64 {
@@ -792,6 +818,13 @@ pub(crate) mod tests {
         let (_, v2) = fewer.split_by_id(0.25, 3);
         assert!(v2.samples.iter().all(|s| v.samples.contains(s)));
         assert_ne!(ds.split_by_id(0.25, 4).1, v);
+        // A held-out test part leaves the training part its own validation share; cut with the
+        // same draw, a smaller validation fraction would find nothing.
+        let (rest, test) = ds.split_held_out(0.3, 3);
+        assert_eq!(rest.len() + test.len(), 40);
+        assert!(test.len() > 3 && test.samples.iter().all(|s| !rest.samples.contains(s)));
+        assert!(!rest.split_by_id(0.25, 3).1.is_empty());
+        assert!(ds.split_by_id(0.3, 3).0.split_by_id(0.25, 3).1.is_empty());
         assert_eq!(ds.shuffled(5), ds.shuffled(5));
         assert_ne!(ds.shuffled(5).samples, ds.samples);
     }

@@ -19,9 +19,10 @@
 //! - [`masks`]: training holes from three sources (occlusion masks of other images, irregular
 //!   strokes, rectangles), 5 to 50% of the image.
 //! - [`metrics`]: PSNR and SSIM inside the hole.
-//! - [`train`], [`Purifier`], [`purify_image`], [`evaluate_holes`]: training with Adam and then
-//!   SGD fine-tuning with the encoder's batch norm frozen, inference at any resolution, and
-//!   scoring.
+//! - [`train`], [`Purifier`], [`purify_image`], [`evaluate_holes`], [`evaluate_borrowed_holes`]:
+//!   training with Adam and then SGD fine-tuning with the encoder's batch norm frozen, inference
+//!   at any resolution, and scoring (against clean phantoms, or on real images inside holes
+//!   borrowed from other images' occlusion masks).
 //!
 //! **Consumes:** for training, a data set of RGB images (phantoms give the clean image and the
 //! occlusion mask; real images may come with `<id>_clean.png` from `derm hair`), optionally a
@@ -415,10 +416,11 @@ impl HoleScores {
     }
 }
 
-/// One row of `derm purify eval`: a filling method scored inside the true occlusion masks.
+/// One row of `derm purify eval`: a filling method scored inside the true occlusion masks of
+/// phantoms, or inside holes borrowed from other images' masks on real images.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MethodScores {
-    /// `none` (the occluded image), `classic` (derm-hair's inpainting) or `network`.
+    /// `none` (the occluded image, on phantoms only), `classic` (derm-hair's inpainting) or `network`.
     pub method: String,
     /// Images scored.
     pub images: usize,
@@ -457,6 +459,80 @@ pub fn evaluate_holes(
         let pred = method(&it.image, hole)?;
         let (psnr, ssim) = hole_metrics(&pred, clean, hole)?;
         scores.per_image.push(HoleScore { id: it.id.clone(), psnr, ssim, hole_fraction: masks::hole_fraction(hole) });
+    }
+    Ok(scores)
+}
+
+/// Scores an inpainting method on real images, which have no occlusion-free original to compare
+/// with. Each image gets a hole shaped like another image's occlusion mask (`holes` holds one
+/// `<id>_occlusion.png` per image, as `derm hair` writes them; the donor is drawn with `seed`),
+/// less the image's own occlusions there, where the truth is a hair rather than skin. The hole's
+/// pixels are blanked before `method` sees them, and its fill is compared with the image's own
+/// pixels ([`hole_metrics`]). Images are used at `size` x `size` when given, else at their own
+/// size. Errors name a missing or unreadable mask; an image whose hole comes out empty is left out.
+pub fn evaluate_borrowed_holes(
+    data: &Dataset,
+    holes: &Path,
+    size: Option<u32>,
+    seed: u64,
+    method: &mut dyn FnMut(&RgbImage, &GrayImage) -> Result<RgbImage>,
+) -> Result<HoleScores> {
+    let dims = size.map(|s| (s, s));
+    // Every image's own occlusion mask, read once (at the working size when there is one).
+    let mut own = Vec::with_capacity(data.len());
+    for smp in &data.samples {
+        let p = holes.join(derm_data::handoff::occlusion(&smp.id));
+        if !p.is_file() {
+            return Err(Error::invalid(format!(
+                "{}: no occlusion mask for image {} (run `derm hair` on the set into this folder)",
+                p.display(),
+                smp.id
+            )));
+        }
+        let m = image_io::load_mask(&p, None)?;
+        own.push(match dims {
+            Some((w, h)) => resize_hole(&m, w, h),
+            None => m,
+        });
+    }
+    let donors: Vec<usize> = (0..own.len()).filter(|&j| own[j].as_raw().iter().any(|&v| v != 0)).collect();
+    if donors.len() < 2 {
+        return Err(Error::invalid(format!(
+            "{}: {} of {}'s images have a non-empty occlusion mask; borrowing holes needs at least two",
+            holes.display(),
+            donors.len(),
+            data.name
+        )));
+    }
+    let rng = Rng::new(seed);
+    let cache = ImageCache::new(0);
+    let mut scores = HoleScores::default();
+    for i in 0..data.len() {
+        let it = data.load_item(i, dims, &cache)?;
+        let (w, h) = it.image.dimensions();
+        let mut r = rng.fork(i as u64);
+        let donor = loop {
+            let j = donors[r.below(donors.len())];
+            if j != i {
+                break resize_hole(&own[j], w, h);
+            }
+        };
+        let mine = resize_hole(&own[i], w, h);
+        let hole = GrayImage::from_fn(w, h, |x, y| {
+            Luma([if donor.get_pixel(x, y).0[0] != 0 && mine.get_pixel(x, y).0[0] == 0 { 255 } else { 0 }])
+        });
+        if hole.as_raw().iter().all(|&v| v == 0) {
+            continue;
+        }
+        let mut blanked = it.image.clone();
+        for (x, y, p) in hole.enumerate_pixels() {
+            if p.0[0] != 0 {
+                blanked.put_pixel(x, y, image::Rgb([0, 0, 0]));
+            }
+        }
+        let pred = method(&blanked, &hole)?;
+        let (psnr, ssim) = hole_metrics(&pred, &it.image, &hole)?;
+        scores.per_image.push(HoleScore { id: it.id.clone(), psnr, ssim, hole_fraction: masks::hole_fraction(&hole) });
     }
     Ok(scores)
 }
@@ -1005,5 +1081,45 @@ mod tests {
         let mut bare = data.clone();
         bare.samples[0].extras.clear();
         assert!(evaluate_holes(&bare, Some(32), &mut |img, _| Ok(img.clone())).is_err());
+    }
+
+    #[test]
+    fn borrowed_holes_avoid_the_images_own_hairs_and_hide_the_truth() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(&d.path().join("ph"), 4);
+        let (holes, same) = (d.path().join("holes"), d.path().join("same"));
+        std::fs::create_dir_all(&holes).unwrap();
+        std::fs::create_dir_all(&same).unwrap();
+        // Image k's own occlusion: rows 8k..8k+8 of 32 (disjoint bands).
+        for (k, smp) in data.samples.iter().enumerate() {
+            let band = GrayImage::from_fn(32, 32, |_, y| Luma([if y / 8 == k as u32 { 255 } else { 0 }]));
+            band.save(holes.join(derm_data::handoff::occlusion(&smp.id))).unwrap();
+            GrayImage::from_pixel(32, 32, Luma([255])).save(same.join(derm_data::handoff::occlusion(&smp.id))).unwrap();
+        }
+        let mut seen = Vec::new();
+        let scores = evaluate_borrowed_holes(&data, &holes, Some(32), 3, &mut |img, hole| {
+            // Another image's band, none of the image's own, its pixels blanked.
+            let rows: Vec<u32> = (0..32).filter(|&y| hole.get_pixel(0, y).0[0] != 0).collect();
+            assert_eq!(rows.len(), 8);
+            assert!(hole.enumerate_pixels().all(|(x, y, p)| p.0[0] == 0 || img.get_pixel(x, y).0 == [0, 0, 0]));
+            seen.push(rows[0]);
+            Ok(img.clone())
+        })
+        .unwrap();
+        assert_eq!(scores.per_image.len(), 4);
+        for (k, first) in seen.iter().enumerate() {
+            assert_ne!(*first, 8 * k as u32, "image {k} got its own band");
+        }
+        assert!(scores.per_image.iter().all(|s| s.psnr < 40.0 && (s.hole_fraction - 0.25).abs() < 1e-9));
+        // The same seed draws the same donors.
+        let again = evaluate_borrowed_holes(&data, &holes, Some(32), 3, &mut |img, _| Ok(img.clone())).unwrap();
+        assert_eq!(again, scores);
+        // Where every pixel is the image's own occlusion, nothing is left to score.
+        let none = evaluate_borrowed_holes(&data, &same, Some(32), 3, &mut |img, _| Ok(img.clone())).unwrap();
+        assert!(none.per_image.is_empty());
+        // A missing mask is an error naming it.
+        std::fs::remove_file(holes.join(derm_data::handoff::occlusion(&data.samples[2].id))).unwrap();
+        let e = evaluate_borrowed_holes(&data, &holes, Some(32), 3, &mut |img, _| Ok(img.clone())).unwrap_err();
+        assert!(e.to_string().contains(&data.samples[2].id), "{e}");
     }
 }

@@ -326,6 +326,16 @@ impl SegmentTask {
             return Err(Error::invalid(format!("{} split {}: no sample has a lesion mask", data.name, data.split)));
         }
         let (train, val) = with_masks.split_by_id(cfg.val_fraction, cfg.train.seed);
+        if cfg.select_threshold && val.is_empty() {
+            return Err(Error::invalid(format!(
+                "{} split {}: choosing the threshold needs a validation part, but a fraction of {} of {} masked \
+                 samples gave none (raise --val-fraction, or hold test ids out with another seed)",
+                data.name,
+                data.split,
+                cfg.val_fraction,
+                with_masks.len()
+            )));
+        }
         if train.len() < cfg.batch_size {
             return Err(Error::invalid(format!(
                 "{} training samples, fewer than one batch of {}",
@@ -727,6 +737,10 @@ mod tests {
         let mut nomask = data.clone();
         nomask.samples[0].mask = None;
         assert!(SegmentTask::new(tiny_cfg(), &nomask.filter(|s| s.mask.is_none()), &Device::Cpu).is_err());
+        // Choosing the threshold without a validation part is refused, not skipped.
+        let cfg = SegmentConfig { select_threshold: true, val_fraction: 0.0, ..tiny_cfg() };
+        let e = SegmentTask::new(cfg, &data, &Device::Cpu).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e.contains("validation part"), "{e}");
         std::fs::remove_file(data.samples[1].mask.as_ref().unwrap()).unwrap();
         let e = evaluate(&seg, &data, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(e.contains("segmentation"), "{e}");

@@ -2,7 +2,8 @@
 //!
 //! `run` finds the occlusions with derm-hair and fills them with the network; `eval` compares no
 //! inpainting, derm-hair's classic inpainting and the network inside the occluded region of
-//! phantoms (PSNR and SSIM against the clean phantom).
+//! phantoms (PSNR and SSIM against the clean phantom), or with `--holes` the classic and the
+//! network fill on real images, inside holes borrowed from other images' occlusion masks.
 
 use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use anyhow::{bail, Context};
 use derm_core::image_io;
 use derm_hair::HairConfig;
 use derm_purify::{purify_image, PConvUNetConfig, Purifier, PurifyConfig};
+use image::{GrayImage, RgbImage};
 
 use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;
@@ -207,9 +209,15 @@ pub struct EvalArgs {
     /// A trained run folder or checkpoint folder.
     #[arg(long)]
     pub model: PathBuf,
-    /// Phantoms (or any set whose samples have `clean` images and `occlusion` masks).
+    /// Phantoms (or any set whose samples have `clean` images and `occlusion` masks), or with
+    /// `--holes` real images.
     #[command(flatten)]
     pub data: common::DataArgs,
+    /// Score real images: each gets a hole shaped like another image's occlusion mask from this
+    /// folder (`<id>_occlusion.png` for every image, as `derm hair` writes them; the donor drawn
+    /// with `--seed`), less its own occlusions, and the fill is compared with its own pixels there.
+    #[arg(long)]
+    pub holes: Option<PathBuf>,
     /// Score at SIZE x SIZE (default: the model's working size).
     #[arg(long)]
     pub size: Option<u32>,
@@ -222,29 +230,45 @@ pub struct EvalArgs {
 }
 
 impl EvalArgs {
-    /// Scores the three methods.
+    /// Scores the methods: none, classic and the network against clean phantoms, or the last
+    /// two inside borrowed holes (`--holes`).
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
         let model = Purifier::load(&self.model, &device)?;
         let data = self.data.open(g.quiet)?;
-        if data.samples.iter().all(|s| s.extra("clean").is_none() || s.extra("occlusion").is_none()) {
-            bail!("{} split {} has no clean images with occlusion masks (use a phantom set)", data.name, data.split);
+        if self.holes.is_none()
+            && data.samples.iter().all(|s| s.extra("clean").is_none() || s.extra("occlusion").is_none())
+        {
+            bail!(
+                "{} split {} has no clean images with occlusion masks (use a phantom set, or --holes DIR for real images)",
+                data.name,
+                data.split
+            );
         }
         let size = if self.native { None } else { Some(self.size.unwrap_or(model.cfg.size)) };
         let hcfg = HairConfig::default();
         let mut rows = Vec::new();
-        for name in ["none", "classic", "network"] {
-            let t0 = Instant::now();
-            let mut n = 0usize;
-            let scores = derm_purify::evaluate_holes(&data, size, &mut |img, hole| {
-                n += 1;
-                match name {
+        // On borrowed holes the unfilled image is blanked there, so "none" has nothing to say.
+        let methods: &[&str] =
+            if self.holes.is_some() { &["classic", "network"] } else { &["none", "classic", "network"] };
+        for &name in methods {
+            // Time spent filling, not reading images and masks.
+            let (mut n, mut spent) = (0usize, 0f64);
+            let mut method = |img: &RgbImage, hole: &GrayImage| {
+                let t0 = Instant::now();
+                let out = match name {
                     "none" => Ok(img.clone()),
                     "classic" => derm_hair::inpaint(img, hole, &hcfg),
                     _ => purify_image(&model, img, hole),
-                }
-            })?;
-            let ms = 1e3 * t0.elapsed().as_secs_f64() / n.max(1) as f64;
+                };
+                (n, spent) = (n + 1, spent + t0.elapsed().as_secs_f64());
+                out
+            };
+            let scores = match &self.holes {
+                Some(dir) => derm_purify::evaluate_borrowed_holes(&data, dir, size, g.seed, &mut method)?,
+                None => derm_purify::evaluate_holes(&data, size, &mut method)?,
+            };
+            let ms = 1e3 * spent / n.max(1) as f64;
             let (psnr, ssim) = scores.means();
             rows.push(derm_purify::MethodScores {
                 method: name.to_string(),
@@ -258,10 +282,15 @@ impl EvalArgs {
             println!("{}", serde_json::to_string_pretty(&rows)?);
         } else {
             println!(
-                "{} of {} at {}: PSNR and SSIM inside the occlusion mask against the clean image",
+                "{} of {} at {}: PSNR and SSIM {}",
                 data.split,
                 data.name,
-                size.map(|s| format!("{s}x{s}")).unwrap_or_else(|| "native size".into())
+                size.map(|s| format!("{s}x{s}")).unwrap_or_else(|| "native size".into()),
+                if self.holes.is_some() {
+                    "inside holes borrowed from other images' occlusion masks, against the image's own pixels"
+                } else {
+                    "inside the occlusion mask against the clean image"
+                }
             );
             println!("{:<10} {:>7} {:>10} {:>10} {:>12}", "method", "images", "PSNR dB", "SSIM", "ms/image");
             for r in &rows {
