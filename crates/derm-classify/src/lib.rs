@@ -535,14 +535,7 @@ impl ClassifyTask {
         }
         let (mut train, val) = labelled.split_by_id(cfg.val_fraction, cfg.train.seed);
         if cfg.select_operating_point && val.is_empty() {
-            return Err(Error::invalid(format!(
-                "{} split {}: choosing an operating point needs a validation part, but a fraction of {} of {} \
-                 labelled samples gave none (raise --val-fraction, or hold test ids out with another seed)",
-                data.name,
-                data.split,
-                cfg.val_fraction,
-                labelled.len()
-            )));
+            return Err(labelled.no_validation_error("an operating point", cfg.val_fraction));
         }
         if cfg.lesion_crop_margin.is_some() {
             data::require_masks(&labelled, "classify train")?;

@@ -240,6 +240,18 @@ impl Dataset {
         (train, val)
     }
 
+    /// The error of a stage that must choose `what` on a validation part cut from this set with
+    /// `val_fraction`, when that part came out empty.
+    pub fn no_validation_error(&self, what: &str, val_fraction: f64) -> Error {
+        Error::invalid(format!(
+            "{} split {}: choosing {what} needs a validation part, but a fraction of {val_fraction} of {} samples \
+             gave none (raise --val-fraction, or hold test ids out with another seed)",
+            self.name,
+            self.split,
+            self.len()
+        ))
+    }
+
     /// Holds out about `fraction` of the samples as a test part, as [`Dataset::split_by_id`]
     /// does (by group where known, else by id), but from a draw independent of its draw with
     /// the same seed. Cut with one draw, the training part would keep none of the keys that fall

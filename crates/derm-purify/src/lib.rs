@@ -524,12 +524,7 @@ pub fn evaluate_borrowed_holes(
         if hole.as_raw().iter().all(|&v| v == 0) {
             continue;
         }
-        let mut blanked = it.image.clone();
-        for (x, y, p) in hole.enumerate_pixels() {
-            if p.0[0] != 0 {
-                blanked.put_pixel(x, y, image::Rgb([0, 0, 0]));
-            }
-        }
+        let blanked = paste(&it.image, &RgbImage::new(w, h), &hole);
         let pred = method(&blanked, &hole)?;
         let (psnr, ssim) = hole_metrics(&pred, &it.image, &hole)?;
         scores.per_image.push(HoleScore { id: it.id.clone(), psnr, ssim, hole_fraction: masks::hole_fraction(&hole) });

@@ -327,14 +327,7 @@ impl SegmentTask {
         }
         let (train, val) = with_masks.split_by_id(cfg.val_fraction, cfg.train.seed);
         if cfg.select_threshold && val.is_empty() {
-            return Err(Error::invalid(format!(
-                "{} split {}: choosing the threshold needs a validation part, but a fraction of {} of {} masked \
-                 samples gave none (raise --val-fraction, or hold test ids out with another seed)",
-                data.name,
-                data.split,
-                cfg.val_fraction,
-                with_masks.len()
-            )));
+            return Err(with_masks.no_validation_error("the threshold", cfg.val_fraction));
         }
         if train.len() < cfg.batch_size {
             return Err(Error::invalid(format!(
