@@ -314,6 +314,18 @@ fn progress_is_logged_as_lines_when_stderr_is_not_a_terminal() {
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("[derm] segment ")).collect();
     assert!(lines.len() >= 4, "{stderr}");
     assert!(lines.iter().any(|l| l.contains("ETA") && l.contains("loss")), "{stderr}");
+    // A decoupled GAN run trains one model per class, each for the whole budget: each gets its
+    // own line, named by its class, with its own elapsed time (one shared line once ran on into
+    // the second model and showed the first one's time in its ETA).
+    let gan = d.path().join("gan");
+    let mut args = vec!["synth", "train", "--root", p(&ph), "--classes", "melanoma,seborrheic_keratosis"];
+    args.extend(["--preset", "small", "--epochs", "2", "--out", p(&gan)]);
+    let o = Command::new(derm_tests::derm_bin()).args(&args).env("DERM_PROGRESS_SECS", "0").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let first = |what: &str| stderr.lines().position(|l| l.starts_with(&format!("[derm] synth {what} ")));
+    let (mel, sk) = (first("melanoma"), first("seborrheic_keratosis"));
+    assert!(mel.is_some() && sk.is_some() && mel < sk, "{stderr}");
     // -q means quiet.
     let o = run(&seg_train_args(&ph, &d.path().join("q"), "1"));
     assert!(o.status.success() && o.stderr.is_empty(), "{}", String::from_utf8_lossy(&o.stderr));

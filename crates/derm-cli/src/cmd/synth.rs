@@ -87,12 +87,23 @@ impl TrainArgs {
             split: self.data.split.clone(),
         };
         let kind = if self.coupled { RunKind::Coupled } else { RunKind::Decoupled };
-        let mut progress = super::common::StageProgress::new("synth", g.quiet);
+        // One bar per GAN (decoupled runs train one per class, each for the whole budget), so
+        // its elapsed time and ETA are the current model's and its label says which it is.
+        let mut progress: Option<(String, super::common::StageProgress)> = None;
         let mut on_event = |name: &str, e: &Event| {
             if let Event::Eval { step, metric, .. } = e {
                 tracing::debug!(model = name, step, quality = metric, "check");
             }
-            progress.event(e)
+            if progress.as_ref().is_none_or(|(current, _)| current != name) {
+                if let Some((_, done)) = &progress {
+                    done.finish();
+                }
+                progress =
+                    Some((name.to_string(), super::common::StageProgress::new(&format!("synth {name}"), g.quiet)));
+            }
+            if let Some((_, bar)) = &mut progress {
+                bar.event(e)
+            }
         };
         let results = train_run(
             &cfg,
@@ -106,7 +117,9 @@ impl TrainArgs {
             &mut on_event,
         )
         .with_context(|| format!("training the GAN run {}", self.run.out.display()))?;
-        progress.finish();
+        if let Some((_, bar)) = &progress {
+            bar.finish();
+        }
         for (name, st) in &results {
             println!(
                 "{name}: {} steps in {:.1} min ({}); best quality proxy {} at step {}",
