@@ -19,6 +19,9 @@ use crate::GlobalOpts;
 #[derive(Debug, clap::Subcommand)]
 pub enum SynthCommand {
     /// Train one DCGAN per class (or one coupled GAN for all classes) on a labelled data set.
+    ///
+    /// The per-class GANs train one after the other, each with the whole budget: `--minutes 6`
+    /// on two classes takes 12 minutes.
     Train(TrainArgs),
     /// Generate images of a class from a trained run, drop near-copies of training images, and
     /// write them as a data set folder with a novelty report.
