@@ -302,15 +302,18 @@ fn truncated_image_is_refused_then_skipped_with_skip_bad() {
 fn progress_is_logged_as_lines_when_stderr_is_not_a_terminal() {
     let d = tempfile::tempdir().unwrap();
     let ph = phantoms(d.path(), 12);
-    let out = d.path().join("run");
-    let o = Command::new(derm_tests::derm_bin())
-        .args(["--seed", "1"])
-        .args(seg_train_args(&ph, &out, "2"))
-        .env("DERM_PROGRESS_SECS", "0")
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    // derm's stderr, with a progress line at every update, for a run that must succeed.
+    let logged = |args: &[&str]| {
+        let o = Command::new(derm_tests::derm_bin())
+            .args(["--seed", "1"])
+            .args(args)
+            .env("DERM_PROGRESS_SECS", "0")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let stderr = logged(&seg_train_args(&ph, &d.path().join("run"), "2"));
     let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("[derm] segment ")).collect();
     assert!(lines.len() >= 4, "{stderr}");
     assert!(lines.iter().any(|l| l.contains("ETA") && l.contains("loss")), "{stderr}");
@@ -320,9 +323,7 @@ fn progress_is_logged_as_lines_when_stderr_is_not_a_terminal() {
     let gan = d.path().join("gan");
     let mut args = vec!["synth", "train", "--root", p(&ph), "--classes", "melanoma,seborrheic_keratosis"];
     args.extend(["--preset", "small", "--epochs", "2", "--out", p(&gan)]);
-    let o = Command::new(derm_tests::derm_bin()).args(&args).env("DERM_PROGRESS_SECS", "0").output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let stderr = logged(&args);
     let first = |what: &str| stderr.lines().position(|l| l.starts_with(&format!("[derm] synth {what} ")));
     let (mel, sk) = (first("melanoma"), first("seborrheic_keratosis"));
     assert!(mel.is_some() && sk.is_some() && mel < sk, "{stderr}");
