@@ -2,11 +2,11 @@
 //!
 //! A stage implements [`Task`] (one optimiser step on one batch, an evaluation, a checkpoint
 //! write) and [`fit`] drives it: epochs and batches, evaluation every N steps or each epoch,
-//! keeping the best model (`<out>/best`), a checkpoint every N steps and at the end
-//! (`<out>/last`, with optimiser and training state), resuming from `<out>/last`, a time budget,
-//! and a stop with [`Error::NonFiniteLoss`] on a NaN or infinite loss, in which case nothing is
-//! written after the last good checkpoint. The output folder is locked while the loop runs
-//! ([`crate::fsutil::DirLock`]): a second run into it is refused.
+//! keeping the best model (`<out>/best`; or the final one, [`Keep::Last`]), a checkpoint every N
+//! steps and at the end (`<out>/last`, with optimiser and training state), resuming from
+//! `<out>/last`, a time budget, and a stop with [`Error::NonFiniteLoss`] on a NaN or infinite
+//! loss, in which case nothing is written after the last good checkpoint. The output folder is
+//! locked while the loop runs ([`crate::fsutil::DirLock`]): a second run into it is refused.
 //!
 //! A step returns its loss and gradient norm as tensors ([`StepLoss`]); the loop reads them after
 //! every step on the CPU and, on a GPU, every [`LoopConfig::read_every`] steps in one copy and
@@ -52,6 +52,34 @@ pub struct LoopConfig {
     /// (one copy for all of them; always before an evaluation or a checkpoint). On the CPU they
     /// are read after every step, which costs nothing.
     pub read_every: usize,
+    /// Which weights `<out>/best`, the model a run folder resolves to, holds.
+    pub keep: Keep,
+}
+
+/// Which weights a run keeps as its model (`<out>/best`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// The checkpoint with the best validation metric, written at each evaluation that improves
+    /// on it.
+    #[default]
+    Best,
+    /// The final weights, written (and validated) when the loop ends. The maximum of many noisy
+    /// evaluations on a small validation part is often a chance peak; the final weights of a
+    /// smooth run (a moving average of the weights) generalise as well or better.
+    Last,
+}
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "best" => Ok(Keep::Best),
+            "last" => Ok(Keep::Last),
+            _ => Err(format!("unknown model to keep {s:?} (best or last)")),
+        }
+    }
 }
 
 impl Default for LoopConfig {
@@ -64,6 +92,7 @@ impl Default for LoopConfig {
             checkpoint_every: None,
             seed: 0,
             read_every: 20,
+            keep: Keep::Best,
         }
     }
 }
@@ -354,7 +383,8 @@ pub fn last_dir(out: &Path) -> PathBuf {
     out.join("last")
 }
 
-/// `<out>/best`: the checkpoint with the best validation metric.
+/// `<out>/best`: the model a run keeps ([`LoopConfig::keep`]): the checkpoint with the best
+/// validation metric, or the final weights.
 pub fn best_dir(out: &Path) -> PathBuf {
     out.join("best")
 }
@@ -416,7 +446,7 @@ pub fn fit(
             }
             on_event(&Event::Eval { step: state.step, metric: m, best });
         }
-        if best || (metric.is_none() && state.best_step.is_none()) {
+        if cfg.keep == Keep::Best && (best || (metric.is_none() && state.best_step.is_none())) {
             task.save(&best_dir(out), state)?;
         }
         if let Some(reason) = task.stop_reason(state) {
@@ -504,7 +534,7 @@ pub fn fit(
         state.elapsed_s = elapsed(&start);
         evaluate(task, &mut state, on_event, l)?;
     }
-    if state.best_step.is_none() && !best_dir(out).exists() {
+    if cfg.keep == Keep::Last || (state.best_step.is_none() && !best_dir(out).exists()) {
         task.save(&best_dir(out), &state)?;
     }
     state.finished = true;
@@ -539,6 +569,8 @@ mod tests {
         evals: usize,
         /// What the loop said the run's length is ([`Task::set_horizon`]), with the step then.
         horizon: Option<(usize, usize)>,
+        /// Report a metric that worsens at every evaluation (the first is the best).
+        worsening: bool,
     }
 
     impl Toy {
@@ -555,7 +587,20 @@ mod tests {
             let mut r = Rng::new(2);
             let x = Tensor::from_vec(r.normal_vec(16 * 3, 0.0, 1.0), (16, 3), &Device::Cpu).unwrap();
             let y = x.matmul(&Tensor::new(&[[1f32], [-2.0], [0.5]], &Device::Cpu).unwrap()).unwrap();
-            Toy { vm, w, opt, x, y, nan_at, steps: 0, lower: false, stop_after: None, evals: 0, horizon: None }
+            Toy {
+                vm,
+                w,
+                opt,
+                x,
+                y,
+                nan_at,
+                steps: 0,
+                lower: false,
+                stop_after: None,
+                evals: 0,
+                horizon: None,
+                worsening: false,
+            }
         }
         fn loss(&self, b: usize) -> Tensor {
             let xb = self.x.narrow(0, b * 4, 4).unwrap();
@@ -580,6 +625,9 @@ mod tests {
         fn evaluate(&mut self) -> Result<Option<f64>> {
             let l = (self.x.matmul(self.w.as_tensor())? - &self.y)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
             self.evals += 1;
+            if self.worsening {
+                return Ok(Some(-(self.evals as f64)));
+            }
             Ok(Some(if self.lower { l } else { -l }))
         }
         fn metric_direction(&self) -> Direction {
@@ -733,6 +781,30 @@ mod tests {
         .unwrap();
         let e = run(&mut Toy::new(None), &cfg, &out, true, &mut |_| {}).unwrap_err().to_string();
         assert!(e.contains("cannot resume") && e.contains("last"), "{e}");
+    }
+
+    #[test]
+    fn keep_last_keeps_the_final_weights_instead_of_the_best_evaluation() {
+        let d = tempfile::tempdir().unwrap();
+        for keep in [Keep::Best, Keep::Last] {
+            let out = d.path().join(format!("{keep:?}"));
+            let mut t = Toy::new(None);
+            t.worsening = true;
+            let cfg = LoopConfig { epochs: 3, keep, ..Default::default() };
+            let st = fit(&mut t, &cfg, &out, TrainState::default(), &mut |_| {}).unwrap();
+            // The first evaluation (after epoch 1) is the best either way.
+            assert_eq!(st.best_step, Some(4));
+            let kept: TrainState = checkpoint::read_state(&best_dir(&out)).unwrap().unwrap();
+            let model = |dir: PathBuf| std::fs::read(dir.join("model.safetensors")).unwrap();
+            let same_as_last = model(best_dir(&out)) == model(last_dir(&out));
+            match keep {
+                Keep::Best => assert!(kept.step == 4 && !same_as_last, "{keep:?}: step {}", kept.step),
+                Keep::Last => assert!(kept.step == 12 && same_as_last, "{keep:?}: step {}", kept.step),
+            }
+            assert_eq!(resolve_model_dir(&out), best_dir(&out));
+        }
+        assert_eq!("last".parse::<Keep>(), Ok(Keep::Last));
+        assert!("final".parse::<Keep>().unwrap_err().contains("best or last"));
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub struct TrainArgs {
     pub label_smoothing: Option<f64>,
     /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
     /// part (the best balanced accuracy among the operating points that do; 0: no floor).
-    /// [config default: 0.6]
+    /// [config default: 0.82, ISIC 2017's first sensitivity level]
     #[arg(long)]
     pub min_melanoma_sensitivity: Option<f64>,
     /// Classify lesion windows: cut each image to the square around its lesion mask (the data
@@ -171,27 +171,32 @@ impl TrainArgs {
         }
         let extra = ExtraSources { purified: self.purified.clone(), synthetic: self.synthetic.clone() };
         let mut progress = StageProgress::new("classify", g.quiet);
-        let (mut task, state) =
+        let (task, state) =
             derm_classify::train(cfg, &data, &extra, &device, &self.run.out, self.run.resume, &mut |e| {
                 progress.event(e)
             })
             .with_context(|| format!("training the classifier into {}", self.run.out.display()))?;
         progress.finish();
         common::write_history(&self.run.out, &state)?;
-        let report = task.val_report()?;
-        derm_core::fsutil::write_json(&self.run.out.join("validation.json"), &report)?;
-        let (ntrain, nval) = task.sizes();
+        // The kept model (with its operating point) on the validation part: what predict will do.
+        let kept = match task.kept_val_report(&self.run.out)? {
+            Some(report) => {
+                derm_core::fsutil::write_json(&self.run.out.join("validation.json"), &report)?;
+                summary_line(&report)
+            }
+            None => "no validation part".into(),
+        };
+        let (ntrain, _) = task.sizes();
         println!(
-            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; last: {}; run folder {}",
+            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; kept model: {}; run folder {}",
             state.step,
             state.elapsed_s / 60.0,
             state.stop_reason.as_deref().unwrap_or("done"),
             state.best_metric.map(|v| format!("{v:.4}")).unwrap_or_else(|| "n/a".into()),
             state.best_step.unwrap_or(0),
-            summary_line(&report),
+            kept,
             self.run.out.display()
         );
-        let _ = nval;
         Ok(())
     }
 }

@@ -161,6 +161,11 @@ pub struct TrainFlags {
     /// Images per batch (the GAN: real images per class per step). [config default]
     #[arg(long)]
     pub batch: Option<usize>,
+    /// The model the run keeps in OUT/best, which predict and eval use: `best`, the checkpoint
+    /// with the best validation metric, or `last`, the final weights. [config default: last for
+    /// the classifier, best for the others]
+    #[arg(long)]
+    pub keep: Option<derm_core::train::Keep>,
     /// A JSON file with the stage's config (missing fields take their defaults, unknown ones are
     /// errors); the flags given override it.
     #[arg(long)]
@@ -187,6 +192,7 @@ impl TrainFlags {
         set_some(&mut train.minutes, self.minutes);
         set_some(&mut train.max_steps, self.max_steps);
         set_some(&mut train.eval_every, self.eval_every);
+        set(&mut train.keep, self.keep);
         train.seed = g.seed;
     }
 }
