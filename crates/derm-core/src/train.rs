@@ -534,7 +534,10 @@ pub fn fit(
         state.elapsed_s = elapsed(&start);
         evaluate(task, &mut state, on_event, l)?;
     }
-    if cfg.keep == Keep::Last || (state.best_step.is_none() && !best_dir(out).exists()) {
+    // The final weights are kept when this call trained them (a resumed run that had nothing left
+    // to do leaves the kept model, and what was chosen for it, as it was).
+    let trained = state.step > step0 || !best_dir(out).exists();
+    if (cfg.keep == Keep::Last && trained) || (state.best_step.is_none() && !best_dir(out).exists()) {
         task.save(&best_dir(out), &state)?;
     }
     state.finished = true;
@@ -802,6 +805,13 @@ mod tests {
                 Keep::Last => assert!(kept.step == 12 && same_as_last, "{keep:?}: step {}", kept.step),
             }
             assert_eq!(resolve_model_dir(&out), best_dir(&out));
+            // Resuming the finished run trains nothing and leaves the kept model as it was.
+            let written = || std::fs::metadata(best_dir(&out).join("model.safetensors")).unwrap().modified().unwrap();
+            let before = written();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let again = run(&mut Toy::new(None), &cfg, &out, true, &mut |_| {}).unwrap();
+            assert_eq!(again.step, 12);
+            assert_eq!(written(), before, "{keep:?}: best/ was rewritten by a resume that trained nothing");
         }
         assert_eq!("last".parse::<Keep>(), Ok(Keep::Last));
         assert!("final".parse::<Keep>().unwrap_err().contains("best or last"));
