@@ -142,31 +142,26 @@ pub fn choose_decision_weights(
     let before = balanced(&vec![1.0; k]);
     let grid = weight_grid();
     let combinations = grid.len().checked_pow(k.saturating_sub(1) as u32);
+    let score = |w: &[f64]| objective(probs, labels, k, w, floor);
     let w = if combinations.is_some_and(|n| n <= EXHAUSTIVE_LIMIT) {
-        exhaustive_weights(probs, labels, k, floor, &grid)
+        exhaustive_weights(&score, k, &grid)
     } else {
-        coordinate_ascent_weights(probs, labels, k, floor, &grid)
+        coordinate_ascent_weights(&score, k, &grid)
     };
     let after = balanced(&w);
     (w, before, after)
 }
 
-/// Every combination of `grid` values for classes 1..k (class 0 at 1): the best [`objective`],
+/// Every combination of `grid` values for classes 1..k (class 0 at 1): the best by `score`,
 /// ties to the smallest sum of |log w|.
-fn exhaustive_weights(
-    probs: &[Vec<f64>],
-    labels: &[usize],
-    k: usize,
-    floor: SensitivityFloor,
-    grid: &[f64],
-) -> Vec<f64> {
+fn exhaustive_weights(score: &dyn Fn(&[f64]) -> f64, k: usize, grid: &[f64]) -> Vec<f64> {
     let distance = |w: &[f64]| w.iter().map(|v| v.ln().abs()).sum::<f64>();
     let mut idx = vec![0usize; k.saturating_sub(1)];
     let mut best = vec![1.0; k];
-    let mut best_key = (objective(probs, labels, k, &best, floor), 0.0);
+    let mut best_key = (score(&best), 0.0);
     loop {
         let w: Vec<f64> = std::iter::once(1.0).chain(idx.iter().map(|&i| grid[i])).collect();
-        let key = (objective(probs, labels, k, &w, floor), distance(&w));
+        let key = (score(&w), distance(&w));
         if key.0 > best_key.0 + 1e-12 || ((key.0 - best_key.0).abs() <= 1e-12 && key.1 < best_key.1 - 1e-12) {
             best_key = key;
             best = w;
@@ -179,24 +174,18 @@ fn exhaustive_weights(
     best
 }
 
-/// Coordinate ascent over `grid` for classes 1..k (class 0 at 1), three rounds from all ones;
-/// ties keep the weight nearest 1.
-fn coordinate_ascent_weights(
-    probs: &[Vec<f64>],
-    labels: &[usize],
-    k: usize,
-    floor: SensitivityFloor,
-    grid: &[f64],
-) -> Vec<f64> {
+/// Coordinate ascent by `score` over `grid` for classes 1..k (class 0 at 1), three rounds from
+/// all ones; ties keep the weight nearest 1.
+fn coordinate_ascent_weights(score: &dyn Fn(&[f64]) -> f64, k: usize, grid: &[f64]) -> Vec<f64> {
     let mut w = vec![1.0; k];
-    let mut best = objective(probs, labels, k, &w, floor);
+    let mut best = score(&w);
     for _ in 0..3 {
         for c in 1..k {
             let mut wc = w[c];
             for &g in grid {
                 let mut t = w.clone();
                 t[c] = g;
-                let b = objective(probs, labels, k, &t, floor);
+                let b = score(&t);
                 if b > best + 1e-12 || ((b - best).abs() <= 1e-12 && g.ln().abs() < wc.ln().abs()) {
                     best = b;
                     wc = g;
@@ -355,7 +344,8 @@ mod tests {
         let sens0 =
             |w: &[f64]| ConfusionMatrix::new(&labels, &decide(&probs, w), 3).per_class_sensitivity()[0].unwrap();
         // One weight at a time, the search never reaches the floor on these probabilities ...
-        let stuck = coordinate_ascent_weights(&probs, &labels, 3, floor, &weight_grid());
+        let score = |w: &[f64]| objective(&probs, &labels, 3, w, floor);
+        let stuck = coordinate_ascent_weights(&score, 3, &weight_grid());
         assert!(sens0(&stuck) < 0.7, "the test needs a case coordinate ascent misses: {stuck:?}");
         // ... which a pair of weights does, at a balanced accuracy of 0.78.
         let (w, _, ba) = choose_decision_weights(&probs, &labels, 3, floor);

@@ -64,9 +64,10 @@ pub enum Keep {
     /// on it.
     #[default]
     Best,
-    /// The final weights, written (and validated) when the loop ends. The maximum of many noisy
-    /// evaluations on a small validation part is often a chance peak; the final weights of a
-    /// smooth run (a moving average of the weights) generalise as well or better.
+    /// The final weights, written (and validated) when the loop ends; until then a run folder
+    /// resolves to `<out>/last`. The maximum of many noisy evaluations on a small validation part
+    /// is often a chance peak; the final weights of a smooth run (a moving average of the
+    /// weights) generalise as well or better.
     Last,
 }
 
