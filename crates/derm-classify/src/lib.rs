@@ -150,13 +150,7 @@ impl Default for ClassifyConfig {
             balanced: false,
             class_weighted_loss: false,
             random_crop: true,
-            augment: AugmentConfig {
-                hflip: true,
-                vflip: true,
-                rot90: false,
-                crop_scale: [1.0, 1.0],
-                ..AugmentConfig::geometric()
-            },
+            augment: AugmentConfig::flips(),
             normalize: Normalize::IMAGENET,
             freeze_backbone: false,
             feature_views: 4,
@@ -525,6 +519,10 @@ pub struct ClassifyTask {
     ema: Option<WeightAverage>,
     /// The validation report of the latest evaluation.
     pub last_report: Option<ClassificationReport>,
+    /// The kept model's validation report at its operating point, where [`train`] chose one,
+    /// with the run folder it belongs to: [`ClassifyTask::kept_val_report`] hands it back instead
+    /// of scoring the validation part a second time.
+    kept: Option<(PathBuf, ClassificationReport)>,
 }
 
 impl ClassifyTask {
@@ -596,6 +594,7 @@ impl ClassifyTask {
             bank: None,
             ema,
             last_report: None,
+            kept: None,
         })
     }
 
@@ -688,10 +687,16 @@ impl ClassifyTask {
     /// The validation report of the model the run in `out` keeps (its `best` checkpoint, else
     /// `last`, with the saved operating point), or `None` without a validation part. This is what
     /// `predict` and `eval` will use; with a moving average of the weights it is not the weights
-    /// being trained, which [`ClassifyTask::val_report`] scores.
+    /// being trained, which [`ClassifyTask::val_report`] scores. After [`train`] chose the
+    /// operating point of `out`, the report made then is returned without scoring again.
     pub fn kept_val_report(&self, out: &Path) -> Result<Option<ClassificationReport>> {
         if self.val.is_empty() {
             return Ok(None);
+        }
+        if let Some((dir, report)) = &self.kept {
+            if dir == out {
+                return Ok(Some(report.clone()));
+            }
         }
         let clf = Classifier::load(out, &self.clf.device)?;
         Ok(Some(evaluate(&clf, &self.val, None, false, &mut |_| {})?.report))
@@ -817,22 +822,34 @@ pub fn train(
     let mut task = ClassifyTask::new(cfg.clone(), data, extra, device)?;
     let state = train::run(&mut task, &cfg.train, out, resume, on_event)?;
     if cfg.select_operating_point && !task.val.is_empty() {
-        select_operating_point(&train::best_dir(out), &task.val, cfg.min_melanoma_sensitivity, device)?;
+        let op = select_operating_point(&train::best_dir(out), &task.val, cfg.min_melanoma_sensitivity, device)?;
+        task.kept = Some((out.to_path_buf(), op.report));
     }
     Ok((task, state))
+}
+
+/// An operating point chosen by [`select_operating_point`].
+#[derive(Debug, Clone)]
+pub struct OperatingPoint {
+    /// Per-class weights on the probabilities (saved as [`ClassifyConfig::decision_weights`]).
+    pub weights: Vec<f64>,
+    /// The checkpoint's report on the validation part with these weights: what `eval` of the
+    /// saved checkpoint on the same images gives.
+    pub report: ClassificationReport,
 }
 
 /// Chooses the operating point of the checkpoint in `dir` on `val`: per-class weights on the
 /// probabilities ([`eval::choose_decision_weights`]) for the best balanced accuracy among those
 /// keeping a melanoma sensitivity of at least `min_melanoma_sensitivity` (0: any), written into
 /// the checkpoint's `config.json` (atomically), with the balanced accuracy before and after and
-/// the melanoma sensitivity in `meta.json`. Returns the weights.
+/// the melanoma sensitivity in `meta.json`. Returns the weights and the validation report with
+/// them.
 pub fn select_operating_point(
     dir: &Path,
     val: &Dataset,
     min_melanoma_sensitivity: f64,
     device: &Device,
-) -> Result<Vec<f64>> {
+) -> Result<OperatingPoint> {
     let clf = Classifier::load(dir, device)?;
     let e = evaluate(&clf, val, None, false, &mut |_| {})?;
     let k = clf.cfg.model.num_classes;
@@ -852,7 +869,7 @@ pub fn select_operating_point(
         });
     })?;
     tracing::info!(?weights, before, after, ?mel_sens, "operating point chosen on validation (balanced accuracy)");
-    Ok(weights)
+    Ok(OperatingPoint { weights, report: chosen })
 }
 
 #[cfg(test)]
@@ -1090,7 +1107,8 @@ mod tests {
         let none = ClassifyConfig { val_fraction: 0.0, ..cfg.clone() };
         let e = ClassifyTask::new(none, &data, &ExtraSources::default(), &Device::Cpu).err().unwrap().to_string();
         assert!(e.contains("validation part"), "{e}");
-        train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let (task, _) =
+            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
         let clf = Classifier::load(&out, &Device::Cpu).unwrap();
         let w = clf.cfg.decision_weights.clone();
         assert_eq!(w.len(), 3);
@@ -1104,6 +1122,12 @@ mod tests {
         let (_, val) = data.split_by_id(tiny_cfg().val_fraction, tiny_cfg().train.seed);
         let e = evaluate(&clf, &val, None, false, &mut |_| {}).unwrap();
         assert!((e.report.balanced_accuracy - after).abs() < 1e-9, "{} vs {after}", e.report.balanced_accuracy);
+        // The report `train` kept from choosing the point is the reloaded model's on the same
+        // images, and only for the run folder it came from.
+        let kept = task.kept_val_report(&out).unwrap().unwrap();
+        assert_eq!(kept.confusion.counts, e.report.confusion.counts);
+        assert_eq!((kept.balanced_accuracy, kept.mean_auc), (e.report.balanced_accuracy, e.report.mean_auc));
+        assert!(task.kept_val_report(&d.path().join("elsewhere")).is_err());
         // Chosen again with a melanoma floor (on all 24 images: the validation part of 6 may
         // hold no melanoma): the saved point keeps it there, and the config records it.
         let best = train::best_dir(&out);

@@ -222,4 +222,26 @@ mod tests {
         assert_eq!((other.model, other.optim.optimizer.lr()), (def.model, def.optim.optimizer.lr()));
         assert_ne!(def.optim.schedule, LrSchedule::Constant);
     }
+
+    /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
+    /// and colour jitter too; the flag changes nothing else.
+    #[test]
+    fn the_classifier_augment_flag() {
+        use derm_data::augment::AugmentConfig;
+        let cls = |extra: &[&str]| {
+            let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
+            all.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(all)?;
+            let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
+            a.config(&cli.global)
+        };
+        let def = cls(&[]).unwrap();
+        assert_eq!(def.augment, AugmentConfig::flips());
+        assert!(def.augment.hflip && def.augment.vflip && !def.augment.rot90);
+        let full = cls(&["--augment", "full"]).unwrap();
+        assert_eq!(full.augment, AugmentConfig::default());
+        assert!(full.augment.rot90 && full.augment.crop_scale[0] < 1.0 && full.augment.brightness > 0.0);
+        assert_eq!((full.model, full.input_size, full.random_crop), (def.model, def.input_size, def.random_crop));
+        assert!(cls(&["--augment", "heavy"]).is_err());
+    }
 }

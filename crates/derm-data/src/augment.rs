@@ -55,6 +55,11 @@ impl AugmentConfig {
     pub fn geometric() -> Self {
         AugmentConfig { brightness: 0.0, contrast: 0.0, saturation: 0.0, hue: 0.0, ..Default::default() }
     }
+
+    /// Left-right and top-bottom flips only (the paper's classification augmentation).
+    pub fn flips() -> Self {
+        AugmentConfig { rot90: false, crop_scale: [1.0, 1.0], ..Self::geometric() }
+    }
 }
 
 /// One draw of the geometric transform.
