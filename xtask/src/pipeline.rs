@@ -258,7 +258,7 @@ impl Budget {
     /// (quarter turns, crop-and-rescale, colour jitter) where each classifier trains for at
     /// least [`FULL_AUGMENT_MINUTES`], flips below. On held-out ISIC images the full set scored
     /// a lower mean AUC than flips after 10 CPU minutes (three seeds) and an equal or higher one,
-    /// with a better operating point, after 20 (two seeds; BENCHMARKS.md, "Augmentation and CPU
+    /// with a better operating point, after 20 (three seeds; BENCHMARKS.md, "Augmentation and CPU
     /// minutes"). Budgets that stop on epochs (`tiny`) keep flips.
     fn cls_augment(&self) -> &'static str {
         if self.epochs >= 1000 && self.cls_minutes >= FULL_AUGMENT_MINUTES {

@@ -108,7 +108,7 @@ pub struct TrainArgs {
     /// Training augmentation after the random crop: flips (left-right and top-bottom, as the
     /// paper) or full (also quarter turns, crops of 0.8-1 of the side rescaled, and colour jitter
     /// of 0.1). On held-out ISIC images full scored a lower mean AUC after 10 CPU minutes
-    /// (three seeds) and an equal or higher one after 20 (two seeds; BENCHMARKS.md,
+    /// (three seeds) and an equal or higher one after 20 (three seeds; BENCHMARKS.md,
     /// "Augmentation and CPU minutes"). [config default: flips]
     #[arg(long, value_enum)]
     pub augment: Option<Augment>,
