@@ -226,7 +226,7 @@ mod tests {
     /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
     /// and colour jitter too; the flag changes nothing else.
     #[test]
-    fn the_classifier_augment_flag() {
+    fn the_classifier_augment_and_schedule_flags() {
         use derm_data::augment::AugmentConfig;
         let cls = |extra: &[&str]| {
             let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
@@ -243,5 +243,13 @@ mod tests {
         assert!(full.augment.rot90 && full.augment.crop_scale[0] < 1.0 && full.augment.brightness > 0.0);
         assert_eq!((full.model, full.input_size, full.random_crop), (def.model, def.input_size, def.random_crop));
         assert!(cls(&["--augment", "heavy"]).is_err());
+        // The schedule: constant unless asked; cosine spans the run and keeps the optimiser.
+        use derm_core::optim::{LrSchedule, COSINE_OVER_RUN};
+        assert_eq!(def.optim.schedule, LrSchedule::Constant);
+        let cos = cls(&["--schedule", "cosine", "--optimizer", "adam", "--lr", "2e-3"]).unwrap();
+        assert_eq!(cos.optim.schedule, COSINE_OVER_RUN);
+        assert_eq!((cos.optim.optimizer.lr(), cos.augment), (2e-3, def.augment));
+        assert!(matches!(cos.optim.optimizer, derm_core::optim::OptimizerKind::Adam { .. }));
+        assert!(cls(&["--schedule", "linear"]).is_err());
     }
 }

@@ -144,6 +144,12 @@ impl LrSchedule {
     }
 }
 
+/// Step decay: halve the rate every 2000 steps (the segmenter's default schedule; `--schedule
+/// step`).
+pub const STEP_DECAY: LrSchedule = LrSchedule::Step { every: 2000, gamma: 0.5 };
+/// Cosine over the whole run down to 0.02 of the rate (`--schedule cosine`).
+pub const COSINE_OVER_RUN: LrSchedule = LrSchedule::CosineRun { floor: 0.02 };
+
 /// Cosine from `base` at step 0 to `min` at step `total`, then `min`.
 fn cosine(base: f64, min: f64, step: usize, total: usize) -> f64 {
     if step >= total {

@@ -29,7 +29,7 @@ use derm_core::checkpoint::{self, Meta, TensorSpec};
 use derm_core::ema::{self, WeightAverage};
 use derm_core::image_io::{self, Normalize};
 use derm_core::metrics::SegmentationScores;
-use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
+use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind, STEP_DECAY};
 use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{binary, Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
@@ -40,11 +40,6 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 pub use model::{UNet, UNetConfig};
-
-/// The segmenter's step decay, its default schedule: halve the rate every 2000 steps.
-pub const STEP_DECAY: LrSchedule = LrSchedule::Step { every: 2000, gamma: 0.5 };
-/// The segmenter's cosine over the whole run, down to 0.02 of the rate (`--schedule cosine`).
-pub const COSINE_OVER_RUN: LrSchedule = LrSchedule::CosineRun { floor: 0.02 };
 
 /// Everything a segmentation run is made of; saved as the checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -531,6 +526,7 @@ pub fn select_threshold(dir: &Path, val: &Dataset, cache: &ImageCache, device: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use derm_core::optim::LrSchedule;
     use derm_data::phantom::{write_phantom_set, PhantomConfig};
 
     fn tiny_cfg() -> SegmentConfig {

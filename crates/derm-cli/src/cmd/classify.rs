@@ -77,6 +77,12 @@ pub struct TrainArgs {
     /// Optimiser: sgd (momentum 0.9, as the authors) or adam. [config default: sgd]
     #[arg(long)]
     pub optimizer: Option<String>,
+    /// Learning-rate schedule: constant, cosine (down to 0.02 of the rate over the whole run, its
+    /// length measured under --minutes) or step (halve every 2000 steps). Cosine and constant
+    /// scored the same on held-out ISIC images after 20 CPU minutes (BENCHMARKS.md, "Schedule,
+    /// input size and the reference on a faster machine"). [config default: constant]
+    #[arg(long, value_enum)]
+    pub schedule: Option<common::Schedule>,
     /// Class-balanced mini-batches.
     #[arg(long)]
     pub balanced: bool,
@@ -182,6 +188,7 @@ impl TrainArgs {
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
         }
+        set(&mut c.optim.schedule, self.schedule.map(common::Schedule::schedule));
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         c.select_operating_point |= self.select_operating_point;
         self.run.apply(g, &mut c.train, &mut c.batch_size);

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use derm_core::optim::{LrSchedule, COSINE_OVER_RUN, STEP_DECAY};
 use derm_core::train::{Event, TrainState};
 use derm_data::dataset::Dataset;
 use derm_visual::plot::{self, PlotOptions, Series};
@@ -140,6 +141,29 @@ pub fn write_history(out: &Path, state: &TrainState) -> anyhow::Result<()> {
         derm_core::image_io::save_png(&out.join("loss_curve.png"), &img)?;
     }
     Ok(())
+}
+
+/// Learning-rate schedules by name (`--schedule` of the segmenter and the classifier).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Schedule {
+    /// Halve the rate every 2000 steps.
+    Step,
+    /// Cosine over the whole run down to 0.02 of the rate (the run's length measured under
+    /// --minutes).
+    Cosine,
+    /// The same rate throughout.
+    Constant,
+}
+
+impl Schedule {
+    /// The schedule this name stands for.
+    pub fn schedule(self) -> LrSchedule {
+        match self {
+            Schedule::Step => STEP_DECAY,
+            Schedule::Cosine => COSINE_OVER_RUN,
+            Schedule::Constant => LrSchedule::Constant,
+        }
+    }
 }
 
 /// The flags every `train` command shares: the loop's budget, batch size, config file, resume

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use derm_core::image_io;
-use derm_core::optim::LrSchedule;
 use derm_data::dataset::Dataset;
 use derm_segment::{SegmentConfig, Segmenter, UNetConfig};
 
@@ -55,7 +54,7 @@ pub struct TrainArgs {
     /// Learning-rate schedule: step (halve every 2000 steps), cosine (down to 0.02 of the rate
     /// over the whole run, its length measured under --minutes) or constant. [config default: step]
     #[arg(long, value_enum)]
-    pub schedule: Option<Schedule>,
+    pub schedule: Option<common::Schedule>,
     /// Probability threshold of the saved model. [config default: 0.5]
     #[arg(long)]
     pub threshold: Option<f32>,
@@ -70,27 +69,6 @@ pub struct TrainArgs {
     /// Whether the saved model averages the four flips at inference. [config default: true]
     #[arg(long)]
     pub tta: Option<bool>,
-}
-
-/// The segmenter's learning-rate schedules by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Schedule {
-    /// Halve the rate every 2000 steps.
-    Step,
-    /// Cosine over the whole run down to 0.02 of the rate.
-    Cosine,
-    /// The same rate throughout.
-    Constant,
-}
-
-impl Schedule {
-    fn schedule(self) -> LrSchedule {
-        match self {
-            Schedule::Step => derm_segment::STEP_DECAY,
-            Schedule::Cosine => derm_segment::COSINE_OVER_RUN,
-            Schedule::Constant => LrSchedule::Constant,
-        }
-    }
 }
 
 impl TrainArgs {
@@ -109,9 +87,7 @@ impl TrainArgs {
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
         }
-        if let Some(s) = self.schedule {
-            c.optim.schedule = s.schedule();
-        }
+        set(&mut c.optim.schedule, self.schedule.map(common::Schedule::schedule));
         set_some(&mut c.normalize.shades_of_gray, self.color_constancy);
         c.select_threshold |= self.select_threshold;
         self.run.apply(g, &mut c.train, &mut c.batch_size);
