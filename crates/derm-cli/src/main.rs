@@ -224,7 +224,8 @@ mod tests {
     }
 
     /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
-    /// and colour jitter too; the flag changes nothing else.
+    /// and colour jitter too, and keeps a constant rate unless `--schedule` names another; each
+    /// flag changes nothing else.
     #[test]
     fn the_classifier_augment_and_schedule_flags() {
         use derm_data::augment::AugmentConfig;
