@@ -328,6 +328,7 @@ mod tests {
             model: "m".into(),
             data: derm_classify::eval::DataRef { name: "ph2".into(), split: "test".into(), root: "r".into() },
             tta: false,
+            tta_views: 1,
             purified_input: None,
             lesion_windows: false,
             lesion_masks: None,

@@ -1,7 +1,8 @@
 //! Measurements of the classifier (not a test: it writes to a temporary folder, or reads an ISIC
 //! 2017 training folder given as ROOT).
 //!
-//! - `bench ARCH BATCH SIZE REPS [WIDTH]`: eval forward and SGD train-step times.
+//! - `bench ARCH BATCH SIZE REPS [WIDTH]`: eval forward and SGD train-step times, plain and on a
+//!   CutMix and a mixup batch (the mixing included).
 //! - `freeze ARCH BATCH SIZE REPS`: what `--freeze-backbone` costs and saves: a full SGD step,
 //!   a step that trains only `layer4` and `fc` (`--trainable-from layer4`), the frozen backbone's
 //!   one-off feature pass per batch, and a head-only step on cached features.
@@ -14,7 +15,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use derm_classify::{
-    evaluate, train, train_step, Classifier, ClassifyConfig, ExtraSources, ResNet, ResNetConfig, Stage,
+    evaluate, mixed_train_step, train, train_step, BatchMix, Classifier, ClassifyConfig, ExtraSources, ResNet,
+    ResNetConfig, Stage,
 };
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind};
 use derm_core::train::LoopConfig;
@@ -52,28 +54,42 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
     let mut r = derm_core::Rng::new(0);
     let x = Tensor::from_vec(r.normal_vec(b * 3 * s * s, 0.0, 1.0), (b, 3, s, s), &Device::Cpu)?;
     let y = Tensor::new((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), &Device::Cpu)?;
-    let mut inf = Vec::new();
-    let mut step = Vec::new();
+    let (mut inf, mut step, mut cut, mut mixup) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
     for _ in 0..reps {
         let t = Instant::now();
         let _ = net.forward_t(&x, false)?.to_vec2::<f32>()?;
-        inf.push(t.elapsed().as_secs_f64() * 1e3);
+        inf.push(ms(t));
         let t = Instant::now();
         train_step(&net, &mut opt, &x, &y, None, 0.0, Stage::Conv1)?;
-        step.push(t.elapsed().as_secs_f64() * 1e3);
+        step.push(ms(t));
+        for (mix, times) in [(BatchMix::CutMix { alpha: 1.0 }, &mut cut), (BatchMix::Mixup { alpha: 0.2 }, &mut mixup)]
+        {
+            let t = Instant::now();
+            let m = mix.apply(&x, &mut r)?.ok_or_else(|| anyhow::anyhow!("{mix:?} mixes nothing"))?;
+            mixed_train_step(&net, &mut opt, &m, &y, None, 0.0, Stage::Conv1)?;
+            times.push(ms(t));
+        }
     }
-    let med = |v: &mut Vec<f64>| {
+    let med = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
+    let all = |v: &[f64]| v.iter().map(|v| v.round()).collect::<Vec<_>>();
     println!(
-        "{} b{b} {s}x{s}: params {} infer median {:.0} ms, train step median {:.0} ms (all {:?} / {:?})",
+        "{} b{b} {s}x{s}: params {} infer median {:.0} ms, train step median {:.0} ms, on CutMix {:.0} ms, on \
+         mixup {:.0} ms (all {:?} / {:?} / {:?} / {:?})",
         cfg.name(),
         derm_classify::parameter_count(&vm),
-        med(&mut inf.clone()),
-        med(&mut step.clone()),
-        inf.iter().map(|v| v.round()).collect::<Vec<_>>(),
-        step.iter().map(|v| v.round()).collect::<Vec<_>>()
+        med(&inf),
+        med(&step),
+        med(&cut),
+        med(&mixup),
+        all(&inf),
+        all(&step),
+        all(&cut),
+        all(&mixup)
     );
     Ok(())
 }

@@ -68,8 +68,12 @@ pub struct EvalSummary {
     pub model: std::path::PathBuf,
     /// The data scored.
     pub data: DataRef,
-    /// Whether flips were averaged (test-time augmentation).
+    /// Whether symmetric views were averaged (test-time augmentation).
     pub tta: bool,
+    /// How many views were averaged per image ([`crate::Classifier::test_time_views`] with
+    /// `tta`, else 1; 0 in summaries written before it was recorded).
+    #[serde(default)]
+    pub tta_views: usize,
     /// The folder of purified images classified instead of the originals, if any.
     pub purified_input: Option<std::path::PathBuf>,
     /// Whether the model read lesion windows ([`crate::ClassifyConfig::lesion_crop_margin`]).

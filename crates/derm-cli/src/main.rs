@@ -224,10 +224,10 @@ mod tests {
     }
 
     /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
-    /// and colour jitter too, and keeps a constant rate unless `--schedule` names another; each
-    /// flag changes nothing else.
+    /// and colour jitter too, keeps a constant rate unless `--schedule` names another and mixes
+    /// no batches unless `--mix` says how; each flag changes nothing else.
     #[test]
-    fn the_classifier_augment_and_schedule_flags() {
+    fn the_classifier_augment_schedule_and_mix_flags() {
         use derm_data::augment::AugmentConfig;
         let cls = |extra: &[&str]| {
             let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
@@ -252,5 +252,34 @@ mod tests {
         assert_eq!((cos.optim.optimizer.lr(), cos.augment), (2e-3, def.augment));
         assert!(matches!(cos.optim.optimizer, derm_core::optim::OptimizerKind::Adam { .. }));
         assert!(cls(&["--schedule", "linear"]).is_err());
+        // Batch mixing: off unless asked, each kind with its usual alpha unless given one.
+        use derm_classify::BatchMix;
+        assert_eq!(def.mix, BatchMix::Off);
+        assert_eq!(cls(&["--mix", "mixup"]).unwrap().mix, BatchMix::Mixup { alpha: 0.2 });
+        let cut = cls(&["--mix", "cutmix", "--mix-alpha", "0.5"]).unwrap();
+        assert_eq!((cut.mix, cut.augment), (BatchMix::CutMix { alpha: 0.5 }, def.augment));
+        assert!(cls(&["--mix-alpha", "0.5"]).is_err(), "an alpha without --mix");
+        assert!(cls(&["--mix", "off", "--mix-alpha", "0.5"]).is_err(), "an alpha for no mixing");
+        // Test-time views: saved on unless `--tta false`.
+        assert!(def.test_time_augmentation);
+        assert!(!cls(&["--tta", "false"]).unwrap().test_time_augmentation);
+    }
+
+    /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`
+    /// says otherwise; `--tta` alone still means true.
+    #[test]
+    fn the_classifier_test_time_flag_of_eval_and_predict() {
+        let tta = |args: Vec<&str>| match Cli::try_parse_from(args).unwrap().command {
+            Command::Classify(cmd::classify::ClassifyCommand::Eval(a)) => a.tta,
+            Command::Classify(cmd::classify::ClassifyCommand::Predict(a)) => a.tta,
+            _ => panic!("classify eval or predict"),
+        };
+        let eval = ["derm", "classify", "eval", "--model", "m", "--root", "r"];
+        let predict = ["derm", "classify", "predict", "--model", "m", "--input", "i"];
+        for base in [&eval, &predict] {
+            assert_eq!(tta([&base[..], &[]].concat()), None, "{base:?}");
+            assert_eq!(tta([&base[..], &["--tta"]].concat()), Some(true), "{base:?}");
+            assert_eq!(tta([&base[..], &["--tta", "false"]].concat()), Some(false), "{base:?}");
+        }
     }
 }

@@ -198,7 +198,8 @@ impl Analyzer {
         let hair = derm_hair::clean(&img, Some(&lesion.mask), &derm_hair::HairConfig::default())?;
         let purified = derm_purify::purify_image(&self.pur, &img, &hair.occlusion)?;
         // A classifier trained on lesion windows reads the window around the segmented lesion.
-        let probs = clf.view_probabilities(&[clf.lesion_view(&purified, &lesion.mask)?], false)?.remove(0);
+        let window = clf.lesion_view(&purified, &lesion.mask)?;
+        let probs = clf.view_probabilities(&[window], clf.cfg.test_time_augmentation)?.remove(0);
         let (view, map) = self.sal.map(&purified, Some(&lesion.mask))?;
         let (vw, vh) = view.dimensions();
         let best = derm_classify::eval::decide(std::slice::from_ref(&probs), &clf.cfg.decision_weights)[0];

@@ -4,7 +4,7 @@ use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use derm_classify::{ClassificationReport, Classifier, ClassifyConfig, ExtraSources, ResNetConfig, Stage};
+use derm_classify::{BatchMix, ClassificationReport, Classifier, ClassifyConfig, ExtraSources, ResNetConfig, Stage};
 use derm_core::image_io;
 use derm_core::optim::OptimizerKind;
 use derm_data::augment::AugmentConfig;
@@ -118,6 +118,18 @@ pub struct TrainArgs {
     /// "Augmentation and CPU minutes"). [config default: flips]
     #[arg(long, value_enum)]
     pub augment: Option<Augment>,
+    /// Mix the images of each training batch: mixup (blend whole images) or cutmix (paste a box
+    /// of another image), the targets weighted alike. [config default: off]
+    #[arg(long, value_enum)]
+    pub mix: Option<Mix>,
+    /// With --mix: the mixing weight is drawn from Beta(alpha, alpha). [default: 0.2 for mixup,
+    /// 1 for cutmix]
+    #[arg(long, requires = "mix")]
+    pub mix_alpha: Option<f64>,
+    /// Whether the saved model averages its test-time views (the symmetries it was trained with)
+    /// at inference and when the operating point is chosen. [config default: true]
+    #[arg(long)]
+    pub tta: Option<bool>,
     /// With --lesion-crop: read each training image's lesion mask from this folder
     /// (<id>_segmentation.png, as `derm segment predict` writes) instead of the data set's.
     #[arg(long)]
@@ -139,6 +151,28 @@ impl Augment {
             Augment::Flips => AugmentConfig::flips(),
             Augment::Full => AugmentConfig::default(),
         }
+    }
+}
+
+/// Mixing of training batches by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mix {
+    /// No mixing.
+    Off,
+    /// Whole images blended.
+    Mixup,
+    /// A box of another image pasted.
+    Cutmix,
+}
+
+impl Mix {
+    fn config(self, alpha: Option<f64>) -> anyhow::Result<BatchMix> {
+        Ok(match self {
+            Mix::Off if alpha.is_some() => bail!("--mix-alpha with --mix off: nothing is mixed"),
+            Mix::Off => BatchMix::Off,
+            Mix::Mixup => BatchMix::Mixup { alpha: alpha.unwrap_or(0.2) },
+            Mix::Cutmix => BatchMix::CutMix { alpha: alpha.unwrap_or(1.0) },
+        })
     }
 }
 
@@ -170,6 +204,8 @@ impl TrainArgs {
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
         set_some(&mut c.lesion_crop_margin, self.lesion_crop);
         set(&mut c.augment, self.augment.map(Augment::config));
+        set(&mut c.mix, self.mix.map(|m| m.config(self.mix_alpha)).transpose()?);
+        set(&mut c.test_time_augmentation, self.tta);
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
@@ -252,9 +288,11 @@ pub struct PredictArgs {
     /// An image or a folder of images.
     #[arg(long)]
     pub input: PathBuf,
-    /// Average the probabilities over the four flips.
-    #[arg(long)]
-    pub tta: bool,
+    /// Average the probabilities over the test-time views (the four flips; all eight symmetries
+    /// of the square for a model trained with quarter turns, --augment full), or score each image
+    /// alone (false), whatever the model saved. `--tta` alone means true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub tta: Option<bool>,
     /// A folder of lesion masks, <id>_segmentation.png (as `derm segment predict` writes), for
     /// a model trained on lesion windows (`train --lesion-crop`).
     #[arg(long)]
@@ -278,6 +316,7 @@ impl PredictArgs {
                 self.model.display()
             );
         }
+        let tta = self.tta.unwrap_or(clf.cfg.test_time_augmentation);
         let pb = crate::progress::bar(files.len() as u64, "classify", g.quiet || self.json);
         let mut rows = Vec::with_capacity(files.len());
         for f in &files {
@@ -291,7 +330,7 @@ impl PredictArgs {
                 }
                 None => clf.view(&img),
             };
-            let p = clf.view_probabilities(&[view], self.tta)?.remove(0);
+            let p = clf.view_probabilities(&[view], tta)?.remove(0);
             rows.push((id, f.clone(), p));
             pb.inc(1);
         }
@@ -331,9 +370,11 @@ pub struct EvalArgs {
     /// purification done beforehand by the purify stage).
     #[arg(long)]
     pub purified_input: Option<PathBuf>,
-    /// Average the probabilities over the four flips.
-    #[arg(long)]
-    pub tta: bool,
+    /// Average the probabilities over the test-time views (the four flips; all eight symmetries
+    /// of the square for a model trained with quarter turns, --augment full), or score each image
+    /// alone (false), whatever the model saved. `--tta` alone means true.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub tta: Option<bool>,
     /// For a model trained on lesion windows: read each image's lesion mask from this folder
     /// (<id>_segmentation.png, as `derm segment predict` writes) instead of the data set's own
     /// (ground-truth) masks.
@@ -401,7 +442,8 @@ impl EvalArgs {
             data = with_lesion_masks(data, dir)?;
         }
         let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet || self.json);
-        let e = derm_classify::evaluate(&clf, &data, None, self.tta, &mut |n| pb.inc(n as u64))?;
+        let tta = self.tta.unwrap_or(clf.cfg.test_time_augmentation);
+        let e = derm_classify::evaluate(&clf, &data, None, tta, &mut |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
         let out = self.out.clone().unwrap_or_else(|| run_folder(&self.model).join("eval"));
         derm_core::fsutil::create_dir_all(&out)?;
@@ -437,7 +479,8 @@ impl EvalArgs {
                 split: data.split.clone(),
                 root: data.root.clone(),
             },
-            tta: self.tta,
+            tta,
+            tta_views: if tta { clf.test_time_views() } else { 1 },
             purified_input: self.purified_input.clone(),
             lesion_windows: clf.cfg.lesion_crop_margin.is_some(),
             lesion_masks: self.lesion_masks.clone(),
@@ -458,7 +501,7 @@ impl EvalArgs {
                 r.images,
                 data.name,
                 data.split,
-                if self.tta { ", flip TTA" } else { "" }
+                if tta { format!(", {}-view TTA", clf.test_time_views()) } else { String::new() }
             );
             for (k, c) in r.classes.iter().enumerate() {
                 println!(
