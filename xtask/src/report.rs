@@ -348,7 +348,7 @@ mod tests {
             ("both".to_string(), VariantScores { plain: e.clone(), test_time_purification: e }),
         ]);
         let seg = SegmentMetrics {
-            eval: derm_segment::EvalSummary { summary: Default::default(), worst: Vec::new() },
+            eval: derm_segment::EvalSummary { summary: Default::default(), worst: Vec::new(), tta_views: 1 },
             train_seconds: 1.0,
             steps: 1,
         };

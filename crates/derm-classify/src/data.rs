@@ -229,24 +229,6 @@ pub fn train_view(img: &RgbImage, size: u32, random_crop: bool, aug: &AugmentCon
     out
 }
 
-/// View `k` of the eight symmetries of the square (the test-time views): 0 none, 1 left-right,
-/// 2 top-bottom, 3 both (a half turn); 4-7 the same after a quarter turn (a quarter turn each
-/// way and the two diagonal mirrors). The first four keep any image's size; the others swap
-/// width and height.
-pub fn flip_view(img: &RgbImage, k: usize) -> RgbImage {
-    use image::imageops::{flip_horizontal, flip_vertical, rotate90};
-    let flipped = match k % 4 {
-        1 => flip_horizontal(img),
-        2 => flip_vertical(img),
-        3 => flip_vertical(&flip_horizontal(img)),
-        _ => img.clone(),
-    };
-    match k % 8 {
-        0..=3 => flipped,
-        _ => rotate90(&flipped),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -346,27 +328,7 @@ mod tests {
         let mut r = Rng::new(0);
         let aug = AugmentConfig { crop_scale: [1.0, 1.0], ..AugmentConfig::geometric() };
         assert_eq!(train_view(&s, 32, true, &aug, &mut r).dimensions(), (32, 32));
-        let f = flip_view(&img, 3);
+        let f = derm_core::symmetry::Symmetry::from_index(3).image(&img);
         assert_eq!(f.get_pixel(0, 0), img.get_pixel(49, 39));
-    }
-
-    #[test]
-    fn the_eight_views_are_the_eight_symmetries_of_the_square() {
-        let img = RgbImage::from_fn(5, 5, |x, y| image::Rgb([(5 * y + x) as u8, 0, 0]));
-        let views: Vec<Vec<u8>> = (0..8).map(|k| flip_view(&img, k).into_raw()).collect();
-        for (i, a) in views.iter().enumerate() {
-            for b in &views[i + 1..] {
-                assert_ne!(a, b, "two views are the same");
-            }
-        }
-        // A corner goes to each of the four corners twice (once per mirror image).
-        let mut corners = std::collections::BTreeMap::new();
-        for k in 0..8 {
-            let v = flip_view(&img, k);
-            let at = [(0, 0), (4, 0), (0, 4), (4, 4)].into_iter().find(|&(x, y)| v.get_pixel(x, y)[0] == 0).unwrap();
-            *corners.entry(at).or_insert(0) += 1;
-        }
-        assert_eq!(corners.values().copied().collect::<Vec<_>>(), vec![2; 4]);
-        assert_eq!(flip_view(&img, 8), img);
     }
 }

@@ -43,6 +43,7 @@ use derm_core::checkpoint::{self, Meta, TensorSpec};
 use derm_core::ema::{self, WeightAverage};
 use derm_core::image_io::{self, Normalize};
 use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
+use derm_core::symmetry::Symmetry;
 use derm_core::train::{self, Keep, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{Error, Result, Rng};
 use derm_data::augment::AugmentConfig;
@@ -368,32 +369,28 @@ impl Classifier {
         self.view_probabilities(&views, tta)
     }
 
-    /// How many views test-time augmentation averages ([`data::flip_view`]): the symmetries the
-    /// model was trained with: the four flips, or all eight symmetries of the square for a model
-    /// trained with quarter turns.
-    pub fn test_time_views(&self) -> usize {
-        if self.cfg.augment.rot90 {
-            8
-        } else {
-            4
-        }
+    /// The views test-time augmentation averages: the symmetries of the square the model was
+    /// trained to ignore ([`AugmentConfig::symmetries`]): the four flips, or all eight for a
+    /// model trained with flips and quarter turns.
+    pub fn test_time_views(&self) -> Vec<Symmetry> {
+        self.cfg.augment.symmetries()
     }
 
     /// [`Classifier::probabilities`] of views already at `input_size`.
     pub fn view_probabilities(&self, views: &[RgbImage], tta: bool) -> Result<Vec<Vec<f64>>> {
-        let flips = if tta { self.test_time_views() } else { 1 };
+        let symmetries = if tta { self.test_time_views() } else { vec![Symmetry::IDENTITY] };
         let k = self.cfg.model.num_classes;
         let mut out = vec![vec![0f64; k]; views.len()];
         let bs = self.cfg.batch_size.max(1);
-        for f in 0..flips {
+        for s in &symmetries {
             for (c, chunk) in views.chunks(bs).enumerate() {
-                let flipped: Vec<RgbImage> = chunk.iter().map(|v| data::flip_view(v, f)).collect();
-                let refs: Vec<&RgbImage> = flipped.iter().collect();
+                let turned: Vec<RgbImage> = chunk.iter().map(|v| s.image(v)).collect();
+                let refs: Vec<&RgbImage> = turned.iter().collect();
                 let p =
                     derm_kernels::ops::softmax(&self.logits(&refs)?, 1)?.to_device(&Device::Cpu)?.to_vec2::<f32>()?;
                 for (i, row) in p.iter().enumerate() {
                     for (o, v) in out[c * bs + i].iter_mut().zip(row) {
-                        *o += *v as f64 / flips as f64;
+                        *o += *v as f64 / symmetries.len() as f64;
                     }
                 }
             }
@@ -674,7 +671,8 @@ impl ClassifyTask {
         let mut parts = Vec::new();
         for chunk in idx.chunks(self.clf.cfg.batch_size.max(1)) {
             let imgs = self.cache.load(data, chunk)?;
-            let views: Vec<RgbImage> = imgs.iter().map(|i| data::flip_view(&self.clf.view(i), flip)).collect();
+            let views: Vec<RgbImage> =
+                imgs.iter().map(|i| Symmetry::from_index(flip).image(&self.clf.view(i))).collect();
             parts.push(self.pooled_of(&views)?);
         }
         if parts.is_empty() {
@@ -1185,14 +1183,14 @@ mod tests {
             |a: &[Vec<f64>], b: &[Vec<f64>]| a[0].iter().zip(&b[0]).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
         // Flips only: four views, blind to a mirror but not to a quarter turn.
         let flips = Classifier::new(tiny_cfg(), &Device::Cpu).unwrap();
-        assert_eq!(flips.test_time_views(), 4);
+        assert_eq!(flips.test_time_views().len(), 4);
         let p = |c: &Classifier, i: &RgbImage, tta| c.view_probabilities(std::slice::from_ref(i), tta).unwrap();
         assert!(max_diff(&p(&flips, &img, true), &p(&flips, &flip_horizontal(&img), true)) < 1e-5);
         assert!(max_diff(&p(&flips, &img, false), &p(&flips, &flip_horizontal(&img), false)) > 1e-5);
         // Trained with quarter turns: eight views, blind to those too.
         let turns = ClassifyConfig { augment: AugmentConfig::default(), ..tiny_cfg() };
         let turns = Classifier::new(turns, &Device::Cpu).unwrap();
-        assert_eq!(turns.test_time_views(), 8);
+        assert_eq!(turns.test_time_views().len(), 8);
         assert!(max_diff(&p(&turns, &img, true), &p(&turns, &rotate90(&img), true)) < 1e-5);
         assert!(max_diff(&p(&flips, &img, true), &p(&flips, &rotate90(&img), true)) > 1e-5);
     }

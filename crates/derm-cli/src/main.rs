@@ -224,8 +224,9 @@ mod tests {
     }
 
     /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
-    /// and colour jitter too, keeps a constant rate unless `--schedule` names another and mixes
-    /// no batches unless `--mix` says how; each flag changes nothing else.
+    /// and colour jitter too, keeps a constant rate unless `--schedule` names another, mixes no
+    /// batches unless `--mix` says how and decays weights only as `--optimizer` and
+    /// `--weight-decay` say; each flag changes nothing else.
     #[test]
     fn the_classifier_augment_schedule_and_mix_flags() {
         use derm_data::augment::AugmentConfig;
@@ -263,6 +264,17 @@ mod tests {
         // Test-time views: saved on unless `--tta false`.
         assert!(def.test_time_augmentation);
         assert!(!cls(&["--tta", "false"]).unwrap().test_time_augmentation);
+        // Weight decay: AdamW's 0.01 unless given; L2 with SGD; refused for plain Adam.
+        use derm_core::optim::OptimizerKind;
+        let wd = |extra: &[&str]| cls(extra).map(|c| c.optim.optimizer);
+        assert_eq!(wd(&["--optimizer", "adamw", "--lr", "2e-3"]).unwrap(), OptimizerKind::adamw(2e-3, 0.01));
+        assert_eq!(wd(&["--optimizer", "adamw", "--weight-decay", "0.05"]).unwrap(), OptimizerKind::adamw(1e-3, 0.05));
+        let sgd = wd(&["--weight-decay", "1e-4"]).unwrap();
+        assert!(matches!(sgd, OptimizerKind::Sgd { weight_decay, .. } if weight_decay == 1e-4), "{sgd:?}");
+        let e = format!("{:#}", wd(&["--optimizer", "adam", "--weight-decay", "0.05"]).unwrap_err());
+        assert!(e.contains("adamw"), "{e}");
+        assert!(wd(&["--optimizer", "adamw", "--weight-decay", "-0.1"]).is_err());
+        assert!(wd(&["--optimizer", "nadam"]).is_err());
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`

@@ -24,6 +24,8 @@
 //!   `VarBuilder` names, seeded initialisation.
 //! - [`fsutil`]: atomic writes (temp file, then rename), output-folder locks, stale temp removal.
 //! - [`binary`]: binary mask post-processing (hole filling, connected components).
+//! - [`symmetry`]: the eight symmetries of the square on images and tensors, and the ones an
+//!   augmentation trains a model to ignore (test-time views).
 //! - [`error`]: the [`Error`] every derm library returns.
 //! - [`mutate`]: seeded byte mutations for the loaders' property tests and fuzz targets.
 //!
@@ -44,6 +46,7 @@ pub mod mutate;
 pub mod nn;
 pub mod optim;
 pub mod rng;
+pub mod symmetry;
 pub mod train;
 
 pub use candle_core::{DType, Device, Module, ModuleT, Tensor, Var, D};

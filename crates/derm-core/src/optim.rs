@@ -65,6 +65,10 @@ impl OptimizerKind {
     pub fn adam(lr: f64) -> Self {
         OptimizerKind::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8 }
     }
+    /// AdamW with the given learning rate and decoupled weight decay, betas (0.9, 0.999), eps 1e-8.
+    pub fn adamw(lr: f64, weight_decay: f64) -> Self {
+        OptimizerKind::AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
     /// SGD with momentum, no weight decay.
     pub fn sgd(lr: f64, momentum: f64) -> Self {
         OptimizerKind::Sgd { lr, momentum, weight_decay: 0.0, nesterov: false }
@@ -75,6 +79,17 @@ impl OptimizerKind {
             OptimizerKind::Adam { lr, .. } | OptimizerKind::AdamW { lr, .. } | OptimizerKind::Sgd { lr, .. } => {
                 *lr = new
             }
+        }
+    }
+
+    /// Sets the weight decay of AdamW (decoupled) or SGD (L2); false for Adam, which has none.
+    pub fn set_weight_decay(&mut self, new: f64) -> bool {
+        match self {
+            OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay, .. } => {
+                *weight_decay = new;
+                true
+            }
+            OptimizerKind::Adam { .. } => false,
         }
     }
 

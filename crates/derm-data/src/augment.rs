@@ -6,8 +6,9 @@
 //! (occluded, clean) pair keeps its relation.
 
 use derm_core::image_io::{resize_mask, resize_rgb, Crop};
+use derm_core::symmetry::Symmetry;
 use derm_core::Rng;
-use image::{GrayImage, ImageBuffer, Pixel, RgbImage};
+use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::Item;
@@ -60,6 +61,12 @@ impl AugmentConfig {
     pub fn flips() -> Self {
         AugmentConfig { rot90: false, crop_scale: [1.0, 1.0], ..Self::geometric() }
     }
+
+    /// The symmetries of the square this augmentation trains a model to ignore, identity first:
+    /// the test-time views ([`Symmetry::group`] of its flips and quarter turns).
+    pub fn symmetries(&self) -> Vec<Symmetry> {
+        Symmetry::group(self.hflip, self.vflip, self.rot90)
+    }
 }
 
 /// One draw of the geometric transform.
@@ -105,32 +112,21 @@ impl Geometry {
         Geometry { hflip, vflip, quarter_turns, crop, out: out.unwrap_or(dims) }
     }
 
-    fn orient<P: Pixel + 'static>(&self, img: &ImageBuffer<P, Vec<P::Subpixel>>) -> ImageBuffer<P, Vec<P::Subpixel>> {
-        use image::imageops::{flip_horizontal, flip_vertical, rotate180, rotate270, rotate90};
-        let mut out = img.clone();
-        if self.hflip {
-            out = flip_horizontal(&out);
-        }
-        if self.vflip {
-            out = flip_vertical(&out);
-        }
-        match self.quarter_turns {
-            1 => rotate90(&out),
-            2 => rotate180(&out),
-            3 => rotate270(&out),
-            _ => out,
-        }
+    /// The flips and quarter turns as one symmetry of the square.
+    pub fn symmetry(&self) -> Symmetry {
+        let flips = Symmetry { hflip: self.hflip, vflip: self.vflip, transpose: false };
+        (0..self.quarter_turns).fold(flips, |s, _| s.then(Symmetry::QUARTER_TURN))
     }
 
     /// Applies the transform to a colour image.
     pub fn rgb(&self, img: &RgbImage) -> RgbImage {
-        let c = self.crop.apply(&self.orient(img));
+        let c = self.crop.apply(&self.symmetry().image(img));
         resize_rgb(&c, self.out.0, self.out.1)
     }
 
     /// Applies the transform to a binary mask (re-binarised after rescaling).
     pub fn mask(&self, m: &GrayImage) -> GrayImage {
-        let c = self.crop.apply(&self.orient(m));
+        let c = self.crop.apply(&self.symmetry().image(m));
         resize_mask(&c, self.out.0, self.out.1)
     }
 }

@@ -6,7 +6,8 @@
 //! 0.9/0.999, step decay or a cosine over the whole run; lr 3e-4 by default, the paper's 1e-4
 //! measured lower on real images at CPU budgets), with random flips, rotations and
 //! crops; the model kept is an exponential moving average of the weights
-//! ([`derm_core::ema`]). Inference: sigmoid, averaged over the four flips of the image, threshold
+//! ([`derm_core::ema`]). Inference: sigmoid, averaged over the symmetries the model was trained
+//! with (all eight symmetries of the square by default; [`derm_core::symmetry`]), threshold
 //! (default 0.5), binary hole filling, optionally only the largest connected component, and masks
 //! returned at the image's own size.
 //! Scoring: per-image Jaccard averaged, ISIC 2018's thresholded Jaccard, Dice, pixel sensitivity
@@ -30,6 +31,7 @@ use derm_core::ema::{self, WeightAverage};
 use derm_core::image_io::{self, Normalize};
 use derm_core::metrics::SegmentationScores;
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind, STEP_DECAY};
+use derm_core::symmetry::Symmetry;
 use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{binary, Error, Result, Rng};
 use derm_data::augment::{augment_item, AugmentConfig};
@@ -80,10 +82,11 @@ pub struct SegmentConfig {
     /// Weight of a per-image soft Dice term added to the cross-entropy
     /// ([`derm_kernels::ops::soft_dice_loss`]; 0: cross-entropy alone, as the paper).
     pub dice_weight: f64,
-    /// Average the probabilities of the four flips (none, left-right, top-bottom, both) at
-    /// inference: prediction, evaluation and threshold selection. Validation during training
-    /// scores one view.
-    pub test_time_flips: bool,
+    /// Average the probabilities over the [`Segmenter::test_time_views`] at inference:
+    /// prediction, evaluation and threshold selection. Validation during training scores one
+    /// view. (Configs written before quarter turns joined the views call it `test_time_flips`.)
+    #[serde(alias = "test_time_flips")]
+    pub test_time_augmentation: bool,
 }
 
 impl Default for SegmentConfig {
@@ -107,7 +110,7 @@ impl Default for SegmentConfig {
             cache_bytes: 1 << 30,
             ema_decay: 0.998,
             dice_weight: 0.0,
-            test_time_flips: true,
+            test_time_augmentation: true,
         }
     }
 }
@@ -192,25 +195,33 @@ impl Segmenter {
         Ok(s)
     }
 
-    /// Probabilities (N, 1, size, size) for images already at the working size; with
-    /// `cfg.test_time_flips` the mean over the four flips.
-    pub fn probabilities(&self, imgs: &[&RgbImage]) -> Result<Tensor> {
-        self.probabilities_with(imgs, self.cfg.test_time_flips)
+    /// The views test-time augmentation averages: the symmetries of the square the model was
+    /// trained to ignore ([`AugmentConfig::symmetries`]; all eight with the default flips and
+    /// quarter turns).
+    pub fn test_time_views(&self) -> Vec<Symmetry> {
+        self.cfg.augment.symmetries()
     }
 
-    /// [`Segmenter::probabilities`], of the four flips or of the image alone.
-    fn probabilities_with(&self, imgs: &[&RgbImage], flips: bool) -> Result<Tensor> {
+    /// Probabilities (N, 1, size, size) for images already at the working size; with
+    /// `cfg.test_time_augmentation` the mean over the [`Segmenter::test_time_views`].
+    pub fn probabilities(&self, imgs: &[&RgbImage]) -> Result<Tensor> {
+        self.probabilities_with(imgs, self.cfg.test_time_augmentation)
+    }
+
+    /// [`Segmenter::probabilities`], of the test-time views or of the image alone.
+    fn probabilities_with(&self, imgs: &[&RgbImage], tta: bool) -> Result<Tensor> {
         let x = image_io::images_to_tensor(imgs, self.cfg.normalize, &self.device)?;
         let p = |x: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::sigmoid(&self.net.forward_t(x, false)?)?) };
+        if !tta {
+            return p(&x);
+        }
+        // Transform the input, predict, map the prediction back onto the image's pixels.
+        let views = self.test_time_views();
         let mut sum = p(&x)?;
-        if !flips {
-            return Ok(sum);
+        for s in views.iter().filter(|s| **s != Symmetry::IDENTITY) {
+            sum = (sum + s.undo(&p(&s.tensor(&x)?)?)?)?;
         }
-        // Each flip is its own inverse: flip the input, predict, flip the prediction back.
-        for dims in [&[3][..], &[2], &[2, 3]] {
-            sum = (sum + flip(&p(&flip(&x, dims)?)?, dims)?)?;
-        }
-        Ok((sum / 4.0)?)
+        Ok((sum / views.len() as f64)?)
     }
 
     /// Segments images of any size: resize to the working size, predict, resize the probability
@@ -253,17 +264,6 @@ impl Segmenter {
     }
 }
 
-/// `x` reversed along each of `dims`.
-fn flip(x: &Tensor, dims: &[usize]) -> Result<Tensor> {
-    let mut out = x.clone();
-    for &d in dims {
-        let n = out.dim(d)? as u32;
-        let rev = Tensor::new((0..n).rev().collect::<Vec<u32>>(), out.device())?;
-        out = out.index_select(&rev, d)?;
-    }
-    Ok(out)
-}
-
 /// What `derm segment eval` reports (`--json`, `metrics.json`), read back typed by the pipeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvalSummary {
@@ -271,6 +271,10 @@ pub struct EvalSummary {
     pub summary: derm_core::metrics::SegmentationSummary,
     /// The lowest per-image Jaccards, (id, Jaccard), worst first.
     pub worst: Vec<(String, f64)>,
+    /// How many views were averaged per image ([`Segmenter::test_time_views`], or 1); 0 in
+    /// summaries written before it was recorded.
+    #[serde(default)]
+    pub tta_views: usize,
 }
 
 /// Scores a segmenter on a data set at each image's own resolution.
@@ -667,19 +671,41 @@ mod tests {
     }
 
     #[test]
-    fn test_time_flips_make_the_prediction_follow_a_flipped_image() {
+    fn test_time_views_make_the_prediction_follow_a_flipped_or_turned_image() {
         let mut rng = Rng::new(5);
         let img = RgbImage::from_fn(32, 32, |_, _| image::Rgb([rng.below(256) as u8, rng.below(256) as u8, 90]));
-        let flipped = image::imageops::flip_horizontal(&img);
-        let gap = |seg: &Segmenter| {
+        // The prediction for a transformed image, mapped back, against the image's own.
+        let gap = |seg: &Segmenter, s: Symmetry| {
             let a = seg.probabilities(&[&img]).unwrap();
-            let b = flip(&seg.probabilities(&[&flipped]).unwrap(), &[3]).unwrap();
+            let b = s.undo(&seg.probabilities(&[&s.image(&img)]).unwrap()).unwrap();
             (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
         };
-        let mut seg = Segmenter::new(SegmentConfig { test_time_flips: false, ..tiny_cfg() }, &Device::Cpu).unwrap();
-        assert!(gap(&seg) > 1e-4, "an untrained network is not flip-equivariant by itself");
-        seg.cfg.test_time_flips = true;
-        assert!(gap(&seg) < 1e-5, "{}", gap(&seg));
+        let mirror = Symmetry { hflip: true, ..Symmetry::IDENTITY };
+        let mut seg =
+            Segmenter::new(SegmentConfig { test_time_augmentation: false, ..tiny_cfg() }, &Device::Cpu).unwrap();
+        assert_eq!(seg.test_time_views().len(), 8, "the default augmentation draws flips and quarter turns");
+        for s in [mirror, Symmetry::QUARTER_TURN] {
+            assert!(gap(&seg, s) > 1e-4, "an untrained network is not equivariant by itself");
+        }
+        seg.cfg.test_time_augmentation = true;
+        for s in [mirror, Symmetry::QUARTER_TURN] {
+            assert!(gap(&seg, s) < 1e-5, "{s:?}: {}", gap(&seg, s));
+        }
+        // Trained without quarter turns: the four flips, and a turn is not averaged away.
+        seg.cfg.augment.rot90 = false;
+        assert_eq!(seg.test_time_views().len(), 4);
+        assert!(gap(&seg, mirror) < 1e-5);
+        assert!(gap(&seg, Symmetry::QUARTER_TURN) > 1e-4);
+    }
+
+    #[test]
+    fn configs_saved_before_quarter_turn_views_still_read() {
+        let mut v = serde_json::to_value(SegmentConfig::default()).unwrap();
+        let m = v.as_object_mut().unwrap();
+        m.remove("test_time_augmentation");
+        m.insert("test_time_flips".into(), serde_json::Value::Bool(false));
+        let c: SegmentConfig = serde_json::from_value(v).unwrap();
+        assert!(!c.test_time_augmentation);
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub struct TrainArgs {
     /// as the paper). [config default: 0]
     #[arg(long)]
     pub dice_weight: Option<f64>,
-    /// Whether the saved model averages the four flips at inference. [config default: true]
+    /// Whether the saved model averages its test-time views at inference: the symmetries it was
+    /// trained with (all eight symmetries of the square by default). [config default: true]
     #[arg(long)]
     pub tta: Option<bool>,
 }
@@ -83,7 +84,7 @@ impl TrainArgs {
         set(&mut c.threshold, self.threshold);
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.dice_weight, self.dice_weight);
-        set(&mut c.test_time_flips, self.tta);
+        set(&mut c.test_time_augmentation, self.tta);
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
         }
@@ -178,7 +179,8 @@ pub struct EvalArgs {
     /// How many overlays to write with --out.
     #[arg(long, default_value_t = 8)]
     pub overlays: usize,
-    /// Average the four flips (true) or score the image alone (false), whatever the model saved.
+    /// Average the test-time views (true: the symmetries the model was trained with) or score
+    /// the image alone (false), whatever the model saved.
     #[arg(long)]
     pub tta: Option<bool>,
 }
@@ -188,7 +190,7 @@ impl EvalArgs {
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let device = g.device()?;
         let mut seg = Segmenter::load(&self.model, &device)?;
-        set(&mut seg.cfg.test_time_flips, self.tta);
+        set(&mut seg.cfg.test_time_augmentation, self.tta);
         let data: Dataset = self.data.open(g.quiet)?;
         if data.samples.iter().all(|s| s.mask.is_none()) {
             bail!("{} split {} has no lesion masks to score against", data.name, data.split);
@@ -196,7 +198,8 @@ impl EvalArgs {
         let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet);
         let scores = derm_segment::evaluate(&seg, &data, &mut |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
-        let doc = derm_segment::EvalSummary { summary: scores.summary(), worst: scores.worst(10) };
+        let tta_views = if seg.cfg.test_time_augmentation { seg.test_time_views().len() } else { 1 };
+        let doc = derm_segment::EvalSummary { summary: scores.summary(), worst: scores.worst(10), tta_views };
         let s = &doc.summary;
         if let Some(out) = &self.out {
             derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
@@ -219,7 +222,7 @@ impl EvalArgs {
         if self.json {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
-            println!("{} images of {} ({})", s.images, data.name, data.split);
+            println!("{} images of {} ({}), {} view(s) each", s.images, data.name, data.split, doc.tta_views);
             println!("jaccard (per-image mean)  {:.4}", s.jaccard_mean);
             println!("jaccard (ISIC 2018, <0.65 = 0) {:.4}", s.jaccard_thresholded);
             println!("jaccard (global)          {:.4}", s.jaccard_global);
