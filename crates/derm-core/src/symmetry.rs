@@ -16,7 +16,7 @@ use crate::Result;
 /// One symmetry of the square: flip left-right and/or top-bottom, then optionally swap the axes
 /// (a mirror in the main diagonal). The eight combinations are the whole group; a quarter turn
 /// clockwise is a top-bottom flip followed by the swap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Symmetry {
     /// Swap the two axes after the flips (width becomes height).
     pub transpose: bool,
@@ -97,7 +97,7 @@ impl Symmetry {
     /// The symmetry applied to the last two dimensions (height, width) of a tensor of rank 2 or
     /// more.
     pub fn tensor(self, x: &Tensor) -> Result<Tensor> {
-        let r = x.rank();
+        let r = planar_rank(x)?;
         let mut out = x.clone();
         if self.hflip {
             out = reverse(&out, r - 1)?;
@@ -114,7 +114,7 @@ impl Symmetry {
     /// Maps a tensor made by [`Symmetry::tensor`] (or a dense prediction of one, same last two
     /// dimensions) back onto the original's pixels.
     pub fn undo(self, y: &Tensor) -> Result<Tensor> {
-        let r = y.rank();
+        let r = planar_rank(y)?;
         let mut out = y.clone();
         if self.transpose {
             out = out.transpose(r - 2, r - 1)?.contiguous()?;
@@ -126,6 +126,14 @@ impl Symmetry {
             out = reverse(&out, r - 1)?;
         }
         Ok(out)
+    }
+}
+
+/// The rank of a tensor that has a plane (height, width) in its last two dimensions.
+fn planar_rank(x: &Tensor) -> Result<usize> {
+    match x.rank() {
+        r if r >= 2 => Ok(r),
+        r => Err(crate::Error::invalid(format!("symmetry: a tensor of rank {r} has no image plane"))),
     }
 }
 
@@ -207,6 +215,8 @@ mod tests {
 
     #[test]
     fn tensors_follow_images_and_undo_restores_them() {
+        let line = Tensor::zeros(4, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(Symmetry::QUARTER_TURN.tensor(&line).is_err() && Symmetry::IDENTITY.undo(&line).is_err());
         let (w, h) = (5u32, 3u32);
         let img = numbered(w, h);
         let x =
