@@ -515,7 +515,7 @@ impl EvalArgs {
                 r.images,
                 data.name,
                 data.split,
-                if tta { format!(", {}-view TTA", clf.test_time_views().len()) } else { String::new() }
+                if tta { format!(", {}-view TTA", doc.tta_views) } else { String::new() }
             );
             for (k, c) in r.classes.iter().enumerate() {
                 println!(
