@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use derm_classify::{
-    evaluate, mixed_train_step, train, train_step, BatchMix, Classifier, ClassifyConfig, ExtraSources, ResNet,
-    ResNetConfig, Stage,
+    evaluate, mix, train, train_step, BatchMix, Classifier, ClassifyConfig, ExtraSources, ResNet, ResNetConfig, Stage,
 };
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind};
 use derm_core::train::LoopConfig;
@@ -53,6 +52,7 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
     );
     let mut r = derm_core::Rng::new(0);
     let x = Tensor::from_vec(r.normal_vec(b * 3 * s * s, 0.0, 1.0), (b, 3, s, s), &Device::Cpu)?;
+    let plain = mix::Batch::unmixed(x.clone());
     let y = Tensor::new((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), &Device::Cpu)?;
     let (mut inf, mut step, mut cut, mut mixup) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
@@ -61,13 +61,14 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
         let _ = net.forward_t(&x, false)?.to_vec2::<f32>()?;
         inf.push(ms(t));
         let t = Instant::now();
-        train_step(&net, &mut opt, &x, &y, None, 0.0, Stage::Conv1)?;
+        train_step(&net, &mut opt, &plain, &y, None, 0.0, Stage::Conv1)?;
         step.push(ms(t));
         for (mix, times) in [(BatchMix::CutMix { alpha: 1.0 }, &mut cut), (BatchMix::Mixup { alpha: 0.2 }, &mut mixup)]
         {
             let t = Instant::now();
-            let m = mix.apply(&x, &mut r)?.ok_or_else(|| anyhow::anyhow!("{mix:?} mixes nothing"))?;
-            mixed_train_step(&net, &mut opt, &m, &y, None, 0.0, Stage::Conv1)?;
+            let m = mix.apply(&x, &mut r)?;
+            anyhow::ensure!(m.pairing.is_some(), "{mix:?} mixes nothing");
+            train_step(&net, &mut opt, &m, &y, None, 0.0, Stage::Conv1)?;
             times.push(ms(t));
         }
     }
@@ -120,10 +121,11 @@ fn freeze(a: &[String]) -> anyhow::Result<()> {
         Ok(med(v))
     };
     let mut rows = Vec::new();
+    let plain = mix::Batch::unmixed(x.clone());
     for from in [Stage::Conv1, Stage::Layer4] {
         let mut opt = Optimizer::from_varmap(&vm, sgd, |n| derm_classify::model::is_trainable(n, from));
         let ms = time(&mut || {
-            train_step(&net, &mut opt, &x, &y, None, 0.0, from)?;
+            train_step(&net, &mut opt, &plain, &y, None, 0.0, from)?;
             Ok(())
         })?;
         rows.push((format!("train step, trainable from {from:?}"), ms));

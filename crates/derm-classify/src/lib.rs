@@ -91,8 +91,10 @@ pub struct ClassifyConfig {
     /// Train only `fc` on pooled features computed once per image and flip, with the backbone
     /// in eval mode (much faster on a CPU; meant for pretrained weights).
     pub freeze_backbone: bool,
-    /// Flipped views per image whose features are cached when `freeze_backbone` (1 to 4: none,
-    /// left-right, top-bottom, both).
+    /// Views per image whose features are cached when `freeze_backbone` (1 to 8): the first
+    /// `feature_views` of the augmentation's [`AugmentConfig::symmetries`], the image itself
+    /// first (with flips: none, left-right, top-bottom, both; then the axis swaps of the
+    /// quarter turns). An augmentation with fewer symmetries caches all it has.
     pub feature_views: usize,
     /// First stage trained when the backbone is not frozen (`conv1` trains everything; `layer4`
     /// trains layer4 and fc); earlier stages run in eval mode without gradients.
@@ -194,8 +196,8 @@ impl ClassifyConfig {
         if self.batch_size == 0 {
             return Err(Error::invalid("classify: batch_size must be at least 1"));
         }
-        if !(1..=4).contains(&self.feature_views) {
-            return Err(Error::invalid(format!("classify: feature_views {} is not in 1..=4", self.feature_views)));
+        if !(1..=8).contains(&self.feature_views) {
+            return Err(Error::invalid(format!("classify: feature_views {} is not in 1..=8", self.feature_views)));
         }
         if !(0.0..1.0).contains(&self.ema_decay) {
             return Err(Error::invalid(format!("classify: ema_decay {} is not in [0, 1)", self.ema_decay)));
@@ -369,16 +371,16 @@ impl Classifier {
         self.view_probabilities(&views, tta)
     }
 
-    /// The views test-time augmentation averages: the symmetries of the square the model was
-    /// trained to ignore ([`AugmentConfig::symmetries`]): the four flips, or all eight for a
-    /// model trained with flips and quarter turns.
-    pub fn test_time_views(&self) -> Vec<Symmetry> {
-        self.cfg.augment.symmetries()
+    /// The views test-time augmentation averages ([`AugmentConfig::test_time_views`]): with
+    /// `tta`, the symmetries of the square the model was trained to ignore (the four flips, or
+    /// all eight for a model trained with flips and quarter turns); without, the image alone.
+    pub fn test_time_views(&self, tta: bool) -> Vec<Symmetry> {
+        self.cfg.augment.test_time_views(tta)
     }
 
     /// [`Classifier::probabilities`] of views already at `input_size`.
     pub fn view_probabilities(&self, views: &[RgbImage], tta: bool) -> Result<Vec<Vec<f64>>> {
-        let symmetries = if tta { self.test_time_views() } else { vec![Symmetry::IDENTITY] };
+        let symmetries = self.test_time_views(tta);
         let k = self.cfg.model.num_classes;
         let mut out = vec![vec![0f64; k]; views.len()];
         let bs = self.cfg.batch_size.max(1);
@@ -496,38 +498,23 @@ pub fn smoothed_loss(logits: &Tensor, y: &Tensor, class_weights: Option<&Tensor>
     Ok(((ce * (1.0 - eps))? + (uniform * eps)?)?)
 }
 
-/// One optimiser step of cross-entropy on a batch: `x` (N, 3, H, W) normalised, `y` (N,) u32,
+/// One optimiser step of cross-entropy on a batch: `batch.x` (N, 3, H, W) normalised, mixed or
+/// as drawn ([`mix::BatchMix::apply`], [`mix::Batch::unmixed`]), `y` (N,) u32 the labels of the
+/// images as drawn (a mixed batch weighs them and its partners' labels by the mixing weight),
 /// with label smoothing `label_smoothing` ([`smoothed_loss`]; 0 for none). Stages before
 /// `trainable_from` stay fixed. Returns the loss before the step and the gradient norm, unread
 /// ([`StepLoss`]). This is what a benchmark times.
 pub fn train_step(
     net: &ResNet,
     opt: &mut Optimizer,
-    x: &Tensor,
+    batch: &mix::Batch,
     y: &Tensor,
     class_weights: Option<&Tensor>,
     label_smoothing: f64,
     trainable_from: Stage,
 ) -> Result<StepLoss> {
-    let logits = net.forward_from(x, true, trainable_from)?;
-    let loss = smoothed_loss(&logits, y, class_weights, label_smoothing)?;
-    let norm = opt.backward_step(&loss)?;
-    Ok(StepLoss::new(loss, norm))
-}
-
-/// [`train_step`] on a mixed batch ([`mix::BatchMix::apply`]): `y` holds the unmixed images'
-/// labels, and the loss weighs them and the partners' labels by the mixing weight.
-pub fn mixed_train_step(
-    net: &ResNet,
-    opt: &mut Optimizer,
-    mixed: &mix::Mixed,
-    y: &Tensor,
-    class_weights: Option<&Tensor>,
-    label_smoothing: f64,
-    trainable_from: Stage,
-) -> Result<StepLoss> {
-    let logits = net.forward_from(&mixed.x, true, trainable_from)?;
-    let loss = mixed.loss(&logits, y, |l, t| smoothed_loss(l, t, class_weights, label_smoothing))?;
+    let logits = net.forward_from(&batch.x, true, trainable_from)?;
+    let loss = batch.loss(&logits, y, |l, t| smoothed_loss(l, t, class_weights, label_smoothing))?;
     let norm = opt.backward_step(&loss)?;
     Ok(StepLoss::new(loss, norm))
 }
@@ -538,7 +525,7 @@ pub fn optimizer_for(clf: &Classifier) -> Optimizer {
     Optimizer::from_varmap(&clf.varmap, clf.cfg.optim, |n| model::is_trainable(n, from))
 }
 
-/// Pooled features of every image of a data set under each flip view, computed once.
+/// Pooled features of every image of a data set under each cached view (`feature_views`), computed once.
 struct FeatureBank {
     /// (views * N, C), view-major.
     train: Tensor,
@@ -666,13 +653,12 @@ impl ClassifyTask {
         Ok(self.clf.net.pooled(&x, false, Stage::Fc)?)
     }
 
-    fn features(&self, data: &Dataset, flip: usize) -> Result<Tensor> {
+    fn features(&self, data: &Dataset, view: Symmetry) -> Result<Tensor> {
         let idx: Vec<usize> = (0..data.len()).collect();
         let mut parts = Vec::new();
         for chunk in idx.chunks(self.clf.cfg.batch_size.max(1)) {
             let imgs = self.cache.load(data, chunk)?;
-            let views: Vec<RgbImage> =
-                imgs.iter().map(|i| Symmetry::from_index(flip).image(&self.clf.view(i))).collect();
+            let views: Vec<RgbImage> = imgs.iter().map(|i| view.image(&self.clf.view(i))).collect();
             parts.push(self.pooled_of(&views)?);
         }
         if parts.is_empty() {
@@ -681,19 +667,21 @@ impl ClassifyTask {
         Ok(Tensor::cat(&parts, 0)?)
     }
 
-    /// Computes the frozen backbone's features once (train: every flip view; val: centre).
+    /// Computes the frozen backbone's features once (train: each cached view; val: the image itself).
     fn ensure_bank(&mut self) -> Result<()> {
         if !self.clf.cfg.freeze_backbone || self.bank.is_some() {
             return Ok(());
         }
         let t0 = std::time::Instant::now();
-        let views = self.clf.cfg.feature_views;
+        let symmetries: Vec<Symmetry> =
+            self.clf.cfg.augment.symmetries().into_iter().take(self.clf.cfg.feature_views).collect();
+        let views = symmetries.len();
         let mut parts = Vec::with_capacity(views);
-        for v in 0..views {
-            parts.push(self.features(&self.train, v)?);
+        for s in symmetries {
+            parts.push(self.features(&self.train, s)?);
         }
         let train = Tensor::cat(&parts, 0)?;
-        let val = self.features(&self.val, 0)?;
+        let val = self.features(&self.val, Symmetry::IDENTITY)?;
         tracing::info!(
             images = self.train.len(),
             views,
@@ -807,10 +795,8 @@ impl Task for ClassifyTask {
             let (x, y) = self.image_batch(&indices, rng)?;
             let from = self.clf.cfg.first_trained_stage();
             let (net, w) = (&self.clf.net, self.class_weights.as_ref());
-            match self.clf.cfg.mix.apply(&x, rng)? {
-                None => train_step(net, &mut self.opt, &x, &y, w, eps, from)?,
-                Some(m) => mixed_train_step(net, &mut self.opt, &m, &y, w, eps, from)?,
-            }
+            let batch = self.clf.cfg.mix.apply(&x, rng)?;
+            train_step(net, &mut self.opt, &batch, &y, w, eps, from)?
         };
         if let Some(e) = &mut self.ema {
             e.update()?;
@@ -1021,8 +1007,9 @@ mod tests {
         };
         let before = loss(&task);
         let mut first = None;
+        let batch = mix::Batch::unmixed(x.clone());
         for _ in 0..10 {
-            let l = train_step(&task.clf.net, &mut task.opt, &x, &y, None, 0.0, Stage::Conv1).unwrap();
+            let l = train_step(&task.clf.net, &mut task.opt, &batch, &y, None, 0.0, Stage::Conv1).unwrap();
             first.get_or_insert(l.loss.to_scalar::<f32>().unwrap());
         }
         let after = loss(&task);
@@ -1183,14 +1170,14 @@ mod tests {
             |a: &[Vec<f64>], b: &[Vec<f64>]| a[0].iter().zip(&b[0]).map(|(p, q)| (p - q).abs()).fold(0.0, f64::max);
         // Flips only: four views, blind to a mirror but not to a quarter turn.
         let flips = Classifier::new(tiny_cfg(), &Device::Cpu).unwrap();
-        assert_eq!(flips.test_time_views().len(), 4);
+        assert_eq!(flips.test_time_views(true).len(), 4);
         let p = |c: &Classifier, i: &RgbImage, tta| c.view_probabilities(std::slice::from_ref(i), tta).unwrap();
         assert!(max_diff(&p(&flips, &img, true), &p(&flips, &flip_horizontal(&img), true)) < 1e-5);
         assert!(max_diff(&p(&flips, &img, false), &p(&flips, &flip_horizontal(&img), false)) > 1e-5);
         // Trained with quarter turns: eight views, blind to those too.
         let turns = ClassifyConfig { augment: AugmentConfig::default(), ..tiny_cfg() };
         let turns = Classifier::new(turns, &Device::Cpu).unwrap();
-        assert_eq!(turns.test_time_views().len(), 8);
+        assert_eq!(turns.test_time_views(true).len(), 8);
         assert!(max_diff(&p(&turns, &img, true), &p(&turns, &rotate90(&img), true)) < 1e-5);
         assert!(max_diff(&p(&flips, &img, true), &p(&flips, &rotate90(&img), true)) > 1e-5);
     }
@@ -1241,6 +1228,28 @@ mod tests {
         let op = &checkpoint::read_meta(&best, "classify").unwrap().extra["operating_point"];
         assert_eq!(op["val_melanoma_sensitivity"].as_f64(), Some(sens));
         assert!(sens >= 0.9, "melanoma sensitivity {sens} with {:?}", clf.cfg.decision_weights);
+    }
+
+    #[test]
+    fn the_feature_bank_caches_the_augmentations_symmetries() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 40);
+        let base = ClassifyConfig { freeze_backbone: true, feature_views: 8, input_size: 32, resize: 40, ..tiny_cfg() };
+        let none = AugmentConfig { hflip: false, vflip: false, ..AugmentConfig::flips() };
+        for (augment, views) in [(AugmentConfig::default(), 8), (AugmentConfig::flips(), 4), (none, 1)] {
+            let cfg = ClassifyConfig { augment, ..base.clone() };
+            let mut task = ClassifyTask::new(cfg, &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+            task.ensure_bank().unwrap();
+            let bank = task.bank.as_ref().unwrap();
+            assert_eq!((bank.views, bank.train.dim(0).unwrap()), (views, views * bank.n));
+            // View k of the bank is the backbone's features of the k-th symmetry of each image.
+            let last = task.clf.cfg.augment.symmetries()[views - 1];
+            let want = task.features(&task.train, last).unwrap().to_vec2::<f32>().unwrap();
+            let got = bank.train.narrow(0, (views - 1) * bank.n, bank.n).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got, want);
+        }
+        let too_many = ClassifyConfig { feature_views: 9, ..base };
+        assert!(ClassifyTask::new(too_many, &data, &ExtraSources::default(), &Device::Cpu).is_err());
     }
 
     #[test]

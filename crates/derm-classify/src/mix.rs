@@ -45,11 +45,11 @@ impl BatchMix {
         }
     }
 
-    /// Mixes a batch `x` (N, C, H, W): `None` when off (nothing drawn from `rng`), else the
-    /// mixed images, the pairing and the weight of each image's own class.
-    pub fn apply(&self, x: &Tensor, rng: &mut Rng) -> Result<Option<Mixed>> {
+    /// Mixes a batch `x` (N, C, H, W): the images as they are when off (nothing drawn from
+    /// `rng`), else the mixed images with the pairing and the weight of each image's own class.
+    pub fn apply(&self, x: &Tensor, rng: &mut Rng) -> Result<Batch> {
         let (alpha, cut) = match *self {
-            BatchMix::Off => return Ok(None),
+            BatchMix::Off => return Ok(Batch::unmixed(x.clone())),
             BatchMix::Mixup { alpha } => (alpha, false),
             BatchMix::CutMix { alpha } => (alpha, true),
         };
@@ -70,7 +70,7 @@ impl BatchMix {
         } else {
             (((x * lambda)? + (other * (1.0 - lambda))?)?, lambda)
         };
-        Ok(Some(Mixed { x, partner, weight }))
+        Ok(Batch { x, pairing: Some(Pairing { partner, weight }) })
     }
 }
 
@@ -84,20 +84,32 @@ fn cut_box(h: usize, w: usize, lambda: f64, rng: &mut Rng) -> (usize, usize, usi
     (clip(cy - bh / 2.0, h), clip(cy + bh / 2.0, h), clip(cx - bw / 2.0, w), clip(cx + bw / 2.0, w))
 }
 
-/// A mixed batch.
-#[derive(Debug)]
-pub struct Mixed {
-    /// The mixed images (N, C, H, W).
+/// A training batch's images after [`BatchMix::apply`], and how they were mixed.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The images (N, C, H, W), mixed or as drawn.
     pub x: Tensor,
+    /// The pairing of a mixed batch; `None` for images as drawn.
+    pub pairing: Option<Pairing>,
+}
+
+/// Which image each of a mixed batch was mixed with, and by how much.
+#[derive(Debug, Clone)]
+pub struct Pairing {
     /// (N,) u32: the image each one was mixed with.
     pub partner: Tensor,
     /// The share of each mixed image that is its own (the target weight of its own class).
     pub weight: f64,
 }
 
-impl Mixed {
-    /// `weight` times `loss(logits, y)` plus `1 - weight` times the loss against the partners'
-    /// classes.
+impl Batch {
+    /// Images as drawn, not mixed.
+    pub fn unmixed(x: Tensor) -> Batch {
+        Batch { x, pairing: None }
+    }
+
+    /// `loss(logits, y)` for images as drawn; for a mixed batch, the mixing weight times that
+    /// plus `1 - weight` times the loss against the partners' classes.
     pub fn loss(
         &self,
         logits: &Tensor,
@@ -105,8 +117,9 @@ impl Mixed {
         loss: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
     ) -> Result<Tensor> {
         let own = loss(logits, y)?;
-        let theirs = loss(logits, &y.index_select(&self.partner, 0)?)?;
-        Ok(((own * self.weight)? + (theirs * (1.0 - self.weight))?)?)
+        let Some(p) = &self.pairing else { return Ok(own) };
+        let theirs = loss(logits, &y.index_select(&p.partner, 0)?)?;
+        Ok(((own * p.weight)? + (theirs * (1.0 - p.weight))?)?)
     }
 }
 
@@ -122,7 +135,14 @@ mod tests {
 
     #[test]
     fn off_leaves_the_batch_alone_and_a_bad_alpha_is_an_error() {
-        assert!(BatchMix::Off.apply(&batch(), &mut Rng::new(0)).unwrap().is_none());
+        let mut rng = Rng::new(0);
+        let b = BatchMix::Off.apply(&batch(), &mut rng).unwrap();
+        assert!(b.pairing.is_none());
+        assert_eq!(
+            b.x.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            batch().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(rng.next_u64(), Rng::new(0).next_u64(), "off draws nothing");
         assert!(BatchMix::Mixup { alpha: 0.0 }.validate().is_err());
         assert!(BatchMix::CutMix { alpha: f64::NAN }.validate().is_err());
         assert!(BatchMix::Mixup { alpha: 0.2 }.validate().is_ok());
@@ -142,11 +162,12 @@ mod tests {
     fn mixup_blends_each_image_with_its_partner_by_the_weight() {
         let x = batch(); // image i is the constant i
         for seed in 0..5 {
-            let m = BatchMix::Mixup { alpha: 0.4 }.apply(&x, &mut Rng::new(seed)).unwrap().unwrap();
-            let p = m.partner.to_vec1::<u32>().unwrap();
+            let m = BatchMix::Mixup { alpha: 0.4 }.apply(&x, &mut Rng::new(seed)).unwrap();
+            let pair = m.pairing.as_ref().unwrap();
+            let p = pair.partner.to_vec1::<u32>().unwrap();
             let mixed = m.x.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
             for (i, row) in mixed.iter().enumerate() {
-                let want = m.weight * i as f64 + (1.0 - m.weight) * p[i] as f64;
+                let want = pair.weight * i as f64 + (1.0 - pair.weight) * p[i] as f64;
                 assert!(row.iter().all(|&v| (v as f64 - want).abs() < 1e-5), "image {i}: {} vs {want}", row[0]);
             }
         }
@@ -156,8 +177,9 @@ mod tests {
     fn cutmix_pastes_one_box_whose_area_sets_the_weight() {
         let x = batch();
         for seed in 0..8 {
-            let m = BatchMix::CutMix { alpha: 1.0 }.apply(&x, &mut Rng::new(seed)).unwrap().unwrap();
-            let p = m.partner.to_vec1::<u32>().unwrap();
+            let m = BatchMix::CutMix { alpha: 1.0 }.apply(&x, &mut Rng::new(seed)).unwrap();
+            let pair = m.pairing.as_ref().unwrap();
+            let p = pair.partner.to_vec1::<u32>().unwrap();
             let mixed = m.x.flatten_from(1).unwrap().to_vec2::<f32>().unwrap();
             for (i, row) in mixed.iter().enumerate() {
                 if p[i] as usize == i {
@@ -166,7 +188,7 @@ mod tests {
                 let theirs = row.iter().filter(|&&v| v == p[i] as f32).count() as f64 / row.len() as f64;
                 let own = row.iter().filter(|&&v| v == i as f32).count() as f64 / row.len() as f64;
                 assert!((own + theirs - 1.0).abs() < 1e-9, "image {i} holds a third value");
-                assert!((own - m.weight).abs() < 1e-9, "image {i}: own share {own}, weight {}", m.weight);
+                assert!((own - pair.weight).abs() < 1e-9, "image {i}: own share {own}, weight {}", pair.weight);
             }
         }
     }
@@ -176,19 +198,21 @@ mod tests {
         let dev = Device::Cpu;
         let logits = Tensor::new(&[[2.0f32, 0.0, -1.0], [0.5, 1.5, 0.0]], &dev).unwrap();
         let y = Tensor::new(&[0u32, 1], &dev).unwrap();
-        let m = Mixed { x: logits.clone(), partner: Tensor::new(&[1u32, 0], &dev).unwrap(), weight: 0.7 };
-        let got = m
-            .loss(&logits, &y, |l, t| crate::loss(l, t, None))
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let pairing = Some(Pairing { partner: Tensor::new(&[1u32, 0], &dev).unwrap(), weight: 0.7 });
+        let m = Batch { x: logits.clone(), pairing };
+        let scalar = |b: &Batch| -> f64 {
+            let l = b.loss(&logits, &y, |l, t| crate::loss(l, t, None)).unwrap();
+            l.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+        };
+        let got = scalar(&m);
         let lse = |r: [f64; 3]| r.iter().map(|v| v.exp()).sum::<f64>().ln();
         let (a, b) = ([2.0, 0.0, -1.0], [0.5, 1.5, 0.0]);
         let own = ((lse(a) - 2.0) + (lse(b) - 1.5)) / 2.0;
         let theirs = ((lse(a) - 0.0) + (lse(b) - 0.5)) / 2.0;
         let want = 0.7 * own + 0.3 * theirs;
         assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // Images as drawn: their own targets alone.
+        let plain = scalar(&Batch::unmixed(logits.clone()));
+        assert!((plain - own).abs() < 1e-5, "{plain} vs {own}");
     }
 }

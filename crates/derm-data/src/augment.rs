@@ -67,6 +67,16 @@ impl AugmentConfig {
     pub fn symmetries(&self) -> Vec<Symmetry> {
         Symmetry::group(self.hflip, self.vflip, self.rot90)
     }
+
+    /// The views a model trained with this augmentation averages at test time: its
+    /// [`AugmentConfig::symmetries`] when `tta` is on, the image alone when it is off.
+    pub fn test_time_views(&self, tta: bool) -> Vec<Symmetry> {
+        if tta {
+            self.symmetries()
+        } else {
+            vec![Symmetry::IDENTITY]
+        }
+    }
 }
 
 /// One draw of the geometric transform.
@@ -239,6 +249,19 @@ mod tests {
             }
         }
         assert!(turns.iter().all(|&t| t > 5), "{turns:?}");
+    }
+
+    #[test]
+    fn test_time_views_are_the_trained_symmetries_or_the_image_alone() {
+        let full = AugmentConfig::default();
+        assert_eq!(full.test_time_views(true).len(), 8);
+        assert_eq!(AugmentConfig::flips().test_time_views(true).len(), 4);
+        let one_flip = AugmentConfig { vflip: false, ..AugmentConfig::flips() };
+        assert_eq!(one_flip.test_time_views(true).len(), 2);
+        for cfg in [full, AugmentConfig::flips(), one_flip] {
+            assert_eq!(cfg.test_time_views(false), vec![Symmetry::IDENTITY]);
+            assert_eq!(cfg.test_time_views(true)[0], Symmetry::IDENTITY);
+        }
     }
 
     #[test]

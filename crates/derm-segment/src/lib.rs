@@ -195,11 +195,11 @@ impl Segmenter {
         Ok(s)
     }
 
-    /// The views test-time augmentation averages: the symmetries of the square the model was
-    /// trained to ignore ([`AugmentConfig::symmetries`]; all eight with the default flips and
-    /// quarter turns).
-    pub fn test_time_views(&self) -> Vec<Symmetry> {
-        self.cfg.augment.symmetries()
+    /// The views test-time augmentation averages ([`AugmentConfig::test_time_views`]): with
+    /// `tta`, the symmetries of the square the model was trained to ignore (all eight with the
+    /// default flips and quarter turns); without, the image alone.
+    pub fn test_time_views(&self, tta: bool) -> Vec<Symmetry> {
+        self.cfg.augment.test_time_views(tta)
     }
 
     /// Probabilities (N, 1, size, size) for images already at the working size; with
@@ -212,14 +212,15 @@ impl Segmenter {
     fn probabilities_with(&self, imgs: &[&RgbImage], tta: bool) -> Result<Tensor> {
         let x = image_io::images_to_tensor(imgs, self.cfg.normalize, &self.device)?;
         let p = |x: &Tensor| -> Result<Tensor> { Ok(candle_nn::ops::sigmoid(&self.net.forward_t(x, false)?)?) };
-        if !tta {
-            return p(&x);
-        }
-        // Transform the input, predict, map the prediction back onto the image's pixels.
-        let views = self.test_time_views();
+        // The image itself, then each other view: transform the input, predict, map the
+        // prediction back onto the image's pixels.
+        let views = self.test_time_views(tta);
         let mut sum = p(&x)?;
         for s in views.iter().filter(|s| **s != Symmetry::IDENTITY) {
             sum = (sum + s.undo(&p(&s.tensor(&x)?)?)?)?;
+        }
+        if views.len() == 1 {
+            return Ok(sum);
         }
         Ok((sum / views.len() as f64)?)
     }
@@ -683,7 +684,7 @@ mod tests {
         let mirror = Symmetry { hflip: true, ..Symmetry::IDENTITY };
         let mut seg =
             Segmenter::new(SegmentConfig { test_time_augmentation: false, ..tiny_cfg() }, &Device::Cpu).unwrap();
-        assert_eq!(seg.test_time_views().len(), 8, "the default augmentation draws flips and quarter turns");
+        assert_eq!(seg.test_time_views(true).len(), 8, "the default augmentation draws flips and quarter turns");
         for s in [mirror, Symmetry::QUARTER_TURN] {
             assert!(gap(&seg, s) > 1e-4, "an untrained network is not equivariant by itself");
         }
@@ -693,7 +694,7 @@ mod tests {
         }
         // Trained without quarter turns: the four flips, and a turn is not averaged away.
         seg.cfg.augment.rot90 = false;
-        assert_eq!(seg.test_time_views().len(), 4);
+        assert_eq!(seg.test_time_views(true).len(), 4);
         assert!(gap(&seg, mirror) < 1e-5);
         assert!(gap(&seg, Symmetry::QUARTER_TURN) > 1e-4);
     }

@@ -494,7 +494,7 @@ impl EvalArgs {
                 root: data.root.clone(),
             },
             tta,
-            tta_views: if tta { clf.test_time_views().len() } else { 1 },
+            tta_views: clf.test_time_views(tta).len(),
             purified_input: self.purified_input.clone(),
             lesion_windows: clf.cfg.lesion_crop_margin.is_some(),
             lesion_masks: self.lesion_masks.clone(),

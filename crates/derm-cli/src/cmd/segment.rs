@@ -198,7 +198,7 @@ impl EvalArgs {
         let pb = crate::progress::bar(data.len() as u64, "eval", g.quiet);
         let scores = derm_segment::evaluate(&seg, &data, &mut |n| pb.inc(n as u64))?;
         pb.finish_and_clear();
-        let tta_views = if seg.cfg.test_time_augmentation { seg.test_time_views().len() } else { 1 };
+        let tta_views = seg.test_time_views(seg.cfg.test_time_augmentation).len();
         let doc = derm_segment::EvalSummary { summary: scores.summary(), worst: scores.worst(10), tta_views };
         let s = &doc.summary;
         if let Some(out) = &self.out {
