@@ -88,7 +88,7 @@ pub struct ClassifyConfig {
     pub augment: AugmentConfig,
     /// Input normalisation (ImageNet statistics, as the pretrained weights expect).
     pub normalize: Normalize,
-    /// Train only `fc` on pooled features computed once per image and flip, with the backbone
+    /// Train only `fc` on pooled features computed once per image and view, with the backbone
     /// in eval mode (much faster on a CPU; meant for pretrained weights).
     pub freeze_backbone: bool,
     /// Views per image whose features are cached when `freeze_backbone` (1 to 8): the first
