@@ -230,6 +230,54 @@ impl ClassifyConfig {
         Ok(())
     }
 
+    /// What a run trains, in one line for its log: the network and its width, where its weights
+    /// start, input size, batch, optimiser, and the options that change the training.
+    pub fn describe(&self) -> String {
+        let start = match &self.pretrained {
+            Some(p) => format!("weights from {}", p.display()),
+            None => "from scratch".into(),
+        };
+        let mut s = format!(
+            "{} (width {}, {start}), {} px from {} px, batch {}, {} lr {:e} ({}), augment ({})",
+            self.model.name(),
+            self.model.base_width,
+            self.input_size,
+            self.resize,
+            self.batch_size,
+            self.optim.optimizer.name(),
+            self.optim.optimizer.lr(),
+            self.optim.schedule.describe(),
+            self.augment.describe()
+        );
+        if self.freeze_backbone {
+            s.push_str(", frozen backbone");
+        } else if self.trainable_from != Stage::Conv1 {
+            let stage = format!("{:?}", self.trainable_from).to_lowercase();
+            s.push_str(&format!(", trained from {stage}"));
+        }
+        if let Some(m) = self.lesion_crop_margin {
+            s.push_str(&format!(", lesion windows (margin {m})"));
+        }
+        if self.balanced {
+            s.push_str(", class-balanced batches");
+        }
+        if self.class_weighted_loss {
+            s.push_str(", class-weighted loss");
+        }
+        match self.mix {
+            BatchMix::Off => {}
+            BatchMix::Mixup { alpha } => s.push_str(&format!(", mixup (alpha {alpha})")),
+            BatchMix::CutMix { alpha } => s.push_str(&format!(", cutmix (alpha {alpha})")),
+        }
+        if self.label_smoothing > 0.0 {
+            s.push_str(&format!(", label smoothing {}", self.label_smoothing));
+        }
+        if self.ema_decay > 0.0 {
+            s.push_str(&format!(", EMA {}", self.ema_decay));
+        }
+        s
+    }
+
     /// The first stage the optimiser updates.
     pub fn first_trained_stage(&self) -> Stage {
         if self.freeze_backbone {
@@ -932,6 +980,28 @@ mod tests {
     fn phantoms(dir: &Path, n: usize, size: u32) -> Dataset {
         write_phantom_set(&dir.join("ph"), &PhantomConfig { size, ..Default::default() }, 1, n).unwrap();
         Dataset::open_dir(&dir.join("ph"), None, None).unwrap()
+    }
+
+    #[test]
+    fn the_run_description_names_network_width_and_the_options_on() {
+        let d = ClassifyConfig::default().describe();
+        assert!(
+            d.starts_with("resnet50 (width 64, from scratch), 224 px from 256 px, batch 16, sgd lr 1e-3 (constant)"),
+            "{d}"
+        );
+        assert!(d.ends_with("augment (flips), EMA 0.998"), "{d}");
+        let cpu = ClassifyConfig {
+            model: ResNetConfig { base_width: 32, ..ResNetConfig::resnet18(3) },
+            lesion_crop_margin: Some(0.2),
+            mix: BatchMix::CutMix { alpha: 1.0 },
+            trainable_from: Stage::Layer3,
+            ema_decay: 0.0,
+            ..Default::default()
+        }
+        .describe();
+        assert!(cpu.starts_with("resnet18-w32 (width 32, from scratch)"), "{cpu}");
+        assert!(cpu.contains(", trained from layer3, lesion windows (margin 0.2), cutmix (alpha 1)"), "{cpu}");
+        assert!(!cpu.contains("EMA"), "{cpu}");
     }
 
     #[test]

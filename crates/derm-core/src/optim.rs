@@ -99,6 +99,15 @@ impl OptimizerKind {
             OptimizerKind::Adam { lr, .. } | OptimizerKind::AdamW { lr, .. } | OptimizerKind::Sgd { lr, .. } => lr,
         }
     }
+
+    /// The optimiser's name as the command line spells it: `adam`, `adamw` or `sgd`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerKind::Adam { .. } => "adam",
+            OptimizerKind::AdamW { .. } => "adamw",
+            OptimizerKind::Sgd { .. } => "sgd",
+        }
+    }
 }
 
 /// How the learning rate changes with the step.

@@ -62,6 +62,37 @@ impl AugmentConfig {
         AugmentConfig { rot90: false, crop_scale: [1.0, 1.0], ..Self::geometric() }
     }
 
+    /// The augmentation in words (`flips`, `flips, quarter turns, crops 0.8-1, colour jitter 0.1,
+    /// hue 0.02`, `none`), for run logs.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        match (self.hflip, self.vflip) {
+            (true, true) => parts.push("flips".to_string()),
+            (true, false) => parts.push("left-right flips".to_string()),
+            (false, true) => parts.push("top-bottom flips".to_string()),
+            (false, false) => {}
+        }
+        if self.rot90 {
+            parts.push("quarter turns".into());
+        }
+        let [lo, hi] = self.crop_scale;
+        if lo < 1.0 || hi < 1.0 {
+            parts.push(format!("crops {lo}-{hi}"));
+        }
+        let jitter = self.brightness.max(self.contrast).max(self.saturation);
+        if jitter > 0.0 {
+            parts.push(format!("colour jitter {jitter}"));
+        }
+        if self.hue > 0.0 {
+            parts.push(format!("hue {}", self.hue));
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
+    }
+
     /// The symmetries of the square this augmentation trains a model to ignore, identity first:
     /// the test-time views ([`Symmetry::group`] of its flips and quarter turns).
     pub fn symmetries(&self) -> Vec<Symmetry> {
@@ -262,6 +293,18 @@ mod tests {
             assert_eq!(cfg.test_time_views(false), vec![Symmetry::IDENTITY]);
             assert_eq!(cfg.test_time_views(true)[0], Symmetry::IDENTITY);
         }
+    }
+
+    #[test]
+    fn the_augmentation_in_words_names_each_part_that_is_on() {
+        assert_eq!(AugmentConfig::flips().describe(), "flips");
+        assert_eq!(
+            AugmentConfig::default().describe(),
+            "flips, quarter turns, crops 0.8-1, colour jitter 0.1, hue 0.02"
+        );
+        let none = AugmentConfig { hflip: false, vflip: false, ..AugmentConfig::flips() };
+        assert_eq!(none.describe(), "none");
+        assert_eq!(AugmentConfig { vflip: false, ..AugmentConfig::flips() }.describe(), "left-right flips");
     }
 
     #[test]

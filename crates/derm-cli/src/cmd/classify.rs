@@ -248,6 +248,10 @@ impl TrainArgs {
     /// Trains and writes the run folder.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
+        let described = cfg.describe();
+        if !g.quiet {
+            eprintln!("classify: training a {described}");
+        }
         let device = g.device()?;
         let mut data = self.data.open(g.quiet)?;
         if let Some(dir) = &self.lesion_masks {
@@ -272,7 +276,7 @@ impl TrainArgs {
         };
         let (ntrain, _) = task.sizes();
         println!(
-            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; kept model: {}; run folder {}",
+            "trained a {described}: {} steps in {:.1} min on {ntrain} images ({}); best validation mean AUC {} at step {}; kept model: {}; run folder {}",
             state.step,
             state.elapsed_s / 60.0,
             state.stop_reason.as_deref().unwrap_or("done"),

@@ -98,8 +98,9 @@ impl TrainArgs {
     /// Trains and writes the run folder.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
+        let described = cfg.describe();
         if !g.quiet {
-            eprintln!("segment: training a {}", cfg.describe());
+            eprintln!("segment: training a {described}");
         }
         let device = g.device()?;
         let data = self.data.open(g.quiet)?;
@@ -111,7 +112,7 @@ impl TrainArgs {
         common::write_history(&self.run.out, &state)?;
         let (ntrain, nval) = task.sizes();
         println!(
-            "trained {} steps in {:.1} min on {ntrain} images ({}); best validation Jaccard {} at step {}; run folder {}",
+            "trained a {described}: {} steps in {:.1} min on {ntrain} images ({}); best validation Jaccard {} at step {}; run folder {}",
             state.step,
             state.elapsed_s / 60.0,
             state.stop_reason.as_deref().unwrap_or("done"),
