@@ -42,8 +42,20 @@ fn phantoms_hair_segment_vbp_chain_through_folders() {
     assert!(hair.join("phantom_3_000000_occlusion.png").exists());
     assert!(hair.join("phantom_3_000000_clean.png").exists());
 
+    // The purifier trains on the phantoms' hairy images against their clean versions; its last
+    // line says what it trained.
+    let pur = d.path().join("pur");
+    let args = ["purify", "train", "--root", p(&ph), "--size", "32", "--epochs", "1", "--batch", "4", "--out", p(&pur)];
+    let trained = ok(&args);
+    let last = trained.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("trained a partial-convolution U-Net, small preset (widths [32, 64, 128, 128]"),
+        "{trained}"
+    );
+    assert!(pur.join("best/model.safetensors").exists() || pur.join("last/model.safetensors").exists());
+
     let seg = d.path().join("seg");
-    ok(&[
+    let trained = ok(&[
         "segment",
         "train",
         "--root",
@@ -60,6 +72,8 @@ fn phantoms_hair_segment_vbp_chain_through_folders() {
         p(&seg),
     ]);
     assert!(seg.join("best/model.safetensors").exists() && seg.join("history.json").exists());
+    let last = trained.lines().last().unwrap_or_default();
+    assert!(last.starts_with("trained a dilated U-Net, medium preset (widths [24, 48, 96]"), "{trained}");
     let eval: serde_json::Value =
         serde_json::from_str(&ok(&["segment", "eval", "--model", p(&seg), "--root", p(&ph), "--json"])).unwrap();
     let j = eval["summary"]["jaccard_mean"].as_f64().unwrap();

@@ -345,7 +345,10 @@ fn the_same_seed_gives_bit_identical_gan_and_classifier_weights() {
         if resume {
             args.push("--resume");
         }
-        ok(&args);
+        // The last line says what was trained.
+        let out = ok(&args);
+        let last = out.lines().last().unwrap_or_default();
+        assert!(last.starts_with("trained one DCGAN per class (melanoma), small preset (64 px"), "{out}");
     };
     let mut gan = Vec::new();
     let mut cls = Vec::new();

@@ -156,6 +156,50 @@ impl Default for PurifyConfig {
     }
 }
 
+impl PurifyConfig {
+    /// What a run trains, in one line for its log: the network and its shape, working size,
+    /// batch, both optimiser phases, the loss terms that are on, and whether the network
+    /// corrects the classic fill or paints the hole alone.
+    pub fn describe(&self) -> String {
+        let net = match self.model.preset_name() {
+            Some(name) => format!("{name} preset"),
+            None => "custom network".to_string(),
+        };
+        let mut s = format!(
+            "partial-convolution U-Net, {net} (widths {:?}, kernels {:?}), {} px, batch {}, {} lr {:e} ({})",
+            self.model.widths,
+            self.model.kernels,
+            self.size,
+            self.batch_size,
+            self.optim.optimizer.name(),
+            self.optim.optimizer.lr(),
+            self.optim.schedule.describe()
+        );
+        if self.finetune_after_fraction < 1.0 {
+            s.push_str(&format!(
+                ", then sgd lr {:e} with the encoder's batch norm frozen after {} of the run",
+                self.finetune_lr, self.finetune_after_fraction
+            ));
+        }
+        let w = &self.loss;
+        s.push_str(&format!(", loss valid {} hole {} tv {}", w.valid, w.hole, w.tv));
+        match &self.vgg_weights {
+            Some(p) => {
+                s.push_str(&format!(" perceptual {} style {} (VGG16 from {})", w.perceptual, w.style, p.display()))
+            }
+            None => s.push_str(" (no VGG16 weights: perceptual and style off)"),
+        }
+        s.push_str(&format!(", augment ({})", self.augment.describe()));
+        if self.prior_fill {
+            let method = format!("{:?}", self.prior_method).to_lowercase();
+            s.push_str(&format!(", corrects the {method} fill (radius {} px)", self.prior_radius));
+        } else {
+            s.push_str(", paints holes alone");
+        }
+        s
+    }
+}
+
 fn meta(cfg: &PurifyConfig) -> Meta {
     let mut m = Meta::new("purify", "pconv-unet");
     m.inputs.push(TensorSpec {
@@ -896,6 +940,35 @@ mod tests {
         let pc = PhantomConfig { size: 48, hair_probability: 1.0, ..Default::default() };
         write_phantom_set(dir, &pc, 1, n).unwrap();
         Dataset::open_dir(dir, None, None).unwrap()
+    }
+
+    #[test]
+    fn the_run_description_names_the_network_both_phases_and_the_loss_terms_on() {
+        let d = PurifyConfig::default().describe();
+        for part in [
+            "small preset (widths [32, 64, 128, 128], kernels [7, 5, 5, 3])",
+            "128 px, batch 6, adam lr 2e-4 (constant)",
+            "then sgd lr 5e-5 with the encoder's batch norm frozen after 0.8 of the run",
+            "loss valid 1 hole 6 tv 0.1 (no VGG16 weights: perceptual and style off)",
+            "augment (flips, quarter turns, crops 0.8-1)",
+            "corrects the harmonic fill (radius 3 px)",
+        ] {
+            assert!(d.contains(part), "{part:?} missing from {d:?}");
+        }
+        let c = PurifyConfig {
+            model: PConvUNetConfig::peer(),
+            vgg_weights: Some("w/vgg16.safetensors".into()),
+            prior_fill: false,
+            finetune_after_fraction: 1.0,
+            ..Default::default()
+        };
+        let d = c.describe();
+        assert!(
+            d.contains("peer preset") && d.contains("perceptual 0.05 style 120 (VGG16 from w/vgg16.safetensors)"),
+            "{d}"
+        );
+        assert!(d.ends_with("paints holes alone") && !d.contains("sgd"), "{d}");
+        assert!(tiny_cfg().describe().contains("custom network (widths [8, 16, 16]"));
     }
 
     #[test]

@@ -71,6 +71,10 @@ impl PConvUNetConfig {
             _ => None,
         }
     }
+    /// The name of the preset this shape is, if it is one.
+    pub fn preset_name(&self) -> Option<&'static str> {
+        ["small", "peer", "paper"].into_iter().find(|n| Self::preset(n).as_ref() == Some(self))
+    }
     /// Number of stride-2 layers.
     pub fn depth(&self) -> usize {
         self.widths.len()

@@ -174,6 +174,51 @@ impl SynthConfig {
         Ok(())
     }
 
+    /// What a run of `kind` on `classes` trains, in one line for its log: the GANs and their
+    /// shape, batch, both optimisers, and the stabilisers that are on.
+    pub fn describe(&self, kind: RunKind, classes: &[String]) -> String {
+        let m = &self.model;
+        let net = match m.preset_name() {
+            Some(name) => format!("{name} preset"),
+            None => "custom networks".to_string(),
+        };
+        let gans = match kind {
+            RunKind::Decoupled => format!("one DCGAN per class ({})", classes.join(", ")),
+            RunKind::Coupled => format!(
+                "a coupled DCGAN for {} (the generator's last {} and the discriminator's last {} layers per class)",
+                classes.join(", "),
+                m.g_private_layers,
+                m.d_private_layers
+            ),
+        };
+        let optim = |o: &OptimConfig| match o.optimizer {
+            OptimizerKind::Adam { lr, beta1, beta2, .. } | OptimizerKind::AdamW { lr, beta1, beta2, .. } => {
+                format!("{} lr {lr:e} betas ({beta1}, {beta2})", o.optimizer.name())
+            }
+            OptimizerKind::Sgd { lr, .. } => format!("sgd lr {lr:e}"),
+        };
+        let mut s = format!(
+            "{gans}, {net} ({} px, latent {}, generator widths {:?}, discriminator widths {:?}), batch {} real per class, generator {}, discriminator {}, real label {}, {} generator step{} per discriminator step",
+            m.size,
+            m.latent,
+            m.g_widths,
+            m.d_widths,
+            self.batch_size,
+            optim(&self.optim_g),
+            optim(&self.optim_d),
+            self.real_label,
+            self.g_steps,
+            if self.g_steps == 1 { "" } else { "s" }
+        );
+        if self.feature_matching {
+            s.push_str(", feature matching");
+        }
+        if self.flip {
+            s.push_str(", flips");
+        }
+        s
+    }
+
     /// The head of class `name`.
     pub fn head_of(&self, name: &str) -> Result<usize> {
         self.classes
@@ -276,5 +321,34 @@ mod tests {
             _ => panic!("not adam"),
         }
         assert!(SynthConfig::default().validate().is_err());
+    }
+
+    #[test]
+    fn the_run_description_names_the_gans_their_shape_and_the_stabilisers_on() {
+        let classes = ["melanoma".to_string(), "seborrheic_keratosis".to_string()];
+        let c = SynthConfig::default();
+        let d = c.describe(RunKind::Decoupled, &classes);
+        for part in [
+            "one DCGAN per class (melanoma, seborrheic_keratosis), small preset (64 px, latent 32",
+            "generator widths [128, 64, 32, 16], discriminator widths [16, 32, 64, 128]",
+            "batch 32 real per class, generator adam lr 2e-4 betas (0.5, 0.999)",
+            "real label 0.9, 2 generator steps per discriminator step, flips",
+        ] {
+            assert!(d.contains(part), "{part:?} missing from {d:?}");
+        }
+        assert!(!d.contains("feature matching"));
+        // A coupled run keeps its preset's name with one head per class.
+        let coupled = SynthConfig {
+            model: GanConfig { heads: 2, ..GanConfig::paper() },
+            feature_matching: true,
+            g_steps: 1,
+            ..Default::default()
+        };
+        let d = coupled.describe(RunKind::Coupled, &classes);
+        assert!(d.starts_with("a coupled DCGAN for melanoma, seborrheic_keratosis (the generator's last 2"), "{d}");
+        assert!(d.contains("paper preset (256 px, latent 10") && d.contains("1 generator step per"), "{d}");
+        assert!(d.contains("feature matching"), "{d}");
+        let custom = SynthConfig { model: GanConfig { latent: 7, ..GanConfig::small() }, ..Default::default() };
+        assert!(custom.describe(RunKind::Decoupled, &classes).contains("custom networks (64 px, latent 7"));
     }
 }

@@ -115,6 +115,14 @@ impl GanConfig {
         }
     }
 
+    /// The name of the preset this shape is, if it is one (the number of heads aside: a
+    /// coupled run sets it to its number of classes).
+    pub fn preset_name(&self) -> Option<&'static str> {
+        ["small", "peer64", "paper"]
+            .into_iter()
+            .find(|n| Self::preset(n).map(|p| GanConfig { heads: self.heads, ..p }).as_ref() == Some(self))
+    }
+
     /// The number of stride-2 layers, `log2(size / 4)`.
     pub fn stride2_layers(&self) -> Result<usize> {
         let s = self.size;

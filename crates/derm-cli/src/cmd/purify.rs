@@ -101,6 +101,10 @@ impl TrainArgs {
     /// Trains and writes the run folder.
     pub fn run(&self, g: &GlobalOpts) -> anyhow::Result<()> {
         let cfg = self.config(g)?;
+        let described = cfg.describe();
+        if !g.quiet {
+            eprintln!("purify: training a {described}");
+        }
         let device = g.device()?;
         let data = self.data.open(g.quiet)?;
         let mut progress = StageProgress::new("purify", g.quiet);
@@ -111,7 +115,7 @@ impl TrainArgs {
         common::write_history(&self.run.out, &state)?;
         let (ntrain, _) = task.sizes();
         println!(
-            "trained {} steps in {:.1} min on {ntrain} images ({}{}); best validation hole PSNR {} dB at step {}; run folder {}",
+            "trained a {described}: {} steps in {:.1} min on {ntrain} images ({}{}); best validation hole PSNR {} dB at step {}; run folder {}",
             state.step,
             state.elapsed_s / 60.0,
             state.stop_reason.as_deref().unwrap_or("done"),

@@ -110,7 +110,7 @@ impl TrainArgs {
                 .with_context(|| format!("training the segmenter into {}", self.run.out.display()))?;
         progress.finish();
         common::write_history(&self.run.out, &state)?;
-        let (ntrain, nval) = task.sizes();
+        let (ntrain, _) = task.sizes();
         println!(
             "trained a {described}: {} steps in {:.1} min on {ntrain} images ({}); best validation Jaccard {} at step {}; run folder {}",
             state.step,
@@ -120,7 +120,6 @@ impl TrainArgs {
             state.best_step.unwrap_or(0),
             self.run.out.display()
         );
-        let _ = nval;
         Ok(())
     }
 }

@@ -90,6 +90,10 @@ impl TrainArgs {
             split: self.data.split.clone(),
         };
         let kind = if self.coupled { RunKind::Coupled } else { RunKind::Decoupled };
+        let described = cfg.describe(kind, &self.classes);
+        if !g.quiet {
+            eprintln!("synth: training {described}");
+        }
         // One bar per GAN (decoupled runs train one per class, each for the whole budget), so
         // its elapsed time and ETA are the current model's and its label says which it is.
         let mut progress: Option<(String, super::common::StageProgress)> = None;
@@ -133,7 +137,7 @@ impl TrainArgs {
                 st.best_step.unwrap_or(0)
             );
         }
-        println!("run folder {}", self.run.out.display());
+        println!("trained {described}; run folder {}", self.run.out.display());
         Ok(())
     }
 }
