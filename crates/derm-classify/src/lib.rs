@@ -238,22 +238,19 @@ impl ClassifyConfig {
             None => "from scratch".into(),
         };
         let mut s = format!(
-            "{} (width {}, {start}), {} px from {} px, batch {}, {} lr {:e} ({}), augment ({})",
+            "{} (width {}, {start}), {} px from {} px, batch {}, {}, augment ({})",
             self.model.name(),
             self.model.base_width,
             self.input_size,
             self.resize,
             self.batch_size,
-            self.optim.optimizer.name(),
-            self.optim.optimizer.lr(),
-            self.optim.schedule.describe(),
+            self.optim.describe(),
             self.augment.describe()
         );
         if self.freeze_backbone {
             s.push_str(", frozen backbone");
         } else if self.trainable_from != Stage::Conv1 {
-            let stage = format!("{:?}", self.trainable_from).to_lowercase();
-            s.push_str(&format!(", trained from {stage}"));
+            s.push_str(&format!(", trained from {}", self.trainable_from.name()));
         }
         if let Some(m) = self.lesion_crop_margin {
             s.push_str(&format!(", lesion windows (margin {m})"));
@@ -986,7 +983,9 @@ mod tests {
     fn the_run_description_names_network_width_and_the_options_on() {
         let d = ClassifyConfig::default().describe();
         assert!(
-            d.starts_with("resnet50 (width 64, from scratch), 224 px from 256 px, batch 16, sgd lr 1e-3 (constant)"),
+            d.starts_with(
+                "resnet50 (width 64, from scratch), 224 px from 256 px, batch 16, sgd lr 1e-3 momentum 0.9 (constant)"
+            ),
             "{d}"
         );
         assert!(d.ends_with("augment (flips), EMA 0.998"), "{d}");

@@ -75,6 +75,19 @@ impl Stage {
         }
     }
 
+    /// The stage's name as configs and the command line spell it: `conv1`, `layer1` .. `layer4`,
+    /// `fc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Conv1 => "conv1",
+            Stage::Layer1 => "layer1",
+            Stage::Layer2 => "layer2",
+            Stage::Layer3 => "layer3",
+            Stage::Layer4 => "layer4",
+            Stage::Fc => "fc",
+        }
+    }
+
     /// Parses `conv1`, `layer1` .. `layer4`, `fc`.
     pub fn parse(s: &str) -> Option<Stage> {
         Stage::of_var(s).filter(|_| !s.contains('.'))
@@ -587,6 +600,10 @@ mod tests {
         assert!(!is_trainable("bn1.weight", Stage::Layer1));
         assert_eq!(Stage::parse("layer3"), Some(Stage::Layer3));
         assert_eq!(Stage::parse("layer3.0"), None);
+        for s in [Stage::Conv1, Stage::Layer1, Stage::Layer2, Stage::Layer3, Stage::Layer4, Stage::Fc] {
+            assert_eq!(Stage::parse(s.name()), Some(s));
+            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{}\"", s.name()));
+        }
     }
 
     #[test]

@@ -19,6 +19,15 @@ fn name_hash(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// How a run's log names its network's shape: `"{name} preset"` for a named preset, else
+/// `custom` (`"custom network"`, or `"custom networks"` for a pair of GANs).
+pub fn preset_label(preset: Option<&str>, custom: &str) -> String {
+    match preset {
+        Some(name) => format!("{name} preset"),
+        None => custom.to_string(),
+    }
+}
+
 /// Draws a tensor for `init` from `rng`.
 pub fn init_tensor(init: Init, shape: &Shape, dtype: DType, device: &Device, rng: &mut Rng) -> Result<Tensor> {
     let n = shape.elem_count();

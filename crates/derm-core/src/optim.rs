@@ -108,6 +108,35 @@ impl OptimizerKind {
             OptimizerKind::Sgd { .. } => "sgd",
         }
     }
+
+    /// One phrase for a run's log: the name and learning rate, then what differs from the plain
+    /// rule: betas other than Adam's usual (0.9, 0.999), weight decay, SGD's momentum.
+    /// `adam lr 1e-3`, `adam lr 2e-4 betas (0.5, 0.999)`, `sgd lr 1e-3 momentum 0.9`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{} lr {:e}", self.name(), self.lr());
+        match *self {
+            OptimizerKind::Adam { beta1, beta2, .. } | OptimizerKind::AdamW { beta1, beta2, .. } => {
+                if (beta1, beta2) != (0.9, 0.999) {
+                    s.push_str(&format!(" betas ({beta1}, {beta2})"));
+                }
+            }
+            OptimizerKind::Sgd { momentum, nesterov, .. } => {
+                if momentum > 0.0 {
+                    let kind = if nesterov { " nesterov" } else { "" };
+                    s.push_str(&format!("{kind} momentum {momentum}"));
+                }
+            }
+        }
+        match *self {
+            OptimizerKind::AdamW { weight_decay, .. } | OptimizerKind::Sgd { weight_decay, .. }
+                if weight_decay > 0.0 =>
+            {
+                s.push_str(&format!(" weight decay {weight_decay:e}"))
+            }
+            _ => {}
+        }
+        s
+    }
 }
 
 /// How the learning rate changes with the step.
@@ -194,6 +223,18 @@ pub struct OptimConfig {
     pub schedule: LrSchedule,
     /// Clip the global gradient norm to this value (none when absent).
     pub clip_grad_norm: Option<f64>,
+}
+
+impl OptimConfig {
+    /// One phrase for a run's log: the optimiser ([`OptimizerKind::describe`]), then its
+    /// schedule and clipping in brackets: `adam lr 3e-4 (step 2000 x0.5)`.
+    pub fn describe(&self) -> String {
+        let clip = match self.clip_grad_norm {
+            Some(c) => format!(", gradient norm clipped at {c}"),
+            None => String::new(),
+        };
+        format!("{} ({}{clip})", self.optimizer.describe(), self.schedule.describe())
+    }
 }
 
 impl Default for OptimConfig {
@@ -620,6 +661,22 @@ pub(crate) fn with_f32_mut(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn descriptions_name_the_rule_its_rate_and_only_the_settings_off_the_usual() {
+        assert_eq!(OptimizerKind::adam(1e-3).describe(), "adam lr 1e-3");
+        let gan = OptimizerKind::Adam { lr: 2e-4, beta1: 0.5, beta2: 0.999, eps: 1e-8 };
+        assert_eq!(gan.describe(), "adam lr 2e-4 betas (0.5, 0.999)");
+        assert_eq!(OptimizerKind::adamw(1e-3, 0.05).describe(), "adamw lr 1e-3 weight decay 5e-2");
+        assert_eq!(OptimizerKind::sgd(1e-2, 0.9).describe(), "sgd lr 1e-2 momentum 0.9");
+        let nesterov = OptimizerKind::Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4, nesterov: true };
+        assert_eq!(nesterov.describe(), "sgd lr 1e-1 nesterov momentum 0.9 weight decay 1e-4");
+        assert_eq!(OptimizerKind::sgd(5e-5, 0.0).describe(), "sgd lr 5e-5");
+        let cfg = OptimConfig { optimizer: OptimizerKind::adam(3e-4), schedule: STEP_DECAY, clip_grad_norm: None };
+        assert_eq!(cfg.describe(), "adam lr 3e-4 (step 2000 x0.5)");
+        let clipped = OptimConfig { clip_grad_norm: Some(1.0), schedule: COSINE_OVER_RUN, ..cfg };
+        assert_eq!(clipped.describe(), "adam lr 3e-4 (cosine over the run to 0.02x, gradient norm clipped at 1)");
+    }
 
     fn problem() -> (Var, Tensor, Tensor) {
         let mut rng = crate::Rng::new(1);

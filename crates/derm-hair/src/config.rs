@@ -16,6 +16,21 @@ pub enum InpaintMethod {
     Harmonic,
 }
 
+impl InpaintMethod {
+    /// The method's name as configs and the command line spell it: `telea` or `harmonic`.
+    pub fn name(self) -> &'static str {
+        match self {
+            InpaintMethod::Telea => "telea",
+            InpaintMethod::Harmonic => "harmonic",
+        }
+    }
+
+    /// Parses `telea` or `harmonic`.
+    pub fn parse(s: &str) -> Option<InpaintMethod> {
+        [InpaintMethod::Telea, InpaintMethod::Harmonic].into_iter().find(|m| m.name() == s)
+    }
+}
+
 /// Which hair detector [`crate::hair_mask`] runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -301,6 +316,15 @@ impl HairConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inpaint_method_names_match_their_config_spelling() {
+        for m in [InpaintMethod::Telea, InpaintMethod::Harmonic] {
+            assert_eq!(InpaintMethod::parse(m.name()), Some(m));
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{}\"", m.name()));
+        }
+        assert_eq!(InpaintMethod::parse("navier-stokes"), None);
+    }
 
     #[test]
     fn parses_partial_json_and_rejects_unknown_fields() {

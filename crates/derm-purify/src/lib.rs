@@ -48,6 +48,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use derm_core::checkpoint::{self, CheckpointData, Meta, TensorSpec};
 use derm_core::image_io::{self, Normalize};
+use derm_core::nn::preset_label;
 use derm_core::optim::{LrSchedule, OptimConfig, Optimizer, OptimizerKind};
 use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
 use derm_core::{Error, Result, Rng};
@@ -161,19 +162,14 @@ impl PurifyConfig {
     /// batch, both optimiser phases, the loss terms that are on, and whether the network
     /// corrects the classic fill or paints the hole alone.
     pub fn describe(&self) -> String {
-        let net = match self.model.preset_name() {
-            Some(name) => format!("{name} preset"),
-            None => "custom network".to_string(),
-        };
         let mut s = format!(
-            "partial-convolution U-Net, {net} (widths {:?}, kernels {:?}), {} px, batch {}, {} lr {:e} ({})",
+            "partial-convolution U-Net, {} (widths {:?}, kernels {:?}), {} px, batch {}, {}",
+            preset_label(self.model.preset_name(), "custom network"),
             self.model.widths,
             self.model.kernels,
             self.size,
             self.batch_size,
-            self.optim.optimizer.name(),
-            self.optim.optimizer.lr(),
-            self.optim.schedule.describe()
+            self.optim.describe()
         );
         if self.finetune_after_fraction < 1.0 {
             s.push_str(&format!(
@@ -191,8 +187,7 @@ impl PurifyConfig {
         }
         s.push_str(&format!(", augment ({})", self.augment.describe()));
         if self.prior_fill {
-            let method = format!("{:?}", self.prior_method).to_lowercase();
-            s.push_str(&format!(", corrects the {method} fill (radius {} px)", self.prior_radius));
+            s.push_str(&format!(", corrects the {} fill (radius {} px)", self.prior_method.name(), self.prior_radius));
         } else {
             s.push_str(", paints holes alone");
         }

@@ -30,6 +30,7 @@ use derm_core::checkpoint::{self, Meta, TensorSpec};
 use derm_core::ema::{self, WeightAverage};
 use derm_core::image_io::{self, Normalize};
 use derm_core::metrics::SegmentationScores;
+use derm_core::nn::preset_label;
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind, STEP_DECAY};
 use derm_core::symmetry::Symmetry;
 use derm_core::train::{self, LoopConfig, StepLoss, Task, TrainState};
@@ -118,18 +119,14 @@ impl Default for SegmentConfig {
 impl SegmentConfig {
     /// One line naming the network and the optimiser, for a command to say what it trains.
     pub fn describe(&self) -> String {
-        let net = match self.model.preset_name() {
-            Some(name) => format!("{name} preset"),
-            None => "custom network".to_string(),
-        };
         format!(
-            "dilated U-Net, {net} (widths {:?}, bottleneck {:?}), {} px, batch {}, lr {:e} ({})",
+            "dilated U-Net, {} (widths {:?}, bottleneck {:?}), {} px, batch {}, {}",
+            preset_label(self.model.preset_name(), "custom network"),
             self.model.widths,
             self.model.bottleneck.iter().map(|b| b.0).collect::<Vec<_>>(),
             self.size,
             self.batch_size,
-            self.optim.optimizer.lr(),
-            self.optim.schedule.describe()
+            self.optim.describe()
         )
     }
 }
@@ -556,7 +553,7 @@ mod tests {
         let def = SegmentConfig::default();
         assert_eq!((def.model.preset_name(), def.optim.optimizer.lr()), (Some("medium"), 3e-4));
         assert!(def.describe().starts_with("dilated U-Net, medium preset (widths [24, 48, 96]"), "{}", def.describe());
-        assert!(def.describe().ends_with("128 px, batch 8, lr 3e-4 (step 2000 x0.5)"), "{}", def.describe());
+        assert!(def.describe().ends_with("128 px, batch 8, adam lr 3e-4 (step 2000 x0.5)"), "{}", def.describe());
         assert!(tiny_cfg().describe().contains("custom network"));
         assert_eq!(UNetConfig::paper().preset_name(), Some("paper"));
         assert_eq!(UNetConfig::small().preset_name(), Some("small"));

@@ -39,6 +39,7 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 use derm_core::image_io::Normalize;
+use derm_core::nn::preset_label;
 use derm_core::optim::{LrSchedule, OptimConfig, OptimizerKind};
 use derm_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -178,10 +179,7 @@ impl SynthConfig {
     /// shape, batch, both optimisers, and the stabilisers that are on.
     pub fn describe(&self, kind: RunKind, classes: &[String]) -> String {
         let m = &self.model;
-        let net = match m.preset_name() {
-            Some(name) => format!("{name} preset"),
-            None => "custom networks".to_string(),
-        };
+        let net = preset_label(m.preset_name(), "custom networks");
         let gans = match kind {
             RunKind::Decoupled => format!("one DCGAN per class ({})", classes.join(", ")),
             RunKind::Coupled => format!(
@@ -191,12 +189,6 @@ impl SynthConfig {
                 m.d_private_layers
             ),
         };
-        let optim = |o: &OptimConfig| match o.optimizer {
-            OptimizerKind::Adam { lr, beta1, beta2, .. } | OptimizerKind::AdamW { lr, beta1, beta2, .. } => {
-                format!("{} lr {lr:e} betas ({beta1}, {beta2})", o.optimizer.name())
-            }
-            OptimizerKind::Sgd { lr, .. } => format!("sgd lr {lr:e}"),
-        };
         let mut s = format!(
             "{gans}, {net} ({} px, latent {}, generator widths {:?}, discriminator widths {:?}), batch {} real per class, generator {}, discriminator {}, real label {}, {} generator step{} per discriminator step",
             m.size,
@@ -204,8 +196,8 @@ impl SynthConfig {
             m.g_widths,
             m.d_widths,
             self.batch_size,
-            optim(&self.optim_g),
-            optim(&self.optim_d),
+            self.optim_g.describe(),
+            self.optim_d.describe(),
             self.real_label,
             self.g_steps,
             if self.g_steps == 1 { "" } else { "s" }

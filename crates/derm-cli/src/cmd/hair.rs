@@ -81,7 +81,7 @@ impl HairArgs {
             cfg.size_ref = s;
         }
         if let Some(m) = &self.inpaint {
-            cfg.inpaint = if m == "harmonic" { InpaintMethod::Harmonic } else { InpaintMethod::Telea };
+            cfg.inpaint = InpaintMethod::parse(m).with_context(|| format!("unknown inpainting method {m:?}"))?;
         }
         if let Some(d) = &self.detector {
             cfg.detector = if d == "legacy" { HairDetector::Legacy } else { HairDetector::Oriented };
