@@ -269,12 +269,51 @@ mod tests {
         let wd = |extra: &[&str]| cls(extra).map(|c| c.optim.optimizer);
         assert_eq!(wd(&["--optimizer", "adamw", "--lr", "2e-3"]).unwrap(), OptimizerKind::adamw(2e-3, 0.01));
         assert_eq!(wd(&["--optimizer", "adamw", "--weight-decay", "0.05"]).unwrap(), OptimizerKind::adamw(1e-3, 0.05));
-        let sgd = wd(&["--weight-decay", "1e-4"]).unwrap();
+        let sgd = wd(&["--optimizer", "sgd", "--weight-decay", "1e-4"]).unwrap();
         assert!(matches!(sgd, OptimizerKind::Sgd { weight_decay, .. } if weight_decay == 1e-4), "{sgd:?}");
         let e = format!("{:#}", wd(&["--optimizer", "adam", "--weight-decay", "0.05"]).unwrap_err());
         assert!(e.contains("adamw"), "{e}");
         assert!(wd(&["--optimizer", "adamw", "--weight-decay", "-0.1"]).is_err());
         assert!(wd(&["--optimizer", "nadam"]).is_err());
+        assert!(wd(&["--weight-decay", "1e-4"]).is_err(), "the default optimiser is plain adam");
+    }
+
+    /// `derm classify train` runs the cpu preset unless `--preset paper` (or a config file) says
+    /// otherwise; `--pretrained` takes torchvision's width; the operating point is chosen unless
+    /// `--select-operating-point false` or no validation part.
+    #[test]
+    fn the_classifier_preset_pretrained_width_and_operating_point_flags() {
+        use derm_classify::ClassifyConfig;
+        let cls = |extra: &[&str]| {
+            let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
+            all.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(all)?;
+            let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
+            a.config(&cli.global)
+        };
+        let def = cls(&[]).unwrap();
+        assert_eq!((def.preset_name(), def.model.name(), def.input_size), (Some("cpu"), "resnet18-w32".into(), 128));
+        assert!(def.select_operating_point);
+        let paper = cls(&["--preset", "paper"]).unwrap();
+        assert_eq!(paper, ClassifyConfig { train: paper.train.clone(), ..ClassifyConfig::paper() });
+        let e = format!("{:#}", cls(&["--preset", "gpu"]).unwrap_err());
+        assert!(e.contains("cpu or paper"), "{e}");
+        // Flags override the preset.
+        let r50 = cls(&["--preset", "paper", "--size", "160", "--optimizer", "adam"]).unwrap();
+        assert_eq!(
+            (r50.model.name(), r50.input_size, r50.resize, r50.preset_name()),
+            ("resnet50".into(), 160, 183, None)
+        );
+        // ImageNet weights: width 64 and trained residual branches, whatever the preset.
+        let pre = cls(&["--pretrained", "w.safetensors"]).unwrap();
+        assert_eq!((pre.model.base_width, pre.model.zero_init_residual), (64, false));
+        assert_eq!(cls(&["--pretrained", "w.safetensors", "--width", "16"]).unwrap().model.base_width, 16);
+        // The operating point.
+        assert!(!cls(&["--select-operating-point", "false"]).unwrap().select_operating_point);
+        assert!(cls(&["--select-operating-point"]).unwrap().select_operating_point);
+        assert!(!cls(&["--val-fraction", "0"]).unwrap().select_operating_point);
+        let asked = cls(&["--val-fraction", "0", "--select-operating-point"]).unwrap();
+        assert!(asked.select_operating_point, "asked for: training then says there is no validation part");
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`
