@@ -56,10 +56,19 @@ fn api_analyses_uploads_and_serves_every_output() {
     assert_eq!(classes.len(), 3);
     let sum: f64 = classes.iter().map(|c| c["probability"].as_f64().unwrap()).sum();
     assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
-    let best = classes
-        .iter()
-        .max_by(|x, y| x["probability"].as_f64().unwrap().total_cmp(&y["probability"].as_f64().unwrap()))
-        .unwrap();
+    // The predicted class is the one the model's operating point picks: the most probable after
+    // the decision weights chosen on validation (classify train chooses them by default) scale
+    // each class's probability.
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("classify/both/best/config.json")).unwrap()).unwrap();
+    let names: Vec<&str> = cfg["classes"].as_array().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
+    let weights = cfg["decision_weights"].as_array().unwrap();
+    assert_eq!(weights.len(), names.len(), "an operating point was chosen and saved");
+    let weighted = |c: &serde_json::Value| {
+        let k = names.iter().position(|n| *n == c["class"].as_str().unwrap()).unwrap();
+        c["probability"].as_f64().unwrap() * weights[k].as_f64().unwrap()
+    };
+    let best = classes.iter().max_by(|x, y| weighted(x).total_cmp(&weighted(y))).unwrap();
     assert_eq!(j["predicted_class"], best["class"]);
     for c in classes {
         assert_eq!(j["probabilities"][c["class"].as_str().unwrap()], c["probability"]);

@@ -95,7 +95,8 @@ pub struct AnalysisRecord {
     pub models: ModelDirs,
     /// Fraction of the image marked as hair or ruler.
     pub occluded_fraction: f64,
-    /// The most probable class.
+    /// The class at the classifier's operating point: the most probable once its decision
+    /// weights (chosen on validation and saved with it) scale the probabilities.
     pub predicted_class: Option<String>,
     /// Class name to probability.
     pub probabilities: BTreeMap<String, f64>,
