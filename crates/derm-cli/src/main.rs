@@ -304,6 +304,10 @@ mod tests {
             (r50.model.name(), r50.input_size, r50.resize, r50.preset_name()),
             ("resnet50".into(), 160, 183, None)
         );
+        // `--arch` changes the layout, not the width.
+        let r34 = cls(&["--arch", "resnet34"]).unwrap();
+        assert_eq!((r34.model.name(), r34.model.base_width), ("resnet34-w32".into(), 32));
+        assert_eq!(cls(&["--preset", "paper", "--arch", "resnet18"]).unwrap().model.name(), "resnet18");
         // ImageNet weights: width 64 and trained residual branches, whatever the preset.
         let pre = cls(&["--pretrained", "w.safetensors"]).unwrap();
         assert_eq!((pre.model.base_width, pre.model.zero_init_residual), (64, false));

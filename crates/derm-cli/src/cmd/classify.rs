@@ -58,7 +58,8 @@ pub struct TrainArgs {
     /// network, sizes, batch and optimiser; the flags below override it. [config default: cpu]
     #[arg(long)]
     pub preset: Option<String>,
-    /// Architecture: resnet18, resnet34, resnet50 or resnet101. [config default: resnet18]
+    /// Architecture: resnet18, resnet34, resnet50 or resnet101 (the layout; the width is
+    /// --width's). [config default: resnet18]
     #[arg(long)]
     pub arch: Option<String>,
     /// Base width (64 = torchvision; smaller for CPU-sized networks trained from scratch).
@@ -202,7 +203,9 @@ impl TrainArgs {
             let model = ResNetConfig::by_name(arch, 3).with_context(|| {
                 format!("unknown architecture {arch:?}: use resnet18, resnet34, resnet50 or resnet101")
             })?;
-            c.model = ResNetConfig { num_classes: c.model.num_classes, zero_init_residual: true, ..model };
+            // The layout only: the width stays the preset's or the config's.
+            let (num_classes, base_width) = (c.model.num_classes, c.model.base_width);
+            c.model = ResNetConfig { num_classes, base_width, zero_init_residual: true, ..model };
         }
         if let Some(p) = &self.pretrained {
             c.pretrained = Some(p.clone());
