@@ -223,6 +223,15 @@ mod tests {
         assert_ne!(def.optim.schedule, LrSchedule::Constant);
     }
 
+    /// The config `derm classify train --root r --out o` and `extra` flags make.
+    fn classify_train_config(extra: &[&str]) -> anyhow::Result<derm_classify::ClassifyConfig> {
+        let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
+        all.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(all)?;
+        let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
+        a.config(&cli.global)
+    }
+
     /// `derm classify train` flips only unless `--augment full` asks for quarter turns, crops
     /// and colour jitter too, keeps a constant rate unless `--schedule` names another, mixes no
     /// batches unless `--mix` says how and decays weights only as `--optimizer` and
@@ -230,13 +239,7 @@ mod tests {
     #[test]
     fn the_classifier_augment_schedule_and_mix_flags() {
         use derm_data::augment::AugmentConfig;
-        let cls = |extra: &[&str]| {
-            let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
-            all.extend_from_slice(extra);
-            let cli = Cli::try_parse_from(all)?;
-            let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
-            a.config(&cli.global)
-        };
+        let cls = classify_train_config;
         let def = cls(&[]).unwrap();
         assert_eq!(def.augment, AugmentConfig::flips());
         assert!(def.augment.hflip && def.augment.vflip && !def.augment.rot90);
@@ -284,13 +287,7 @@ mod tests {
     #[test]
     fn the_classifier_preset_pretrained_width_and_operating_point_flags() {
         use derm_classify::ClassifyConfig;
-        let cls = |extra: &[&str]| {
-            let mut all = vec!["derm", "classify", "train", "--root", "r", "--out", "o"];
-            all.extend_from_slice(extra);
-            let cli = Cli::try_parse_from(all)?;
-            let Command::Classify(cmd::classify::ClassifyCommand::Train(a)) = &cli.command else { panic!("classify") };
-            a.config(&cli.global)
-        };
+        let cls = classify_train_config;
         let def = cls(&[]).unwrap();
         assert_eq!((def.preset_name(), def.model.name(), def.input_size), (Some("cpu"), "resnet18-w32".into(), 128));
         assert!(def.select_operating_point);
