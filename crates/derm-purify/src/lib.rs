@@ -158,6 +158,21 @@ impl Default for PurifyConfig {
 }
 
 impl PurifyConfig {
+    /// The optimiser of the fine-tuning phase: SGD at `finetune_lr` with `finetune_momentum`, a
+    /// constant rate, and the first phase's gradient clipping.
+    pub fn finetune_optim(&self) -> OptimConfig {
+        OptimConfig {
+            optimizer: OptimizerKind::Sgd {
+                lr: self.finetune_lr,
+                momentum: self.finetune_momentum,
+                weight_decay: 0.0,
+                nesterov: false,
+            },
+            schedule: LrSchedule::Constant,
+            clip_grad_norm: self.optim.clip_grad_norm,
+        }
+    }
+
     /// What a run trains, in one line for its log: the network and its shape, working size,
     /// batch, both optimiser phases, the loss terms that are on, and whether the network
     /// corrects the classic fill or paints the hole alone.
@@ -173,8 +188,9 @@ impl PurifyConfig {
         );
         if self.finetune_after_fraction < 1.0 {
             s.push_str(&format!(
-                ", then sgd lr {:e} with the encoder's batch norm frozen after {} of the run",
-                self.finetune_lr, self.finetune_after_fraction
+                ", then {} with the encoder's batch norm frozen after {} of the run",
+                self.finetune_optim().describe(),
+                self.finetune_after_fraction
             ));
         }
         let w = &self.loss;
@@ -688,18 +704,7 @@ impl PurifyTask {
     }
 
     fn start_finetune(&mut self) {
-        let cfg = &self.pur.cfg;
-        let o = OptimConfig {
-            optimizer: OptimizerKind::Sgd {
-                lr: cfg.finetune_lr,
-                momentum: cfg.finetune_momentum,
-                weight_decay: 0.0,
-                nesterov: false,
-            },
-            schedule: LrSchedule::Constant,
-            clip_grad_norm: cfg.optim.clip_grad_norm,
-        };
-        self.opt.switch(o);
+        self.opt.switch(self.pur.cfg.finetune_optim());
         self.finetuning = true;
     }
 
@@ -943,7 +948,7 @@ mod tests {
         for part in [
             "small preset (widths [32, 64, 128, 128], kernels [7, 5, 5, 3])",
             "128 px, batch 6, adam lr 2e-4 (constant)",
-            "then sgd lr 5e-5 with the encoder's batch norm frozen after 0.8 of the run",
+            "then sgd lr 5e-5 momentum 0.9 (constant) with the encoder's batch norm frozen after 0.8 of the run",
             "loss valid 1 hole 6 tv 0.1 (no VGG16 weights: perceptual and style off)",
             "augment (flips, quarter turns, crops 0.8-1)",
             "corrects the harmonic fill (radius 3 px)",
