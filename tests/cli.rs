@@ -133,3 +133,43 @@ fn bad_inputs_get_errors_naming_the_file() {
     let e = err(&["segment", "train", "--root", p(&ph), "--out", p(&d.path().join("run"))]);
     assert!(e.contains("labels.csv") && e.contains("seborrheic_keratosis"), "{e}");
 }
+
+/// The classifier's lesion-mask loss trains by default where the data set has masks (and is
+/// saved with the model, which then predicts from images alone); on a data set without masks it
+/// is off, and an explicit `--aux-mask-weight` there is an error saying why.
+#[test]
+fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for() {
+    let d = tempfile::tempdir().unwrap();
+    let ph = d.path().join("ph");
+    ok(&["phantom", "--count", "16", "--size", "40", "--balanced", "--out", p(&ph)]);
+    let args = |out: &Path| -> Vec<String> {
+        let a =
+            ["classify", "train", "--root", p(&ph), "--width", "8", "--size", "32", "--epochs", "1", "--batch", "8"];
+        a.iter().map(|s| s.to_string()).chain(["--out".into(), p(out).into()]).collect()
+    };
+    let train = |out: &Path, extra: &[&str]| {
+        let mut a = args(out);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        derm(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let with = d.path().join("with");
+    let o = train(&with, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("lesion-mask loss on layer3 (weight 1)"), "{o:?}");
+    let cfg = std::fs::read_to_string(with.join("last/config.json")).unwrap();
+    assert!(cfg.contains("\"aux_mask_weight\": 1.0"), "{cfg}");
+    let images = ph.join("images");
+    let pred = ok(&["classify", "predict", "--model", p(&with), "--input", p(&images)]);
+    assert!(pred.lines().count() >= 16, "{pred}");
+
+    std::fs::remove_dir_all(ph.join("masks")).unwrap();
+    let without = d.path().join("without");
+    let o = train(&without, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!String::from_utf8_lossy(&o.stdout).contains("lesion-mask"), "{o:?}");
+    let cfg = std::fs::read_to_string(without.join("last/config.json")).unwrap();
+    assert!(cfg.contains("\"aux_mask_weight\": 0.0"), "{cfg}");
+    let o = train(&d.path().join("asked"), &["--aux-mask-weight", "1"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--aux-mask-weight 1") && e.contains("lesion mask"), "{e}");
+}

@@ -96,13 +96,21 @@ pub struct ScaledCache {
     max_bytes: usize,
     lesion_margin: Option<f64>,
     inner: Mutex<(HashMap<PathBuf, Arc<RgbImage>>, usize)>,
+    /// Lesion masks cut and scaled as their images ([`ScaledCache::get_with_mask`]), by image path.
+    masks: Mutex<HashMap<PathBuf, Arc<GrayImage>>>,
 }
 
 impl ScaledCache {
     /// A cache for short side `short` holding up to `max_bytes` of pixels, of whole images
     /// (`lesion_margin` `None`) or of lesion windows with that margin.
     pub fn new(short: u32, max_bytes: usize, lesion_margin: Option<f64>) -> Self {
-        ScaledCache { short, max_bytes, lesion_margin, inner: Mutex::new((HashMap::new(), 0)) }
+        ScaledCache {
+            short,
+            max_bytes,
+            lesion_margin,
+            inner: Mutex::new((HashMap::new(), 0)),
+            masks: Mutex::new(HashMap::new()),
+        }
     }
 
     /// A sample's image: cut to its lesion window when the cache has a margin and the sample a
@@ -128,19 +136,52 @@ impl ScaledCache {
         Ok(img)
     }
 
+    /// A sample's image as [`ScaledCache::get`] gives it, with its lesion mask (`None` for a
+    /// sample without one) cut to the same window and scaled to the same size: what the auxiliary
+    /// lesion-mask head ([`crate::aux`]) learns from. A mask of another size than its image is
+    /// an error naming both files.
+    pub fn get_with_mask(&self, sample: &Sample) -> Result<(Arc<RgbImage>, Option<Arc<GrayImage>>)> {
+        let Some(mask_path) = &sample.mask else { return Ok((self.get(sample)?, None)) };
+        let cached = self.masks.lock().ok().and_then(|m| m.get(&sample.image).cloned());
+        if let Some(m) = cached {
+            return Ok((self.get(sample)?, Some(m)));
+        }
+        let scaled = self.get(sample)?;
+        // The header only: the image itself is in the cache (or was just decoded by `get`).
+        let dims = image::image_dimensions(&sample.image)
+            .map_err(|e| Error::invalid(format!("{}: cannot read the image's size: {e}", sample.image.display())))?;
+        let mut mask = image_io::load_mask(mask_path, Some(dims))?;
+        // The window `get` cut from the image, found on the same mask.
+        if let Some(c) = self.lesion_margin.and_then(|m| lesion_window(&mask, m)) {
+            mask = c.apply(&mask);
+        }
+        let mask = Arc::new(image_io::resize_mask(&mask, scaled.width(), scaled.height()));
+        if let Ok(mut m) = self.masks.lock() {
+            // A mask has a third of its image's bytes, so a third of the images' budget.
+            if m.len() * mask.as_raw().len() <= self.max_bytes / 3 {
+                m.insert(sample.image.clone(), mask.clone());
+            }
+        }
+        Ok((scaled, Some(mask)))
+    }
+
     /// Several samples' images, in parallel, in the order of `indices`.
     pub fn load(&self, data: &Dataset, indices: &[usize]) -> Result<Vec<Arc<RgbImage>>> {
-        indices
-            .par_iter()
-            .map(|&i| {
-                let s = data
-                    .samples
-                    .get(i)
-                    .ok_or_else(|| Error::invalid(format!("sample {i} of {} samples", data.len())))?;
-                self.get(s)
-            })
-            .collect()
+        indices.par_iter().map(|&i| self.get(sample_at(data, i)?)).collect()
     }
+
+    /// Several samples' images with their lesion masks ([`ScaledCache::get_with_mask`]), in
+    /// parallel, in the order of `indices`.
+    pub fn load_with_masks(&self, data: &Dataset, indices: &[usize]) -> Result<Vec<ScaledPair>> {
+        indices.par_iter().map(|&i| self.get_with_mask(sample_at(data, i)?)).collect()
+    }
+}
+
+/// A scaled image and its lesion mask, scaled alike (`None`: the sample has no mask).
+pub type ScaledPair = (Arc<RgbImage>, Option<Arc<GrayImage>>);
+
+fn sample_at(data: &Dataset, i: usize) -> Result<&Sample> {
+    data.samples.get(i).ok_or_else(|| Error::invalid(format!("sample {i} of {} samples", data.len())))
 }
 
 /// The window lesion-centred classification reads: the bounding box of the mask's foreground,
@@ -217,16 +258,32 @@ pub fn center_view(img: &RgbImage, resize: u32, size: u32) -> RgbImage {
 /// centred) `size` x `size` crop, then flips, quarter turns and colour jitter as `aug` says (its
 /// `crop_scale` crops further, rescaling back to `size`).
 pub fn train_view(img: &RgbImage, size: u32, random_crop: bool, aug: &AugmentConfig, rng: &mut Rng) -> RgbImage {
+    train_view_with_mask(img, None, size, random_crop, aug, rng).0
+}
+
+/// [`train_view`] of an image and its lesion mask (of the image's size), the mask moved with the
+/// image (same crop, flips and quarter turns; no colour jitter). The random draws are those of
+/// [`train_view`], so a mask changes nothing in the image's view.
+pub fn train_view_with_mask(
+    img: &RgbImage,
+    mask: Option<&GrayImage>,
+    size: u32,
+    random_crop: bool,
+    aug: &AugmentConfig,
+    rng: &mut Rng,
+) -> (RgbImage, Option<GrayImage>) {
     let (w, h) = img.dimensions();
     let crop = if random_crop { Crop::random(w, h, size, size, rng) } else { Crop::center(w, h, size, size) };
     let mut c = crop.apply(img);
+    let mut m = mask.map(|m| crop.apply(m));
     if c.dimensions() != (size, size) {
         c = image_io::resize_rgb(&c, size, size);
+        m = m.map(|m| image_io::resize_mask(&m, size, size));
     }
     let g = Geometry::draw(aug, c.dimensions(), Some((size, size)), rng);
     let mut out = g.rgb(&c);
     Jitter::draw(aug, rng).apply(&mut out);
-    out
+    (out, m.map(|m| g.mask(&m)))
 }
 
 #[cfg(test)]
@@ -317,6 +374,45 @@ mod tests {
         };
         let e = require_masks(&data, "check").unwrap_err().to_string();
         assert!(e.contains("1 of 2") && e.contains("first: b"), "{e}");
+    }
+
+    #[test]
+    fn a_mask_moves_with_its_image_and_leaves_the_view_as_it_was() {
+        // The image's red channel is the mask, so the view's red channel must be the view's mask.
+        let mask = boxed(60, 44, 10..=33, 5..=30);
+        let img = RgbImage::from_fn(60, 44, |x, y| image::Rgb([mask.get_pixel(x, y)[0], (x * 4) as u8, 7]));
+        let aug = AugmentConfig { crop_scale: [0.6, 1.0], ..AugmentConfig::geometric() };
+        for seed in 0..6 {
+            let (v, m) = train_view_with_mask(&img, Some(&mask), 40, true, &aug, &mut Rng::new(seed));
+            assert_eq!(v, train_view(&img, 40, true, &aug, &mut Rng::new(seed)), "the same draws");
+            let m = m.unwrap();
+            assert_eq!(m.dimensions(), (40, 40));
+            let agree = v.pixels().zip(m.pixels()).filter(|(p, q)| (p[0] >= 128) == (q[0] >= 128)).count();
+            assert!(agree as f64 >= 0.97 * 1600.0, "seed {seed}: {agree} of 1600 pixels agree");
+        }
+        // The cache cuts the mask to the image's lesion window and scales it to the image's size.
+        let d = tempfile::tempdir().unwrap();
+        let (ip, mp, bad) = (d.path().join("a.png"), d.path().join("a_mask.png"), d.path().join("b_mask.png"));
+        img.save(&ip).unwrap();
+        mask.save(&mp).unwrap();
+        boxed(30, 44, 1..=3, 1..=3).save(&bad).unwrap();
+        let s = Sample {
+            id: "a".into(),
+            image: ip,
+            mask: Some(mp),
+            label: Some(0),
+            group: None,
+            extras: Default::default(),
+        };
+        let cache = ScaledCache::new(20, 1 << 20, Some(0.1));
+        let (i, m) = cache.get_with_mask(&s).unwrap();
+        let m = m.unwrap();
+        assert_eq!(m.dimensions(), i.dimensions());
+        assert_eq!(*i, *cache.get(&s).unwrap());
+        assert!(i.pixels().zip(m.pixels()).filter(|(p, q)| (p[0] >= 128) != (q[0] >= 128)).count() <= 8);
+        let fresh = ScaledCache::new(20, 1 << 20, None);
+        let e = fresh.get_with_mask(&Sample { mask: Some(bad), ..s }).unwrap_err().to_string();
+        assert!(e.contains("b_mask.png") && e.contains("30x44"), "{e}");
     }
 
     #[test]

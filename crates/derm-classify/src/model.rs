@@ -352,12 +352,26 @@ impl ResNet {
     /// eval mode and their output is detached, so no gradient flows into them; the rest run with
     /// `train`.
     pub fn pooled(&self, x: &Tensor, train: bool, trainable_from: Stage) -> Result<Tensor> {
+        Ok(self.pooled_tap(x, train, trainable_from, None)?.0)
+    }
+
+    /// [`ResNet::pooled`], also handing back the output of stage `tap` (`layer1` .. `layer4`;
+    /// `None` for any other stage or none), in the same graph: a loss on it trains the stages up
+    /// to it. The auxiliary lesion-mask head reads `layer3` this way ([`crate::aux`]).
+    pub fn pooled_tap(
+        &self,
+        x: &Tensor,
+        train: bool,
+        trainable_from: Stage,
+        tap: Option<Stage>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let t = |s: Stage| train && s >= trainable_from;
         let mut y = self.stem(x, t(Stage::Conv1))?;
         y = ops::max_pool2d(&y, Pool2d::square(3, 2, 1))?;
         if trainable_from > Stage::Conv1 {
             y = y.detach();
         }
+        let mut tapped = None;
         for (i, blocks) in self.layers.iter().enumerate() {
             let stage = [Stage::Layer1, Stage::Layer2, Stage::Layer3, Stage::Layer4][i];
             for b in blocks {
@@ -366,8 +380,19 @@ impl ResNet {
             if trainable_from > stage {
                 y = y.detach();
             }
+            if tap == Some(stage) {
+                tapped = Some(y.clone());
+            }
         }
-        y.mean((2, 3))
+        Ok((y.mean((2, 3))?, tapped))
+    }
+
+    /// Channels of stage `stage`'s output (`layer1` .. `layer4`; the stem's width otherwise).
+    pub fn stage_channels(&self, stage: Stage) -> usize {
+        match stage.layer_index() {
+            Some(i) => (self.cfg.base_width << i) * self.cfg.block.expansion(),
+            None => self.cfg.base_width,
+        }
     }
 
     /// Logits with only the stages from `trainable_from` on trainable (see [`ResNet::pooled`]).
@@ -405,14 +430,15 @@ impl ResNet {
 /// Whether variable `name` is trained when training starts at `from` (batch-norm buffers are
 /// never trained; the optimiser drops them itself).
 pub fn is_trainable(name: &str, from: Stage) -> bool {
-    Stage::of_var(name).is_some_and(|s| s >= from)
+    Stage::of_var(name).or_else(|| crate::aux::stage_of_var(name)).is_some_and(|s| s >= from)
 }
 
 /// Loads torchvision-named weights (a torchvision or timm ResNet state dict converted to
 /// safetensors, as `bench/peer/export_torchvision.py` writes) into a model's variables, unchanged.
 ///
 /// - Every model variable must be in the file with the model's shape: a missing or mis-shaped
-///   tensor is an error naming it and the file.
+///   tensor is an error naming it and the file. The auxiliary lesion-mask head
+///   ([`crate::aux`]), derm's own, keeps its fresh initialisation.
 /// - With `replace_head`, the file's `fc.*` (ImageNet's 1000 classes) is ignored and the model's
 ///   own freshly initialised head of N classes is kept.
 /// - Batch norm: `weight`, `bias`, `running_mean` and `running_var` are loaded and eval mode uses
@@ -423,7 +449,9 @@ pub fn is_trainable(name: &str, from: Stage) -> bool {
 /// - Any other tensor in the file that the model does not have is an error (a ResNet-34 file
 ///   given to a ResNet-18 would otherwise load its first blocks and silently drop the rest).
 pub fn load_torchvision(varmap: &VarMap, path: &Path, replace_head: bool) -> derm_core::Result<()> {
-    checkpoint::load_varmap(varmap, path, Strictness::Exact, |n| replace_head && n.starts_with("fc."))
+    // The auxiliary lesion-mask head is derm's own; no torchvision file has it.
+    let skip = |n: &str| (replace_head && n.starts_with("fc.")) || crate::aux::stage_of_var(n).is_some();
+    checkpoint::load_varmap(varmap, path, Strictness::Exact, skip)
 }
 
 /// Number of trained parameters in a VarMap (batch-norm running statistics excluded).

@@ -315,6 +315,10 @@ mod tests {
         assert!(!cls(&["--val-fraction", "0"]).unwrap().select_operating_point);
         let asked = cls(&["--val-fraction", "0", "--select-operating-point"]).unwrap();
         assert!(asked.select_operating_point, "asked for: training then says there is no validation part");
+        // The lesion-mask loss: on (weight 1) unless a weight is given.
+        assert_eq!(def.aux_mask_weight, 1.0);
+        assert_eq!(cls(&["--aux-mask-weight", "0"]).unwrap().aux_mask_weight, 0.0);
+        assert_eq!(cls(&["--aux-mask-weight", "0.5"]).unwrap().aux_mask_weight, 0.5);
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`

@@ -141,9 +141,11 @@ pub fn is_torch_bookkeeping(name: &str) -> bool {
     name == "num_batches_tracked" || name.ends_with(".num_batches_tracked")
 }
 
-/// Fills a VarMap's variables from a safetensors file. `skip` names model variables that are left
-/// as initialised (for example a replaced classifier head). Errors name the first missing or
-/// mis-shaped tensor (in name order).
+/// Fills a VarMap's variables from a safetensors file. `skip` names tensors that are neither
+/// loaded nor required, on either side: a model variable it names is left as initialised (for
+/// example a replaced classifier head), and a file tensor it names is not "unexpected" under
+/// [`Strictness::Exact`] (for example a training-only head the model was built without). Errors
+/// name the first missing or mis-shaped tensor (in name order).
 pub fn load_varmap(vm: &VarMap, path: &Path, strict: Strictness, skip: impl Fn(&str) -> bool) -> Result<()> {
     let vars = sorted_vars(vm);
     let device = vars.first().map(|(_, v)| v.device().clone()).unwrap_or(Device::Cpu);
@@ -166,8 +168,10 @@ pub fn load_varmap(vm: &VarMap, path: &Path, strict: Strictness, skip: impl Fn(&
         var.set(&t.to_dtype(var.dtype())?)?;
     }
     if strict == Strictness::Exact {
-        let mut extra: Vec<&String> =
-            file.keys().filter(|k| !is_torch_bookkeeping(k) && !vars.iter().any(|(n, _)| n == *k)).collect();
+        let mut extra: Vec<&String> = file
+            .keys()
+            .filter(|k| !is_torch_bookkeeping(k) && !skip(k) && !vars.iter().any(|(n, _)| n == *k))
+            .collect();
         extra.sort();
         if let Some(k) = extra.first() {
             return Err(bad(format!(
@@ -398,6 +402,14 @@ mod tests {
         assert!(e.contains("fc.bias") && e.contains("[2]") && e.contains("[5]"), "{e}");
         // Head replacement: skip fc.* and the rest loads.
         load_varmap(&vm3, &dir.join(WEIGHTS), Strictness::Exact, |n| n.starts_with("fc.")).unwrap();
+        // A skipped name is not required in the model either: a model without the head loads a
+        // file with one when the head is skipped, and is refused when it is not.
+        let vm4 = VarMap::new();
+        let vb4 = VarBuilder::from_varmap(&vm4, DType::F32, &Device::Cpu);
+        let _ = vb4.get_with_hints(3, "bn.running_mean", Init::Const(1.0)).unwrap();
+        let e = load_varmap(&vm4, &dir.join(WEIGHTS), Strictness::Exact, |_| false).unwrap_err().to_string();
+        assert!(e.contains("unexpected"), "{e}");
+        load_varmap(&vm4, &dir.join(WEIGHTS), Strictness::Exact, |n| n.starts_with("fc.")).unwrap();
         assert_eq!(read_meta(&dir, "segment").unwrap().arch, "test");
         let e = read_meta(&dir, "classify").unwrap_err().to_string();
         assert!(e.contains("`segment` checkpoint"), "{e}");

@@ -1,0 +1,152 @@
+//! The auxiliary lesion-mask head: a second task that teaches the classifier where the lesion
+//! is, during training only.
+//!
+//! A 1x1 convolution on the output of `layer3` (stride 16: 8 x 8 cells for a 128 px input)
+//! predicts, per cell, whether the lesion covers it; its binary cross-entropy against the share
+//! of each cell the training image's lesion mask covers (transformed with the image: the same
+//! crop, flips and quarter turns) is added to the classification loss with
+//! [`crate::ClassifyConfig::aux_mask_weight`]. The head is saved with the model (so a run
+//! resumes), but prediction never runs it and needs no mask: the lesion knowledge is in the
+//! shared layers. Samples without a mask (synthetic images) add nothing to this loss.
+//!
+//! Variables: `aux_mask.weight` (C,) and `aux_mask.bias` (1,), outside torchvision's names, so
+//! [`crate::load_torchvision`] leaves them at their initialisation.
+
+use candle_core::{Device, Result, Tensor};
+use candle_nn::{Init, VarBuilder};
+use image::GrayImage;
+
+use crate::model::Stage;
+
+/// The prefix of the head's variables.
+pub const PREFIX: &str = "aux_mask";
+
+/// The stage whose output the head reads.
+pub const STAGE: Stage = Stage::Layer3;
+
+/// The stage the head's variables train with (`layer3`'s: they need its gradient), or `None` for
+/// a variable that is not the head's.
+pub fn stage_of_var(name: &str) -> Option<Stage> {
+    (name.split('.').next() == Some(PREFIX)).then_some(STAGE)
+}
+
+/// The head: per-cell lesion logits from a feature map.
+#[derive(Debug, Clone)]
+pub struct MaskHead {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl MaskHead {
+    /// A head over `channels` input channels, its variables under `vb` (`aux_mask.*` when `vb`
+    /// is the model's root prefixed with [`PREFIX`]); weights start small and the bias at zero,
+    /// so the first logits are near 0 (probability one half everywhere).
+    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (channels as f64).sqrt();
+        let weight = vb.get_with_hints(channels, "weight", Init::Uniform { lo: -bound, up: bound })?;
+        let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
+        Ok(MaskHead { weight, bias })
+    }
+
+    /// Logits (N, h, w) from features (N, C, h, w).
+    pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let w = self.weight.reshape((1, c, 1, 1))?;
+        features.broadcast_mul(&w)?.sum(1)?.broadcast_add(&self.bias)
+    }
+}
+
+/// The share of each of `h` x `w` equal cells that the mask's foreground (>= 128) covers, row
+/// by row: the head's target for a feature map of that size. Cell (i, j) spans rows
+/// `i * H / h .. (i + 1) * H / h` (rounded down) and the same for columns, so every pixel
+/// belongs to exactly one cell whatever the sizes.
+pub fn cell_shares(mask: &GrayImage, h: usize, w: usize) -> Vec<f32> {
+    let (mw, mh) = (mask.width() as usize, mask.height() as usize);
+    let mut on = vec![0u32; h * w];
+    let mut all = vec![0u32; h * w];
+    for (x, y, p) in mask.enumerate_pixels() {
+        let cell = (y as usize * h / mh.max(1)).min(h - 1) * w + (x as usize * w / mw.max(1)).min(w - 1);
+        all[cell] += 1;
+        on[cell] += u32::from(p[0] >= 128);
+    }
+    on.iter().zip(&all).map(|(&a, &n)| if n == 0 { 0.0 } else { a as f32 / n as f32 }).collect()
+}
+
+/// The head's targets for a batch: (N, h, w) cell shares of each mask, and (N,) weights, 1 for a
+/// sample with a mask and 0 for one without (its target row is zeros and counts for nothing).
+pub fn targets(masks: &[Option<GrayImage>], h: usize, w: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+    let mut t = Vec::with_capacity(masks.len() * h * w);
+    let mut present = Vec::with_capacity(masks.len());
+    for m in masks {
+        match m {
+            Some(m) => {
+                t.extend(cell_shares(m, h, w));
+                present.push(1f32);
+            }
+            None => {
+                t.extend(std::iter::repeat_n(0f32, h * w));
+                present.push(0f32);
+            }
+        }
+    }
+    Ok((Tensor::from_vec(t, (masks.len(), h, w), device)?, Tensor::new(present, device)?))
+}
+
+/// Mean binary cross-entropy of the head's logits (N, h, w) against `targets` (N, h, w), over the
+/// cells of the samples whose `present` weight (N,) is 1; 0 when no sample has a mask.
+pub fn loss(logits: &Tensor, targets: &Tensor, present: &Tensor) -> Result<Tensor> {
+    let per_sample = derm_kernels::ops::bce_with_logits_elementwise(logits, targets)?.mean((1, 2))?;
+    let n = present.sum_all()?.to_dtype(candle_core::DType::F32)?.clamp(1f32, f32::MAX)?;
+    (per_sample * present)?.sum_all()?.div(&n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::DType;
+
+    #[test]
+    fn cell_shares_average_the_mask_over_equal_cells() {
+        // 4 x 4 mask: left half on, plus one pixel of the top-right cell.
+        let mut m = GrayImage::from_fn(4, 4, |x, _| image::Luma([if x < 2 { 255 } else { 0 }]));
+        m.put_pixel(3, 0, image::Luma([200]));
+        assert_eq!(cell_shares(&m, 2, 2), vec![1.0, 0.25, 1.0, 0.0]);
+        // Sizes that do not divide: every pixel in one cell, shares in [0, 1].
+        let s = cell_shares(&GrayImage::from_pixel(5, 7, image::Luma([255])), 2, 3);
+        assert_eq!(s, vec![1.0; 6]);
+    }
+
+    #[test]
+    fn the_loss_counts_only_samples_with_a_mask() {
+        let d = Device::Cpu;
+        let logits = Tensor::new(&[[[0f32, 2.0]], [[5.0, -5.0]]], &d).unwrap();
+        let full = GrayImage::from_pixel(2, 1, image::Luma([255]));
+        let (t, p) = targets(&[Some(full), None], 1, 2, &d).unwrap();
+        assert_eq!(p.to_vec1::<f32>().unwrap(), vec![1.0, 0.0]);
+        let l = loss(&logits, &t, &p).unwrap().to_scalar::<f32>().unwrap();
+        // -log(sigmoid(0)) and -log(sigmoid(2)), averaged; the second sample is ignored.
+        let want = (std::f32::consts::LN_2 + (1.0 + (-2f32).exp()).ln()) / 2.0;
+        assert!((l - want).abs() < 1e-6, "{l} vs {want}");
+        // No mask at all: zero, not NaN.
+        let (t, p) = targets(&[None, None], 1, 2, &d).unwrap();
+        assert_eq!(loss(&logits, &t, &p).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn the_head_maps_features_to_one_logit_per_cell() {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let head = MaskHead::new(3, vb.pp(PREFIX)).unwrap();
+        let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
+        assert!(names.iter().all(|n| stage_of_var(n) == Some(STAGE)), "{names:?}");
+        let x = Tensor::ones((2, 3, 4, 5), DType::F32, &Device::Cpu).unwrap();
+        let y = head.forward(&x).unwrap();
+        assert_eq!(y.dims(), &[2, 4, 5]);
+        // Every cell is the sum of the weights (bias 0) for an all-ones input.
+        let w: f32 = head.weight.sum_all().unwrap().to_scalar().unwrap();
+        let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(y.iter().all(|v| (v - w).abs() < 1e-5));
+        assert_eq!(stage_of_var("layer3.0.conv1.weight"), None);
+        assert_eq!(stage_of_var("aux_maskx.weight"), None);
+    }
+}
