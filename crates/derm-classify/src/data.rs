@@ -116,53 +116,63 @@ impl ScaledCache {
     /// A sample's image: cut to its lesion window when the cache has a margin and the sample a
     /// mask (a sample without one, such as a synthetic image, is read whole), then scaled.
     pub fn get(&self, sample: &Sample) -> Result<Arc<RgbImage>> {
-        if let Ok(g) = self.inner.lock() {
-            if let Some(img) = g.0.get(&sample.image) {
-                return Ok(img.clone());
-            }
+        match self.cached_image(sample) {
+            Some(img) => Ok(img),
+            None => Ok(self.decode(sample, false)?.0),
         }
-        let mut img = image_io::load_rgb(&sample.image)?;
-        if let (Some(m), Some(mask)) = (self.lesion_margin, &sample.mask) {
-            img = lesion_crop(&img, &sample.image, mask, m)?;
-        }
-        let img = Arc::new(scale_short(&img, self.short));
-        if let Ok(mut g) = self.inner.lock() {
-            let bytes = img.as_raw().len();
-            if g.1 + bytes <= self.max_bytes {
-                g.1 += bytes;
-                g.0.insert(sample.image.clone(), img.clone());
-            }
-        }
-        Ok(img)
     }
 
     /// A sample's image as [`ScaledCache::get`] gives it, with its lesion mask (`None` for a
     /// sample without one) cut to the same window and scaled to the same size: what the auxiliary
     /// lesion-mask head ([`crate::aux`]) learns from. A mask of another size than its image is
     /// an error naming both files.
-    pub fn get_with_mask(&self, sample: &Sample) -> Result<(Arc<RgbImage>, Option<Arc<GrayImage>>)> {
-        let Some(mask_path) = &sample.mask else { return Ok((self.get(sample)?, None)) };
-        let cached = self.masks.lock().ok().and_then(|m| m.get(&sample.image).cloned());
-        if let Some(m) = cached {
-            return Ok((self.get(sample)?, Some(m)));
+    pub fn get_with_mask(&self, sample: &Sample) -> Result<ScaledPair> {
+        if sample.mask.is_none() {
+            return Ok((self.get(sample)?, None));
         }
-        let scaled = self.get(sample)?;
-        // The header only: the image itself is in the cache (or was just decoded by `get`).
-        let dims = image::image_dimensions(&sample.image)
-            .map_err(|e| Error::invalid(format!("{}: cannot read the image's size: {e}", sample.image.display())))?;
-        let mut mask = image_io::load_mask(mask_path, Some(dims))?;
-        // The window `get` cut from the image, found on the same mask.
-        if let Some(c) = self.lesion_margin.and_then(|m| lesion_window(&mask, m)) {
-            mask = c.apply(&mask);
+        let mask = self.masks.lock().ok().and_then(|m| m.get(&sample.image).cloned());
+        match (self.cached_image(sample), mask) {
+            (Some(img), Some(mask)) => Ok((img, Some(mask))),
+            _ => self.decode(sample, true),
         }
-        let mask = Arc::new(image_io::resize_mask(&mask, scaled.width(), scaled.height()));
-        if let Ok(mut m) = self.masks.lock() {
+    }
+
+    fn cached_image(&self, sample: &Sample) -> Option<Arc<RgbImage>> {
+        self.inner.lock().ok().and_then(|g| g.0.get(&sample.image).cloned())
+    }
+
+    /// Decodes a sample's image, and its mask where the lesion window or `with_mask` needs it
+    /// (read once for both), cuts both to the window, scales both, and keeps them within the
+    /// budget. The mask comes back only `with_mask`.
+    fn decode(&self, sample: &Sample, with_mask: bool) -> Result<ScaledPair> {
+        let img = image_io::load_rgb(&sample.image)?;
+        let mask_path = sample.mask.as_deref().filter(|_| with_mask || self.lesion_margin.is_some());
+        let mask = mask_path.map(|p| image_io::load_mask(p, Some(img.dimensions()))).transpose()?;
+        let window = match (self.lesion_margin, &mask, mask_path) {
+            (Some(m), Some(mask), Some(path)) => window_or_whole(mask, m, &sample.image, path),
+            _ => None,
+        };
+        let (img, mask) = match window {
+            Some(c) => (c.apply(&img), mask.map(|m| c.apply(&m))),
+            None => (img, mask),
+        };
+        let img = Arc::new(scale_short(&img, self.short));
+        if let Ok(mut g) = self.inner.lock() {
+            let bytes = img.as_raw().len();
+            // Already there when only its mask was missing: counted once.
+            if !g.0.contains_key(&sample.image) && g.1 + bytes <= self.max_bytes {
+                g.1 += bytes;
+                g.0.insert(sample.image.clone(), img.clone());
+            }
+        }
+        let mask = mask.filter(|_| with_mask).map(|m| Arc::new(image_io::resize_mask(&m, img.width(), img.height())));
+        if let (Some(mask), Ok(mut m)) = (&mask, self.masks.lock()) {
             // A mask has a third of its image's bytes, so a third of the images' budget.
             if m.len() * mask.as_raw().len() <= self.max_bytes / 3 {
                 m.insert(sample.image.clone(), mask.clone());
             }
         }
-        Ok((scaled, Some(mask)))
+        Ok((img, mask))
     }
 
     /// Several samples' images, in parallel, in the order of `indices`.
@@ -212,13 +222,20 @@ pub fn lesion_window(mask: &GrayImage, margin: f64) -> Option<Crop> {
 /// have the image's size. An empty mask (no lesion found) leaves the image whole, with a warning.
 pub fn lesion_crop(img: &RgbImage, origin: &Path, mask_path: &Path, margin: f64) -> Result<RgbImage> {
     let mask = image_io::load_mask(mask_path, Some(img.dimensions()))?;
-    Ok(match lesion_window(&mask, margin) {
+    Ok(match window_or_whole(&mask, margin, origin, mask_path) {
         Some(c) => c.apply(img),
-        None => {
-            tracing::warn!(image = %origin.display(), mask = %mask_path.display(), "empty lesion mask: the whole image is classified");
-            img.clone()
-        }
+        None => img.clone(),
     })
+}
+
+/// [`lesion_window`], warning (with both files) that the whole image is read when the mask is
+/// empty.
+fn window_or_whole(mask: &GrayImage, margin: f64, origin: &Path, mask_path: &Path) -> Option<Crop> {
+    let w = lesion_window(mask, margin);
+    if w.is_none() {
+        tracing::warn!(image = %origin.display(), mask = %mask_path.display(), "empty lesion mask: the whole image is classified");
+    }
+    w
 }
 
 /// Checks that every sample of `data` has a lesion mask, as lesion-centred classification needs;
