@@ -1,10 +1,11 @@
 //! The auxiliary lesion-mask head: a second task that teaches the classifier where the lesion
 //! is, during training only.
 //!
-//! A 1x1 convolution on the output of `layer3` (stride 16: 8 x 8 cells for a 128 px input)
-//! predicts, per cell, whether the lesion covers it; its binary cross-entropy against the share
-//! of each cell the training image's lesion mask covers (transformed with the image: the same
-//! crop, flips and quarter turns) is added to the classification loss with
+//! A 1x1 convolution on the output of one stage ([`crate::ClassifyConfig::aux_mask_stage`],
+//! `layer3` by default: stride 16, 8 x 8 cells for a 128 px input; `layer2` gives 16 x 16,
+//! `layer4` 4 x 4) predicts, per cell, whether the lesion covers it; its binary cross-entropy
+//! against the share of each cell the training image's lesion mask covers (transformed with the
+//! image: the same crop, flips and quarter turns) is added to the classification loss with
 //! [`crate::ClassifyConfig::aux_mask_weight`]. The head is saved with the model (so a run
 //! resumes), but prediction never runs it and needs no mask: the lesion knowledge is in the
 //! shared layers. Samples without a mask (synthetic images) add nothing to this loss.
@@ -21,31 +22,40 @@ use crate::model::Stage;
 /// The prefix of the head's variables.
 pub const PREFIX: &str = "aux_mask";
 
-/// The stage whose output the head reads.
-pub const STAGE: Stage = Stage::Layer3;
+/// The stage whose output the head reads unless a config names another (and in every config
+/// saved before the choice existed).
+pub const DEFAULT_STAGE: Stage = Stage::Layer3;
 
-/// The stage the head's variables train with (`layer3`'s: they need its gradient), or `None` for
-/// a variable that is not the head's.
-pub fn stage_of_var(name: &str) -> Option<Stage> {
-    (name.split('.').next() == Some(PREFIX)).then_some(STAGE)
+/// The stages a head can read: `layer1` .. `layer4`.
+pub const STAGES: [Stage; 4] = [Stage::Layer1, Stage::Layer2, Stage::Layer3, Stage::Layer4];
+
+/// Whether variable `name` is one of the head's.
+pub fn is_head_var(name: &str) -> bool {
+    name.split('.').next() == Some(PREFIX)
 }
 
-/// The head: per-cell lesion logits from a feature map.
+/// The head: per-cell lesion logits from the feature map of one stage.
 #[derive(Debug, Clone)]
 pub struct MaskHead {
     weight: Tensor,
     bias: Tensor,
+    stage: Stage,
 }
 
 impl MaskHead {
-    /// A head over `channels` input channels, its variables under `vb` (`aux_mask.*` when `vb`
-    /// is the model's root prefixed with [`PREFIX`]); weights start small and the bias at zero,
-    /// so the first logits are near 0 (probability one half everywhere).
-    pub fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+    /// A head over the `channels` output channels of `stage`, its variables under `vb`
+    /// (`aux_mask.*` when `vb` is the model's root prefixed with [`PREFIX`]); weights start small
+    /// and the bias at zero, so the first logits are near 0 (probability one half everywhere).
+    pub fn new(channels: usize, stage: Stage, vb: VarBuilder) -> Result<Self> {
         let bound = 1.0 / (channels as f64).sqrt();
         let weight = vb.get_with_hints(channels, "weight", Init::Uniform { lo: -bound, up: bound })?;
         let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
-        Ok(MaskHead { weight, bias })
+        Ok(MaskHead { weight, bias, stage })
+    }
+
+    /// The stage whose output the head reads.
+    pub fn stage(&self) -> Stage {
+        self.stage
     }
 
     /// Logits (N, h, w) from features (N, C, h, w).
@@ -136,9 +146,10 @@ mod tests {
     fn the_head_maps_features_to_one_logit_per_cell() {
         let vm = candle_nn::VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let head = MaskHead::new(3, vb.pp(PREFIX)).unwrap();
+        let head = MaskHead::new(3, Stage::Layer2, vb.pp(PREFIX)).unwrap();
+        assert_eq!(head.stage(), Stage::Layer2);
         let names: Vec<String> = vm.data().lock().unwrap().keys().cloned().collect();
-        assert!(names.iter().all(|n| stage_of_var(n) == Some(STAGE)), "{names:?}");
+        assert!(names.iter().all(|n| is_head_var(n)), "{names:?}");
         let x = Tensor::ones((2, 3, 4, 5), DType::F32, &Device::Cpu).unwrap();
         let y = head.forward(&x).unwrap();
         assert_eq!(y.dims(), &[2, 4, 5]);
@@ -146,7 +157,7 @@ mod tests {
         let w: f32 = head.weight.sum_all().unwrap().to_scalar().unwrap();
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!(y.iter().all(|v| (v - w).abs() < 1e-5));
-        assert_eq!(stage_of_var("layer3.0.conv1.weight"), None);
-        assert_eq!(stage_of_var("aux_maskx.weight"), None);
+        assert!(!is_head_var("layer3.0.conv1.weight"));
+        assert!(!is_head_var("aux_maskx.weight"));
     }
 }

@@ -357,7 +357,7 @@ impl ResNet {
 
     /// [`ResNet::pooled`], also handing back the output of stage `tap` (`layer1` .. `layer4`;
     /// `None` for any other stage or none), in the same graph: a loss on it trains the stages up
-    /// to it. The auxiliary lesion-mask head reads `layer3` this way ([`crate::aux`]).
+    /// to it. The auxiliary lesion-mask head reads its stage this way ([`crate::aux`]).
     pub fn pooled_tap(
         &self,
         x: &Tensor,
@@ -428,9 +428,14 @@ impl ResNet {
 }
 
 /// Whether variable `name` is trained when training starts at `from` (batch-norm buffers are
-/// never trained; the optimiser drops them itself).
+/// never trained; the optimiser drops them itself). The lesion-mask head's variables
+/// ([`crate::aux`]) train whenever the backbone does: a config whose head reads a stage before
+/// `from` is refused ([`crate::ClassifyConfig::aux_mask_blocker`]).
 pub fn is_trainable(name: &str, from: Stage) -> bool {
-    Stage::of_var(name).or_else(|| crate::aux::stage_of_var(name)).is_some_and(|s| s >= from)
+    match Stage::of_var(name) {
+        Some(s) => s >= from,
+        None => crate::aux::is_head_var(name) && from < Stage::Fc,
+    }
 }
 
 /// Loads torchvision-named weights (a torchvision or timm ResNet state dict converted to
@@ -450,7 +455,7 @@ pub fn is_trainable(name: &str, from: Stage) -> bool {
 ///   given to a ResNet-18 would otherwise load its first blocks and silently drop the rest).
 pub fn load_torchvision(varmap: &VarMap, path: &Path, replace_head: bool) -> derm_core::Result<()> {
     // The auxiliary lesion-mask head is derm's own; no torchvision file has it.
-    let skip = |n: &str| (replace_head && n.starts_with("fc.")) || crate::aux::stage_of_var(n).is_some();
+    let skip = |n: &str| (replace_head && n.starts_with("fc.")) || crate::aux::is_head_var(n);
     checkpoint::load_varmap(varmap, path, Strictness::Exact, skip)
 }
 

@@ -319,6 +319,12 @@ mod tests {
         assert_eq!(def.aux_mask_weight, 1.0);
         assert_eq!(cls(&["--aux-mask-weight", "0"]).unwrap().aux_mask_weight, 0.0);
         assert_eq!(cls(&["--aux-mask-weight", "0.5"]).unwrap().aux_mask_weight, 0.5);
+        use derm_classify::Stage;
+        assert_eq!(def.aux_mask_stage, Stage::Layer3);
+        assert_eq!(cls(&["--aux-mask-stage", "layer4"]).unwrap().aux_mask_stage, Stage::Layer4);
+        for bad in ["fc", "conv1", "layer9"] {
+            assert!(cls(&["--aux-mask-stage", bad]).unwrap_err().to_string().contains("layer1, layer2"));
+        }
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`
