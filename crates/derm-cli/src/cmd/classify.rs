@@ -15,11 +15,10 @@ use crate::cmd::common::{self, collect_images, StageProgress};
 use crate::GlobalOpts;
 
 /// The classification subcommands.
-// Parsed once per process: the size of the training arguments does not matter.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum ClassifyCommand {
-    // Boxed: its many flags make it the largest command by far.
+    // Boxed: its many flags make it the largest of derm's commands by far (clippy's
+    // large_enum_variant, here and in `Command`).
     /// Train the classifier on a labelled data set (plus purified and synthetic images).
     Train(Box<TrainArgs>),
     /// Class probabilities of images.
