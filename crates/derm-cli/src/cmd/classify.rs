@@ -74,8 +74,8 @@ pub struct TrainArgs {
     #[arg(long)]
     pub freeze_backbone: bool,
     /// First stage trained (conv1, layer1..layer4, fc); earlier ones stay fixed. [config default: conv1]
-    #[arg(long)]
-    pub trainable_from: Option<String>,
+    #[arg(long, value_name = "STAGE", value_parser = parse_stage)]
+    pub trainable_from: Option<Stage>,
     /// Network input size in pixels (square crop). [config default: 128]
     #[arg(long)]
     pub size: Option<u32>,
@@ -247,10 +247,7 @@ impl TrainArgs {
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
-        if let Some(t) = &self.trainable_from {
-            c.trainable_from =
-                Stage::parse(t).with_context(|| format!("unknown stage {t:?}: use conv1, layer1..layer4 or fc"))?;
-        }
+        set(&mut c.trainable_from, self.trainable_from);
         set(&mut c.aux_mask_stage, self.aux_mask_stage);
         if let Some(o) = self.optimizer.as_deref() {
             let lr = c.optim.optimizer.lr();
@@ -337,9 +334,14 @@ impl TrainArgs {
     }
 }
 
+/// `--trainable-from`: a stage of the network.
+fn parse_stage(s: &str) -> Result<Stage, String> {
+    Stage::parse(s).ok_or_else(|| format!("unknown stage {s:?}: use conv1, layer1..layer4 or fc"))
+}
+
 /// `--aux-mask-stage`: a stage the lesion-mask head can read.
 fn parse_aux_stage(s: &str) -> Result<Stage, String> {
-    Stage::parse(s).filter(|st| derm_classify::aux::STAGES.contains(st)).ok_or_else(|| {
+    parse_stage(s).ok().filter(|st| derm_classify::aux::STAGES.contains(st)).ok_or_else(|| {
         format!("{s:?} is not a stage the lesion-mask head can read: use layer1, layer2, layer3 or layer4")
     })
 }
