@@ -1,5 +1,5 @@
 //! The auxiliary lesion-mask head: a second task that teaches the classifier where the lesion
-//! is, during training only.
+//! is, in training (and, with lesion pooling, at prediction).
 //!
 //! A 1x1 convolution on the output of one stage ([`crate::ClassifyConfig::aux_mask_stage`],
 //! `layer3` by default: stride 16, 8 x 8 cells for a 128 px input; `layer2` gives 16 x 16,
@@ -7,11 +7,20 @@
 //! against the share of each cell the training image's lesion mask covers (transformed with the
 //! image: the same crop, flips and quarter turns) is added to the classification loss with
 //! [`crate::ClassifyConfig::aux_mask_weight`]. The head is saved with the model (so a run
-//! resumes), but prediction never runs it and needs no mask: the lesion knowledge is in the
-//! shared layers. Samples without a mask (synthetic images) add nothing to this loss.
+//! resumes); by default prediction never runs it and needs no mask: the lesion knowledge is in
+//! the shared layers. Samples without a mask (synthetic images) add nothing to this loss.
 //!
-//! Variables: `aux_mask.weight` (C,) and `aux_mask.bias` (1,), outside torchvision's names, so
-//! [`crate::load_torchvision`] leaves them at their initialisation.
+//! With [`crate::ClassifyConfig::lesion_pooling`] (off by default) the head also runs at
+//! prediction, still without a mask: the last stage's features are averaged a second time, each
+//! cell weighted by the head's lesion probability ([`lesion_pooled`]; at 128 px each of
+//! `layer4`'s 4 x 4 cells is weighted by the probabilities of the 2 x 2 `layer3` cells it
+//! covers), and a second linear map of those features (`aux_mask.pool_fc`, (K, C), starting at
+//! zero) adds its logits to the classifier's ([`MaskHead::pooled_logits`]): the classifier reads
+//! the lesion's features apart from the whole image's.
+//!
+//! Variables: `aux_mask.weight` (C,), `aux_mask.bias` (1,) and with lesion pooling
+//! `aux_mask.pool_fc` (K, C_last), outside torchvision's names, so [`crate::load_torchvision`]
+//! leaves them at their initialisation.
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -40,6 +49,8 @@ pub struct MaskHead {
     weight: Tensor,
     bias: Tensor,
     stage: Stage,
+    /// With lesion pooling: the (K, C_last) map from lesion-pooled features to logits.
+    pool: Option<Tensor>,
 }
 
 impl MaskHead {
@@ -50,7 +61,21 @@ impl MaskHead {
         let bound = 1.0 / (channels as f64).sqrt();
         let weight = vb.get_with_hints(channels, "weight", Init::Uniform { lo: -bound, up: bound })?;
         let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
-        Ok(MaskHead { weight, bias, stage })
+        Ok(MaskHead { weight, bias, stage, pool: None })
+    }
+
+    /// The head with lesion pooling: a (`classes`, `features`) map, `pool_fc` under `vb`,
+    /// starting at zero (so the logits start as the plain classifier's), from the last stage's
+    /// `features` channels averaged over the lesion to logits added to the classifier's.
+    pub fn with_lesion_pooling(mut self, features: usize, classes: usize, vb: VarBuilder) -> Result<Self> {
+        self.pool = Some(vb.get_with_hints((classes, features), "pool_fc", Init::Const(0.0))?);
+        Ok(self)
+    }
+
+    /// Whether the head pools the last stage's features by its lesion map (and so runs at
+    /// prediction).
+    pub fn pools(&self) -> bool {
+        self.pool.is_some()
     }
 
     /// The stage whose output the head reads.
@@ -64,6 +89,41 @@ impl MaskHead {
         let w = self.weight.reshape((1, c, 1, 1))?;
         features.broadcast_mul(&w)?.sum(1)?.broadcast_add(&self.bias)
     }
+}
+
+impl MaskHead {
+    /// With lesion pooling, the logits (N, K) the lesion's features add: `last` (N, C, h', w'),
+    /// the last stage's output, averaged with the weights of the head's lesion probabilities from
+    /// `map` (N, h, w), its logits ([`lesion_pooled`]), through `pool_fc`. `None` without it.
+    pub fn pooled_logits(&self, last: &Tensor, map: &Tensor) -> Result<Option<Tensor>> {
+        match &self.pool {
+            Some(p) => Ok(Some(lesion_pooled(last, map)?.matmul(&p.t()?)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The features (N, C, h', w') averaged over each image's cells weighted by the lesion
+/// probabilities `sigmoid(map)` of the head's logits `map` (N, h, w): (N, C). Each head cell's
+/// probability goes to the feature cell that holds it (row `i * h' / h`, column `j * w' / w`,
+/// rounded down: the last stage has as many rows and columns as the head, or fewer), and a small
+/// floor on the weights' sum keeps an image where no cell looks like lesion finite (its pooled
+/// features tend to zero).
+pub fn lesion_pooled(features: &Tensor, map: &Tensor) -> Result<Tensor> {
+    let (n, c, fh, fw) = features.dims4()?;
+    let (_, h, w) = map.dims3()?;
+    let mut assign = vec![0f32; h * w * fh * fw];
+    for i in 0..h {
+        for j in 0..w {
+            let to = (i * fh / h).min(fh - 1) * fw + (j * fw / w).min(fw - 1);
+            assign[(i * w + j) * fh * fw + to] = 1.0;
+        }
+    }
+    let assign = Tensor::from_vec(assign, (h * w, fh * fw), map.device())?;
+    let p = candle_nn::ops::sigmoid(map)?.reshape((n, h * w))?;
+    let q = p.matmul(&assign)?.unsqueeze(1)?;
+    let total = p.sum_keepdim(1)?.affine(1.0, 1e-3)?;
+    features.reshape((n, c, fh * fw))?.broadcast_mul(&q)?.sum(2)?.broadcast_div(&total)
 }
 
 /// The share of each of `h` x `w` equal cells that the mask's foreground (>= 128) covers, row
@@ -140,6 +200,63 @@ mod tests {
         // No mask at all: zero, not NaN.
         let (t, p) = targets(&[None, None], 1, 2, &d).unwrap();
         assert_eq!(loss(&logits, &t, &p).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn lesion_pooling_averages_the_features_where_the_head_sees_the_lesion() {
+        let d = Device::Cpu;
+        // Features (1, 2, 2, 2): channel 0 is the cell's index, channel 1 is 1 everywhere.
+        let f = Tensor::new(&[[[[0f32, 1.0], [2.0, 3.0]], [[1.0, 1.0], [1.0, 1.0]]]], &d).unwrap();
+        // A 4 x 4 map: lesion (logit 30) on the top-left 2 x 2 cells and the bottom-right one.
+        let mut m = [[-30f32; 4]; 4];
+        (m[0][0], m[0][1], m[1][0], m[1][1], m[3][3]) = (30.0, 30.0, 30.0, 30.0, 30.0);
+        let map = Tensor::new(&[m], &d).unwrap();
+        let p = lesion_pooled(&f, &map).unwrap().to_vec2::<f32>().unwrap();
+        // Four head cells on feature cell 0 and one on cell 3: (4 * 0 + 3) / 5, and 5 / 5.
+        let total = 5.0 + 1e-3;
+        assert!((p[0][0] - 3.0 / total).abs() < 1e-5 && (p[0][1] - 5.0 / total).abs() < 1e-5, "{p:?}");
+        // No lesion anywhere: finite and near zero.
+        let none = lesion_pooled(&f, &Tensor::full(-30f32, (1, 4, 4), &d).unwrap()).unwrap();
+        assert!(none.to_vec2::<f32>().unwrap()[0].iter().all(|v| v.is_finite() && v.abs() < 1e-6));
+        // Sizes that do not divide (a 5 x 5 map on 3 x 3 features, as at an odd input size):
+        // the mean of the features when the whole map is lesion, and a gradient for both inputs.
+        let f = candle_core::Var::from_tensor(&Tensor::arange(0f32, 18.0, &d).unwrap().reshape((1, 2, 3, 3)).unwrap())
+            .unwrap();
+        let map = candle_core::Var::from_tensor(&Tensor::full(30f32, (1, 5, 5), &d).unwrap()).unwrap();
+        let p = lesion_pooled(f.as_tensor(), map.as_tensor()).unwrap();
+        let v = p.to_vec2::<f32>().unwrap();
+        // Head rows and columns go to feature rows and columns 0, 0, 1, 1, 2: feature cell (r, c)
+        // holds w[r] * w[c] of the 25 head cells.
+        let w = [2.0f32, 2.0, 1.0];
+        let want: f32 = (0..9).map(|k| w[k / 3] * w[k % 3] * k as f32).sum::<f32>() / 25.0;
+        assert!((v[0][0] - want * 25.0 / (25.0 + 1e-3)).abs() < 1e-4, "{v:?} vs {want}");
+        // The map's gradient is not zero once its cells differ (all 30 saturates the sigmoid).
+        let map = candle_core::Var::from_tensor(
+            &Tensor::arange(-2f32, 23.0, &d).unwrap().affine(0.2, 0.0).unwrap().reshape((1, 5, 5)).unwrap(),
+        )
+        .unwrap();
+        let g = lesion_pooled(f.as_tensor(), map.as_tensor()).unwrap().sum_all().unwrap().backward().unwrap();
+        let norm = |t: &Tensor| g.get(t).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm(f.as_tensor()) > 0.0 && norm(map.as_tensor()) > 0.0);
+    }
+
+    #[test]
+    fn the_pooled_logits_start_at_zero_and_exist_only_with_pooling() {
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let plain = MaskHead::new(3, Stage::Layer3, vb.pp(PREFIX)).unwrap();
+        let f = Tensor::ones((2, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+        let map = Tensor::zeros((2, 4, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(!plain.pools() && plain.pooled_logits(&f, &map).unwrap().is_none());
+        let pooled = plain.with_lesion_pooling(4, 5, vb.pp(PREFIX)).unwrap();
+        assert!(pooled.pools());
+        // It trains whenever the backbone does, like the head.
+        assert!(crate::model::is_trainable("aux_mask.pool_fc", Stage::Conv1));
+        assert!(!crate::model::is_trainable("aux_mask.pool_fc", Stage::Fc));
+        assert!(vm.data().lock().unwrap().contains_key("aux_mask.pool_fc"));
+        let l = pooled.pooled_logits(&f, &map).unwrap().unwrap();
+        assert_eq!(l.dims(), &[2, 5]);
+        assert_eq!(l.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     }
 
     #[test]

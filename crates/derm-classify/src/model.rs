@@ -352,13 +352,14 @@ impl ResNet {
     /// eval mode and their output is detached, so no gradient flows into them; the rest run with
     /// `train`.
     pub fn pooled(&self, x: &Tensor, train: bool, trainable_from: Stage) -> Result<Tensor> {
-        Ok(self.pooled_tap(x, train, trainable_from, None)?.0)
+        self.features_tap(x, train, trainable_from, None)?.0.mean((2, 3))
     }
 
-    /// [`ResNet::pooled`], also handing back the output of stage `tap` (`layer1` .. `layer4`;
-    /// `None` for any other stage or none), in the same graph: a loss on it trains the stages up
-    /// to it. The auxiliary lesion-mask head reads its stage this way ([`crate::aux`]).
-    pub fn pooled_tap(
+    /// The output of `layer4` (N, C, H/32, W/32, rounded up) before pooling (trainable from `trainable_from`,
+    /// as [`ResNet::pooled`]), with the output of stage `tap` (`layer1` .. `layer4`; `None` for
+    /// any other stage or none) in the same graph: a loss on it trains the stages up to it. The
+    /// auxiliary lesion-mask head reads its stage this way ([`crate::aux`]).
+    pub fn features_tap(
         &self,
         x: &Tensor,
         train: bool,
@@ -384,7 +385,7 @@ impl ResNet {
                 tapped = Some(y.clone());
             }
         }
-        Ok((y.mean((2, 3))?, tapped))
+        Ok((y, tapped))
     }
 
     /// Channels of stage `stage`'s output (`layer1` .. `layer4`; the stem's width otherwise).

@@ -325,6 +325,11 @@ mod tests {
         for bad in ["fc", "conv1", "layer9"] {
             assert!(cls(&["--aux-mask-stage", bad]).unwrap_err().to_string().contains("layer1, layer2"));
         }
+        // Lesion-weighted pooling: off unless asked for; without the head the config is refused.
+        assert!(!def.lesion_pooling);
+        let pooled = cls(&["--lesion-pooling"]).unwrap();
+        assert!(pooled.lesion_pooling && pooled.validate().is_ok());
+        assert!(cls(&["--lesion-pooling", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`

@@ -130,6 +130,13 @@ pub struct TrainArgs {
     /// and 0.808 mean AUC against layer3's 0.835 (one seed). [config default: layer3]
     #[arg(long, value_name = "STAGE", value_parser = parse_aux_stage)]
     pub aux_mask_stage: Option<Stage>,
+    /// Lesion-weighted pooling: the lesion-mask head also runs at prediction, and layer4's
+    /// features averaged over where it sees the lesion add their own logits to those of the
+    /// whole image's average (prediction still needs no mask). Needs the lesion-mask head. On
+    /// held-out ISIC images after 20 CPU minutes it scored 0.821 mean AUC against the head
+    /// alone's 0.835 (one seed). [config default: off]
+    #[arg(long)]
+    pub lesion_pooling: bool,
     /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
     /// part (the best balanced accuracy among the operating points that do; 0: no floor).
     /// [config default: 0.82, ISIC 2017's first sensitivity level]
@@ -247,6 +254,7 @@ impl TrainArgs {
         c.balanced |= self.balanced;
         c.class_weighted_loss |= self.weighted_loss;
         c.freeze_backbone |= self.freeze_backbone;
+        c.lesion_pooling |= self.lesion_pooling;
         set(&mut c.trainable_from, self.trainable_from);
         set(&mut c.aux_mask_stage, self.aux_mask_stage);
         if let Some(o) = self.optimizer.as_deref() {
@@ -292,6 +300,9 @@ impl TrainArgs {
         if let Some(why) = cfg.aux_mask_blocker(&data) {
             if let Some(w) = self.aux_mask_weight {
                 bail!("--aux-mask-weight {w}: {why}");
+            }
+            if cfg.lesion_pooling {
+                bail!("--lesion-pooling reads the lesion-mask head: {why}");
             }
             if !g.quiet {
                 eprintln!("classify: the lesion-mask loss is off: {why}");
