@@ -89,9 +89,7 @@ impl MaskHead {
         let w = self.weight.reshape((1, c, 1, 1))?;
         features.broadcast_mul(&w)?.sum(1)?.broadcast_add(&self.bias)
     }
-}
 
-impl MaskHead {
     /// With lesion pooling, the logits (N, K) the lesion's features add: `last` (N, C, h', w'),
     /// the last stage's output, averaged with the weights of the head's lesion probabilities from
     /// `map` (N, h, w), its logits ([`lesion_pooled`]), through `pool_fc`. `None` without it.
@@ -219,7 +217,8 @@ mod tests {
         let none = lesion_pooled(&f, &Tensor::full(-30f32, (1, 4, 4), &d).unwrap()).unwrap();
         assert!(none.to_vec2::<f32>().unwrap()[0].iter().all(|v| v.is_finite() && v.abs() < 1e-6));
         // Sizes that do not divide (a 5 x 5 map on 3 x 3 features, as at an odd input size):
-        // the mean of the features when the whole map is lesion, and a gradient for both inputs.
+        // the features weighted by the head cells each holds when the whole map is lesion, and
+        // gradients for both inputs.
         let f = candle_core::Var::from_tensor(&Tensor::arange(0f32, 18.0, &d).unwrap().reshape((1, 2, 3, 3)).unwrap())
             .unwrap();
         let map = candle_core::Var::from_tensor(&Tensor::full(30f32, (1, 5, 5), &d).unwrap()).unwrap();
