@@ -175,8 +175,9 @@ pub struct ClassifyConfig {
     /// last stage's features averaged with the weights of its lesion probabilities add their own
     /// logits to those of the plain average, so the classifier reads the lesion apart from the
     /// whole image; prediction still needs no mask. Needs the head (`aux_mask_weight` > 0). Off
-    /// by default: on held-out ISIC images after 20 CPU minutes (one seed) it scored 0.821 mean
-    /// AUC against the head alone's 0.835 (BENCHMARKS.md, "Lesion-weighted pooling").
+    /// by default: on held-out ISIC images after 20 CPU minutes it scored 0.821 / 0.823 mean AUC
+    /// (two seeds) against the head alone's 0.835 / 0.820 (BENCHMARKS.md, "Lesion-weighted
+    /// pooling").
     #[serde(default)]
     pub lesion_pooling: bool,
 }
