@@ -766,14 +766,13 @@ pub fn forward_with_head(
     train: bool,
     trainable_from: Stage,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let Some(head) = head else {
-        return Ok((net.forward_from(x, train, trainable_from)?, None));
-    };
-    let stage = head.stage();
-    let (last, tapped) = net.features_tap(x, train, trainable_from, Some(stage))?;
-    let tapped = tapped.ok_or_else(|| Error::invalid(format!("the network has no {}", stage.name())))?;
-    let map = head.forward(&tapped)?;
+    let (last, tapped) = net.features_tap(x, train, trainable_from, head.map(|h| h.stage()))?;
     let mut logits = net.head().forward(&last.mean((2, 3))?)?;
+    let Some(head) = head else {
+        return Ok((logits, None));
+    };
+    let tapped = tapped.ok_or_else(|| Error::invalid(format!("the network has no {}", head.stage().name())))?;
+    let map = head.forward(&tapped)?;
     if let Some(extra) = head.pooled_logits(&last, &map)? {
         logits = (logits + extra)?;
     }

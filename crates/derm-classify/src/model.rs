@@ -355,10 +355,10 @@ impl ResNet {
         self.features_tap(x, train, trainable_from, None)?.0.mean((2, 3))
     }
 
-    /// The output of `layer4` (N, C, H/32, W/32, rounded up) before pooling (trainable from `trainable_from`,
-    /// as [`ResNet::pooled`]), with the output of stage `tap` (`layer1` .. `layer4`; `None` for
-    /// any other stage or none) in the same graph: a loss on it trains the stages up to it. The
-    /// auxiliary lesion-mask head reads its stage this way ([`crate::aux`]).
+    /// The output of `layer4` (N, C, H/32, W/32, rounded up) before pooling (trainable from
+    /// `trainable_from`, as [`ResNet::pooled`]), with the output of stage `tap` (`layer1` ..
+    /// `layer4`; `None` for any other stage or none) in the same graph: a loss on it trains the
+    /// stages up to it. The auxiliary lesion-mask head reads its stage this way ([`crate::aux`]).
     pub fn features_tap(
         &self,
         x: &Tensor,
