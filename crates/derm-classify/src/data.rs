@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use derm_core::image_io::{self, Crop};
 use derm_core::{Error, Result, Rng};
-use derm_data::augment::{AugmentConfig, Geometry, Jitter};
+use derm_data::augment::{AugmentConfig, Erase, Geometry, Jitter};
 use derm_data::dataset::{Dataset, Sample};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
@@ -272,14 +272,15 @@ pub fn center_view(img: &RgbImage, resize: u32, size: u32) -> RgbImage {
 }
 
 /// One training view of an image already scaled to the working short side: a random (or
-/// centred) `size` x `size` crop, then flips, quarter turns and colour jitter as `aug` says (its
-/// `crop_scale` crops further, rescaling back to `size`).
+/// centred) `size` x `size` crop, then flips, quarter turns, free rotations and elastic warps,
+/// colour jitter and random erasing as `aug` says (its `crop_scale` crops further, rescaling back
+/// to `size`).
 pub fn train_view(img: &RgbImage, size: u32, random_crop: bool, aug: &AugmentConfig, rng: &mut Rng) -> RgbImage {
     train_view_with_mask(img, None, size, random_crop, aug, rng).0
 }
 
 /// [`train_view`] of an image and its lesion mask (of the image's size), the mask moved with the
-/// image (same crop, flips and quarter turns; no colour jitter). The random draws are those of
+/// image (same crop, flips, turns and warps; no colour jitter, no erasing). The random draws are those of
 /// [`train_view`], so a mask changes nothing in the image's view.
 pub fn train_view_with_mask(
     img: &RgbImage,
@@ -300,6 +301,9 @@ pub fn train_view_with_mask(
     let g = Geometry::draw(aug, c.dimensions(), Some((size, size)), rng);
     let mut out = g.rgb(&c);
     Jitter::draw(aug, rng).apply(&mut out);
+    if let Some(e) = Erase::draw(aug, out.dimensions(), rng) {
+        e.apply(&mut out);
+    }
     (out, m.map(|m| g.mask(&m)))
 }
 

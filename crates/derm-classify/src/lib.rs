@@ -327,6 +327,7 @@ impl ClassifyConfig {
             return Err(Error::invalid(format!("classify: label_smoothing {} is not in [0, 1)", self.label_smoothing)));
         }
         self.mix.validate()?;
+        self.augment.validate()?;
         if self.mix.is_on() && self.freeze_backbone {
             return Err(Error::invalid(
                 "classify: mixup and CutMix mix images, so the backbone must be trained (not frozen)",

@@ -221,6 +221,11 @@ mod tests {
         assert_eq!((other.optim.schedule, other.dice_weight), (LrSchedule::Constant, 0.5));
         assert_eq!((other.model, other.optim.optimizer.lr()), (def.model, def.optim.optimizer.lr()));
         assert_ne!(def.optim.schedule, LrSchedule::Constant);
+        // Free rotations and elastic warps join the segmenter's own augmentation.
+        assert_eq!((def.augment.rotate, def.augment.elastic), (0.0, 0.0));
+        let warped = seg(&["--rotate", "45", "--elastic", "0.03"]).unwrap();
+        assert_eq!((warped.augment.rotate, warped.augment.elastic), (45.0, 0.03));
+        assert_eq!(warped.augment.crop_scale, def.augment.crop_scale);
     }
 
     /// The config `derm classify train --root r --out o` and `extra` flags make.
@@ -248,6 +253,13 @@ mod tests {
         assert!(full.augment.rot90 && full.augment.crop_scale[0] < 1.0 && full.augment.brightness > 0.0);
         assert_eq!((full.model, full.input_size, full.random_crop), (def.model, def.input_size, def.random_crop));
         assert!(cls(&["--augment", "heavy"]).is_err());
+        // Rotations and elastic warps add to either augmentation; out-of-range ones are refused.
+        let warped = cls(&["--augment", "full", "--rotate", "30", "--elastic", "0.03"]).unwrap();
+        assert_eq!(warped.augment, AugmentConfig { rotate: 30.0, elastic: 0.03, ..AugmentConfig::default() });
+        assert_eq!(cls(&["--rotate", "10"]).unwrap().augment.rotate, 10.0);
+        assert_eq!(cls(&["--erase", "0.5"]).unwrap().augment, AugmentConfig { erase: 0.5, ..AugmentConfig::flips() });
+        let e = cls(&["--elastic", "0.6"]).unwrap().validate().unwrap_err().to_string();
+        assert!(e.contains("elastic"), "{e}");
         // The schedule: constant unless asked; cosine spans the run and keeps the optimiser.
         use derm_core::optim::{LrSchedule, COSINE_OVER_RUN};
         assert_eq!(def.optim.schedule, LrSchedule::Constant);

@@ -617,6 +617,7 @@ pub struct PurifyTask {
 impl PurifyTask {
     /// Sets up training on `data` (split into train and validation parts by id).
     pub fn new(cfg: PurifyConfig, data: &Dataset, device: &Device) -> Result<Self> {
+        cfg.augment.validate()?;
         if data.is_empty() {
             return Err(Error::invalid(format!("{} split {}: no samples", data.name, data.split)));
         }

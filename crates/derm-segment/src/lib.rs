@@ -318,6 +318,7 @@ pub struct SegmentTask {
 impl SegmentTask {
     /// Sets up training on `data` (split into train and validation parts by id).
     pub fn new(cfg: SegmentConfig, data: &Dataset, device: &Device) -> Result<Self> {
+        cfg.augment.validate()?;
         let with_masks = data.filter(|s| s.mask.is_some());
         if with_masks.is_empty() {
             return Err(Error::invalid(format!("{} split {}: no sample has a lesion mask", data.name, data.split)));

@@ -155,6 +155,8 @@ pub struct TrainArgs {
     /// "Augmentation and CPU minutes"). [config default: flips]
     #[arg(long, value_enum)]
     pub augment: Option<Augment>,
+    #[command(flatten)]
+    pub augment_extra: common::AugmentArgs,
     /// Mix the images of each training batch: mixup (blend whole images) or cutmix (paste a box
     /// of another image), the targets weighted alike. [config default: off]
     #[arg(long, value_enum)]
@@ -249,6 +251,7 @@ impl TrainArgs {
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
         set_some(&mut c.lesion_crop_margin, self.lesion_crop);
         set(&mut c.augment, self.augment.map(Augment::config));
+        self.augment_extra.apply(&mut c.augment);
         set(&mut c.mix, self.mix.map(|m| m.config(self.mix_alpha)).transpose()?);
         set(&mut c.test_time_augmentation, self.tta);
         c.balanced |= self.balanced;
@@ -301,13 +304,13 @@ impl TrainArgs {
             if let Some(w) = self.aux_mask_weight {
                 bail!("--aux-mask-weight {w}: {why}");
             }
-            if cfg.lesion_pooling {
-                bail!("--lesion-pooling reads the lesion-mask head: {why}");
+            // With lesion pooling the head is needed: the library refuses the run with the reason.
+            if !cfg.lesion_pooling {
+                if !g.quiet {
+                    eprintln!("classify: the lesion-mask loss is off: {why}");
+                }
+                cfg.aux_mask_weight = 0.0;
             }
-            if !g.quiet {
-                eprintln!("classify: the lesion-mask loss is off: {why}");
-            }
-            cfg.aux_mask_weight = 0.0;
         }
         let described = cfg.describe();
         if !g.quiet {

@@ -166,6 +166,33 @@ impl Schedule {
     }
 }
 
+/// Free rotations, elastic warps and random erasing added to a stage's training augmentation
+/// (`train` of the segmenter and the classifier). Each overrides the config only when given.
+#[derive(Debug, Default, clap::Args)]
+pub struct AugmentArgs {
+    /// Also turn each training view by an angle drawn from ± this many degrees (the image mirrored
+    /// at its edges where the turned window reaches past it; 0: off). [config default: 0]
+    #[arg(long, value_name = "DEGREES")]
+    pub rotate: Option<f64>,
+    /// Also bend each training view: a 5 x 5 grid of points each moves by up to this share of the
+    /// side (0: off; 0.03 is a visible but gentle bend). [config default: 0]
+    #[arg(long, value_name = "SHARE")]
+    pub elastic: Option<f64>,
+    /// Random erasing: with this probability fill a box of 2-25 % of each training view with
+    /// noise (the image only: masks still show what is under it; 0: off). [config default: 0]
+    #[arg(long, value_name = "P")]
+    pub erase: Option<f64>,
+}
+
+impl AugmentArgs {
+    /// Sets the augmentation's warp and erasing from the flags given.
+    pub fn apply(&self, augment: &mut derm_data::augment::AugmentConfig) {
+        set(&mut augment.rotate, self.rotate);
+        set(&mut augment.elastic, self.elastic);
+        set(&mut augment.erase, self.erase);
+    }
+}
+
 /// The flags every `train` command shares: the loop's budget, batch size, config file, resume
 /// and run folder. Each overrides the config (file or defaults) only when given.
 #[derive(Debug, clap::Args)]

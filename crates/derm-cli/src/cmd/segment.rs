@@ -70,6 +70,8 @@ pub struct TrainArgs {
     /// trained with (all eight symmetries of the square by default). [config default: true]
     #[arg(long)]
     pub tta: Option<bool>,
+    #[command(flatten)]
+    pub augment_extra: common::AugmentArgs,
 }
 
 impl TrainArgs {
@@ -85,6 +87,7 @@ impl TrainArgs {
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.dice_weight, self.dice_weight);
         set(&mut c.test_time_augmentation, self.tta);
+        self.augment_extra.apply(&mut c.augment);
         if let Some(lr) = self.lr {
             c.optim.optimizer.set_lr(lr);
         }
