@@ -268,6 +268,10 @@ fn resample(
 ) -> Vec<f32> {
     let (w, h) = dims;
     let mut v = Vec::with_capacity(out.0 as usize * out.1 as usize * channels);
+    if w == 0 || h == 0 {
+        v.resize(out.0 as usize * out.1 as usize * channels, 0.0);
+        return v;
+    }
     for y in 0..out.1 {
         for x in 0..out.0 {
             let [sx, sy] = at(x, y);
@@ -444,7 +448,8 @@ impl Erase {
 }
 
 /// Augments a decoded sample in place: one geometric draw for all its images and masks, one
-/// jitter draw for all its colour images. The output keeps the input's size unless `out`.
+/// jitter draw for all its colour images, and random erasing of its main image alone. The output
+/// keeps the input's size unless `out`.
 pub fn augment_item(cfg: &AugmentConfig, item: &mut Item, out: Option<(u32, u32)>, rng: &mut Rng) {
     let g = Geometry::draw(cfg, item.image.dimensions(), out, rng);
     let j = Jitter::draw(cfg, rng);

@@ -117,16 +117,18 @@ impl Default for SegmentConfig {
 }
 
 impl SegmentConfig {
-    /// One line naming the network and the optimiser, for a command to say what it trains.
+    /// One line naming the network, the optimiser and the augmentation, for a command to say what
+    /// it trains.
     pub fn describe(&self) -> String {
         format!(
-            "dilated U-Net, {} (widths {:?}, bottleneck {:?}), {} px, batch {}, {}",
+            "dilated U-Net, {} (widths {:?}, bottleneck {:?}), {} px, batch {}, {}, augment ({})",
             preset_label(self.model.preset_name(), "custom network"),
             self.model.widths,
             self.model.bottleneck.iter().map(|b| b.0).collect::<Vec<_>>(),
             self.size,
             self.batch_size,
-            self.optim.describe()
+            self.optim.describe(),
+            self.augment.describe()
         )
     }
 }
@@ -554,7 +556,13 @@ mod tests {
         let def = SegmentConfig::default();
         assert_eq!((def.model.preset_name(), def.optim.optimizer.lr()), (Some("medium"), 3e-4));
         assert!(def.describe().starts_with("dilated U-Net, medium preset (widths [24, 48, 96]"), "{}", def.describe());
-        assert!(def.describe().ends_with("128 px, batch 8, adam lr 3e-4 (step 2000 x0.5)"), "{}", def.describe());
+        assert!(
+            def.describe().ends_with(
+                "128 px, batch 8, adam lr 3e-4 (step 2000 x0.5), augment (flips, quarter turns, crops 0.85-1)"
+            ),
+            "{}",
+            def.describe()
+        );
         assert!(tiny_cfg().describe().contains("custom network"));
         assert_eq!(UNetConfig::paper().preset_name(), Some("paper"));
         assert_eq!(UNetConfig::small().preset_name(), Some("small"));
