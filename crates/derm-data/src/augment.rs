@@ -229,15 +229,17 @@ impl Warp {
         [lerp(0), lerp(1)]
     }
 
-    /// Where the output pixel `(x, y)` reads, in the output's continuous frame (pixel centres at
-    /// half-integers).
-    fn source(&self, x: u32, y: u32, out: (u32, u32)) -> [f32; 2] {
-        let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
+    /// Where each output pixel `(x, y)` of an output of `out` reads, in the output's continuous
+    /// frame (pixel centres at half-integers); the rotation's sine and cosine are taken once.
+    fn source(&self, out: (u32, u32)) -> impl Fn(u32, u32) -> [f32; 2] + '_ {
         let (cx, cy) = (out.0 as f32 / 2.0, out.1 as f32 / 2.0);
         let (sin, cos) = self.angle.sin_cos();
-        let (u, v) = (px - cx, py - cy);
-        let d = self.moved(px, py, out);
-        [cx + cos * u - sin * v + d[0], cy + sin * u + cos * v + d[1]]
+        move |x, y| {
+            let (px, py) = (x as f32 + 0.5, y as f32 + 0.5);
+            let (u, v) = (px - cx, py - cy);
+            let d = self.moved(px, py, out);
+            [cx + cos * u - sin * v + d[0], cy + sin * u + cos * v + d[1]]
+        }
     }
 }
 
@@ -357,8 +359,9 @@ impl Geometry {
         let sx = self.crop.w as f32 / self.out.0.max(1) as f32;
         let sy = self.crop.h as f32 / self.out.1.max(1) as f32;
         let (ox, oy) = (self.crop.x as f32, self.crop.y as f32);
+        let source = warp.source(self.out);
         Some(resample(raw, dims, channels, self.out, |x, y| {
-            let [u, v] = warp.source(x, y, self.out);
+            let [u, v] = source(x, y);
             [ox + u * sx, oy + v * sy]
         }))
     }
