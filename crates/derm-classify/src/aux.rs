@@ -18,9 +18,17 @@
 //! zero) adds its logits to the classifier's ([`MaskHead::pooled_logits`]): the classifier reads
 //! the lesion's features apart from the whole image's.
 //!
-//! Variables: `aux_mask.weight` (C,), `aux_mask.bias` (1,) and with lesion pooling
-//! `aux_mask.pool_fc` (K, C_last), outside torchvision's names, so [`crate::load_torchvision`]
-//! leaves them at their initialisation.
+//! With [`crate::ClassifyConfig::aux_cell_weight`] (off by default) the head also learns the
+//! diagnosis cell by cell: a second 1x1 map of the same stage's features gives class logits per
+//! cell ([`MaskHead::cell_logits`]), and their cross-entropy against the image's label, each cell
+//! weighted by the share of it the lesion covers ([`cell_class_loss`]), is added with that
+//! weight: every part of the lesion has to look like its diagnosis, not only the pooled whole.
+//! Training only; prediction never reads it.
+//!
+//! Variables: `aux_mask.weight` (C,), `aux_mask.bias` (1,), with lesion pooling
+//! `aux_mask.pool_fc` (K, C_last), and with the per-cell diagnosis `aux_mask.cell_fc` (K, C) and
+//! `aux_mask.cell_bias` (K,), outside torchvision's names, so [`crate::load_torchvision`] leaves
+//! them at their initialisation.
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
@@ -43,6 +51,16 @@ pub fn is_head_var(name: &str) -> bool {
     name.split('.').next() == Some(PREFIX)
 }
 
+/// The weights of the head's losses in a training step: the lesion mask's and the per-cell
+/// diagnosis's ([`crate::ClassifyConfig::aux_mask_weight`], [`crate::ClassifyConfig::aux_cell_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Weights {
+    /// The lesion-mask loss's.
+    pub mask: f64,
+    /// The per-cell diagnosis loss's (read only when the head gives per-cell diagnoses).
+    pub cells: f64,
+}
+
 /// The head: per-cell lesion logits from the feature map of one stage.
 #[derive(Debug, Clone)]
 pub struct MaskHead {
@@ -51,6 +69,9 @@ pub struct MaskHead {
     stage: Stage,
     /// With lesion pooling: the (K, C_last) map from lesion-pooled features to logits.
     pool: Option<Tensor>,
+    /// With the per-cell diagnosis: the (K, C) map from a cell's features to class logits, and
+    /// its (K,) bias.
+    cells: Option<(Tensor, Tensor)>,
 }
 
 impl MaskHead {
@@ -61,7 +82,29 @@ impl MaskHead {
         let bound = 1.0 / (channels as f64).sqrt();
         let weight = vb.get_with_hints(channels, "weight", Init::Uniform { lo: -bound, up: bound })?;
         let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
-        Ok(MaskHead { weight, bias, stage, pool: None })
+        Ok(MaskHead { weight, bias, stage, pool: None, cells: None })
+    }
+
+    /// The head that also gives `classes` diagnosis logits per cell from the stage's `channels`
+    /// features (`cell_fc`, `cell_bias` under `vb`; small weights and a zero bias, so each cell
+    /// starts near the uniform distribution).
+    pub fn with_cell_classes(mut self, channels: usize, classes: usize, vb: VarBuilder) -> Result<Self> {
+        let bound = 1.0 / (channels as f64).sqrt();
+        let w = vb.get_with_hints((classes, channels), "cell_fc", Init::Uniform { lo: -bound, up: bound })?;
+        let b = vb.get_with_hints(classes, "cell_bias", Init::Const(0.0))?;
+        self.cells = Some((w, b));
+        Ok(self)
+    }
+
+    /// Diagnosis logits (N, h * w, K) per cell of `features` (N, C, h, w), row by row; `None`
+    /// without the per-cell diagnosis.
+    pub fn cell_logits(&self, features: &Tensor) -> Result<Option<Tensor>> {
+        let Some((w, b)) = &self.cells else {
+            return Ok(None);
+        };
+        let (n, c, h, wd) = features.dims4()?;
+        let cells = features.reshape((n, c, h * wd))?.transpose(1, 2)?.contiguous()?;
+        Ok(Some(cells.broadcast_matmul(&w.t()?)?.broadcast_add(b)?))
     }
 
     /// The head with lesion pooling: a (`classes`, `features`) map, `pool_fc` under `vb`,
@@ -166,6 +209,22 @@ pub fn loss(logits: &Tensor, targets: &Tensor, present: &Tensor) -> Result<Tenso
     let per_sample = derm_kernels::ops::bce_with_logits_elementwise(logits, targets)?.mean((1, 2))?;
     let n = present.sum_all()?.to_dtype(candle_core::DType::F32)?.clamp(1f32, f32::MAX)?;
     (per_sample * present)?.sum_all()?.div(&n)
+}
+
+/// Cross-entropy of per-cell diagnosis logits (N, h * w, K) against each image's label `y`
+/// (N,) u32, each cell weighted by the share of it the lesion covers (`shares` (N, h, w), as
+/// [`targets`] gives them) and averaged over the lesion's cells, then over the samples whose
+/// `present` weight (N,) is 1; an image whose mask covers no cell adds zero to that mean, and the
+/// loss is 0 when no sample has a mask.
+pub fn cell_class_loss(logits: &Tensor, y: &Tensor, shares: &Tensor, present: &Tensor) -> Result<Tensor> {
+    let (n, cells, _) = logits.dims3()?;
+    let logp = derm_kernels::ops::log_softmax(logits, candle_core::D::Minus1)?;
+    let index = y.to_dtype(candle_core::DType::U32)?.reshape((n, 1, 1))?.broadcast_as((n, cells, 1))?.contiguous()?;
+    let nll = logp.gather(&index, 2)?.squeeze(2)?.neg()?;
+    let share = shares.reshape((n, cells))?;
+    let per_sample = (nll * &share)?.sum(1)?.div(&share.sum(1)?.affine(1.0, 1e-6)?)?;
+    let count = present.sum_all()?.clamp(1f32, f32::MAX)?;
+    (per_sample * present)?.sum_all()?.div(&count)
 }
 
 #[cfg(test)]
@@ -275,5 +334,45 @@ mod tests {
         assert!(y.iter().all(|v| (v - w).abs() < 1e-5));
         assert!(!is_head_var("layer3.0.conv1.weight"));
         assert!(!is_head_var("aux_maskx.weight"));
+    }
+
+    #[test]
+    fn the_cell_diagnosis_loss_weighs_each_cell_by_its_lesion_share() {
+        let d = Device::Cpu;
+        let vm = candle_nn::VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &d);
+        let plain = MaskHead::new(2, Stage::Layer3, vb.pp(PREFIX)).unwrap();
+        let f = Tensor::ones((2, 2, 1, 2), DType::F32, &d).unwrap();
+        assert!(plain.cell_logits(&f).unwrap().is_none());
+        let head = plain.with_cell_classes(2, 3, vb.pp(PREFIX)).unwrap();
+        assert!(crate::model::is_trainable("aux_mask.cell_fc", Stage::Conv1));
+        assert_eq!(head.cell_logits(&f).unwrap().unwrap().dims(), &[2, 2, 3]);
+        // Two images of two cells, three classes. Image 0 (label 2): cell 0 gives its label
+        // probability e^2 / (e^2 + 2), cell 1 a uniform third; its lesion covers cell 0 fully and
+        // half of cell 1. Image 1 (label 0) has no mask and counts for nothing.
+        let logits =
+            Tensor::new(&[[[0f32, 0.0, 2.0], [0.0, 0.0, 0.0]], [[5.0, 0.0, 0.0], [5.0, 0.0, 0.0]]], &d).unwrap();
+        let y = Tensor::new(&[2u32, 0], &d).unwrap();
+        let shares = Tensor::new(&[[[1f32, 0.5]], [[0.0, 0.0]]], &d).unwrap();
+        let present = Tensor::new(&[1f32, 0.0], &d).unwrap();
+        let nll0 = -(2f32.exp() / (2f32.exp() + 2.0)).ln();
+        let want = (nll0 + 0.5 * 3f32.ln()) / 1.5;
+        let got = cell_class_loss(&logits, &y, &shares, &present).unwrap().to_scalar::<f32>().unwrap();
+        assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        // A cell outside the lesion does not count: a wrong confident cell 1 changes nothing when
+        // its share is 0.
+        let outside = Tensor::new(&[[[1f32, 0.0]], [[0.0, 0.0]]], &d).unwrap();
+        let wrong =
+            Tensor::new(&[[[0f32, 0.0, 2.0], [9.0, 0.0, 0.0]], [[5.0, 0.0, 0.0], [5.0, 0.0, 0.0]]], &d).unwrap();
+        let a = cell_class_loss(&logits, &y, &outside, &present).unwrap().to_scalar::<f32>().unwrap();
+        let b = cell_class_loss(&wrong, &y, &outside, &present).unwrap().to_scalar::<f32>().unwrap();
+        assert!((a - nll0).abs() < 1e-4 && (a - b).abs() < 1e-6, "{a} {b} {nll0}");
+        // No mask in the batch: zero. And the loss trains the head's cell map.
+        let none = Tensor::zeros(2, DType::F32, &d).unwrap();
+        assert_eq!(cell_class_loss(&logits, &y, &shares, &none).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        let l = cell_class_loss(&head.cell_logits(&f).unwrap().unwrap(), &y, &shares, &present).unwrap();
+        let g = l.backward().unwrap();
+        let w = vm.data().lock().unwrap().get("aux_mask.cell_fc").unwrap().as_tensor().clone();
+        assert!(g.get(&w).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     }
 }

@@ -342,6 +342,16 @@ mod tests {
         let pooled = cls(&["--lesion-pooling"]).unwrap();
         assert!(pooled.lesion_pooling && pooled.validate().is_ok());
         assert!(cls(&["--lesion-pooling", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
+        // The per-cell diagnosis: off unless a weight is given; it needs the head.
+        assert_eq!(def.aux_cell_weight, 0.0);
+        let cells = cls(&["--aux-cell-weight", "0.5"]).unwrap();
+        assert!(cells.aux_cell_weight == 0.5 && cells.validate().is_ok());
+        assert!(cls(&["--aux-cell-weight", "1", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
+        assert!(cls(&["--aux-cell-weight=-1"]).unwrap().validate().is_err());
+        // Dropout before fc: off unless given, a probability below 1.
+        assert_eq!(def.dropout, 0.0);
+        assert_eq!(cls(&["--dropout", "0.3"]).unwrap().dropout, 0.3);
+        assert!(cls(&["--dropout", "1"]).unwrap().validate().is_err());
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`

@@ -110,13 +110,22 @@ pub struct TrainArgs {
     #[arg(long)]
     pub val_fraction: Option<f64>,
     /// Evaluate and keep an exponential moving average of the weights with this decay per step
-    /// (0.998 is a half-life of about 350 steps; 0: off). [config default: 0.998]
+    /// (0.998 is a half-life of about 350 steps; 0: off). The decay warms up as (1 + n) / (10 +
+    /// n) after n steps, so 0.998 is reached at step 4490 and 0.9995 at 17990; on held-out ISIC
+    /// images 0.9995 scored as 0.998 at 20 and 40 CPU minutes (one seed each). [config default:
+    /// 0.998]
     #[arg(long)]
     pub ema_decay: Option<f64>,
     /// Label smoothing: this share of each target spread evenly over the classes. [config
     /// default: 0]
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// Dropout before the final layer in training: each pooled feature is zeroed with this
+    /// probability (the rest scaled up), drawn from --seed; prediction uses them all. On held-out
+    /// ISIC images after 20 CPU minutes 0.3 scored 0.818 mean AUC against 0.835 without it (one
+    /// seed). [config default: 0]
+    #[arg(long, value_name = "P")]
+    pub dropout: Option<f64>,
     /// Add a second task in training: a head on layer3 (--aux-mask-stage) learns which parts of
     /// each view the lesion covers, from the training images' lesion masks (the data set's, or
     /// --lesion-masks), its loss weighted by this (0: off). `eval` and `predict` need no mask. On
@@ -137,6 +146,12 @@ pub struct TrainArgs {
     /// head alone's 0.835 / 0.820 (two seeds). [config default: off]
     #[arg(long)]
     pub lesion_pooling: bool,
+    /// Per-cell diagnosis: the lesion-mask head also learns the image's diagnosis on each cell
+    /// the lesion covers, its loss weighted by this (0: off). Training only; needs the
+    /// lesion-mask head. On held-out ISIC images after 20 CPU minutes weight 1 scored 0.827 mean
+    /// AUC against 0.835 without it (one seed). [config default: 0]
+    #[arg(long, value_name = "WEIGHT")]
+    pub aux_cell_weight: Option<f64>,
     /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
     /// part (the best balanced accuracy among the operating points that do; 0: no floor).
     /// [config default: 0.82, ISIC 2017's first sensitivity level]
@@ -247,7 +262,9 @@ impl TrainArgs {
         set(&mut c.val_fraction, self.val_fraction);
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.label_smoothing, self.label_smoothing);
+        set(&mut c.dropout, self.dropout);
         set(&mut c.aux_mask_weight, self.aux_mask_weight);
+        set(&mut c.aux_cell_weight, self.aux_cell_weight);
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
         set_some(&mut c.lesion_crop_margin, self.lesion_crop);
         set(&mut c.augment, self.augment.map(Augment::config));
@@ -304,8 +321,9 @@ impl TrainArgs {
             if let Some(w) = self.aux_mask_weight {
                 bail!("--aux-mask-weight {w}: {why}");
             }
-            // With lesion pooling the head is needed: the library refuses the run with the reason.
-            if !cfg.lesion_pooling {
+            // With lesion pooling or the per-cell diagnosis the head is needed: the library
+            // refuses the run with the reason.
+            if !cfg.lesion_pooling && cfg.aux_cell_weight == 0.0 {
                 if !g.quiet {
                     eprintln!("classify: the lesion-mask loss is off: {why}");
                 }
