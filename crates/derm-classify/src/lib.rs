@@ -1469,6 +1469,33 @@ mod tests {
         assert!(err.contains("no lesion mask") && err.contains(&unmasked.samples[3].id), "{err}");
     }
 
+    /// `n` training steps of `task`'s network with the lesion-mask `head` on one fixed batch (its
+    /// images, labels and masks), the head's losses weighted by `weights`.
+    fn head_steps(
+        task: &mut ClassifyTask,
+        head: &aux::MaskHead,
+        (x, y, masks): (&Tensor, &Tensor, &[Option<GrayImage>]),
+        weights: aux::Weights,
+        n: usize,
+    ) {
+        for _ in 0..n {
+            train_step_with_masks(
+                &task.clf.net,
+                head,
+                &mut task.opt,
+                x,
+                y,
+                masks,
+                weights,
+                None,
+                0.0,
+                Stage::Conv1,
+                None,
+            )
+            .unwrap();
+        }
+    }
+
     #[test]
     fn a_few_steps_lower_the_loss_on_phantoms() {
         let d = tempfile::tempdir().unwrap();
@@ -1526,23 +1553,8 @@ mod tests {
             aux::loss(&head.forward(&f).unwrap(), &tg, &p).unwrap().to_scalar::<f32>().unwrap()
         };
         let before = mask_loss(&task);
-        for _ in 0..15 {
-            let w = task.clf.cfg.aux_mask_weight;
-            train_step_with_masks(
-                &task.clf.net,
-                &head,
-                &mut task.opt,
-                &x,
-                &y,
-                &masks,
-                aux::Weights { mask: w, cells: 0.0 },
-                None,
-                0.0,
-                Stage::Conv1,
-                None,
-            )
-            .unwrap();
-        }
+        let weights = aux::Weights { mask: task.clf.cfg.aux_mask_weight, cells: 0.0 };
+        head_steps(&mut task, &head, (&x, &y, &masks), weights, 15);
         let after = mask_loss(&task);
         assert!(after < 0.7 * before, "mask loss {before} -> {after}");
         // A whole run saves the head; the loaded model predicts from an image alone.
@@ -1633,22 +1645,7 @@ mod tests {
         assert_eq!(diff(&logits, &task.clf.net.forward_t(&x, false).unwrap()), 0.0);
         assert_eq!(map.unwrap().dims(), &[12, 3, 3], "layer3 of a 48 px input");
         // Training moves them off zero: the logits then read the head.
-        for _ in 0..5 {
-            train_step_with_masks(
-                &task.clf.net,
-                &head,
-                &mut task.opt,
-                &x,
-                &y,
-                &masks,
-                aux::Weights { mask: 1.0, cells: 0.0 },
-                None,
-                0.0,
-                Stage::Conv1,
-                None,
-            )
-            .unwrap();
-        }
+        head_steps(&mut task, &head, (&x, &y, &masks), aux::Weights { mask: 1.0, cells: 0.0 }, 5);
         let pool = task.clf.varmap.data().lock().unwrap()["aux_mask.pool_fc"].as_tensor().clone();
         assert!(pool.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         let (logits, _) = forward_with_head(&task.clf.net, Some(&head), &x, false, Stage::Conv1).unwrap();
@@ -1742,22 +1739,7 @@ mod tests {
         };
         let before = cell_loss(&task);
         let weights = aux::Weights { mask: 1.0, cells: 1.0 };
-        for _ in 0..15 {
-            train_step_with_masks(
-                &task.clf.net,
-                &head,
-                &mut task.opt,
-                &x,
-                &y,
-                &masks,
-                weights,
-                None,
-                0.0,
-                Stage::Conv1,
-                None,
-            )
-            .unwrap();
-        }
+        head_steps(&mut task, &head, (&x, &y, &masks), weights, 15);
         let after = cell_loss(&task);
         assert!(after < 0.7 * before, "cell loss {before} -> {after}");
         // A whole run saves it; prediction does not read it; a run without it does not resume.
