@@ -207,6 +207,12 @@ pub fn targets(masks: &[Option<GrayImage>], h: usize, w: usize, device: &Device)
 /// cells of the samples whose `present` weight (N,) is 1; 0 when no sample has a mask.
 pub fn loss(logits: &Tensor, targets: &Tensor, present: &Tensor) -> Result<Tensor> {
     let per_sample = derm_kernels::ops::bce_with_logits_elementwise(logits, targets)?.mean((1, 2))?;
+    mean_over_present(&per_sample, present)
+}
+
+/// The mean of `per_sample` (N,) over the samples whose `present` weight (N,) is 1; 0 when none
+/// is.
+fn mean_over_present(per_sample: &Tensor, present: &Tensor) -> Result<Tensor> {
     let n = present.sum_all()?.to_dtype(candle_core::DType::F32)?.clamp(1f32, f32::MAX)?;
     (per_sample * present)?.sum_all()?.div(&n)
 }
@@ -223,8 +229,7 @@ pub fn cell_class_loss(logits: &Tensor, y: &Tensor, shares: &Tensor, present: &T
     let nll = logp.gather(&index, 2)?.squeeze(2)?.neg()?;
     let share = shares.reshape((n, cells))?;
     let per_sample = (nll * &share)?.sum(1)?.div(&share.sum(1)?.affine(1.0, 1e-6)?)?;
-    let count = present.sum_all()?.clamp(1f32, f32::MAX)?;
-    (per_sample * present)?.sum_all()?.div(&count)
+    mean_over_present(&per_sample, present)
 }
 
 #[cfg(test)]

@@ -460,6 +460,19 @@ impl ClassifyConfig {
         s
     }
 
+    /// What in this config, besides the lesion-mask loss, needs the lesion-mask head: lesion
+    /// pooling or the per-cell diagnosis, by name; `None` when nothing else does. Where the head
+    /// cannot train, the loss alone is turned off, but a config that needs the head is refused.
+    pub fn needs_mask_head(&self) -> Option<&'static str> {
+        if self.lesion_pooling {
+            Some("lesion pooling")
+        } else if self.aux_cell_weight > 0.0 {
+            Some("the per-cell diagnosis")
+        } else {
+            None
+        }
+    }
+
     /// Why the lesion-mask loss cannot train on `data` with this config, or `None` when it can
     /// (or is off). It needs unmixed images, the backbone trained up to its stage, and at least
     /// one labelled image with a lesion mask; [`ClassifyTask::new`] turns it off with a warning
@@ -951,14 +964,9 @@ impl ClassifyTask {
             data::require_masks(&labelled, "classify train")?;
         }
         if let Some(why) = cfg.aux_mask_blocker(&labelled) {
-            if cfg.lesion_pooling {
+            if let Some(what) = cfg.needs_mask_head() {
                 return Err(Error::invalid(format!(
-                    "lesion pooling reads the lesion-mask head, which cannot train here: {why}"
-                )));
-            }
-            if cfg.aux_cell_weight > 0.0 {
-                return Err(Error::invalid(format!(
-                    "the per-cell diagnosis is part of the lesion-mask head, which cannot train here: {why}"
+                    "{what} needs the lesion-mask head, which cannot train here: {why}"
                 )));
             }
             tracing::warn!("the lesion-mask loss is off: {why}");

@@ -321,9 +321,8 @@ impl TrainArgs {
             if let Some(w) = self.aux_mask_weight {
                 bail!("--aux-mask-weight {w}: {why}");
             }
-            // With lesion pooling or the per-cell diagnosis the head is needed: the library
-            // refuses the run with the reason.
-            if !cfg.lesion_pooling && cfg.aux_cell_weight == 0.0 {
+            // Where something else needs the head, the library refuses the run with the reason.
+            if cfg.needs_mask_head().is_none() {
                 if !g.quiet {
                     eprintln!("classify: the lesion-mask loss is off: {why}");
                 }
