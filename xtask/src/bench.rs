@@ -255,7 +255,7 @@ fn bench_resnet50(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
     let (x, y) = batch(bt, &mut r)?;
     let x = derm_classify::mix::Batch::unmixed(x);
     let train = time(&format!("resnet50_train_step b{bt} 224x224 SGD m0.9"), a.warmup, a.repeats, || {
-        derm_classify::train_step(&net, &mut opt, &x, &y, None, 0.0, derm_classify::model::Stage::Conv1, None)?;
+        derm_classify::train_step(&net, &mut opt, &x, &y, Default::default())?;
         sync(&dev)
     })?;
     Ok(vec![infer, train])

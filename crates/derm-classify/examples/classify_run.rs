@@ -16,6 +16,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use derm_classify::{
     evaluate, mix, train, train_step, BatchMix, Classifier, ClassifyConfig, ExtraSources, ResNet, ResNetConfig, Stage,
+    StepOptions,
 };
 use derm_core::optim::{OptimConfig, Optimizer, OptimizerKind};
 use derm_core::train::LoopConfig;
@@ -61,14 +62,14 @@ fn bench(a: &[String]) -> anyhow::Result<()> {
         let _ = net.forward_t(&x, false)?.to_vec2::<f32>()?;
         inf.push(ms(t));
         let t = Instant::now();
-        train_step(&net, &mut opt, &plain, &y, None, 0.0, Stage::Conv1, None)?;
+        train_step(&net, &mut opt, &plain, &y, Default::default())?;
         step.push(ms(t));
         for (mix, times) in [(BatchMix::CutMix { alpha: 1.0 }, &mut cut), (BatchMix::Mixup { alpha: 0.2 }, &mut mixup)]
         {
             let t = Instant::now();
             let m = mix.apply(&x, &mut r)?;
             anyhow::ensure!(m.pairing.is_some(), "{mix:?} mixes nothing");
-            train_step(&net, &mut opt, &m, &y, None, 0.0, Stage::Conv1, None)?;
+            train_step(&net, &mut opt, &m, &y, Default::default())?;
             times.push(ms(t));
         }
     }
@@ -125,7 +126,7 @@ fn freeze(a: &[String]) -> anyhow::Result<()> {
     for from in [Stage::Conv1, Stage::Layer4] {
         let mut opt = Optimizer::from_varmap(&vm, sgd, |n| derm_classify::model::is_trainable(n, from));
         let ms = time(&mut || {
-            train_step(&net, &mut opt, &plain, &y, None, 0.0, from, None)?;
+            train_step(&net, &mut opt, &plain, &y, StepOptions { trainable_from: from, ..Default::default() })?;
             Ok(())
         })?;
         rows.push((format!("train step, trainable from {from:?}"), ms));

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use derm_core::image_io::{self, Crop};
 use derm_core::{Error, Result, Rng};
-use derm_data::augment::{AugmentConfig, Erase, Geometry, Jitter};
+use derm_data::augment::{augment_item, AugmentConfig};
+use derm_data::cache::Item;
 use derm_data::dataset::{Dataset, Sample};
 use image::{GrayImage, RgbImage};
 use rayon::prelude::*;
@@ -280,8 +281,9 @@ pub fn train_view(img: &RgbImage, size: u32, random_crop: bool, aug: &AugmentCon
 }
 
 /// [`train_view`] of an image and its lesion mask (of the image's size), the mask moved with the
-/// image (same crop, flips, turns and warps; no colour jitter, no erasing). The random draws are those of
-/// [`train_view`], so a mask changes nothing in the image's view.
+/// image (same crop, flips, turns and warps; no colour jitter, no erasing): the crop, then
+/// [`augment_item`]. The random draws are those of [`train_view`], so a mask changes nothing in the
+/// image's view.
 pub fn train_view_with_mask(
     img: &RgbImage,
     mask: Option<&GrayImage>,
@@ -298,13 +300,9 @@ pub fn train_view_with_mask(
         c = image_io::resize_rgb(&c, size, size);
         m = m.map(|m| image_io::resize_mask(&m, size, size));
     }
-    let g = Geometry::draw(aug, c.dimensions(), Some((size, size)), rng);
-    let mut out = g.rgb(&c);
-    Jitter::draw(aug, rng).apply(&mut out);
-    if let Some(e) = Erase::draw(aug, out.dimensions(), rng) {
-        e.apply(&mut out);
-    }
-    (out, m.map(|m| g.mask(&m)))
+    let mut item = Item { image: c, mask: m, ..Default::default() };
+    augment_item(aug, &mut item, Some((size, size)), rng);
+    (item.image, item.mask)
 }
 
 #[cfg(test)]

@@ -352,6 +352,10 @@ mod tests {
         assert_eq!(def.dropout, 0.0);
         assert_eq!(cls(&["--dropout", "0.3"]).unwrap().dropout, 0.3);
         assert!(cls(&["--dropout", "1"]).unwrap().validate().is_err());
+        // Sharpness-aware steps: off unless a radius is given, a radius not below 0.
+        assert_eq!(def.sam_rho, 0.0);
+        assert_eq!(cls(&["--sam", "0.05"]).unwrap().sam_rho, 0.05);
+        assert!(cls(&["--sam=-0.1"]).unwrap().validate().is_err());
     }
 
     /// `derm classify eval` and `predict` use the model's saved test-time views unless `--tta`

@@ -326,6 +326,61 @@ impl Optimizer {
         self.step(&grads)
     }
 
+    /// One step of sharpness-aware minimisation (SAM, Foret et al., ICLR 2021) with radius `rho`.
+    /// The gradient `g` of `loss_at()` at the current weights points where the loss rises
+    /// fastest; the optimised variables move by `rho * g / |g|` (one step of that length over
+    /// all of them), the gradient of `loss_at()` is taken again there, the variables go back, and
+    /// [`Optimizer::step`] updates them with the second gradient: the step descends the highest
+    /// loss within `rho` of the weights, not the loss at one point. Twice a plain step's work.
+    /// `state`: variables a forward pass changes outside the gradient (batch-norm running
+    /// statistics); they are put back after the second pass, so they follow the first only.
+    /// Returns the first pass's loss and the norm of the gradient the step used. With `rho` 0 it
+    /// is [`Optimizer::backward_step`] of one pass. The move is tensor arithmetic on the
+    /// variables' device.
+    pub fn sharpness_aware_step(
+        &mut self,
+        rho: f64,
+        state: &[Var],
+        mut loss_at: impl FnMut() -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let loss = loss_at()?;
+        if rho <= 0.0 {
+            let norm = self.backward_step(&loss)?;
+            return Ok((loss, norm));
+        }
+        let grads = {
+            let _span = derm_kernels::profile::span("backward (whole)");
+            loss.backward()?
+        };
+        let pairs: Vec<(&Var, Tensor)> =
+            self.params.iter().filter_map(|(_, var)| grads.get(var.as_tensor()).map(|g| (var, g.detach()))).collect();
+        let parts = pairs
+            .iter()
+            .map(|(_, g)| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let saved_state = state.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut saved = Vec::with_capacity(pairs.len());
+        if !parts.is_empty() {
+            // rho / (|g| + 1e-12), a scalar on the device.
+            let scale = Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?.affine(1.0, 1e-12)?.recip()?.affine(rho, 0.0)?;
+            for (var, g) in &pairs {
+                let p = var.as_tensor();
+                let step = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
+                saved.push(p.copy()?);
+                var.set(&(p + step)?)?;
+            }
+        }
+        let second = loss_at().and_then(|l| Ok(l.backward()?));
+        for ((var, _), p) in pairs.iter().zip(&saved) {
+            var.set(p)?;
+        }
+        for (var, s) in state.iter().zip(&saved_state) {
+            var.set(s)?;
+        }
+        let norm = self.step(&second?)?;
+        Ok((loss, norm))
+    }
+
     /// Takes one step with the given gradients. Returns the global gradient norm before clipping,
     /// as a scalar tensor on the parameters' device: reading it is a host copy on a GPU, so the
     /// training loop reads it with the loss only every few steps ([`crate::train::StepLoss`]).
@@ -721,6 +776,61 @@ mod tests {
             let l1 = loss(&w, &x, &y).to_scalar::<f32>().unwrap();
             assert!(l1 < 0.7 * l0, "{cfg:?}: {l0} -> {l1}");
         }
+    }
+
+    #[test]
+    fn sharpness_aware_step_uses_the_gradient_at_the_ascended_point() {
+        // Hand computation on a least-squares problem, plain SGD: g1 at w, w' = w + rho g1 / |g1|,
+        // g2 at w', then w - lr g2; the weights never keep w', and `state` keeps the first pass's value.
+        let (w, x, y) = problem();
+        let w0 = w.as_tensor().copy().unwrap();
+        let grad_at = |p: &Tensor| {
+            let v = Var::from_tensor(p).unwrap();
+            loss(&v, &x, &y).backward().unwrap().get(v.as_tensor()).unwrap().clone()
+        };
+        let (rho, lr) = (0.3, 0.1);
+        let g1 = grad_at(&w0);
+        let n1 = g1.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap() as f64;
+        let g2 = grad_at(&(&w0 + (&g1 * (rho / n1)).unwrap()).unwrap());
+        let expected: Vec<f32> = (&w0 - (&g2 * lr).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let passes = Var::new(0f32, &Device::Cpu).unwrap();
+        let cfg = OptimConfig { optimizer: OptimizerKind::sgd(lr, 0.0), ..Default::default() };
+        let mut opt = Optimizer::new(vec![("w".into(), w.clone())], cfg);
+        let (l, norm) = opt
+            .sharpness_aware_step(rho, std::slice::from_ref(&passes), || {
+                passes.set(&(passes.as_tensor() + 1.0)?)?;
+                Ok(loss(&w, &x, &y))
+            })
+            .unwrap();
+        let got: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for (a, b) in got.iter().zip(&expected) {
+            assert!((a - b).abs() < 1e-5, "{got:?} against {expected:?}");
+        }
+        let n2 = g2.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+        assert!((norm.to_scalar::<f64>().unwrap() as f32 - n2).abs() < 1e-4, "the norm is the second gradient's");
+        let l0 = loss(&Var::from_tensor(&w0).unwrap(), &x, &y).to_scalar::<f32>().unwrap();
+        assert!((l.to_scalar::<f32>().unwrap() - l0).abs() < 1e-6, "the loss is the first pass's");
+        assert_eq!(passes.as_tensor().to_scalar::<f32>().unwrap(), 1.0, "state follows the first pass only");
+        assert_eq!(opt.steps(), 1);
+
+        // Radius 0 is one plain pass and step.
+        let (w, x, y) = problem();
+        let mut plain = Optimizer::new(vec![("w".into(), w.clone())], cfg);
+        let mut calls = 0;
+        plain
+            .sharpness_aware_step(0.0, &[], || {
+                calls += 1;
+                Ok(loss(&w, &x, &y))
+            })
+            .unwrap();
+        let (v, ..) = problem();
+        let mut reference = Optimizer::new(vec![("w".into(), v.clone())], cfg);
+        reference.backward_step(&loss(&v, &x, &y)).unwrap();
+        assert_eq!(calls, 1);
+        assert_eq!(
+            w.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::dataset::Dataset;
 use crate::manifest::ExtraKind;
 
 /// A decoded sample at the working size.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Item {
     /// Sample id.
     pub id: String,

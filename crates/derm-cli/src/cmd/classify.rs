@@ -126,6 +126,12 @@ pub struct TrainArgs {
     /// seed). [config default: 0]
     #[arg(long, value_name = "P")]
     pub dropout: Option<f64>,
+    /// Sharpness-aware minimisation: each step descends the highest loss within this radius of
+    /// the weights (two passes a step, so about half the steps in the same minutes; 0: off). On
+    /// held-out ISIC images 0.05 scored 0.819 mean AUC against 0.835 without it after 20 CPU
+    /// minutes, 0.823 against 0.834 after 40 (one seed each). [config default: 0]
+    #[arg(long, value_name = "RHO")]
+    pub sam: Option<f64>,
     /// Add a second task in training: a head on layer3 (--aux-mask-stage) learns which parts of
     /// each view the lesion covers, from the training images' lesion masks (the data set's, or
     /// --lesion-masks), its loss weighted by this (0: off). `eval` and `predict` need no mask. On
@@ -263,6 +269,7 @@ impl TrainArgs {
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.label_smoothing, self.label_smoothing);
         set(&mut c.dropout, self.dropout);
+        set(&mut c.sam_rho, self.sam);
         set(&mut c.aux_mask_weight, self.aux_mask_weight);
         set(&mut c.aux_cell_weight, self.aux_cell_weight);
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
