@@ -354,21 +354,16 @@ impl Optimizer {
         };
         let pairs: Vec<(&Var, Tensor)> =
             self.params.iter().filter_map(|(_, var)| grads.get(var.as_tensor()).map(|g| (var, g.detach()))).collect();
-        let parts = pairs
-            .iter()
-            .map(|(_, g)| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()?;
         let saved_state = state.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<Vec<_>>>()?;
+        // rho / (|g| + 1e-12), a scalar on the device.
+        let norm = global_norm(pairs.iter().map(|(_, g)| g), loss.device())?;
+        let scale = norm.affine(1.0, 1e-12)?.recip()?.affine(rho, 0.0)?;
         let mut saved = Vec::with_capacity(pairs.len());
-        if !parts.is_empty() {
-            // rho / (|g| + 1e-12), a scalar on the device.
-            let scale = Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?.affine(1.0, 1e-12)?.recip()?.affine(rho, 0.0)?;
-            for (var, g) in &pairs {
-                let p = var.as_tensor();
-                let step = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
-                saved.push(p.copy()?);
-                var.set(&(p + step)?)?;
-            }
+        for (var, g) in &pairs {
+            let p = var.as_tensor();
+            let step = g.broadcast_mul(&scale.to_dtype(g.dtype())?)?;
+            saved.push(p.copy()?);
+            var.set(&(p + step)?)?;
         }
         let second = loss_at().and_then(|l| Ok(l.backward()?));
         for ((var, _), p) in pairs.iter().zip(&saved) {
@@ -429,16 +424,7 @@ impl Optimizer {
             }
             Tensor::new(norm, &device)?
         } else {
-            let parts = gs
-                .iter()
-                .flatten()
-                .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let norm = if parts.is_empty() {
-                Tensor::zeros((), DType::F32, &device)?
-            } else {
-                Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?
-            };
+            let norm = global_norm(gs.iter().flatten(), &device)?;
             // min(1, max / (norm + 1e-6)): the host path's factor wherever it clips, 1 elsewhere.
             let clip = match self.cfg.clip_grad_norm {
                 Some(max) => Some((norm.affine(1.0, 1e-6)?.recip()? * max)?.minimum(1f32)?),
@@ -665,6 +651,16 @@ fn in_place_ok(var: &Var, g: &Tensor) -> bool {
         && t.is_contiguous()
         && g.is_contiguous()
         && t.shape() == g.shape()
+}
+
+/// The global norm of gradients, `sqrt` of the sum of their squares, as an f32 scalar tensor on
+/// `device` (0 for none): tensor ops, nothing read back to the host.
+fn global_norm<'a>(gs: impl Iterator<Item = &'a Tensor>, device: &candle_core::Device) -> Result<Tensor> {
+    let parts = gs.map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(match parts.is_empty() {
+        true => Tensor::zeros((), DType::F32, device)?,
+        false => Tensor::stack(&parts, 0)?.sum_all()?.sqrt()?,
+    })
 }
 
 /// The sum of squares of a tensor's elements, in f64 (one parallel pass on CPU f32).
