@@ -78,6 +78,20 @@ fn phantoms_hair_segment_vbp_chain_through_folders() {
         serde_json::from_str(&ok(&["segment", "eval", "--model", p(&seg), "--root", p(&ph), "--json"])).unwrap();
     let j = eval["summary"]["jaccard_mean"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&j));
+    // Two evaluations of the same images (the eight views, one view) compare paired by id.
+    let (views, one) = (d.path().join("eval_views"), d.path().join("eval_one"));
+    ok(&["segment", "eval", "--model", p(&seg), "--root", p(&ph), "--out", p(&views)]);
+    ok(&["segment", "eval", "--model", p(&seg), "--root", p(&ph), "--tta", "false", "--out", p(&one)]);
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(&["segment", "compare", p(&views), p(&one), "--resamples", "50", "--json"])).unwrap();
+    let m = &c["comparison"]["metrics"];
+    assert_eq!((m[0]["metric"].as_str(), m[0]["resamples"].as_u64()), (Some("per-image Jaccard"), Some(50)), "{c}");
+    let (base, other) = (m[0]["base"].as_f64().unwrap(), m[0]["other"].as_f64().unwrap());
+    assert!((base - j).abs() < 1e-5 && (m[0]["difference"].as_f64().unwrap() - (other - base)).abs() < 1e-12, "{c}");
+    let table = ok(&["segment", "compare", p(&views), p(&views.join("per_image.csv"))]);
+    assert!(table.contains("images paired by id") && table.contains("Dice"), "{table}");
+    let e = err(&["segment", "compare", p(&views), p(&ph.join("labels.csv"))]);
+    assert!(e.contains("labels.csv") && e.contains("missing column"), "{e}");
     let pred = d.path().join("pred");
     ok(&["segment", "predict", "--model", p(&seg), "--input", p(&images), "--out", p(&pred)]);
     assert!(pred.join("phantom_3_000001_segmentation.png").exists());
@@ -161,6 +175,17 @@ fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for
     let images = ph.join("images");
     let pred = ok(&["classify", "predict", "--model", p(&with), "--input", p(&images)]);
     assert!(pred.lines().count() >= 16, "{pred}");
+    // Its evaluations with and without the views compare paired by id.
+    let (views, one) = (d.path().join("eval_views"), d.path().join("eval_one"));
+    ok(&["classify", "eval", "--model", p(&with), "--root", p(&ph), "--out", p(&views)]);
+    ok(&["classify", "eval", "--model", p(&with), "--root", p(&ph), "--tta", "false", "--out", p(&one)]);
+    let c: serde_json::Value =
+        serde_json::from_str(&ok(&["classify", "compare", p(&views), p(&one), "--seed", "4", "--json"])).unwrap();
+    let m = &c["comparison"]["metrics"];
+    assert!(m[0]["metric"].as_str().unwrap().starts_with("mean AUC"), "{c}");
+    assert_eq!((c["comparison"]["bootstrap"]["seed"].as_u64(), c["comparison"]["items"].as_u64()), (Some(4), Some(16)));
+    let e = err(&["classify", "compare", p(&views), p(&one), "--level", "1.5"]);
+    assert!(e.contains("--level"), "{e}");
 
     std::fs::remove_dir_all(ph.join("masks")).unwrap();
     let without = d.path().join("without");

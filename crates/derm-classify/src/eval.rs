@@ -1,9 +1,14 @@
 //! Scoring as the ISIC challenges do: ROC AUC per class one-vs-rest and their mean (ISIC 2017
 //! ranks by the mean over melanoma and seborrheic keratosis), specificity at 82, 89 and 95%
 //! sensitivity for melanoma, the confusion matrix, balanced accuracy (ISIC 2018 task 3),
-//! accuracy, and per-class sensitivity and specificity.
+//! accuracy, and per-class sensitivity and specificity. [`Predictions::compare`] sets two
+//! classifiers' saved probabilities side by side with paired bootstrap intervals.
 
-use derm_core::metrics::{self, ConfusionMatrix, RocPoint};
+use std::path::{Path, PathBuf};
+
+use derm_core::metrics::{self, BootstrapConfig, Comparison, ConfusionMatrix, PairedMetric, RocPoint};
+use derm_core::{Error, Result};
+use derm_data::table::{self, Table};
 use serde::{Deserialize, Serialize};
 
 /// The sensitivities at which ISIC 2017 reports melanoma specificity.
@@ -287,6 +292,117 @@ impl ClassificationReport {
     }
 }
 
+/// Class probabilities as `derm classify eval` saves them (`predictions.csv`: `id`, `label`, then
+/// one column per class).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Predictions {
+    /// The file read.
+    pub path: PathBuf,
+    /// Class names, in column order.
+    pub classes: Vec<String>,
+    /// Image ids, one per row.
+    pub ids: Vec<String>,
+    /// True class of each row (an index into `classes`).
+    pub labels: Vec<usize>,
+    /// Probabilities of each row, one per class.
+    pub probs: Vec<Vec<f64>>,
+}
+
+impl Predictions {
+    /// Reads a `predictions.csv`; the error names the file and the line of a row that is short,
+    /// names no class, or holds something that is not a probability.
+    pub fn read(path: &Path) -> Result<Predictions> {
+        let t = Table::read(path, ",")?;
+        let bad = |msg: String| Error::Parse { path: path.into(), msg };
+        let (id_col, label_col) = (t.column("id")?, t.column("label")?);
+        t.require_well_formed()?;
+        let class_cols: Vec<usize> = (0..t.header.len()).filter(|&c| c != id_col && c != label_col).collect();
+        if class_cols.len() < 2 {
+            return Err(bad(format!("{} class columns; a classifier's predictions have at least 2", class_cols.len())));
+        }
+        let classes: Vec<String> = class_cols.iter().map(|&c| t.header[c].clone()).collect();
+        let mut p = Predictions { path: path.into(), classes, ids: vec![], labels: vec![], probs: vec![] };
+        for row in &t.rows {
+            let (line, cells) = row;
+            let label = p.classes.iter().position(|c| *c == cells[label_col]).ok_or_else(|| {
+                bad(format!(
+                    "line {line}: label {:?} is none of the classes ({})",
+                    cells[label_col],
+                    p.classes.join(", ")
+                ))
+            })?;
+            let probs =
+                class_cols.iter().map(|&c| t.unit_cell(row, c, "a probability")).collect::<Result<Vec<f64>>>()?;
+            p.ids.push(cells[id_col].clone());
+            p.labels.push(label);
+            p.probs.push(probs);
+        }
+        if p.ids.is_empty() {
+            return Err(bad("no predictions".into()));
+        }
+        Ok(p)
+    }
+
+    /// Writes `path` as `derm classify eval` does (six decimals), atomically.
+    pub fn write(&self) -> Result<()> {
+        let mut csv = format!("id,label,{}\n", self.classes.join(","));
+        for ((id, &l), p) in self.ids.iter().zip(&self.labels).zip(&self.probs) {
+            let vals: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
+            csv.push_str(&format!("{id},{},{}\n", self.classes[l], vals.join(",")));
+        }
+        derm_core::fsutil::write_atomic(&self.path, csv.as_bytes())
+    }
+
+    /// Compares `other`'s predictions of the same images with these (the base): the mean AUC
+    /// as [`score`] takes it, then each class's AUC, every one with a paired bootstrap interval
+    /// of `other - base` over the same resamples of the images. Both files must hold the same
+    /// ids, classes and labels.
+    pub fn compare(&self, other: &Predictions, bootstrap: &BootstrapConfig) -> Result<Comparison> {
+        if self.classes != other.classes {
+            return Err(Error::Parse {
+                path: other.path.clone(),
+                msg: format!(
+                    "classes {} differ from {}'s ({})",
+                    other.classes.join(", "),
+                    self.path.display(),
+                    self.classes.join(", ")
+                ),
+            });
+        }
+        let pairs = table::pair_ids(&self.ids, &self.path, &other.ids, &other.path)?;
+        if let Some(i) = (0..pairs.len()).find(|&i| self.labels[i] != other.labels[pairs[i]]) {
+            return Err(Error::Parse {
+                path: other.path.clone(),
+                msg: format!("id {}'s label differs from {}'s", self.ids[i], self.path.display()),
+            });
+        }
+        let other_probs: Vec<&Vec<f64>> = pairs.iter().map(|&j| &other.probs[j]).collect();
+        let auc = |probs: &dyn Fn(usize) -> f64, class: usize, idx: &[usize]| {
+            let s: Vec<f64> = idx.iter().map(|&i| probs(i)).collect();
+            let y: Vec<bool> = idx.iter().map(|&i| self.labels[i] == class).collect();
+            metrics::roc_auc(&s, &y)
+        };
+        let pair_auc = |c: usize, idx: &[usize]| -> Option<(f64, f64)> {
+            Some((auc(&|i: usize| self.probs[i][c], c, idx)?, auc(&|i: usize| other_probs[i][c], c, idx)?))
+        };
+        let pair_auc = &pair_auc;
+        let scored = &scored_classes(&self.classes);
+        let names: Vec<&str> = scored.iter().map(|&c| self.classes[c].as_str()).collect();
+        let mean_auc: (String, PairedMetric) = (
+            format!("mean AUC ({})", names.join(", ")),
+            Box::new(move |idx: &[usize]| {
+                let each = scored.iter().map(|&c| pair_auc(c, idx)).collect::<Option<Vec<_>>>()?;
+                let n = each.len() as f64;
+                Some((each.iter().map(|p| p.0).sum::<f64>() / n, each.iter().map(|p| p.1).sum::<f64>() / n))
+            }),
+        );
+        let per_class = (0..self.classes.len()).map(|c| -> (String, PairedMetric) {
+            (format!("{} AUC", self.classes[c]), Box::new(move |idx: &[usize]| pair_auc(c, idx)))
+        });
+        Ok(Comparison::of(self.ids.len(), bootstrap, std::iter::once(mean_auc).chain(per_class)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -435,5 +551,86 @@ mod tests {
         assert_eq!(r.mean_auc, None);
         assert_eq!(r.selection_metric(), r.balanced_accuracy);
         assert_eq!(r.melanoma_specificity[0].specificity, None);
+    }
+
+    fn write_predictions(dir: &Path, name: &str, rows: &[(&str, &str, [f64; 3])]) -> PathBuf {
+        let mut text = String::from("id,label,melanoma,seborrheic_keratosis,nevus\n");
+        for (id, label, p) in rows {
+            text.push_str(&format!("{id},{label},{},{},{}\n", p[0], p[1], p[2]));
+        }
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn predictions_compare_as_the_scorer_scores_them() {
+        let d = tempfile::tempdir().unwrap();
+        let (probs, labels) = lcg_probabilities(7);
+        let names = classes();
+        // `shift` moves each image's true-class probability up: a better classifier.
+        let rows = |shift: f64| -> Vec<(String, String, [f64; 3])> {
+            let row = |(i, (p, &l)): (usize, (&Vec<f64>, &usize))| {
+                let mut q = [p[0], p[1], p[2]];
+                q[l] = (q[l] + shift).min(1.0);
+                (format!("ISIC_{i:07}"), names[l].clone(), q)
+            };
+            probs.iter().zip(&labels).enumerate().map(row).collect()
+        };
+        let read = |name: &str, rows: &[(String, String, [f64; 3])]| {
+            let borrowed: Vec<(&str, &str, [f64; 3])> =
+                rows.iter().map(|(i, l, p)| (i.as_str(), l.as_str(), *p)).collect();
+            Predictions::read(&write_predictions(d.path(), name, &borrowed)).unwrap()
+        };
+        let base = read("a.csv", &rows(0.0));
+        let mut better_rows = rows(0.2);
+        better_rows.reverse(); // paired by id, not by line
+        let better = read("b.csv", &better_rows);
+        let cfg = BootstrapConfig { resamples: 200, ..BootstrapConfig::default() };
+        let c = base.compare(&better, &cfg).unwrap();
+        assert_eq!(c.items, probs.len());
+        assert_eq!(c.metrics[0].metric, "mean AUC (melanoma, seborrheic_keratosis)");
+        let (a, b) = (
+            score(&base.probs, &base.labels, &names, None, &[]),
+            score(&better.probs, &better.labels, &names, None, &[]),
+        );
+        let m = &c.metrics[0].difference;
+        assert!((m.base - a.mean_auc.unwrap()).abs() < 1e-12 && (m.other - b.mean_auc.unwrap()).abs() < 1e-12, "{m:?}");
+        assert!(m.difference > 0.0 && m.low <= m.difference && m.difference <= m.high, "{m:?}");
+        assert_eq!(c.metrics.len(), 4);
+        assert!((c.metrics[3].difference.base - a.auc[2].unwrap()).abs() < 1e-12);
+        // Against itself: nothing between them.
+        let same = base.compare(&base, &cfg).unwrap();
+        assert!(same.metrics.iter().all(|m| m.difference.difference == 0.0 && m.difference.high == 0.0));
+    }
+
+    #[test]
+    fn bad_prediction_files_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("p.csv");
+        let err = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            Predictions::read(&p).unwrap_err().to_string()
+        };
+        let e = err("id,melanoma,nevus\nA,0.5,0.5\n");
+        assert!(e.contains("p.csv") && e.contains("missing column \"label\""), "{e}");
+        let e = err("id,label,melanoma,nevus\nA,melanoma,0.5\n");
+        assert!(e.contains("p.csv") && e.contains("line 2"), "{e}");
+        let e = err("id,label,melanoma,nevus\nA,wart,0.5,0.5\n");
+        assert!(e.contains("line 2") && e.contains("\"wart\""), "{e}");
+        let e = err("id,label,melanoma,nevus\nA,nevus,x,0.5\n");
+        assert!(e.contains("line 2") && e.contains("melanoma \"x\" is not a probability"), "{e}");
+        let e = err("id,label,melanoma\nA,melanoma,1\n");
+        assert!(e.contains("1 class columns"), "{e}");
+        let a = write_predictions(
+            d.path(),
+            "a.csv",
+            &[("A", "melanoma", [0.6, 0.2, 0.2]), ("B", "nevus", [0.1, 0.1, 0.8])],
+        );
+        let b =
+            write_predictions(d.path(), "b.csv", &[("A", "nevus", [0.6, 0.2, 0.2]), ("B", "nevus", [0.1, 0.1, 0.8])]);
+        let (a, b) = (Predictions::read(&a).unwrap(), Predictions::read(&b).unwrap());
+        let e = a.compare(&b, &BootstrapConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("b.csv") && e.contains("id A's label differs"), "{e}");
     }
 }

@@ -4,7 +4,8 @@
 //! Jaccard (an image with IoU below 0.65 counts as 0), Dice, and pixel sensitivity, specificity and
 //! accuracy. Classification: ROC AUC with ties handled by average ranks (Mann-Whitney), ROC curve
 //! points, specificity at 82/89/95% sensitivity (ISIC 2017), confusion matrix, per-class
-//! sensitivity and balanced accuracy (ISIC 2018 task 3).
+//! sensitivity and balanced accuracy (ISIC 2018 task 3). Comparisons: [`paired_bootstrap`], the
+//! difference of two systems scored on the same images with an interval from resampling them.
 //!
 //! Masks are slices of `u8` where any non-zero value is foreground.
 
@@ -106,6 +107,9 @@ pub fn dice(pred: &[u8], truth: &[u8]) -> f64 {
     PixelCounts::of(pred, truth).dice()
 }
 
+/// ISIC 2018 task 1's threshold: an image whose IoU is below it scores 0.
+pub const ISIC2018_JACCARD_THRESHOLD: f64 = 0.65;
+
 /// ISIC 2018 task 1's score for one image: the IoU, or 0 when it is below `threshold` (0.65).
 pub fn thresholded_jaccard(iou: f64, threshold: f64) -> f64 {
     if iou < threshold {
@@ -176,7 +180,7 @@ impl SegmentationScores {
         SegmentationSummary {
             images: n,
             jaccard_mean: mean(&|c| c.jaccard()),
-            jaccard_thresholded: mean(&|c| thresholded_jaccard(c.jaccard(), 0.65)),
+            jaccard_thresholded: mean(&|c| thresholded_jaccard(c.jaccard(), ISIC2018_JACCARD_THRESHOLD)),
             jaccard_global: total.jaccard(),
             dice_mean: mean(&|c| c.dice()),
             sensitivity: mean(&|c| c.sensitivity()),
@@ -338,6 +342,140 @@ pub fn argmax_rows(probs: &[Vec<f64>]) -> Vec<usize> {
     probs.iter().map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)).collect()
 }
 
+/// How a paired comparison resamples ([`paired_bootstrap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BootstrapConfig {
+    /// Resamples of the items, each as many as there are, drawn with replacement.
+    pub resamples: usize,
+    /// The interval's coverage (0.95: the 2.5th to the 97.5th percentile of the resampled
+    /// differences).
+    pub level: f64,
+    /// Seed of the draws.
+    pub seed: u64,
+}
+
+impl Default for BootstrapConfig {
+    fn default() -> Self {
+        BootstrapConfig { resamples: 1000, level: 0.95, seed: 0 }
+    }
+}
+
+/// One metric of two systems scored on the same items: each system's value on all of them,
+/// the difference, and a percentile bootstrap interval of the difference.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairedDifference {
+    /// The first (base) system's value on all items.
+    pub base: f64,
+    /// The second system's value on all items.
+    pub other: f64,
+    /// `other - base` on all items.
+    pub difference: f64,
+    /// Lower end of the interval of `other - base`.
+    pub low: f64,
+    /// Upper end of the interval.
+    pub high: f64,
+    /// Share of the resamples in which `other` scored higher than `base`.
+    pub other_higher: f64,
+    /// Resamples on which the metric was defined for both (an AUC needs both classes among
+    /// the drawn items); the interval is over these.
+    pub resamples: usize,
+}
+
+/// One named metric of a paired comparison.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComparedMetric {
+    /// What was measured (`mean AUC`, `per-image Jaccard`, ...).
+    pub metric: String,
+    /// The two values, their difference and its interval.
+    #[serde(flatten)]
+    pub difference: PairedDifference,
+}
+
+/// One metric of two systems on a resample of the items, as [`paired_bootstrap`] takes it,
+/// boxed so that several can be listed.
+pub type PairedMetric<'a> = Box<dyn Fn(&[usize]) -> Option<(f64, f64)> + 'a>;
+
+/// Two systems compared on the same items, metric by metric, every metric on the same
+/// resamples (the same seed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Items both were scored on.
+    pub items: usize,
+    /// How the items were resampled.
+    pub bootstrap: BootstrapConfig,
+    /// The metrics defined on these items.
+    pub metrics: Vec<ComparedMetric>,
+}
+
+impl Comparison {
+    /// Compares each metric of `metrics` ([`paired_bootstrap`]); a metric undefined on the
+    /// items is left out.
+    pub fn of<'a>(
+        items: usize,
+        bootstrap: &BootstrapConfig,
+        metrics: impl IntoIterator<Item = (String, PairedMetric<'a>)>,
+    ) -> Comparison {
+        let metrics = metrics
+            .into_iter()
+            .filter_map(|(metric, f)| {
+                paired_bootstrap(items, bootstrap, f).map(|difference| ComparedMetric { metric, difference })
+            })
+            .collect();
+        Comparison { items, bootstrap: *bootstrap, metrics }
+    }
+}
+
+/// Compares two systems scored on the same `n` items by resampling the items: `metric(idx)`
+/// gives the (base, other) values on the items `idx` (indices into 0..n, with repeats), `None`
+/// where the metric is undefined there. Resampling the items together keeps what the two
+/// systems share (which images are hard), so the interval is that of their difference: where
+/// the two agree on which items are hard, as two models of the same images do, it is narrower
+/// than the two systems' own intervals would suggest. `None` when the metric is undefined on
+/// all items or `cfg` asks for no resamples or a level outside (0, 1).
+pub fn paired_bootstrap<F>(n: usize, cfg: &BootstrapConfig, metric: F) -> Option<PairedDifference>
+where
+    F: Fn(&[usize]) -> Option<(f64, f64)>,
+{
+    if cfg.resamples == 0 || !(cfg.level > 0.0 && cfg.level < 1.0) {
+        return None;
+    }
+    let all: Vec<usize> = (0..n).collect();
+    let (base, other) = metric(&all)?;
+    let mut rng = crate::rng::Rng::new(cfg.seed);
+    let mut idx = vec![0; n];
+    let mut diffs = Vec::with_capacity(cfg.resamples);
+    for _ in 0..cfg.resamples {
+        for v in idx.iter_mut() {
+            *v = rng.below(n);
+        }
+        if let Some((b, o)) = metric(&idx) {
+            diffs.push(o - b);
+        }
+    }
+    if diffs.is_empty() {
+        return None;
+    }
+    diffs.sort_by(f64::total_cmp);
+    let tail = (1.0 - cfg.level) / 2.0;
+    Some(PairedDifference {
+        base,
+        other,
+        difference: other - base,
+        low: quantile(&diffs, tail),
+        high: quantile(&diffs, 1.0 - tail),
+        other_higher: diffs.iter().filter(|&&d| d > 0.0).count() as f64 / diffs.len() as f64,
+        resamples: diffs.len(),
+    })
+}
+
+/// The `q` quantile of sorted values, interpolated linearly between neighbours (NumPy's default).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -452,5 +590,47 @@ mod tests {
         assert!(close(cm.accuracy(), 5.0 / 7.0));
         assert_eq!(cm.per_class_specificity()[0], Some(2.0 / 3.0));
         assert_eq!(argmax_rows(&[vec![0.1, 0.7, 0.2]]), vec![1]);
+    }
+
+    #[test]
+    fn paired_bootstrap_of_a_fixed_shift_and_of_a_system_against_itself() {
+        let a: Vec<f64> = (0..50).map(|i| (u64s(3, 0, i) % 1000) as f64 / 1000.0).collect();
+        let mean = |v: &[f64], idx: &[usize]| idx.iter().map(|&i| v[i]).sum::<f64>() / idx.len() as f64;
+        let cfg = BootstrapConfig { resamples: 200, ..BootstrapConfig::default() };
+        // Every item 0.1 better: every resample's difference is 0.1, so is the interval.
+        let b: Vec<f64> = a.iter().map(|x| x + 0.1).collect();
+        let d = paired_bootstrap(a.len(), &cfg, |idx| Some((mean(&a, idx), mean(&b, idx)))).unwrap();
+        assert!(close(d.difference, 0.1) && close(d.low, 0.1) && close(d.high, 0.1), "{d:?}");
+        assert_eq!((d.other_higher, d.resamples), (1.0, 200));
+        assert!(close(d.base, mean(&a, &(0..50).collect::<Vec<_>>())));
+        // Against itself: zero everywhere, and the other is never higher.
+        let s = paired_bootstrap(a.len(), &cfg, |idx| Some((mean(&a, idx), mean(&a, idx)))).unwrap();
+        assert_eq!((s.difference, s.low, s.high, s.other_higher), (0.0, 0.0, 0.0, 0.0));
+        // Noise around a shift: the interval holds the shift and has width; the same seed repeats.
+        let c: Vec<f64> = a.iter().enumerate().map(|(i, x)| x + 0.05 + if i % 2 == 0 { 0.2 } else { -0.2 }).collect();
+        let n = paired_bootstrap(a.len(), &cfg, |idx| Some((mean(&a, idx), mean(&c, idx)))).unwrap();
+        assert!(n.low < 0.05 && n.high > 0.05 && n.high - n.low > 0.05, "{n:?}");
+        assert_eq!(n, paired_bootstrap(a.len(), &cfg, |idx| Some((mean(&a, idx), mean(&c, idx)))).unwrap());
+        let other_seed = BootstrapConfig { seed: 1, ..cfg };
+        assert_ne!(n, paired_bootstrap(a.len(), &other_seed, |idx| Some((mean(&a, idx), mean(&c, idx)))).unwrap());
+    }
+
+    #[test]
+    fn paired_bootstrap_skips_resamples_where_the_metric_is_undefined() {
+        // An AUC on 4 items, 1 positive: a resample without it has no AUC and is left out.
+        let labels = [true, false, false, false];
+        let (a, b) = ([0.9, 0.1, 0.2, 0.3], [0.2, 0.1, 0.5, 0.3]);
+        let auc = |s: &[f64], idx: &[usize]| {
+            let sc: Vec<f64> = idx.iter().map(|&i| s[i]).collect();
+            let lb: Vec<bool> = idx.iter().map(|&i| labels[i]).collect();
+            roc_auc(&sc, &lb)
+        };
+        let cfg = BootstrapConfig { resamples: 100, ..BootstrapConfig::default() };
+        let d = paired_bootstrap(4, &cfg, |idx| Some((auc(&a, idx)?, auc(&b, idx)?))).unwrap();
+        assert_eq!((d.base, d.other), (1.0, 1.0 / 3.0));
+        assert!(d.resamples > 0 && d.resamples < 100, "{d:?}");
+        assert_eq!(paired_bootstrap(4, &cfg, |_| None::<(f64, f64)>), None);
+        assert_eq!(paired_bootstrap(4, &BootstrapConfig { level: 1.0, ..cfg }, |_| Some((0.0, 0.0))), None);
+        assert!(close(quantile(&[0.0, 1.0, 2.0, 3.0], 0.5), 1.5));
     }
 }

@@ -75,6 +75,75 @@ impl Table {
             msg: format!("missing column {name:?} (columns: {})", self.header.join(", ")),
         })
     }
+
+    /// An error naming the file and the first line whose cell count differs from the header's,
+    /// for tables that must have none.
+    pub fn require_well_formed(&self) -> Result<()> {
+        match self.malformed.first() {
+            Some(line) => Err(Error::Parse {
+                path: self.path.clone(),
+                msg: format!("line {line}: not as many cells as the header has ({})", self.header.len()),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The number in column `col` of the row `(line, cells)`, which must lie in [0, 1]; else an
+    /// error naming the file, the line, the column and `what` it should have been.
+    pub fn unit_cell(&self, (line, cells): &(usize, Vec<String>), col: usize, what: &str) -> Result<f64> {
+        match cells[col].parse::<f64>() {
+            Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+            _ => Err(Error::Parse {
+                path: self.path.clone(),
+                msg: format!("line {line}: {} {:?} is not {what}", self.header[col], cells[col]),
+            }),
+        }
+    }
+}
+
+/// Pairs the rows of two files by id: for each of `base`'s ids in order, the index of the same
+/// id in `other`. Both must hold the same ids, each once; the error names the file and an id
+/// that breaks it.
+pub fn pair_ids(base: &[String], base_path: &Path, other: &[String], other_path: &Path) -> Result<Vec<usize>> {
+    let index = |ids: &[String], path: &Path| -> Result<std::collections::HashMap<String, usize>> {
+        let mut m = std::collections::HashMap::with_capacity(ids.len());
+        for (i, id) in ids.iter().enumerate() {
+            if m.insert(id.clone(), i).is_some() {
+                return Err(Error::Parse { path: path.into(), msg: format!("id {id} appears more than once") });
+            }
+        }
+        Ok(m)
+    };
+    index(base, base_path)?;
+    let in_other = index(other, other_path)?;
+    let pairs = base
+        .iter()
+        .map(|id| {
+            in_other.get(id).copied().ok_or_else(|| Error::Parse {
+                path: other_path.into(),
+                msg: format!(
+                    "no row for id {id}, which {} has: the two must score the same images ({} ids there, {} here)",
+                    base_path.display(),
+                    base.len(),
+                    other.len()
+                ),
+            })
+        })
+        .collect::<Result<Vec<usize>>>()?;
+    if other.len() > base.len() {
+        let in_base: std::collections::HashSet<&String> = base.iter().collect();
+        let extra = other.iter().find(|id| !in_base.contains(id)).map(String::as_str).unwrap_or_default();
+        return Err(Error::Parse {
+            path: other_path.into(),
+            msg: format!(
+                "id {extra} is not in {}: the two must score the same images ({} ids there, {} here)",
+                base_path.display(),
+                base.len(),
+                other.len()
+            ),
+        });
+    }
+    Ok(pairs)
 }
 
 fn split_delim(line: &str, delimiter: &str) -> Vec<String> {
@@ -134,6 +203,19 @@ mod tests {
         std::fs::write(&p, [0xffu8, 0xfe, 0x00]).unwrap();
         let e = Table::read(&p, ",").unwrap_err().to_string();
         assert!(e.contains("gt.csv") && e.contains("UTF-8"), "{e}");
+    }
+
+    #[test]
+    fn pairing_by_id_names_the_file_and_the_id() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let (a, b) = (Path::new("a.csv"), Path::new("b.csv"));
+        assert_eq!(pair_ids(&ids(&["x", "y", "z"]), a, &ids(&["z", "x", "y"]), b).unwrap(), [1, 2, 0]);
+        let e = pair_ids(&ids(&["x", "y"]), a, &ids(&["x", "q"]), b).unwrap_err().to_string();
+        assert!(e.starts_with("b.csv") && e.contains("id y") && e.contains("a.csv"), "{e}");
+        let e = pair_ids(&ids(&["x"]), a, &ids(&["x", "q"]), b).unwrap_err().to_string();
+        assert!(e.starts_with("b.csv") && e.contains("id q is not in a.csv"), "{e}");
+        let e = pair_ids(&ids(&["x", "x"]), a, &ids(&["x", "x"]), b).unwrap_err().to_string();
+        assert!(e.starts_with("a.csv") && e.contains("more than once"), "{e}");
     }
 
     #[test]

@@ -11,7 +11,8 @@
 //! (default 0.5), binary hole filling, optionally only the largest connected component, and masks
 //! returned at the image's own size.
 //! Scoring: per-image Jaccard averaged, ISIC 2018's thresholded Jaccard, Dice, pixel sensitivity
-//! and specificity, and the worst images.
+//! and specificity, and the worst images; [`PerImageScores::compare`] sets two segmenters'
+//! per-image scores side by side with paired bootstrap intervals.
 //!
 //! **Consumes:** a data set with lesion masks (any manifest of derm-data, phantoms included):
 //! RGB images of any size, masks 0/255 of the same size. **Produces:** a checkpoint folder
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod model;
+pub mod scores;
 
 use std::path::Path;
 
@@ -43,6 +45,7 @@ use image::{GrayImage, RgbImage};
 use serde::{Deserialize, Serialize};
 
 pub use model::{UNet, UNetConfig};
+pub use scores::PerImageScores;
 
 /// Everything a segmentation run is made of; saved as the checkpoint's `config.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! `derm classify train|predict|eval`: the ResNet lesion classifier.
+//! `derm classify train|predict|eval|compare`: the ResNet lesion classifier.
 
 use super::common::{set, set_some};
 use std::path::{Path, PathBuf};
@@ -26,6 +26,9 @@ pub enum ClassifyCommand {
     /// Score a trained classifier as the ISIC 2017/2018 scorers: AUC, specificity at fixed
     /// sensitivity, confusion matrix, balanced accuracy.
     Eval(EvalArgs),
+    /// Compare two evaluations of the same images (`eval --out` folders or their
+    /// predictions.csv): mean and per-class AUC, with paired bootstrap intervals.
+    Compare(common::CompareArgs),
 }
 
 /// Arguments of `derm classify train`.
@@ -600,12 +603,14 @@ impl EvalArgs {
             report: r.clone(),
         };
         derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
-        let mut csv = format!("id,label,{}\n", r.classes.join(","));
-        for ((id, l), p) in e.ids.iter().zip(&e.labels).zip(&e.probs) {
-            let vals: Vec<String> = p.iter().map(|v| format!("{v:.6}")).collect();
-            csv.push_str(&format!("{id},{},{}\n", r.classes[*l], vals.join(",")));
+        derm_classify::eval::Predictions {
+            path: out.join("predictions.csv"),
+            classes: r.classes.clone(),
+            ids: e.ids.clone(),
+            labels: e.labels.clone(),
+            probs: e.probs.clone(),
         }
-        derm_core::fsutil::write_atomic(&out.join("predictions.csv"), csv.as_bytes())?;
+        .write()?;
         if self.json {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         } else {
@@ -650,6 +655,15 @@ impl ClassifyCommand {
             ClassifyCommand::Train(a) => a.run(g),
             ClassifyCommand::Predict(a) => a.run(g),
             ClassifyCommand::Eval(a) => a.run(g),
+            ClassifyCommand::Compare(a) => {
+                let (base, other) = (
+                    common::CompareArgs::csv(&a.base, "predictions.csv"),
+                    common::CompareArgs::csv(&a.other, "predictions.csv"),
+                );
+                let b = derm_classify::eval::Predictions::read(&base)?;
+                let c = b.compare(&derm_classify::eval::Predictions::read(&other)?, &a.bootstrap()?)?;
+                a.print(&base, &other, &c)
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
 //! Pieces the subcommands share: data-set arguments, image listing, progress from training
-//! events, and the run folder's history files.
+//! events, the run folder's history files, and the paired comparison of two evaluations.
 
 use std::path::{Path, PathBuf};
 
@@ -187,6 +187,91 @@ pub struct AugmentArgs {
     /// noise (the image only: masks still show what is under it; 0: off). [config default: 0]
     #[arg(long, value_name = "P")]
     pub erase: Option<f64>,
+}
+
+/// Two evaluations of the same images to compare (`derm classify compare`, `derm segment
+/// compare`), and how to resample them.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// The base evaluation: the folder `eval --out` wrote, or its CSV.
+    pub base: PathBuf,
+    /// The evaluation compared with it (the differences are this one's minus the base's).
+    pub other: PathBuf,
+    /// Bootstrap resamples of the images. [default: 1000]
+    #[arg(long)]
+    pub resamples: Option<usize>,
+    /// The intervals' coverage. [default: 0.95]
+    #[arg(long)]
+    pub level: Option<f64>,
+    /// Seed of the resamples. [default: 0]
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl CompareArgs {
+    /// The CSV of `path`: the path itself, or `file` in the folder it names.
+    pub fn csv(path: &Path, file: &str) -> PathBuf {
+        if path.is_dir() {
+            path.join(file)
+        } else {
+            path.to_path_buf()
+        }
+    }
+
+    /// The resampling asked for; a level outside (0, 1) or no resamples is an error.
+    pub fn bootstrap(&self) -> anyhow::Result<derm_core::metrics::BootstrapConfig> {
+        let mut b = derm_core::metrics::BootstrapConfig::default();
+        set(&mut b.resamples, self.resamples);
+        set(&mut b.level, self.level);
+        set(&mut b.seed, self.seed);
+        if b.resamples == 0 || !(b.level > 0.0 && b.level < 1.0) {
+            bail!(
+                "compare: --resamples must be at least 1 and --level inside (0, 1) (got {} and {})",
+                b.resamples,
+                b.level
+            );
+        }
+        Ok(b)
+    }
+
+    /// Prints the comparison of the files `base` and `other`: a table, or JSON with `--json`.
+    pub fn print(&self, base: &Path, other: &Path, c: &derm_core::metrics::Comparison) -> anyhow::Result<()> {
+        if self.json {
+            let doc = serde_json::json!({ "base": base, "other": other, "comparison": c });
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            return Ok(());
+        }
+        let b = &c.bootstrap;
+        println!("{} images paired by id: base {}, other {}", c.items, base.display(), other.display());
+        println!(
+            "{} resamples of the images (seed {}); {:.0}% intervals of other - base",
+            b.resamples,
+            b.seed,
+            b.level * 100.0
+        );
+        let width = c.metrics.iter().map(|m| m.metric.len()).max().unwrap_or(6).max(6);
+        println!(
+            "{:<width$}  {:>7}  {:>7}  {:>8}  {:>19}  {:>12}",
+            "metric", "base", "other", "diff", "interval", "other higher"
+        );
+        for m in &c.metrics {
+            let d = &m.difference;
+            println!(
+                "{:<width$}  {:>7.4}  {:>7.4}  {:>+8.4}  [{:>+8.4}, {:>+8.4}]  {:>11.1}%",
+                m.metric,
+                d.base,
+                d.other,
+                d.difference,
+                d.low,
+                d.high,
+                d.other_higher * 100.0
+            );
+        }
+        Ok(())
+    }
 }
 
 impl AugmentArgs {

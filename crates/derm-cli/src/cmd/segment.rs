@@ -1,4 +1,4 @@
-//! `derm segment train|predict|eval`: the dilated U-Net lesion segmenter.
+//! `derm segment train|predict|eval|compare`: the dilated U-Net lesion segmenter.
 
 use super::common::{set, set_some};
 use std::path::PathBuf;
@@ -22,6 +22,9 @@ pub enum SegmentCommand {
     Predict(PredictArgs),
     /// Score a trained segmenter against ground-truth masks.
     Eval(EvalArgs),
+    /// Compare two evaluations of the same images (`eval --out` folders or their per_image.csv):
+    /// mean per-image Jaccard, thresholded Jaccard and Dice, with paired bootstrap intervals.
+    Compare(common::CompareArgs),
 }
 
 /// Arguments of `derm segment train`.
@@ -206,11 +209,7 @@ impl EvalArgs {
         let s = &doc.summary;
         if let Some(out) = &self.out {
             derm_core::fsutil::write_json(&out.join("metrics.json"), &doc)?;
-            let mut csv = String::from("id,jaccard,dice\n");
-            for (id, c) in scores.ids.iter().zip(&scores.per_image) {
-                csv.push_str(&format!("{id},{:.6},{:.6}\n", c.jaccard(), c.dice()));
-            }
-            derm_core::fsutil::write_atomic(&out.join("per_image.csv"), csv.as_bytes())?;
+            derm_segment::PerImageScores::of(&scores, &out.join("per_image.csv")).write()?;
             let cache = derm_data::cache::ImageCache::new(0);
             for (i, (id, c)) in scores.ids.iter().zip(&scores.per_image).enumerate().take(self.overlays) {
                 let item = data.load_item(i, None, &cache)?;
@@ -248,6 +247,15 @@ impl SegmentCommand {
             SegmentCommand::Train(a) => a.run(g),
             SegmentCommand::Predict(a) => a.run(g),
             SegmentCommand::Eval(a) => a.run(g),
+            SegmentCommand::Compare(a) => {
+                let (base, other) = (
+                    common::CompareArgs::csv(&a.base, "per_image.csv"),
+                    common::CompareArgs::csv(&a.other, "per_image.csv"),
+                );
+                let b = derm_segment::PerImageScores::read(&base)?;
+                let c = b.compare(&derm_segment::PerImageScores::read(&other)?, &a.bootstrap()?)?;
+                a.print(&base, &other, &c)
+            }
         }
     }
 }

@@ -87,21 +87,12 @@ fn report_sections(html: &str) -> Vec<(String, String)> {
     out
 }
 
-/// `(id, jaccard, dice)` of each line of `segment/eval/per_image.csv`.
+/// `(id, jaccard, dice)` of each line of `segment/eval/per_image.csv` (none where it is missing
+/// or unreadable).
 fn per_image(root: &Path) -> Vec<(String, f64, f64)> {
-    let Ok(text) = std::fs::read_to_string(root.join("segment/eval/per_image.csv")) else {
-        return Vec::new();
-    };
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let mut it = l.split(',');
-            let id = it.next()?.trim().to_string();
-            let j = it.next()?.trim().parse::<f64>().ok()?;
-            let d = it.next().and_then(|d| d.trim().parse::<f64>().ok()).unwrap_or(f64::NAN);
-            Some((id, j, d))
-        })
-        .collect()
+    derm_segment::PerImageScores::read(&root.join("segment/eval/per_image.csv"))
+        .map(|s| s.ids.into_iter().zip(s.jaccard).zip(s.dice).map(|((id, j), d)| (id, j, d)).collect())
+        .unwrap_or_default()
 }
 
 /// The test-set folder of the run: the data stage's record names it; else `data/test`.
