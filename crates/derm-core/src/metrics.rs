@@ -361,6 +361,13 @@ impl Default for BootstrapConfig {
     }
 }
 
+impl BootstrapConfig {
+    /// Whether it can make an interval: at least one resample, a level inside (0, 1).
+    pub fn is_valid(&self) -> bool {
+        self.resamples > 0 && self.level > 0.0 && self.level < 1.0
+    }
+}
+
 /// One metric of two systems scored on the same items: each system's value on all of them,
 /// the difference, and a percentile bootstrap interval of the difference.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -437,7 +444,7 @@ pub fn paired_bootstrap<F>(n: usize, cfg: &BootstrapConfig, metric: F) -> Option
 where
     F: Fn(&[usize]) -> Option<(f64, f64)>,
 {
-    if cfg.resamples == 0 || !(cfg.level > 0.0 && cfg.level < 1.0) {
+    if !cfg.is_valid() {
         return None;
     }
     let all: Vec<usize> = (0..n).collect();

@@ -114,7 +114,7 @@ pub fn pair_ids(base: &[String], base_path: &Path, other: &[String], other_path:
         }
         Ok(m)
     };
-    index(base, base_path)?;
+    let in_base = index(base, base_path)?;
     let in_other = index(other, other_path)?;
     let pairs = base
         .iter()
@@ -131,8 +131,7 @@ pub fn pair_ids(base: &[String], base_path: &Path, other: &[String], other_path:
         })
         .collect::<Result<Vec<usize>>>()?;
     if other.len() > base.len() {
-        let in_base: std::collections::HashSet<&String> = base.iter().collect();
-        let extra = other.iter().find(|id| !in_base.contains(id)).map(String::as_str).unwrap_or_default();
+        let extra = other.iter().find(|id| !in_base.contains_key(*id)).map(String::as_str).unwrap_or_default();
         return Err(Error::Parse {
             path: other_path.into(),
             msg: format!(

@@ -227,7 +227,7 @@ impl CompareArgs {
         set(&mut b.resamples, self.resamples);
         set(&mut b.level, self.level);
         set(&mut b.seed, self.seed);
-        if b.resamples == 0 || !(b.level > 0.0 && b.level < 1.0) {
+        if !b.is_valid() {
             bail!(
                 "compare: --resamples must be at least 1 and --level inside (0, 1) (got {} and {})",
                 b.resamples,
