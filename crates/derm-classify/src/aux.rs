@@ -25,9 +25,16 @@
 //! weight: every part of the lesion has to look like its diagnosis, not only the pooled whole.
 //! Training only; prediction never reads it.
 //!
+//! With [`crate::ClassifyConfig::aux_mask_second_stage`] (none by default) a second 1x1 head
+//! reads another stage (`layer2` beside `layer3`, say: 16 x 16 cells at 128 px) and learns the
+//! same cell shares at its own grid ([`MaskHead::second_map`]); its loss is added with the same
+//! weight, so the mask's signal reaches the stages below the first head's directly. Training
+//! only.
+//!
 //! Variables: `aux_mask.weight` (C,), `aux_mask.bias` (1,), with lesion pooling
 //! `aux_mask.pool_fc` (K, C_last), and with the per-cell diagnosis `aux_mask.cell_fc` (K, C) and
-//! `aux_mask.cell_bias` (K,), outside torchvision's names, so [`crate::load_torchvision`] leaves
+//! `aux_mask.cell_bias` (K,), with a second stage `aux_mask.second_weight` (C2,) and
+//! `aux_mask.second_bias` (1,), outside torchvision's names, so [`crate::load_torchvision`] leaves
 //! them at their initialisation.
 
 use candle_core::{Device, Result, Tensor};
@@ -72,6 +79,8 @@ pub struct MaskHead {
     /// With the per-cell diagnosis: the (K, C) map from a cell's features to class logits, and
     /// its (K,) bias.
     cells: Option<(Tensor, Tensor)>,
+    /// With a second stage: that stage, and its own (C2,) weights and (1,) bias.
+    second: Option<(Stage, Tensor, Tensor)>,
 }
 
 impl MaskHead {
@@ -79,10 +88,31 @@ impl MaskHead {
     /// (`aux_mask.*` when `vb` is the model's root prefixed with [`PREFIX`]); weights start small
     /// and the bias at zero, so the first logits are near 0 (probability one half everywhere).
     pub fn new(channels: usize, stage: Stage, vb: VarBuilder) -> Result<Self> {
-        let bound = 1.0 / (channels as f64).sqrt();
-        let weight = vb.get_with_hints(channels, "weight", Init::Uniform { lo: -bound, up: bound })?;
-        let bias = vb.get_with_hints(1, "bias", Init::Const(0.0))?;
-        Ok(MaskHead { weight, bias, stage, pool: None, cells: None })
+        let (weight, bias) = cell_map_vars(channels, "weight", "bias", &vb)?;
+        Ok(MaskHead { weight, bias, stage, pool: None, cells: None, second: None })
+    }
+
+    /// The head that also reads `stage` (of `channels` output channels) with a 1x1 map of its own
+    /// (`second_weight`, `second_bias` under `vb`, initialised as the first), trained on the
+    /// same masks at that stage's grid.
+    pub fn with_second_stage(mut self, channels: usize, stage: Stage, vb: VarBuilder) -> Result<Self> {
+        let (w, b) = cell_map_vars(channels, "second_weight", "second_bias", &vb)?;
+        self.second = Some((stage, w, b));
+        Ok(self)
+    }
+
+    /// The second stage the head reads, if any.
+    pub fn second_stage(&self) -> Option<Stage> {
+        self.second.as_ref().map(|(s, _, _)| *s)
+    }
+
+    /// The second map's logits (N, h, w) from its stage's features (N, C2, h, w); `None` without
+    /// a second stage.
+    pub fn second_map(&self, features: &Tensor) -> Result<Option<Tensor>> {
+        match &self.second {
+            Some((_, w, b)) => Ok(Some(cell_logits_of(features, w, b)?)),
+            None => Ok(None),
+        }
     }
 
     /// The head that also gives `classes` diagnosis logits per cell from the stage's `channels`
@@ -128,9 +158,7 @@ impl MaskHead {
 
     /// Logits (N, h, w) from features (N, C, h, w).
     pub fn forward(&self, features: &Tensor) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
-        let w = self.weight.reshape((1, c, 1, 1))?;
-        features.broadcast_mul(&w)?.sum(1)?.broadcast_add(&self.bias)
+        cell_logits_of(features, &self.weight, &self.bias)
     }
 
     /// With lesion pooling, the logits (N, K) the lesion's features add: `last` (N, C, h', w'),
@@ -142,6 +170,20 @@ impl MaskHead {
             None => Ok(None),
         }
     }
+}
+
+/// A 1x1 map's (C,) weights, uniform in +-1/sqrt(C), and (1,) bias, zero, named `weight` and
+/// `bias` under `vb`: its first logits are near 0 (probability one half everywhere).
+fn cell_map_vars(channels: usize, weight: &str, bias: &str, vb: &VarBuilder) -> Result<(Tensor, Tensor)> {
+    let bound = 1.0 / (channels as f64).sqrt();
+    let w = vb.get_with_hints(channels, weight, Init::Uniform { lo: -bound, up: bound })?;
+    Ok((w, vb.get_with_hints(1, bias, Init::Const(0.0))?))
+}
+
+/// Logits (N, h, w) of a 1x1 map with (C,) `weight` and (1,) `bias` over `features` (N, C, h, w).
+fn cell_logits_of(features: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let c = weight.dim(0)?;
+    features.broadcast_mul(&weight.reshape((1, c, 1, 1))?)?.sum(1)?.broadcast_add(bias)
 }
 
 /// The features (N, C, h', w') averaged over each image's cells weighted by the lesion

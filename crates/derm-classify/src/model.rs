@@ -366,13 +366,27 @@ impl ResNet {
         trainable_from: Stage,
         tap: Option<Stage>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        let taps: Vec<Stage> = tap.into_iter().collect();
+        let (last, mut tapped) = self.features_taps(x, train, trainable_from, &taps)?;
+        Ok((last, tapped.pop().flatten()))
+    }
+
+    /// [`ResNet::features_tap`] for several stages at once: the output of each of `taps`, in
+    /// their order (`None` for a stage that is not `layer1` .. `layer4`), beside `layer4`'s.
+    pub fn features_taps(
+        &self,
+        x: &Tensor,
+        train: bool,
+        trainable_from: Stage,
+        taps: &[Stage],
+    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
         let t = |s: Stage| train && s >= trainable_from;
         let mut y = self.stem(x, t(Stage::Conv1))?;
         y = ops::max_pool2d(&y, Pool2d::square(3, 2, 1))?;
         if trainable_from > Stage::Conv1 {
             y = y.detach();
         }
-        let mut tapped = None;
+        let mut tapped = vec![None; taps.len()];
         for (i, blocks) in self.layers.iter().enumerate() {
             let stage = [Stage::Layer1, Stage::Layer2, Stage::Layer3, Stage::Layer4][i];
             for b in blocks {
@@ -381,8 +395,8 @@ impl ResNet {
             if trainable_from > stage {
                 y = y.detach();
             }
-            if tap == Some(stage) {
-                tapped = Some(y.clone());
+            for (slot, _) in tapped.iter_mut().zip(taps).filter(|(_, &s)| s == stage) {
+                *slot = Some(y.clone());
             }
         }
         Ok((y, tapped))

@@ -336,7 +336,14 @@ mod tests {
         assert_eq!(cls(&["--aux-mask-stage", "layer4"]).unwrap().aux_mask_stage, Stage::Layer4);
         for bad in ["fc", "conv1", "layer9"] {
             assert!(cls(&["--aux-mask-stage", bad]).unwrap_err().to_string().contains("layer1, layer2"));
+            assert!(cls(&["--aux-mask-second-stage", bad]).unwrap_err().to_string().contains("layer1, layer2"));
         }
+        // A second stage for the head: none unless named; the head's own stage is refused.
+        assert_eq!(def.aux_mask_second_stage, None);
+        let two = cls(&["--aux-mask-second-stage", "layer2"]).unwrap();
+        assert!(two.aux_mask_second_stage == Some(Stage::Layer2) && two.validate().is_ok());
+        assert!(cls(&["--aux-mask-second-stage", "layer3"]).unwrap().validate().is_err());
+        assert!(cls(&["--aux-mask-second-stage", "layer2", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
         // Lesion-weighted pooling: off unless asked for; without the head the config is refused.
         assert!(!def.lesion_pooling);
         let pooled = cls(&["--lesion-pooling"]).unwrap();

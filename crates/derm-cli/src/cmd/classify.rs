@@ -148,6 +148,12 @@ pub struct TrainArgs {
     /// and 0.808 mean AUC against layer3's 0.835 (one seed). [config default: layer3]
     #[arg(long, value_name = "STAGE", value_parser = parse_aux_stage)]
     pub aux_mask_stage: Option<Stage>,
+    /// A second stage the lesion-mask head reads (layer2 beside layer3, say), with a map of its
+    /// own trained on the same masks at that stage's grid and the same weight. Training only;
+    /// needs the lesion-mask head. On held-out ISIC images after 40 CPU minutes layer2 scored
+    /// 0.826 mean AUC against the head alone's 0.825 (one seed). [config default: none]
+    #[arg(long, value_name = "STAGE", value_parser = parse_aux_stage)]
+    pub aux_mask_second_stage: Option<Stage>,
     /// Lesion-weighted pooling: the lesion-mask head also runs at prediction, and layer4's
     /// features averaged over where it sees the lesion add their own logits to those of the
     /// whole image's average (prediction still needs no mask). Needs the lesion-mask head. On
@@ -287,6 +293,7 @@ impl TrainArgs {
         c.lesion_pooling |= self.lesion_pooling;
         set(&mut c.trainable_from, self.trainable_from);
         set(&mut c.aux_mask_stage, self.aux_mask_stage);
+        set_some(&mut c.aux_mask_second_stage, self.aux_mask_second_stage);
         if let Some(o) = self.optimizer.as_deref() {
             let lr = c.optim.optimizer.lr();
             c.optim.optimizer = match o {
