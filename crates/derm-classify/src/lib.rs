@@ -961,13 +961,9 @@ fn forward_tapped(
 ) -> Result<Tapped> {
     let stages: Vec<Stage> = std::iter::once(head.stage()).chain(head.second_stage()).collect();
     let (last, tapped) = net.features_taps(x, train, trainable_from, &stages)?;
-    let mut tapped = stages
-        .iter()
-        .zip(tapped)
-        .map(|(s, t)| t.ok_or_else(|| Error::invalid(format!("the network has no {}", s.name()))));
-    let features = tapped.next().ok_or_else(|| Error::invalid("no stage tapped"))??;
-    let second = match tapped.next().transpose()? {
-        Some(f) => head.second_map(&f)?,
+    let features = tapped[0].clone();
+    let second = match tapped.get(1) {
+        Some(f) => head.second_map(f)?,
         None => None,
     };
     let map = head.forward(&features)?;
@@ -1781,8 +1777,8 @@ mod tests {
         let (x, y, masks) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
         let second_loss = |t: &ClassifyTask| {
             let (_, f) = t.clf.net.features_taps(&x, true, Stage::Conv1, &[Stage::Layer3, Stage::Layer2]).unwrap();
-            assert_eq!(f[0].as_ref().unwrap().dims4().unwrap().2, 3, "layer3 of a 48 px input");
-            let map = head.second_map(f[1].as_ref().unwrap()).unwrap().expect("a second map");
+            assert_eq!(f[0].dims4().unwrap().2, 3, "layer3 of a 48 px input");
+            let map = head.second_map(&f[1]).unwrap().expect("a second map");
             let (_, h, w) = map.dims3().unwrap();
             assert_eq!((h, w), (6, 6), "layer2 of a 48 px input");
             let (tg, p) = aux::targets(&masks, h, w, &Device::Cpu).unwrap();

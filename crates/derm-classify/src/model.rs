@@ -366,20 +366,23 @@ impl ResNet {
         trainable_from: Stage,
         tap: Option<Stage>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let taps: Vec<Stage> = tap.into_iter().collect();
+        let taps: Vec<Stage> = tap.filter(|s| s.layer_index().is_some()).into_iter().collect();
         let (last, mut tapped) = self.features_taps(x, train, trainable_from, &taps)?;
-        Ok((last, tapped.pop().flatten()))
+        Ok((last, tapped.pop()))
     }
 
     /// [`ResNet::features_tap`] for several stages at once: the output of each of `taps`, in
-    /// their order (`None` for a stage that is not `layer1` .. `layer4`), beside `layer4`'s.
+    /// their order, beside `layer4`'s; an error names a stage that is not `layer1` .. `layer4`.
     pub fn features_taps(
         &self,
         x: &Tensor,
         train: bool,
         trainable_from: Stage,
         taps: &[Stage],
-    ) -> Result<(Tensor, Vec<Option<Tensor>>)> {
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(s) = taps.iter().find(|s| s.layer_index().is_none()) {
+            candle_core::bail!("the network has no {} to tap", s.name());
+        }
         let t = |s: Stage| train && s >= trainable_from;
         let mut y = self.stem(x, t(Stage::Conv1))?;
         y = ops::max_pool2d(&y, Pool2d::square(3, 2, 1))?;
@@ -399,7 +402,7 @@ impl ResNet {
                 *slot = Some(y.clone());
             }
         }
-        Ok((y, tapped))
+        Ok((y, tapped.into_iter().flatten().collect()))
     }
 
     /// Channels of stage `stage`'s output (`layer1` .. `layer4`; the stem's width otherwise).
