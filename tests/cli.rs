@@ -150,7 +150,8 @@ fn bad_inputs_get_errors_naming_the_file() {
 
 /// The classifier's lesion-mask loss trains by default where the data set has masks (and is
 /// saved with the model, which then predicts from images alone); on a data set without masks it
-/// is off, and an explicit `--aux-mask-weight` there is an error saying why.
+/// is off, and an explicit `--aux-mask-weight` (or an option that trains beside it) there is an
+/// error saying why.
 #[test]
 fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for() {
     let d = tempfile::tempdir().unwrap();
@@ -197,4 +198,10 @@ fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for
     let o = train(&d.path().join("asked"), &["--aux-mask-weight", "1"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("--aux-mask-weight 1") && e.contains("lesion mask"), "{e}");
+    // So are the options that train only beside it, when asked for.
+    for extra in [&["--aux-descriptor-weight", "1"][..], &["--aux-mask-second-stage", "layer2"]] {
+        let o = train(&d.path().join("asked_beside"), extra);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && e.contains(extra[0]) && e.contains("lesion mask"), "{e}");
+    }
 }

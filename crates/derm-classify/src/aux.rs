@@ -31,16 +31,22 @@
 //! weight, so the mask's signal reaches the stages below the first head's directly. Training
 //! only.
 //!
+//! With [`crate::ClassifyConfig::aux_descriptor_weight`] (off by default) a linear map of the
+//! pooled last-stage features also regresses the lesion's ABCD measurements taken from each
+//! view's mask and pixels ([`crate::descriptors`]). Training only.
+//!
 //! Variables: `aux_mask.weight` (C,), `aux_mask.bias` (1,), with lesion pooling
 //! `aux_mask.pool_fc` (K, C_last), and with the per-cell diagnosis `aux_mask.cell_fc` (K, C) and
 //! `aux_mask.cell_bias` (K,), with a second stage `aux_mask.second_weight` (C2,) and
-//! `aux_mask.second_bias` (1,), outside torchvision's names, so [`crate::load_torchvision`] leaves
+//! `aux_mask.second_bias` (1,), with descriptors `aux_mask.desc_fc` (D, C_last) and
+//! `aux_mask.desc_bias` (D,), outside torchvision's names, so [`crate::load_torchvision`] leaves
 //! them at their initialisation.
 
 use candle_core::{Device, Result, Tensor};
 use candle_nn::{Init, VarBuilder};
 use image::GrayImage;
 
+use crate::descriptors;
 use crate::model::Stage;
 
 /// The prefix of the head's variables.
@@ -58,14 +64,24 @@ pub fn is_head_var(name: &str) -> bool {
     name.split('.').next() == Some(PREFIX)
 }
 
-/// The weights of the head's losses in a training step: the lesion mask's and the per-cell
-/// diagnosis's ([`crate::ClassifyConfig::aux_mask_weight`], [`crate::ClassifyConfig::aux_cell_weight`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// The weights of the head's losses in a training step: the lesion mask's, the per-cell
+/// diagnosis's and the lesion descriptors' ([`crate::ClassifyConfig::aux_mask_weight`],
+/// [`crate::ClassifyConfig::aux_cell_weight`], [`crate::ClassifyConfig::aux_descriptor_weight`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Weights {
     /// The lesion-mask loss's.
     pub mask: f64,
     /// The per-cell diagnosis loss's (read only when the head gives per-cell diagnoses).
     pub cells: f64,
+    /// The lesion descriptors' (read only when the head regresses them).
+    pub descriptors: f64,
+}
+
+impl Weights {
+    /// The weights `cfg` trains with.
+    pub fn of(cfg: &crate::ClassifyConfig) -> Self {
+        Weights { mask: cfg.aux_mask_weight, cells: cfg.aux_cell_weight, descriptors: cfg.aux_descriptor_weight }
+    }
 }
 
 /// The head: per-cell lesion logits from the feature map of one stage.
@@ -81,6 +97,9 @@ pub struct MaskHead {
     cells: Option<(Tensor, Tensor)>,
     /// With a second stage: that stage, and its own (C2,) weights and (1,) bias.
     second: Option<(Stage, Tensor, Tensor)>,
+    /// With lesion descriptors: the (D, C_last) map from the pooled last-stage features to them,
+    /// and its (D,) bias.
+    descriptors: Option<(Tensor, Tensor)>,
 }
 
 impl MaskHead {
@@ -89,7 +108,7 @@ impl MaskHead {
     /// and the bias at zero, so the first logits are near 0 (probability one half everywhere).
     pub fn new(channels: usize, stage: Stage, vb: VarBuilder) -> Result<Self> {
         let (weight, bias) = cell_map_vars(channels, "weight", "bias", &vb)?;
-        Ok(MaskHead { weight, bias, stage, pool: None, cells: None, second: None })
+        Ok(MaskHead { weight, bias, stage, pool: None, cells: None, second: None, descriptors: None })
     }
 
     /// The head that also reads `stage` (of `channels` output channels) with a 1x1 map of its own
@@ -135,6 +154,30 @@ impl MaskHead {
         let (n, c, h, wd) = features.dims4()?;
         let cells = features.reshape((n, c, h * wd))?.transpose(1, 2)?.contiguous()?;
         Ok(Some(cells.broadcast_matmul(&w.t()?)?.broadcast_add(b)?))
+    }
+
+    /// The head that also regresses the [`descriptors::COUNT`] lesion descriptors from the
+    /// `features` channels of the last stage, averaged over the view (`desc_fc`, `desc_bias`
+    /// under `vb`, both starting at zero, so the first predictions are the descriptors' mean).
+    pub fn with_descriptors(mut self, features: usize, vb: VarBuilder) -> Result<Self> {
+        let w = vb.get_with_hints((descriptors::COUNT, features), "desc_fc", Init::Const(0.0))?;
+        let b = vb.get_with_hints(descriptors::COUNT, "desc_bias", Init::Const(0.0))?;
+        self.descriptors = Some((w, b));
+        Ok(self)
+    }
+
+    /// The predicted standardised descriptors (N, D) from the pooled last-stage features
+    /// `pooled` (N, C); `None` without them.
+    pub fn descriptor_values(&self, pooled: &Tensor) -> Result<Option<Tensor>> {
+        match &self.descriptors {
+            Some((w, b)) => Ok(Some(pooled.matmul(&w.t()?)?.broadcast_add(b)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether the head regresses the lesion descriptors.
+    pub fn describes(&self) -> bool {
+        self.descriptors.is_some()
     }
 
     /// The head with lesion pooling: a (`classes`, `features`) map, `pool_fc` under `vb`,
@@ -225,6 +268,18 @@ pub fn cell_shares(mask: &GrayImage, h: usize, w: usize) -> Vec<f32> {
     on.iter().zip(&all).map(|(&a, &n)| if n == 0 { 0.0 } else { a as f32 / n as f32 }).collect()
 }
 
+/// What the head learns from for the views of a training batch, in the batch's order: each
+/// view's lesion mask, moved with it (`None` for a sample without one), and with lesion
+/// descriptors their standardised targets (N, D) and (N,) weights, 1 for a view with
+/// descriptors ([`crate::descriptors::Standardizer::targets`]).
+#[derive(Debug, Clone, Default)]
+pub struct ViewTargets {
+    /// Each view's lesion mask.
+    pub masks: Vec<Option<GrayImage>>,
+    /// The descriptors' targets and weights, when the head regresses them.
+    pub descriptors: Option<(Tensor, Tensor)>,
+}
+
 /// The head's targets for a batch: (N, h, w) cell shares of each mask, and (N,) weights, 1 for a
 /// sample with a mask and 0 for one without (its target row is zeros and counts for nothing).
 pub fn targets(masks: &[Option<GrayImage>], h: usize, w: usize, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -254,7 +309,7 @@ pub fn loss(logits: &Tensor, targets: &Tensor, present: &Tensor) -> Result<Tenso
 
 /// The mean of `per_sample` (N,) over the samples whose `present` weight (N,) is 1; 0 when none
 /// is.
-fn mean_over_present(per_sample: &Tensor, present: &Tensor) -> Result<Tensor> {
+pub(crate) fn mean_over_present(per_sample: &Tensor, present: &Tensor) -> Result<Tensor> {
     let n = present.sum_all()?.to_dtype(candle_core::DType::F32)?.clamp(1f32, f32::MAX)?;
     (per_sample * present)?.sum_all()?.div(&n)
 }

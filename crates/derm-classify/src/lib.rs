@@ -29,6 +29,8 @@
 //! - [`mix`]: mixup and CutMix of training batches.
 //! - [`aux`]: the auxiliary lesion-mask loss, on by default where the training images have
 //!   masks (a head on `layer3` learns where the lesion is; prediction needs no mask).
+//! - [`descriptors`]: the lesion's ABCD measurements (area, border, asymmetry, colour spread,
+//!   contrast) from a view and its mask, an optional second regression target.
 //!
 //! **Consumes:** a labelled data set of derm-data (RGB images of any size; ISIC 2017 classes
 //! melanoma, seborrheic keratosis, nevus, or any manifest's classes), optionally a folder of
@@ -41,6 +43,7 @@
 
 pub mod aux;
 pub mod data;
+pub mod descriptors;
 pub mod eval;
 pub mod mix;
 pub mod model;
@@ -206,6 +209,17 @@ pub struct ClassifyConfig {
     /// BENCHMARKS.md, "A diagnosis per lesion cell, dropout and a longer weight average").
     #[serde(default)]
     pub aux_cell_weight: f64,
+    /// Weight of the lesion-descriptor loss ([`descriptors`]): a linear map of the pooled
+    /// last-stage features also regresses the ABCD measurements (area, border, asymmetry,
+    /// colour spread, contrast) of each training view's lesion, standardised over the training
+    /// images, and its mean squared error is added with this weight. Training only; needs the
+    /// lesion-mask head (`aux_mask_weight` > 0), whose masks it reads, and is off with its loss.
+    /// 0 (off) by default, and in configs saved before it existed: on held-out ISIC images after
+    /// 40 CPU minutes weight 1 scored +0.011 and -0.003 mean AUC against the defaults on two
+    /// seeds (paired intervals -0.009 to +0.032 and -0.024 to +0.016; BENCHMARKS.md, "Lesion
+    /// descriptors as a second regression target").
+    #[serde(default)]
+    pub aux_descriptor_weight: f64,
     /// Sharpness-aware minimisation ([`Optimizer::sharpness_aware_step`]): each step descends the
     /// highest loss within this distance of the weights (the radius, in the weights' own units;
     /// 0: off, a plain step). Each step takes two forward and backward passes, so a run of fixed
@@ -282,6 +296,7 @@ impl Default for ClassifyConfig {
             aux_mask_second_stage: None,
             lesion_pooling: false,
             aux_cell_weight: 0.0,
+            aux_descriptor_weight: 0.0,
         }
     }
 }
@@ -355,6 +370,18 @@ impl ClassifyConfig {
                 "classify: aux_cell_weight {} must be a number of at least 0",
                 self.aux_cell_weight
             )));
+        }
+        if !(self.aux_descriptor_weight.is_finite() && self.aux_descriptor_weight >= 0.0) {
+            return Err(Error::invalid(format!(
+                "classify: aux_descriptor_weight {} must be a number of at least 0",
+                self.aux_descriptor_weight
+            )));
+        }
+        if self.aux_descriptor_weight > 0.0 && self.aux_mask_weight <= 0.0 {
+            return Err(Error::invalid(
+                "classify: aux_descriptor_weight measures each view's lesion from the lesion masks the lesion-mask \
+                 head learns from and needs aux_mask_weight > 0",
+            ));
         }
         if self.aux_cell_weight > 0.0 && self.aux_mask_weight <= 0.0 {
             return Err(Error::invalid(
@@ -488,6 +515,9 @@ impl ClassifyConfig {
             if self.aux_cell_weight > 0.0 {
                 s.push_str(&format!(", diagnosis per lesion cell (weight {})", self.aux_cell_weight));
             }
+            if self.aux_descriptor_weight > 0.0 {
+                s.push_str(&format!(", lesion descriptors (weight {})", self.aux_descriptor_weight));
+            }
         }
         if self.ema_decay > 0.0 {
             s.push_str(&format!(", EMA {}", self.ema_decay));
@@ -501,8 +531,9 @@ impl ClassifyConfig {
         s
     }
 
-    /// What in this config, besides the lesion-mask loss, needs the lesion-mask head: lesion
-    /// pooling or the per-cell diagnosis, by name; `None` when nothing else does. Where the head
+    /// What in this config, besides the lesion-mask loss (with its second stage and the lesion
+    /// descriptors, which are off with it), needs the lesion-mask head: lesion pooling or the
+    /// per-cell diagnosis, by name; `None` when nothing else does. Where the head
     /// cannot train, the loss alone is turned off, but a config that needs the head is refused.
     pub fn needs_mask_head(&self) -> Option<&'static str> {
         if self.lesion_pooling {
@@ -512,6 +543,15 @@ impl ClassifyConfig {
         } else {
             None
         }
+    }
+
+    /// Turns the lesion-mask loss off, with what trains only beside it: its second stage and the
+    /// lesion descriptors (where something else needs the head, [`ClassifyConfig::validate`]
+    /// then refuses the config).
+    pub fn mask_loss_off(&mut self) {
+        self.aux_mask_weight = 0.0;
+        self.aux_mask_second_stage = None;
+        self.aux_descriptor_weight = 0.0;
     }
 
     /// Why the lesion-mask loss cannot train on `data` with this config, or `None` when it can
@@ -617,6 +657,9 @@ impl Classifier {
                 }
                 if let Some(second) = cfg.aux_mask_second_stage {
                     head = head.with_second_stage(net.stage_channels(second), second, vb.pp(aux::PREFIX))?;
+                }
+                if cfg.aux_descriptor_weight > 0.0 {
+                    head = head.with_descriptors(cfg.model.feature_dim(), vb.pp(aux::PREFIX))?;
                 }
                 Some(match cfg.lesion_pooling {
                     true => {
@@ -940,13 +983,14 @@ pub fn forward_with_head(
     }
 }
 
-/// What [`forward_tapped`] gives: the logits, the head's map, the features of its stage and,
-/// with a second stage, that stage's map.
+/// What [`forward_tapped`] gives: the logits, the head's map, the features of its stage, with a
+/// second stage that stage's map, and the last stage's pooled features (before dropout).
 struct Tapped {
     logits: Tensor,
     map: Tensor,
     features: Tensor,
     second: Option<Tensor>,
+    pooled: Tensor,
 }
 
 /// [`forward_with_head`] with a head ([`Tapped`]); `keep`, dropout's multipliers, on the pooled
@@ -967,19 +1011,21 @@ fn forward_tapped(
         None => None,
     };
     let map = head.forward(&features)?;
-    let mut logits = net.head().forward(&dropped(last.mean((2, 3))?, keep)?)?;
+    let pooled = last.mean((2, 3))?;
+    let mut logits = net.head().forward(&dropped(pooled.clone(), keep)?)?;
     if let Some(extra) = head.pooled_logits(&last, &map)? {
         logits = (logits + extra)?;
     }
-    Ok(Tapped { logits, map, features, second })
+    Ok(Tapped { logits, map, features, second, pooled })
 }
 
 /// One optimiser step of [`train_step`] (unmixed) plus the auxiliary lesion-mask loss
 /// ([`aux`]): `head` reads the output of its stage (and of its second stage, with the same
-/// weight), and its cross-entropy against each view's mask (`masks`, the batch's order; `None`
-/// counts for nothing) is added with `weights.mask`; with a head that gives per-cell diagnoses,
-/// their loss ([`aux::cell_class_loss`]) is added with `weights.cells`. The rest as in
-/// [`train_step`].
+/// weight), and its cross-entropy against each view's mask (`targets.masks`, the batch's order;
+/// `None` counts for nothing) is added with `weights.mask`; with a head that gives per-cell
+/// diagnoses, their loss ([`aux::cell_class_loss`]) is added with `weights.cells`; with one that
+/// regresses the lesion descriptors, their squared error against `targets.descriptors`
+/// ([`descriptors::loss`]) with `weights.descriptors`. The rest as in [`train_step`].
 #[allow(clippy::too_many_arguments)]
 pub fn train_step_with_masks(
     net: &ResNet,
@@ -987,25 +1033,28 @@ pub fn train_step_with_masks(
     opt: &mut Optimizer,
     x: &Tensor,
     y: &Tensor,
-    masks: &[Option<GrayImage>],
+    targets: &aux::ViewTargets,
     weights: aux::Weights,
     o: StepOptions<'_>,
 ) -> Result<StepLoss> {
     let mask_loss = |map: &Tensor| -> Result<(Tensor, Tensor, Tensor)> {
         let (_, h, w) = map.dims3()?;
-        let (targets, present) = aux::targets(masks, h, w, x.device())?;
-        Ok((aux::loss(map, &targets, &present)?, targets, present))
+        let (shares, present) = aux::targets(&targets.masks, h, w, x.device())?;
+        Ok((aux::loss(map, &shares, &present)?, shares, present))
     };
     let (loss, norm) = opt.sharpness_aware_step(o.sam_rho, o.state, || {
         let t = forward_tapped(net, head, x, true, o.trainable_from, o.keep)?;
         let ce = smoothed_loss(&t.logits, y, o.class_weights, o.label_smoothing)?;
-        let (mut masked, targets, present) = mask_loss(&t.map)?;
+        let (mut masked, shares, present) = mask_loss(&t.map)?;
         if let Some(second) = &t.second {
             masked = (masked + mask_loss(second)?.0)?;
         }
         let mut loss = (ce + (masked * weights.mask)?)?;
         if let Some(cells) = head.cell_logits(&t.features)? {
-            loss = (loss + (aux::cell_class_loss(&cells, y, &targets, &present)? * weights.cells)?)?;
+            loss = (loss + (aux::cell_class_loss(&cells, y, &shares, &present)? * weights.cells)?)?;
+        }
+        if let (Some(values), Some((wanted, described))) = (head.descriptor_values(&t.pooled)?, &targets.descriptors) {
+            loss = (loss + (descriptors::loss(&values, wanted, described)? * weights.descriptors)?)?;
         }
         Ok(loss)
     })?;
@@ -1042,6 +1091,9 @@ pub struct ClassifyTask {
     bank: Option<FeatureBank>,
     /// The running average of the weights (with `ema_decay`).
     ema: Option<WeightAverage>,
+    /// With lesion descriptors: their statistics over a view of each training image, which
+    /// standardise each view's ([`descriptor_statistics`]).
+    descriptor_stats: Option<descriptors::Standardizer>,
     /// The validation report of the latest evaluation.
     pub last_report: Option<ClassificationReport>,
     /// The kept model's validation report at its operating point, where [`train`] chose one,
@@ -1076,8 +1128,7 @@ impl ClassifyTask {
                 )));
             }
             tracing::warn!("the lesion-mask loss is off: {why}");
-            cfg.aux_mask_weight = 0.0;
-            cfg.aux_mask_second_stage = None;
+            cfg.mask_loss_off();
         } else if cfg.aux_mask_weight > 0.0 {
             let masked = train.samples.iter().filter(|s| s.mask.is_some()).count();
             if masked < train.len() {
@@ -1114,6 +1165,18 @@ impl ClassifyTask {
         } else {
             (Box::new(ShuffleSampler::new(train.len(), cfg.train.seed)), train.len() / cfg.batch_size)
         };
+        let cache = data::ScaledCache::new(cfg.resize, cfg.cache_bytes, cfg.lesion_crop_margin);
+        let descriptor_stats = match cfg.aux_descriptor_weight > 0.0 {
+            true => descriptor_statistics(&cfg, &cache, &train)?,
+            false => None,
+        };
+        if cfg.aux_descriptor_weight > 0.0 && descriptor_stats.is_none() {
+            tracing::warn!(
+                "the lesion-descriptor loss is off: no training view has a lesion covering {} of it",
+                descriptors::MIN_SHARE
+            );
+            cfg.aux_descriptor_weight = 0.0;
+        }
         let clf = Classifier::with_pretrained(cfg.clone(), device)?;
         if cfg.pretrained.is_none() && cfg.freeze_backbone {
             tracing::warn!("freeze_backbone without pretrained weights: the head is trained on random features");
@@ -1124,7 +1187,6 @@ impl ClassifyTask {
             true => Some(WeightAverage::new(&clf.varmap, cfg.ema_decay, |n| model::is_trainable(n, from))?),
             false => None,
         };
-        let cache = data::ScaledCache::new(cfg.resize, cfg.cache_bytes, cfg.lesion_crop_margin);
         Ok(ClassifyTask {
             clf,
             opt,
@@ -1137,6 +1199,7 @@ impl ClassifyTask {
             class_weights,
             bank: None,
             ema,
+            descriptor_stats,
             last_report: None,
             kept: None,
         })
@@ -1258,8 +1321,9 @@ impl ClassifyTask {
     }
 
     /// A training batch: images (N, 3, H, W), labels (N,), and with the lesion-mask loss on,
-    /// each view's lesion mask moved with it (`None` for a sample without one).
-    fn image_batch(&self, indices: &[usize], rng: &mut Rng) -> Result<(Tensor, Tensor, Vec<Option<GrayImage>>)> {
+    /// each view's lesion mask moved with it (`None` for a sample without one) and, with lesion
+    /// descriptors, their targets.
+    fn image_batch(&self, indices: &[usize], rng: &mut Rng) -> Result<(Tensor, Tensor, aux::ViewTargets)> {
         let cfg = &self.clf.cfg;
         let pairs: Vec<data::ScaledPair> = match self.clf.aux.is_some() {
             true => self.cache.load_with_masks(&self.train, indices)?,
@@ -1274,10 +1338,21 @@ impl ClassifyTask {
                 data::train_view_with_mask(img, m.as_deref(), cfg.input_size, cfg.random_crop, &cfg.augment, r)
             })
             .unzip();
+        let descriptors = match &self.descriptor_stats {
+            Some(d) => {
+                let rows: Vec<Option<[f32; descriptors::COUNT]>> = views
+                    .par_iter()
+                    .zip(&masks)
+                    .map(|(v, m)| m.as_ref().and_then(|m| descriptors::describe(v, m)))
+                    .collect();
+                Some(d.targets(&rows, &self.clf.device)?)
+            }
+            None => None,
+        };
         let refs: Vec<&RgbImage> = views.iter().collect();
         let x = image_io::images_to_tensor(&refs, cfg.normalize, &self.clf.device)?;
         let y = self.labels_of(indices)?;
-        Ok((x, y, masks))
+        Ok((x, y, aux::ViewTargets { masks, descriptors }))
     }
 
     fn labels_of(&self, indices: &[usize]) -> Result<Tensor> {
@@ -1327,14 +1402,14 @@ impl Task for ClassifyTask {
             })?;
             StepLoss::new(loss, norm)
         } else {
-            let (x, y, masks) = self.image_batch(&indices, rng)?;
+            let (x, y, targets) = self.image_batch(&indices, rng)?;
             let keep = dropout_mask(rng, indices.len(), cfg.model.feature_dim(), cfg.dropout, &self.clf.device)?;
             o.keep = keep.as_ref();
             let net = &self.clf.net;
             match &self.clf.aux {
                 Some(head) => {
-                    let weights = aux::Weights { mask: cfg.aux_mask_weight, cells: cfg.aux_cell_weight };
-                    train_step_with_masks(net, head, &mut self.opt, &x, &y, &masks, weights, o)?
+                    let weights = aux::Weights::of(cfg);
+                    train_step_with_masks(net, head, &mut self.opt, &x, &y, &targets, weights, o)?
                 }
                 None => {
                     let batch = cfg.mix.apply(&x, rng)?;
@@ -1392,13 +1467,57 @@ impl Task for ClassifyTask {
                     || (s.aux_mask_stage, s.aux_mask_second_stage) == (now.aux_mask_stage, now.aux_mask_second_stage))
                 && s.lesion_pooling == now.lesion_pooling
                 && (s.aux_cell_weight > 0.0) == (now.aux_cell_weight > 0.0)
+                && (s.aux_descriptor_weight > 0.0) == (now.aux_descriptor_weight > 0.0)
         };
         train::check_saved(
             dir,
             compatible,
-            "model shape, input size, class list, lesion-mask head, lesion pooling or per-cell diagnosis",
+            "model shape, input size, class list, lesion-mask head, lesion pooling, per-cell diagnosis or lesion \
+             descriptors",
         )
     }
+}
+
+/// The lesion descriptors' statistics over one training view (crop and augmentation as in
+/// training, drawn from a stream of the run's seed of its own, so the training draws do not
+/// change) of each training image with a mask; `None` when no view has a lesion to describe.
+/// The images stay in the cache for training. Not saved: a resumed run (same seed, same data)
+/// draws the same views and so the same statistics.
+fn descriptor_statistics(
+    cfg: &ClassifyConfig,
+    cache: &data::ScaledCache,
+    train: &Dataset,
+) -> Result<Option<descriptors::Standardizer>> {
+    const STREAM: u64 = 0x0de5_c41b;
+    let masked: Vec<usize> = (0..train.len()).filter(|&i| train.samples[i].mask.is_some()).collect();
+    let base = Rng::new(cfg.train.seed).fork(STREAM);
+    let mut rows = Vec::with_capacity(masked.len());
+    for chunk in masked.chunks(64) {
+        let pairs = cache.load_with_masks(train, chunk)?;
+        rows.extend(
+            pairs
+                .par_iter()
+                .zip(chunk)
+                .filter_map(|((img, m), &i)| {
+                    let mut r = base.fork(i as u64);
+                    let (view, m) = data::train_view_with_mask(
+                        img,
+                        m.as_deref(),
+                        cfg.input_size,
+                        cfg.random_crop,
+                        &cfg.augment,
+                        &mut r,
+                    );
+                    m.and_then(|m| descriptors::describe(&view, &m))
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    let s = descriptors::Standardizer::fit(&rows);
+    if let Some(s) = &s {
+        tracing::info!(lesions = rows.len(), mean = ?s.mean, std = ?s.std, "lesion descriptors' statistics");
+    }
+    Ok(s)
 }
 
 /// Trains from scratch (or from `cfg.pretrained`), or resumes from `<out>/last` when `resume` is
@@ -1602,12 +1721,12 @@ mod tests {
     fn head_steps(
         task: &mut ClassifyTask,
         head: &aux::MaskHead,
-        (x, y, masks): (&Tensor, &Tensor, &[Option<GrayImage>]),
+        (x, y, targets): (&Tensor, &Tensor, &aux::ViewTargets),
         weights: aux::Weights,
         n: usize,
     ) {
         for _ in 0..n {
-            train_step_with_masks(&task.clf.net, head, &mut task.opt, x, y, masks, weights, StepOptions::default())
+            train_step_with_masks(&task.clf.net, head, &mut task.opt, x, y, targets, weights, StepOptions::default())
                 .unwrap();
         }
     }
@@ -1661,19 +1780,20 @@ mod tests {
         assert!(!model::is_trainable("aux_mask.weight", Stage::Fc));
         // One fixed batch: its views' masks are the phantoms' lesions, moved with the views.
         let idx: Vec<usize> = (0..12).collect();
-        let (x, y, masks) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let (x, y, targets) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let masks = &targets.masks;
         assert!(masks.iter().all(|m| m.as_ref().is_some_and(|m| m.dimensions() == (48, 48))));
         let mask_loss = |t: &ClassifyTask| {
             let (_, f) = t.clf.net.features_tap(&x, true, Stage::Conv1, Some(head.stage())).unwrap();
             let f = f.unwrap();
             let (_, _, h, w) = f.dims4().unwrap();
             assert_eq!((h, w), (3, 3), "layer3 of a 48 px input");
-            let (tg, p) = aux::targets(&masks, h, w, &Device::Cpu).unwrap();
+            let (tg, p) = aux::targets(masks, h, w, &Device::Cpu).unwrap();
             aux::loss(&head.forward(&f).unwrap(), &tg, &p).unwrap().to_scalar::<f32>().unwrap()
         };
         let before = mask_loss(&task);
-        let weights = aux::Weights { mask: task.clf.cfg.aux_mask_weight, cells: 0.0 };
-        head_steps(&mut task, &head, (&x, &y, &masks), weights, 15);
+        let weights = aux::Weights { mask: task.clf.cfg.aux_mask_weight, ..Default::default() };
+        head_steps(&mut task, &head, (&x, &y, &targets), weights, 15);
         let after = mask_loss(&task);
         assert!(after < 0.7 * before, "mask loss {before} -> {after}");
         // A whole run saves the head; the loaded model predicts from an image alone.
@@ -1716,8 +1836,9 @@ mod tests {
         let mut t = ClassifyTask::new(cfg.clone(), &some, &ExtraSources::default(), &Device::Cpu).unwrap();
         let all: Vec<usize> = (0..t.train.len()).collect();
         let (_, _, m) = t.image_batch(&all, &mut Rng::new(0)).unwrap();
+        assert!(m.descriptors.is_none(), "no descriptors unless asked for");
         assert_eq!(
-            m.iter().filter(|m| m.is_none()).count(),
+            m.masks.iter().filter(|m| m.is_none()).count(),
             t.train.samples.iter().filter(|s| s.mask.is_none()).count()
         );
         t.train_batch(0, 0, &mut Rng::new(0)).unwrap();
@@ -1736,6 +1857,79 @@ mod tests {
         let (_, f) = t.clf.net.features_tap(&x, true, Stage::Layer4, Some(Stage::Layer4)).unwrap();
         assert_eq!(head.forward(&f.unwrap()).unwrap().dims(), &[12, 2, 2], "layer4 of a 48 px input");
         t.train_batch(0, 0, &mut Rng::new(0)).unwrap();
+    }
+
+    #[test]
+    fn lesion_descriptors_train_the_pooled_features_and_are_saved_with_the_model() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 56);
+        let cfg =
+            ClassifyConfig { aux_mask_weight: 1.0, aux_descriptor_weight: 1.0, lesion_crop_margin: None, ..tiny_cfg() };
+        // Off by default and in a config saved before it existed; it needs the head.
+        assert_eq!(ClassifyConfig::default().aux_descriptor_weight, 0.0);
+        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
+        old.as_object_mut().unwrap().remove("aux_descriptor_weight");
+        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().aux_descriptor_weight, 0.0);
+        let e = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() }.validate().unwrap_err();
+        assert!(e.to_string().contains("aux_descriptor_weight") && e.to_string().contains("aux_mask_weight"), "{e}");
+        assert!(ClassifyConfig { aux_descriptor_weight: -1.0, ..cfg.clone() }.validate().is_err());
+        assert!(cfg.describe().contains("lesion descriptors (weight 1)"), "{}", cfg.describe());
+        let mut task = ClassifyTask::new(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        let head = task.clf.aux.clone().unwrap();
+        assert!(head.describes());
+        // The statistics come from the training images: every phantom has a lesion to describe.
+        let stats = task.descriptor_stats.clone().expect("statistics of the training lesions");
+        // The phantoms' lesions vary in every descriptor (a constant one would keep unit scale).
+        assert!(stats.std.iter().all(|&s| s > 0.0 && s != 1.0), "{stats:?}");
+        assert!(stats.mean[0] > 0.0 && stats.mean[0] < 1.0, "{stats:?}");
+        let again = ClassifyTask::new(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu).unwrap();
+        assert_eq!(again.descriptor_stats, Some(stats), "drawn from the run's seed");
+        // Each view of a batch has its standardised descriptors, from its own mask and pixels.
+        let idx: Vec<usize> = (0..12).collect();
+        let (x, y, targets) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let (wanted, present) = targets.descriptors.clone().expect("descriptor targets");
+        assert_eq!(wanted.dims(), &[12, descriptors::COUNT]);
+        let described = present.sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(described >= 10.0, "{described} of 12 views described");
+        // Steps on one batch lower the descriptors' loss: the pooled features learn them.
+        let desc_loss = |t: &ClassifyTask| {
+            let last = t.clf.net.features_tap(&x, true, Stage::Conv1, None).unwrap().0;
+            let values = head.descriptor_values(&last.mean((2, 3)).unwrap()).unwrap().expect("descriptor values");
+            descriptors::loss(&values, &wanted, &present).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let before = desc_loss(&task);
+        let weights = aux::Weights { mask: 1.0, descriptors: 1.0, ..Default::default() };
+        head_steps(&mut task, &head, (&x, &y, &targets), weights, 20);
+        let after = desc_loss(&task);
+        assert!(after < 0.6 * before, "descriptor loss {before} -> {after}");
+        // A whole run saves the map; prediction does not read it; a run without it does not resume.
+        let out = d.path().join("run");
+        let (task, _) =
+            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        drop(task);
+        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        assert!(clf.aux.as_ref().is_some_and(|h| h.describes()));
+        assert!(clf.varmap.data().lock().unwrap().contains_key("aux_mask.desc_fc"));
+        let p = clf.probabilities(&[&RgbImage::from_pixel(50, 40, image::Rgb([150, 90, 70]))], true).unwrap();
+        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        let other = ClassifyConfig { aux_descriptor_weight: 0.0, ..cfg.clone() };
+        let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
+        assert!(e.to_string().contains("lesion descriptors"), "{e}");
+        // Without masks they are off with the lesion-mask loss.
+        let mut unmasked = data.clone();
+        unmasked.samples.iter_mut().for_each(|s| s.mask = None);
+        let t = ClassifyTask::new(cfg.clone(), &unmasked, &ExtraSources::default(), &Device::Cpu).unwrap();
+        assert!(t.clf.aux.is_none() && t.clf.cfg.aux_descriptor_weight == 0.0 && t.descriptor_stats.is_none());
+        // So are they, alone, where no training lesion is large enough to describe.
+        let mut specks = data.clone();
+        for s in specks.samples.iter_mut() {
+            let m = image::GrayImage::from_fn(56, 56, |x, y| image::Luma([if x < 2 && y < 2 { 255 } else { 0 }]));
+            let path = d.path().join(format!("{}_speck.png", s.id));
+            m.save(&path).unwrap();
+            s.mask = Some(path);
+        }
+        let t = ClassifyTask::new(cfg, &specks, &ExtraSources::default(), &Device::Cpu).unwrap();
+        assert!(t.clf.aux.as_ref().is_some_and(|h| !h.describes()) && t.descriptor_stats.is_none());
     }
 
     #[test]
@@ -1774,18 +1968,19 @@ mod tests {
         );
         // Steps on one batch lower the second map's loss, at layer2's grid.
         let idx: Vec<usize> = (0..12).collect();
-        let (x, y, masks) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let (x, y, targets) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let masks = &targets.masks;
         let second_loss = |t: &ClassifyTask| {
             let (_, f) = t.clf.net.features_taps(&x, true, Stage::Conv1, &[Stage::Layer3, Stage::Layer2]).unwrap();
             assert_eq!(f[0].dims4().unwrap().2, 3, "layer3 of a 48 px input");
             let map = head.second_map(&f[1]).unwrap().expect("a second map");
             let (_, h, w) = map.dims3().unwrap();
             assert_eq!((h, w), (6, 6), "layer2 of a 48 px input");
-            let (tg, p) = aux::targets(&masks, h, w, &Device::Cpu).unwrap();
+            let (tg, p) = aux::targets(masks, h, w, &Device::Cpu).unwrap();
             aux::loss(&map, &tg, &p).unwrap().to_scalar::<f32>().unwrap()
         };
         let before = second_loss(&task);
-        head_steps(&mut task, &head, (&x, &y, &masks), aux::Weights { mask: 1.0, cells: 0.0 }, 30);
+        head_steps(&mut task, &head, (&x, &y, &targets), aux::Weights { mask: 1.0, ..Default::default() }, 30);
         let after = second_loss(&task);
         assert!(after < 0.6 * before, "second map's loss {before} -> {after}");
         // A run saves it and loads it back; a run without it does not resume one with it.
@@ -1824,12 +2019,12 @@ mod tests {
         };
         // At the start the lesion's logits add nothing: the plain network's logits.
         let idx: Vec<usize> = (0..12).collect();
-        let (x, y, masks) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let (x, y, targets) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
         let (logits, map) = forward_with_head(&task.clf.net, Some(&head), &x, false, Stage::Conv1).unwrap();
         assert_eq!(diff(&logits, &task.clf.net.forward_t(&x, false).unwrap()), 0.0);
         assert_eq!(map.unwrap().dims(), &[12, 3, 3], "layer3 of a 48 px input");
         // Training moves them off zero: the logits then read the head.
-        head_steps(&mut task, &head, (&x, &y, &masks), aux::Weights { mask: 1.0, cells: 0.0 }, 5);
+        head_steps(&mut task, &head, (&x, &y, &targets), aux::Weights { mask: 1.0, ..Default::default() }, 5);
         let pool = task.clf.varmap.data().lock().unwrap()["aux_mask.pool_fc"].as_tensor().clone();
         assert!(pool.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         let (logits, _) = forward_with_head(&task.clf.net, Some(&head), &x, false, Stage::Conv1).unwrap();
@@ -1949,18 +2144,19 @@ mod tests {
         let head = task.clf.aux.clone().unwrap();
         // Steps on one batch lower the cells' loss: the head's cell map and the backbone learn.
         let idx: Vec<usize> = (0..12).collect();
-        let (x, y, masks) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let (x, y, targets) = task.image_batch(&idx, &mut Rng::new(1)).unwrap();
+        let masks = &targets.masks;
         let cell_loss = |t: &ClassifyTask| {
             let (_, f) = t.clf.net.features_tap(&x, true, Stage::Conv1, Some(head.stage())).unwrap();
             let f = f.unwrap();
             let (_, _, h, w) = f.dims4().unwrap();
-            let (shares, present) = aux::targets(&masks, h, w, &Device::Cpu).unwrap();
+            let (shares, present) = aux::targets(masks, h, w, &Device::Cpu).unwrap();
             let cells = head.cell_logits(&f).unwrap().expect("the head gives per-cell diagnoses");
             aux::cell_class_loss(&cells, &y, &shares, &present).unwrap().to_scalar::<f32>().unwrap()
         };
         let before = cell_loss(&task);
-        let weights = aux::Weights { mask: 1.0, cells: 1.0 };
-        head_steps(&mut task, &head, (&x, &y, &masks), weights, 15);
+        let weights = aux::Weights { mask: 1.0, cells: 1.0, ..Default::default() };
+        head_steps(&mut task, &head, (&x, &y, &targets), weights, 15);
         let after = cell_loss(&task);
         assert!(after < 0.7 * before, "cell loss {before} -> {after}");
         // A whole run saves it; prediction does not read it; a run without it does not resume.

@@ -355,6 +355,13 @@ mod tests {
         assert!(cells.aux_cell_weight == 0.5 && cells.validate().is_ok());
         assert!(cls(&["--aux-cell-weight", "1", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
         assert!(cls(&["--aux-cell-weight=-1"]).unwrap().validate().is_err());
+        // The lesion descriptors: off unless a weight is given; they need the head.
+        assert_eq!(def.aux_descriptor_weight, 0.0);
+        let described = cls(&["--aux-descriptor-weight", "0.5"]).unwrap();
+        assert!(described.aux_descriptor_weight == 0.5 && described.validate().is_ok());
+        assert!(described.describe().contains("lesion descriptors (weight 0.5)"));
+        assert!(cls(&["--aux-descriptor-weight", "1", "--aux-mask-weight", "0"]).unwrap().validate().is_err());
+        assert!(cls(&["--aux-descriptor-weight=-1"]).unwrap().validate().is_err());
         // Dropout before fc: off unless given, a probability below 1.
         assert_eq!(def.dropout, 0.0);
         assert_eq!(cls(&["--dropout", "0.3"]).unwrap().dropout, 0.3);

@@ -167,6 +167,14 @@ pub struct TrainArgs {
     /// AUC against 0.835 without it (one seed). [config default: 0]
     #[arg(long, value_name = "WEIGHT")]
     pub aux_cell_weight: Option<f64>,
+    /// Lesion descriptors: a linear map of the pooled features also regresses each training
+    /// view's ABCD measurements (lesion area, border raggedness, asymmetry about its two axes,
+    /// colour spread, contrast with the skin), taken from its mask and pixels, its squared error
+    /// weighted by this (0: off). Training only; needs the lesion-mask head. On held-out ISIC
+    /// images after 40 CPU minutes weight 1 scored +0.011 and -0.003 mean AUC against the
+    /// defaults (two seeds). [config default: 0]
+    #[arg(long, value_name = "WEIGHT")]
+    pub aux_descriptor_weight: Option<f64>,
     /// With --select-operating-point: keep at least this melanoma sensitivity on the validation
     /// part (the best balanced accuracy among the operating points that do; 0: no floor).
     /// [config default: 0.82, ISIC 2017's first sensitivity level]
@@ -281,6 +289,7 @@ impl TrainArgs {
         set(&mut c.sam_rho, self.sam);
         set(&mut c.aux_mask_weight, self.aux_mask_weight);
         set(&mut c.aux_cell_weight, self.aux_cell_weight);
+        set(&mut c.aux_descriptor_weight, self.aux_descriptor_weight);
         set(&mut c.min_melanoma_sensitivity, self.min_melanoma_sensitivity);
         set_some(&mut c.lesion_crop_margin, self.lesion_crop);
         set(&mut c.augment, self.augment.map(Augment::config));
@@ -338,12 +347,18 @@ impl TrainArgs {
             if let Some(w) = self.aux_mask_weight {
                 bail!("--aux-mask-weight {w}: {why}");
             }
+            if let Some(s) = self.aux_mask_second_stage {
+                bail!("--aux-mask-second-stage {}: the lesion-mask loss cannot train: {why}", s.name());
+            }
+            if let Some(w) = self.aux_descriptor_weight.filter(|&w| w > 0.0) {
+                bail!("--aux-descriptor-weight {w}: the lesion-mask loss cannot train: {why}");
+            }
             // Where something else needs the head, the library refuses the run with the reason.
             if cfg.needs_mask_head().is_none() {
                 if !g.quiet {
                     eprintln!("classify: the lesion-mask loss is off: {why}");
                 }
-                cfg.aux_mask_weight = 0.0;
+                cfg.mask_loss_off();
             }
         }
         let described = cfg.describe();
