@@ -187,6 +187,34 @@ fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for
     assert_eq!((c["comparison"]["bootstrap"]["seed"].as_u64(), c["comparison"]["items"].as_u64()), (Some(4), Some(16)));
     let e = err(&["classify", "compare", p(&views), p(&one), "--level", "1.5"]);
     assert!(e.contains("--level"), "{e}");
+    // A space-to-depth stem trains, and VisualBackProp carries its saliency back to the whole view.
+    let s2d = d.path().join("s2d");
+    let o = train(&s2d, &["--space-to-depth", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("resnet18-w8-s2d2"), "{o:?}");
+    let sal = d.path().join("vbp_s2d");
+    let v: serde_json::Value = serde_json::from_str(&ok(&[
+        "vbp",
+        "--model",
+        p(&s2d),
+        "--input",
+        p(&images),
+        "--limit",
+        "2",
+        "--json",
+        "--out",
+        p(&sal),
+    ]))
+    .unwrap();
+    assert_eq!(v["images"], 2);
+    let first = std::fs::read_dir(&sal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|f| f.to_string_lossy().ends_with("_saliency.png"))
+        .expect("a saliency map");
+    let map = image::open(first).unwrap().to_luma8();
+    assert_eq!(map.dimensions(), (32, 32));
+    assert!(map.pixels().any(|q| q[0] == 255), "a normalised map reaches 1");
 
     std::fs::remove_dir_all(ph.join("masks")).unwrap();
     let without = d.path().join("without");

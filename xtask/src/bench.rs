@@ -269,7 +269,7 @@ fn bench_vbp(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         let f = net.forward_features(&x, false)?;
         let mut st = vec![f.stem];
         st.extend(f.layers);
-        derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
+        derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(1), (224, 224))?;
         Ok(())
     })?;
     let f = net.forward_features(&x, false)?;
@@ -280,7 +280,7 @@ fn bench_vbp(a: &BenchArgs) -> anyhow::Result<Vec<Row>> {
         a.warmup,
         a.repeats.max(5),
         || {
-            derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(), (224, 224))?;
+            derm_vbp::visual_backprop(&st, &derm_vbp::resnet_steps(1), (224, 224))?;
             Ok(())
         },
     )?;

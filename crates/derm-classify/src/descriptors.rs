@@ -49,7 +49,8 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
     let on = |x: usize, y: usize| mask.get_pixel(x as u32, y as u32)[0] >= 128;
     let total = (w * h) as f64;
     let mut n = 0usize;
-    let (mut sx, mut sy) = (0f64, 0f64);
+    // Raw first and second moments of the lesion's pixel positions.
+    let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0f64, 0f64, 0f64, 0f64, 0f64);
     let mut boundary = 0usize;
     let mut sum = [0f64; 3];
     let mut sq = [0f64; 3];
@@ -63,8 +64,12 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
                 continue;
             }
             n += 1;
-            sx += x as f64;
-            sy += y as f64;
+            let (xf, yf) = (x as f64, y as f64);
+            sx += xf;
+            sy += yf;
+            sxx += xf * xf;
+            syy += yf * yf;
+            sxy += xf * yf;
             lum_in += lum;
             for c in 0..3 {
                 sum[c] += p[c];
@@ -87,17 +92,7 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
     let nf = n as f64;
     let (cx, cy) = (sx / nf, sy / nf);
     // Second moments about the centroid, and the principal axes.
-    let (mut mxx, mut myy, mut mxy) = (0f64, 0f64, 0f64);
-    for y in 0..h {
-        for x in 0..w {
-            if on(x, y) {
-                let (dx, dy) = (x as f64 - cx, y as f64 - cy);
-                mxx += dx * dx;
-                myy += dy * dy;
-                mxy += dx * dy;
-            }
-        }
-    }
+    let (mxx, myy, mxy) = (sxx - nf * cx * cx, syy - nf * cy * cy, sxy - nf * cx * cy);
     let theta = 0.5 * (2.0 * mxy).atan2(mxx - myy);
     let asymmetry = |ux: f64, uy: f64| -> f64 {
         let mut off = 0usize;

@@ -357,6 +357,18 @@ impl ClassifyConfig {
                 self.input_size, self.resize
             )));
         }
+        let f = self.model.space_to_depth;
+        if f == 0 || !self.input_size.is_multiple_of(f as u32) {
+            return Err(Error::invalid(format!(
+                "classify: input_size {} must be a multiple of the stem's space_to_depth {f} (at least 1)",
+                self.input_size
+            )));
+        }
+        if f > 1 && self.pretrained.is_some() {
+            return Err(Error::invalid(format!(
+                "classify: torchvision weights fit a 7x7 stem on RGB, not space_to_depth {f}: use 1 with pretrained"
+            )));
+        }
         if self.batch_size == 0 {
             return Err(Error::invalid("classify: batch_size must be at least 1"));
         }
@@ -1753,10 +1765,52 @@ mod tests {
         assert!(after < 0.5 * before, "loss {before} -> {after}");
     }
 
+    /// Trains `cfg` on `data` into `dir/run` and loads the kept model, which must give
+    /// probabilities from an image alone; a run of `other` must not resume it (the refusal naming
+    /// `refused`). Returns the loaded model.
+    fn train_load_and_refuse_resume(
+        cfg: &ClassifyConfig,
+        data: &Dataset,
+        dir: &Path,
+        other: ClassifyConfig,
+        refused: &str,
+    ) -> Classifier {
+        let out = dir.join("run");
+        train(cfg.clone(), data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
+        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        let p = clf.probabilities(&[&RgbImage::from_pixel(50, 40, image::Rgb([150, 90, 70]))], true).unwrap();
+        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
+        let e = train(other, data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
+        assert!(e.to_string().contains(refused), "{e}");
+        clf
+    }
+
     #[test]
     fn a_few_steps_lower_the_loss_on_phantoms() {
         let d = tempfile::tempdir().unwrap();
         ten_steps_halve_a_fixed_batch_loss(tiny_cfg(), &phantoms(d.path(), 24, 56), 0.0);
+    }
+
+    #[test]
+    fn a_space_to_depth_stem_trains_and_is_saved_with_the_model() {
+        let d = tempfile::tempdir().unwrap();
+        let data = phantoms(d.path(), 24, 56);
+        let cfg = ClassifyConfig { model: ResNetConfig { space_to_depth: 2, ..tiny_cfg().model }, ..tiny_cfg() };
+        assert!(cfg.describe().starts_with("resnet18-w8-s2d2 (width 8"), "{}", cfg.describe());
+        ten_steps_halve_a_fixed_batch_loss(cfg.clone(), &data, 0.0);
+        let one = ClassifyConfig { train: LoopConfig { epochs: 1, ..cfg.train.clone() }, ..cfg.clone() };
+        let torchvision_stem = ClassifyConfig { model: tiny_cfg().model, ..one.clone() };
+        let clf = train_load_and_refuse_resume(&one, &data, d.path(), torchvision_stem, "model shape");
+        assert_eq!(clf.cfg.model.space_to_depth, 2);
+        // 1 in a config saved before the option existed; a size it does not divide and
+        // torchvision weights are refused.
+        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
+        old["model"].as_object_mut().unwrap().remove("space_to_depth");
+        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().model.space_to_depth, 1);
+        let e = ClassifyConfig { input_size: 47, resize: 56, ..cfg.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("input_size 47") && e.contains("space_to_depth 2"), "{e}");
+        let e = ClassifyConfig { pretrained: Some("w.safetensors".into()), ..cfg }.validate().unwrap_err().to_string();
+        assert!(e.contains("space_to_depth 2"), "{e}");
     }
 
     #[test]
@@ -1796,23 +1850,15 @@ mod tests {
         head_steps(&mut task, &head, (&x, &y, &targets), weights, 15);
         let after = mask_loss(&task);
         assert!(after < 0.7 * before, "mask loss {before} -> {after}");
-        // A whole run saves the head; the loaded model predicts from an image alone.
-        let out = d.path().join("run");
-        let (task, _) =
-            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
-        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
-        assert!(clf.aux.is_some() && clf.cfg.aux_mask_weight == 1.0);
-        let p = clf.probabilities(&[&RgbImage::from_pixel(50, 40, image::Rgb([150, 90, 70]))], true).unwrap();
-        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
-        // A run without the head does not resume one with it, and the reverse.
+        // A whole run saves the head; the loaded model predicts from an image alone. A run without
+        // the head does not resume one with it, nor does a head on another stage.
         let other = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() };
-        let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
-        assert!(e.to_string().contains("lesion-mask head"), "{e}");
-        // Nor does a head on another stage.
+        let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "lesion-mask head");
+        assert!(clf.aux.is_some() && clf.cfg.aux_mask_weight == 1.0);
         let other = ClassifyConfig { aux_mask_stage: Stage::Layer2, ..cfg.clone() };
+        let out = d.path().join("run");
         let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
         assert!(e.to_string().contains("lesion-mask head"), "{e}");
-        drop(task);
         // Where it cannot train it is off, and the reason is given: no mask at all, mixing, a
         // frozen backbone, training from after layer3. Images without a mask count for nothing.
         let mut unmasked = data.clone();
@@ -1903,18 +1949,10 @@ mod tests {
         let after = desc_loss(&task);
         assert!(after < 0.6 * before, "descriptor loss {before} -> {after}");
         // A whole run saves the map; prediction does not read it; a run without it does not resume.
-        let out = d.path().join("run");
-        let (task, _) =
-            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
-        drop(task);
-        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        let other = ClassifyConfig { aux_descriptor_weight: 0.0, ..cfg.clone() };
+        let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "lesion descriptors");
         assert!(clf.aux.as_ref().is_some_and(|h| h.describes()));
         assert!(clf.varmap.data().lock().unwrap().contains_key("aux_mask.desc_fc"));
-        let p = clf.probabilities(&[&RgbImage::from_pixel(50, 40, image::Rgb([150, 90, 70]))], true).unwrap();
-        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
-        let other = ClassifyConfig { aux_descriptor_weight: 0.0, ..cfg.clone() };
-        let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
-        assert!(e.to_string().contains("lesion descriptors"), "{e}");
         // Without masks they are off with the lesion-mask loss.
         let mut unmasked = data.clone();
         unmasked.samples.iter_mut().for_each(|s| s.mask = None);
@@ -1984,13 +2022,9 @@ mod tests {
         let after = second_loss(&task);
         assert!(after < 0.6 * before, "second map's loss {before} -> {after}");
         // A run saves it and loads it back; a run without it does not resume one with it.
-        let out = d.path().join("run");
-        train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
-        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
-        assert_eq!(clf.aux.as_ref().and_then(|h| h.second_stage()), Some(Stage::Layer2));
         let one = ClassifyConfig { aux_mask_second_stage: None, ..cfg.clone() };
-        let e = train(one, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
-        assert!(e.to_string().contains("lesion-mask head"), "{e}");
+        let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), one, "lesion-mask head");
+        assert_eq!(clf.aux.as_ref().and_then(|h| h.second_stage()), Some(Stage::Layer2));
         // Without masks the whole loss is off, the second stage with it.
         let mut unmasked = data.clone();
         unmasked.samples.iter_mut().for_each(|s| s.mask = None);
@@ -2029,23 +2063,15 @@ mod tests {
         assert!(pool.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
         let (logits, _) = forward_with_head(&task.clf.net, Some(&head), &x, false, Stage::Conv1).unwrap();
         assert!(diff(&logits, &task.clf.net.forward_t(&x, false).unwrap()) > 1e-6);
-        // A whole run saves it; the loaded model runs the head at prediction, from an image alone.
-        let out = d.path().join("run");
-        let (task, _) =
-            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
-        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        // A whole run saves it; the loaded model runs the head at prediction, from an image alone;
+        // a run without it does not resume one with it.
+        let other = ClassifyConfig { lesion_pooling: false, ..cfg.clone() };
+        let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "lesion-mask head");
         assert!(clf.cfg.lesion_pooling && clf.aux.as_ref().is_some_and(|h| h.pools()));
         let img = RgbImage::from_fn(60, 50, |x, y| image::Rgb([120 + (x % 7) as u8 * 9, 80, 60 + (y % 5) as u8 * 11]));
         let view = clf.view(&img);
         let x = image_io::images_to_tensor(&[&view], clf.cfg.normalize, &Device::Cpu).unwrap();
         assert!(diff(&clf.logits(&[&view]).unwrap(), &clf.net.forward_t(&x, false).unwrap()) > 1e-6);
-        let p = clf.probabilities(&[&img], true).unwrap();
-        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
-        // A run without it does not resume one with it.
-        let other = ClassifyConfig { lesion_pooling: false, ..cfg.clone() };
-        let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
-        assert!(e.to_string().contains("lesion-mask head"), "{e}");
-        drop(task);
         // Where the head cannot train, lesion pooling is refused with the reason, not dropped.
         let mut unmasked = data.clone();
         unmasked.samples.iter_mut().for_each(|s| s.mask = None);
@@ -2160,18 +2186,10 @@ mod tests {
         let after = cell_loss(&task);
         assert!(after < 0.7 * before, "cell loss {before} -> {after}");
         // A whole run saves it; prediction does not read it; a run without it does not resume.
-        let out = d.path().join("run");
-        let (task, _) =
-            train(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu, &out, false, &mut |_| {}).unwrap();
-        drop(task);
-        let clf = Classifier::load(&out, &Device::Cpu).unwrap();
+        let other = ClassifyConfig { aux_cell_weight: 0.0, ..cfg.clone() };
+        let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "per-cell diagnosis");
         assert_eq!(clf.cfg.aux_cell_weight, 1.0);
         assert!(clf.varmap.data().lock().unwrap().contains_key("aux_mask.cell_fc"));
-        let p = clf.probabilities(&[&RgbImage::from_pixel(50, 40, image::Rgb([150, 90, 70]))], true).unwrap();
-        assert!((p[0].iter().sum::<f64>() - 1.0).abs() < 1e-5);
-        let other = ClassifyConfig { aux_cell_weight: 0.0, ..cfg.clone() };
-        let e = train(other, &data, &ExtraSources::default(), &Device::Cpu, &out, true, &mut |_| {}).err().unwrap();
-        assert!(e.to_string().contains("per-cell diagnosis"), "{e}");
         // Where the head cannot train, the run is refused with the reason, not trained without it.
         let mut unmasked = data.clone();
         unmasked.samples.iter_mut().for_each(|s| s.mask = None);

@@ -317,6 +317,14 @@ mod tests {
         let r34 = cls(&["--arch", "resnet34"]).unwrap();
         assert_eq!((r34.model.name(), r34.model.base_width), ("resnet34-w32".into(), 32));
         assert_eq!(cls(&["--preset", "paper", "--arch", "resnet18"]).unwrap().model.name(), "resnet18");
+        // A space-to-depth stem: 1 unless given, kept by `--arch`; a size it does not divide and
+        // ImageNet weights are refused.
+        assert_eq!(def.model.space_to_depth, 1);
+        let s2d = cls(&["--space-to-depth", "2", "--size", "224", "--arch", "resnet34"]).unwrap();
+        assert_eq!((s2d.model.name(), s2d.resize), ("resnet34-w32-s2d2".into(), 256));
+        assert!(s2d.validate().is_ok());
+        assert!(cls(&["--space-to-depth", "2", "--size", "223"]).unwrap().validate().is_err());
+        assert!(cls(&["--space-to-depth", "2", "--pretrained", "w.safetensors"]).unwrap().validate().is_err());
         // ImageNet weights: width 64 and trained residual branches, whatever the preset.
         let pre = cls(&["--pretrained", "w.safetensors"]).unwrap();
         assert_eq!((pre.model.base_width, pre.model.zero_init_residual), (64, false));

@@ -43,10 +43,14 @@ impl Step {
 }
 
 /// ResNet geometry for stages [relu(bn1(conv1)), layer1, layer2, layer3, layer4]: the input is
-/// reduced by the 7x7/2 stem convolution (the last step to undo), layer1 by the 3x3/2 max pool,
-/// layers 2-4 by 3x3/2 convolutions. Returned deepest first, as [`visual_backprop`] applies them.
-pub fn resnet_steps() -> Vec<Step> {
-    vec![Step::new(3, 2, 1), Step::new(3, 2, 1), Step::new(3, 2, 1), Step::new(3, 2, 1), Step::new(7, 2, 3)]
+/// reduced by the stem (the last step to undo), layer1 by the 3x3/2 max pool, layers 2-4 by 3x3/2
+/// convolutions. Returned deepest first, as [`visual_backprop`] applies them. The stem is
+/// torchvision's 7x7/2 convolution for `space_to_depth` 1; for a factor f > 1 it is a pixel
+/// unshuffle by f and a 3x3/2 convolution, which reads a 3f x 3f window at stride 2f.
+pub fn resnet_steps(space_to_depth: usize) -> Vec<Step> {
+    let f = space_to_depth.max(1);
+    let stem = if f == 1 { Step::new(7, 2, 3) } else { Step::new(3 * f, 2 * f, f) };
+    vec![Step::new(3, 2, 1), Step::new(3, 2, 1), Step::new(3, 2, 1), Step::new(3, 2, 1), stem]
 }
 
 /// U-Net encoder geometry for `levels` encoder stages plus the bottleneck: each deeper stage is
@@ -233,11 +237,17 @@ mod tests {
     fn resnet_chain_reaches_input_size_and_normalises() {
         let mk = |c, h| Tensor::ones((2, c, h, h), DType::F32, &Device::Cpu).unwrap();
         let stages = [mk(4, 112), mk(8, 56), mk(8, 28), mk(8, 14), mk(8, 7)];
-        let maps = visual_backprop(&stages, &resnet_steps(), (224, 224)).unwrap();
+        let maps = visual_backprop(&stages, &resnet_steps(1), (224, 224)).unwrap();
         assert_eq!(maps.len(), 2);
         assert_eq!(maps[0].len(), 224 * 224);
         let (lo, hi) = maps[0].iter().fold((1f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
         assert_eq!((lo, hi), (0.0, 1.0));
+        // A space-to-depth stem of factor 2: the stem at a quarter of the input, one step back.
+        let stages = [mk(4, 56), mk(8, 28), mk(8, 14), mk(8, 7), mk(8, 4)];
+        assert_eq!(resnet_steps(2)[4], Step::new(6, 4, 2));
+        let maps = visual_backprop(&stages, &resnet_steps(2), (224, 224)).unwrap();
+        assert_eq!(maps[0].len(), 224 * 224);
+        assert!(maps[0].iter().all(|v| v.is_finite()) && maps[0].contains(&1.0));
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Saliency {
                 stages.extend(f.layers);
                 let m = derm_vbp::visual_backprop(
                     &stages,
-                    &derm_vbp::resnet_steps(),
+                    &derm_vbp::resnet_steps(c.cfg.model.space_to_depth),
                     (view.height() as usize, view.width() as usize),
                 )?;
                 Ok((view, m.into_iter().next().unwrap_or_default()))
