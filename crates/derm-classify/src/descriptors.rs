@@ -26,6 +26,7 @@
 //! adds nothing to the loss.
 
 use candle_core::{Device, Result, Tensor};
+use derm_core::binary::Moments;
 use image::{GrayImage, RgbImage};
 
 /// How many numbers [`describe`] gives.
@@ -48,9 +49,7 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
     let on = |x: usize, y: usize| mask.get_pixel(x as u32, y as u32)[0] >= 128;
     let total = (w * h) as f64;
-    let mut n = 0usize;
-    // Raw first and second moments of the lesion's pixel positions.
-    let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0f64, 0f64, 0f64, 0f64, 0f64);
+    let mut moments = Moments::default();
     let mut boundary = 0usize;
     let mut sum = [0f64; 3];
     let mut sq = [0f64; 3];
@@ -63,13 +62,7 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
                 lum_out += lum;
                 continue;
             }
-            n += 1;
-            let (xf, yf) = (x as f64, y as f64);
-            sx += xf;
-            sy += yf;
-            sxx += xf * xf;
-            syy += yf * yf;
-            sxy += xf * yf;
+            moments.add(x, y);
             lum_in += lum;
             for c in 0..3 {
                 sum[c] += p[c];
@@ -86,13 +79,14 @@ pub fn describe(img: &RgbImage, mask: &GrayImage) -> Option<[f32; COUNT]> {
             boundary += usize::from(edge);
         }
     }
+    let n = moments.count();
     if n == 0 || (n as f64) < MIN_SHARE * total {
         return None;
     }
     let nf = n as f64;
-    let (cx, cy) = (sx / nf, sy / nf);
-    // Second moments about the centroid, and the principal axes.
-    let (mxx, myy, mxy) = (sxx - nf * cx * cx, syy - nf * cy * cy, sxy - nf * cx * cy);
+    // The principal axes, through the centroid.
+    let (cx, cy) = moments.centroid();
+    let (mxx, myy, mxy) = moments.covariance();
     let theta = 0.5 * (2.0 * mxy).atan2(mxx - myy);
     let asymmetry = |ux: f64, uy: f64| -> f64 {
         let mut off = 0usize;

@@ -299,8 +299,9 @@ pub struct ResNetFeatures {
     /// `relu(bn1(conv1(x)))`, (N, base_width, H/2, W/2) (H/(2f) with a space-to-depth factor
     /// f), before the max pooling.
     pub stem: Tensor,
-    /// Outputs of `layer1` .. `layer4`: (N, C_k, H/4, W/4), (H/8), (H/16), (H/32) (rounded up),
-    /// with C_k = `base_width * 2^k * expansion`.
+    /// Outputs of `layer1` .. `layer4`: (N, C_k, H/4, W/4), (H/8), (H/16), (H/32) (rounded up;
+    /// each f times smaller with a space-to-depth factor f), with C_k = `base_width * 2^k *
+    /// expansion`.
     pub layers: Vec<Tensor>,
     /// Global average of `layer4`, (N, feature_dim).
     pub pooled: Tensor,

@@ -1,4 +1,4 @@
-//! Binary mask post-processing: hole filling and connected components.
+//! Binary mask post-processing: hole filling and connected components; the moments of a region.
 //!
 //! Masks are `GrayImage`s where any non-zero value is foreground; results are 0/255.
 
@@ -97,6 +97,49 @@ pub fn threshold(probs: &[f32], w: u32, h: u32, t: f32) -> GrayImage {
     GrayImage::from_fn(w, h, |x, y| Luma([if probs[(y * w + x) as usize] >= t { 255 } else { 0 }]))
 }
 
+/// The first and second moments of a set of pixel positions, gathered one pixel at a time: a
+/// region's size, centroid and covariance (its spread and orientation).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Moments {
+    n: f64,
+    sx: f64,
+    sy: f64,
+    sxx: f64,
+    syy: f64,
+    sxy: f64,
+}
+
+impl Moments {
+    /// Adds the pixel at column `x`, row `y`.
+    pub fn add(&mut self, x: usize, y: usize) {
+        let (xf, yf) = (x as f64, y as f64);
+        self.n += 1.0;
+        self.sx += xf;
+        self.sy += yf;
+        self.sxx += xf * xf;
+        self.syy += yf * yf;
+        self.sxy += xf * yf;
+    }
+
+    /// How many pixels were added.
+    pub fn count(&self) -> usize {
+        self.n as usize
+    }
+
+    /// The mean position (x, y); (0, 0) for no pixels.
+    pub fn centroid(&self) -> (f64, f64) {
+        let n = self.n.max(1.0);
+        (self.sx / n, self.sy / n)
+    }
+
+    /// The covariance of the positions, (var x, var y, cov xy); zeros for no pixels.
+    pub fn covariance(&self) -> (f64, f64, f64) {
+        let n = self.n.max(1.0);
+        let (mx, my) = self.centroid();
+        (self.sxx / n - mx * mx, self.syy / n - my * my, self.sxy / n - mx * my)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,5 +167,19 @@ mod tests {
         let (_, sizes) = label_components(&m);
         assert_eq!(sizes, vec![0, 4, 1, 2]);
         assert_eq!(largest_component(&GrayImage::new(3, 3)), GrayImage::new(3, 3));
+    }
+
+    #[test]
+    fn moments_of_a_tilted_bar_give_its_centre_and_direction() {
+        let mut m = Moments::default();
+        assert_eq!((m.count(), m.centroid(), m.covariance()), (0, (0.0, 0.0), (0.0, 0.0, 0.0)));
+        // The diagonal (2, 3) .. (6, 7): centre (4, 5), equal spreads, perfectly correlated.
+        for k in 0..5 {
+            m.add(2 + k, 3 + k);
+        }
+        assert_eq!(m.count(), 5);
+        assert_eq!(m.centroid(), (4.0, 5.0));
+        let (cxx, cyy, cxy) = m.covariance();
+        assert!((cxx - 2.0).abs() < 1e-12 && (cyy - 2.0).abs() < 1e-12 && (cxy - 2.0).abs() < 1e-12);
     }
 }

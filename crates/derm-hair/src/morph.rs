@@ -249,21 +249,13 @@ impl Component {
         if n < 2.0 {
             return n as f32;
         }
-        let (mut sx, mut sy, mut sxx, mut syy, mut sxy) = (0f64, 0f64, 0f64, 0f64, 0f64);
+        let mut m = derm_core::binary::Moments::default();
         for &(y, x0, x1) in &self.runs {
             for x in x0..=x1 {
-                let (xf, yf) = (x as f64, y as f64);
-                sx += xf;
-                sy += yf;
-                sxx += xf * xf;
-                syy += yf * yf;
-                sxy += xf * yf;
+                m.add(x as usize, y as usize);
             }
         }
-        let (mx, my) = (sx / n, sy / n);
-        let cxx = sxx / n - mx * mx;
-        let cyy = syy / n - my * my;
-        let cxy = sxy / n - mx * my;
+        let (cxx, cyy, cxy) = m.covariance();
         let tr = cxx + cyy;
         let det = cxx * cyy - cxy * cxy;
         let l1 = tr / 2.0 + (tr * tr / 4.0 - det).max(0.0).sqrt();
