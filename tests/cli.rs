@@ -27,6 +27,13 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("utf-8 temp path")
 }
 
+/// `derm vbp` of `model` on the images of `input` into `out`, with `extra` options: its JSON summary.
+fn vbp_json(model: &Path, input: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["vbp", "--model", p(model), "--input", p(input), "--json", "--out", p(out)];
+    args.extend_from_slice(extra);
+    serde_json::from_str(&ok(&args)).unwrap()
+}
+
 #[test]
 fn phantoms_hair_segment_vbp_chain_through_folders() {
     let d = tempfile::tempdir().unwrap();
@@ -97,21 +104,7 @@ fn phantoms_hair_segment_vbp_chain_through_folders() {
     assert!(pred.join("phantom_3_000001_segmentation.png").exists());
 
     let sal = d.path().join("vbp");
-    let v: serde_json::Value = serde_json::from_str(&ok(&[
-        "vbp",
-        "--model",
-        p(&seg),
-        "--input",
-        p(&images),
-        "--lesion-masks",
-        p(&masks),
-        "--limit",
-        "3",
-        "--json",
-        "--out",
-        p(&sal),
-    ]))
-    .unwrap();
+    let v = vbp_json(&seg, &images, &sal, &["--lesion-masks", p(&masks), "--limit", "3"]);
     assert_eq!(v["images"], 3);
     assert!(sal.join("phantom_3_000000_overlay.png").exists());
 
@@ -193,19 +186,7 @@ fn the_lesion_mask_loss_is_on_with_masks_and_refused_without_them_when_asked_for
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("resnet18-w8-s2d2"), "{o:?}");
     let sal = d.path().join("vbp_s2d");
-    let v: serde_json::Value = serde_json::from_str(&ok(&[
-        "vbp",
-        "--model",
-        p(&s2d),
-        "--input",
-        p(&images),
-        "--limit",
-        "2",
-        "--json",
-        "--out",
-        p(&sal),
-    ]))
-    .unwrap();
+    let v = vbp_json(&s2d, &images, &sal, &["--limit", "2"]);
     assert_eq!(v["images"], 2);
     let first = std::fs::read_dir(&sal)
         .unwrap()

@@ -1743,6 +1743,39 @@ mod tests {
         }
     }
 
+    /// The default config as a run saved before `fields` existed wrote it (each a top-level key
+    /// or `model.KEY`), read back.
+    fn saved_without(fields: &[&str]) -> ClassifyConfig {
+        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
+        for f in fields {
+            let (obj, key) = match f.split_once('.') {
+                Some((o, k)) => (&mut old[o], k),
+                None => (&mut old, *f),
+            };
+            obj.as_object_mut().unwrap().remove(key).expect("a field the default config saves");
+        }
+        serde_json::from_value(old).unwrap()
+    }
+
+    /// [`head_steps`] on one fixed batch must bring `loss` of the task under `ratio` times its
+    /// value before them (`what` names the loss in the failure message).
+    #[allow(clippy::too_many_arguments)]
+    fn head_steps_lower(
+        task: &mut ClassifyTask,
+        head: &aux::MaskHead,
+        batch: (&Tensor, &Tensor, &aux::ViewTargets),
+        weights: aux::Weights,
+        n: usize,
+        loss: impl Fn(&ClassifyTask) -> f32,
+        ratio: f32,
+        what: &str,
+    ) {
+        let before = loss(task);
+        head_steps(task, head, batch, weights, n);
+        let after = loss(task);
+        assert!(after < ratio * before, "{what} {before} -> {after}");
+    }
+
     /// Ten [`train_step`]s (SAM at radius `sam_rho`) on one fixed batch of `data` halve the
     /// batch's loss in training mode.
     fn ten_steps_halve_a_fixed_batch_loss(cfg: ClassifyConfig, data: &Dataset, sam_rho: f64) {
@@ -1804,9 +1837,7 @@ mod tests {
         assert_eq!(clf.cfg.model.space_to_depth, 2);
         // 1 in a config saved before the option existed; a size it does not divide and
         // torchvision weights are refused.
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old["model"].as_object_mut().unwrap().remove("space_to_depth");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().model.space_to_depth, 1);
+        assert_eq!(saved_without(&["model.space_to_depth"]).model.space_to_depth, 1);
         let e = ClassifyConfig { input_size: 47, resize: 56, ..cfg.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("input_size 47") && e.contains("space_to_depth 2"), "{e}");
         let e = ClassifyConfig { pretrained: Some("w.safetensors".into()), ..cfg }.validate().unwrap_err().to_string();
@@ -1820,10 +1851,7 @@ mod tests {
         let cfg = ClassifyConfig { aux_mask_weight: 1.0, lesion_crop_margin: None, ..tiny_cfg() };
         assert_eq!(cfg.aux_mask_weight, ClassifyConfig::default().aux_mask_weight, "on by default");
         // A config saved before the head existed reads as off, so its checkpoint loads.
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("aux_mask_weight");
-        old.as_object_mut().unwrap().remove("aux_mask_stage");
-        let old: ClassifyConfig = serde_json::from_value(old).unwrap();
+        let old = saved_without(&["aux_mask_weight", "aux_mask_stage"]);
         assert_eq!((old.aux_mask_weight, old.aux_mask_stage), (0.0, Stage::Layer3));
         let mut task = ClassifyTask::new(cfg.clone(), &data, &ExtraSources::default(), &Device::Cpu).unwrap();
         let head = task.clf.aux.clone().expect("the head is built when the weight is on");
@@ -1845,11 +1873,8 @@ mod tests {
             let (tg, p) = aux::targets(masks, h, w, &Device::Cpu).unwrap();
             aux::loss(&head.forward(&f).unwrap(), &tg, &p).unwrap().to_scalar::<f32>().unwrap()
         };
-        let before = mask_loss(&task);
         let weights = aux::Weights { mask: task.clf.cfg.aux_mask_weight, ..Default::default() };
-        head_steps(&mut task, &head, (&x, &y, &targets), weights, 15);
-        let after = mask_loss(&task);
-        assert!(after < 0.7 * before, "mask loss {before} -> {after}");
+        head_steps_lower(&mut task, &head, (&x, &y, &targets), weights, 15, mask_loss, 0.7, "mask loss");
         // A whole run saves the head; the loaded model predicts from an image alone. A run without
         // the head does not resume one with it, nor does a head on another stage.
         let other = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() };
@@ -1913,9 +1938,7 @@ mod tests {
             ClassifyConfig { aux_mask_weight: 1.0, aux_descriptor_weight: 1.0, lesion_crop_margin: None, ..tiny_cfg() };
         // Off by default and in a config saved before it existed; it needs the head.
         assert_eq!(ClassifyConfig::default().aux_descriptor_weight, 0.0);
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("aux_descriptor_weight");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().aux_descriptor_weight, 0.0);
+        assert_eq!(saved_without(&["aux_descriptor_weight"]).aux_descriptor_weight, 0.0);
         let e = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() }.validate().unwrap_err();
         assert!(e.to_string().contains("aux_descriptor_weight") && e.to_string().contains("aux_mask_weight"), "{e}");
         assert!(ClassifyConfig { aux_descriptor_weight: -1.0, ..cfg.clone() }.validate().is_err());
@@ -1943,11 +1966,8 @@ mod tests {
             let values = head.descriptor_values(&last.mean((2, 3)).unwrap()).unwrap().expect("descriptor values");
             descriptors::loss(&values, &wanted, &present).unwrap().to_scalar::<f32>().unwrap()
         };
-        let before = desc_loss(&task);
         let weights = aux::Weights { mask: 1.0, descriptors: 1.0, ..Default::default() };
-        head_steps(&mut task, &head, (&x, &y, &targets), weights, 20);
-        let after = desc_loss(&task);
-        assert!(after < 0.6 * before, "descriptor loss {before} -> {after}");
+        head_steps_lower(&mut task, &head, (&x, &y, &targets), weights, 20, desc_loss, 0.6, "descriptor loss");
         // A whole run saves the map; prediction does not read it; a run without it does not resume.
         let other = ClassifyConfig { aux_descriptor_weight: 0.0, ..cfg.clone() };
         let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "lesion descriptors");
@@ -1981,9 +2001,7 @@ mod tests {
             ..tiny_cfg()
         };
         // None by default and in a config saved before it existed.
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("aux_mask_second_stage");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().aux_mask_second_stage, None);
+        assert_eq!(saved_without(&["aux_mask_second_stage"]).aux_mask_second_stage, None);
         assert!(cfg.describe().contains("lesion-mask loss on layer3 and layer2 (weight 1)"), "{}", cfg.describe());
         // Refused: the head's own stage, a stage it cannot read, no head.
         for (bad, says) in [
@@ -2017,10 +2035,8 @@ mod tests {
             let (tg, p) = aux::targets(masks, h, w, &Device::Cpu).unwrap();
             aux::loss(&map, &tg, &p).unwrap().to_scalar::<f32>().unwrap()
         };
-        let before = second_loss(&task);
-        head_steps(&mut task, &head, (&x, &y, &targets), aux::Weights { mask: 1.0, ..Default::default() }, 30);
-        let after = second_loss(&task);
-        assert!(after < 0.6 * before, "second map's loss {before} -> {after}");
+        let weights = aux::Weights { mask: 1.0, ..Default::default() };
+        head_steps_lower(&mut task, &head, (&x, &y, &targets), weights, 30, second_loss, 0.6, "second map's loss");
         // A run saves it and loads it back; a run without it does not resume one with it.
         let one = ClassifyConfig { aux_mask_second_stage: None, ..cfg.clone() };
         let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), one, "lesion-mask head");
@@ -2039,9 +2055,7 @@ mod tests {
         let cfg = ClassifyConfig { aux_mask_weight: 1.0, lesion_pooling: true, lesion_crop_margin: None, ..tiny_cfg() };
         // Off by default and in a config saved before it existed; it needs the head.
         assert!(!ClassifyConfig::default().lesion_pooling);
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("lesion_pooling");
-        assert!(!serde_json::from_value::<ClassifyConfig>(old).unwrap().lesion_pooling);
+        assert!(!saved_without(&["lesion_pooling"]).lesion_pooling);
         let e = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() }.validate().unwrap_err();
         assert!(e.to_string().contains("aux_mask_weight"), "{e}");
         assert!(cfg.describe().contains("lesion-weighted pooling"), "{}", cfg.describe());
@@ -2101,9 +2115,7 @@ mod tests {
         let cfg = ClassifyConfig { dropout: 0.5, ..tiny_cfg() };
         assert!(cfg.describe().contains("dropout 0.5 before fc"), "{}", cfg.describe());
         assert!(ClassifyConfig { dropout: 1.0, ..tiny_cfg() }.validate().is_err());
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("dropout");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().dropout, 0.0);
+        assert_eq!(saved_without(&["dropout"]).dropout, 0.0);
         let losses = |c: &ClassifyConfig| {
             let mut t = ClassifyTask::new(c.clone(), &data, &ExtraSources::default(), &Device::Cpu).unwrap();
             let mut rng = Rng::new(3);
@@ -2124,9 +2136,7 @@ mod tests {
         for bad in [-0.1, f64::NAN, f64::INFINITY] {
             assert!(ClassifyConfig { sam_rho: bad, ..tiny_cfg() }.validate().is_err(), "{bad}");
         }
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("sam_rho");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().sam_rho, 0.0);
+        assert_eq!(saved_without(&["sam_rho"]).sam_rho, 0.0);
         // One step with the lesion-mask head from the same weights and batch: the running
         // statistics are the plain step's (the first pass's), the weights are not.
         let after_one = |c: &ClassifyConfig| {
@@ -2159,9 +2169,7 @@ mod tests {
         let cfg = ClassifyConfig { aux_mask_weight: 1.0, aux_cell_weight: 1.0, lesion_crop_margin: None, ..tiny_cfg() };
         // Off by default and in a config saved before it existed; it needs the head.
         assert_eq!(ClassifyConfig::default().aux_cell_weight, 0.0);
-        let mut old = serde_json::to_value(ClassifyConfig::default()).unwrap();
-        old.as_object_mut().unwrap().remove("aux_cell_weight");
-        assert_eq!(serde_json::from_value::<ClassifyConfig>(old).unwrap().aux_cell_weight, 0.0);
+        assert_eq!(saved_without(&["aux_cell_weight"]).aux_cell_weight, 0.0);
         let e = ClassifyConfig { aux_mask_weight: 0.0, ..cfg.clone() }.validate().unwrap_err();
         assert!(e.to_string().contains("aux_cell_weight") && e.to_string().contains("aux_mask_weight"), "{e}");
         assert!(ClassifyConfig { aux_cell_weight: f64::INFINITY, ..cfg.clone() }.validate().is_err());
@@ -2180,11 +2188,8 @@ mod tests {
             let cells = head.cell_logits(&f).unwrap().expect("the head gives per-cell diagnoses");
             aux::cell_class_loss(&cells, &y, &shares, &present).unwrap().to_scalar::<f32>().unwrap()
         };
-        let before = cell_loss(&task);
         let weights = aux::Weights { mask: 1.0, cells: 1.0, ..Default::default() };
-        head_steps(&mut task, &head, (&x, &y, &targets), weights, 15);
-        let after = cell_loss(&task);
-        assert!(after < 0.7 * before, "cell loss {before} -> {after}");
+        head_steps_lower(&mut task, &head, (&x, &y, &targets), weights, 15, cell_loss, 0.7, "cell loss");
         // A whole run saves it; prediction does not read it; a run without it does not resume.
         let other = ClassifyConfig { aux_cell_weight: 0.0, ..cfg.clone() };
         let clf = train_load_and_refuse_resume(&cfg, &data, d.path(), other, "per-cell diagnosis");
