@@ -217,8 +217,8 @@ mod tests {
         let e = format!("{:#}", seg(&["--preset", "large"]).unwrap_err());
         assert!(e.contains("\"large\"") && e.contains("small, medium or paper"), "{e}");
         // The schedule and the loss: each flag changes only what it names.
-        let other = seg(&["--schedule", "constant", "--dice-weight", "0.5"]).unwrap();
-        assert_eq!((other.optim.schedule, other.dice_weight), (LrSchedule::Constant, 0.5));
+        let other = seg(&["--schedule", "constant", "--dice-weight", "0.5", "--lovasz-weight", "0.25"]).unwrap();
+        assert_eq!((other.optim.schedule, other.dice_weight, other.lovasz_weight), (LrSchedule::Constant, 0.5, 0.25));
         assert_eq!((other.model, other.optim.optimizer.lr()), (def.model, def.optim.optimizer.lr()));
         assert_ne!(def.optim.schedule, LrSchedule::Constant);
         // Free rotations and elastic warps join the segmenter's own augmentation.

@@ -717,6 +717,56 @@ pub fn soft_dice_loss(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
     dice.neg()?.mean_all()? + 1.0
 }
 
+/// The Lovász hinge of each image (Berman, Triki and Blaschko 2018), averaged over the batch: a
+/// convex surrogate of one minus the image's Jaccard index, for logits and 0/1 targets of shape
+/// (N, ...). Each pixel's hinge error `max(0, 1 - logit * sign)` (sign +1 on the lesion, -1 off
+/// it) is weighted by the rise in the Jaccard loss when that pixel joins the pixels with larger
+/// errors; the weights sum to one, so all-zero logits score 1 whatever the mask, and errors that
+/// are 0 or 1 score exactly one minus the Jaccard index of the prediction they stand for. Per
+/// image, as the per-image Jaccard the ISIC challenges score. The weights depend only on the
+/// order of the errors: they are computed on the host from a detached copy (one sort per image),
+/// and the gradient flows through the errors.
+pub fn lovasz_hinge_loss(logits: &Tensor, targets: &Tensor) -> CResult<Tensor> {
+    let n = logits.dim(0)?;
+    let y = logits.reshape((n, ()))?;
+    let t = targets.to_dtype(logits.dtype())?.reshape((n, ()))?;
+    let signs = t.affine(2.0, -1.0)?;
+    let errors = (&y * &signs)?.affine(-1.0, 1.0)?;
+    let host = |x: &Tensor| x.detach().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?.to_vec2::<f32>();
+    let (e, l) = (host(&errors)?, host(&t)?);
+    let mut weights = Vec::with_capacity(n * e.first().map_or(0, Vec::len));
+    for (e, l) in e.iter().zip(&l) {
+        weights.extend(lovasz_weights(e, l));
+    }
+    let w = Tensor::from_vec(weights, y.shape(), &candle_core::Device::Cpu)?
+        .to_dtype(logits.dtype())?
+        .to_device(logits.device())?;
+    (errors.relu()? * w)?.sum(1)?.mean_all()
+}
+
+/// The Lovász extension's weight of each pixel of one image: with the pixels in decreasing order
+/// of `errors`, the Jaccard loss of the first k minus that of the first k - 1 (labels above 0.5
+/// are the lesion).
+fn lovasz_weights(errors: &[f32], labels: &[f32]) -> Vec<f32> {
+    let mut order: Vec<usize> = (0..errors.len()).collect();
+    order.sort_unstable_by(|&a, &b| errors[b].total_cmp(&errors[a]));
+    let positives = labels.iter().filter(|&&l| l > 0.5).count() as f64;
+    let (mut missed, mut false_alarms, mut before) = (0.0, 0.0, 0.0);
+    let mut w = vec![0f32; errors.len()];
+    for k in order {
+        if labels[k] > 0.5 {
+            missed += 1.0;
+        } else {
+            false_alarms += 1.0;
+        }
+        // At least one pixel counted: the union is positive even for an empty mask.
+        let jaccard_loss = 1.0 - (positives - missed) / (positives + false_alarms);
+        w[k] = (jaccard_loss - before) as f32;
+        before = jaccard_loss;
+    }
+    w
+}
+
 /// Log-softmax along `dim`, stable (the maximum is subtracted as a constant).
 pub fn log_softmax<Dm: candle_core::shape::Dim + Copy>(x: &Tensor, dim: Dm) -> CResult<Tensor> {
     let m = x.max_keepdim(dim)?.detach();
@@ -1034,6 +1084,28 @@ pub(crate) mod tests {
         assert!((l - 0.4).abs() < 1e-5, "{l}");
         let tt = Tensor::new(&[[1f64, 0., 1.], [0., 1., 1.]], &dev).unwrap();
         let e = grad_error(&[2, 3], 10, |x| soft_dice_loss(x, &tt));
+        assert!(e < 1e-6, "{e}");
+    }
+
+    #[test]
+    fn lovasz_hinge_is_the_jaccard_loss_on_binary_errors_and_has_the_right_gradient() {
+        let dev = Device::Cpu;
+        let t = Tensor::new(&[[1f32, 1., 0., 0.], [0., 0., 0., 0.]], &dev).unwrap();
+        let loss = |logits: &[[f32; 4]; 2]| {
+            lovasz_hinge_loss(&Tensor::new(logits, &dev).unwrap(), &t).unwrap().to_scalar::<f32>().unwrap()
+        };
+        // Every pixel right by the margin: 0. All logits 0: 1 for each image, whatever its mask.
+        assert!(loss(&[[1., 2., -1., -3.], [-1., -1., -1., -1.]]).abs() < 1e-6);
+        assert!((loss(&[[0.; 4]; 2]) - 1.0).abs() < 1e-6);
+        // Errors of 0 or 1: image 0 misses pixel 1 and claims pixel 2, Jaccard 1/3, loss 2/3; image 1
+        // claims one pixel of an empty mask, Jaccard 0, loss 1. Mean 5/6.
+        let l = loss(&[[1., 0., 0., -1.], [-1., 0., -1., -1.]]);
+        assert!((l - 5.0 / 6.0).abs() < 1e-6, "{l}");
+        // Errors of 2 count twice: the loss is linear in them for a fixed order.
+        let l = loss(&[[1., -1., 1., -1.], [-1., -1., -1., -1.]]);
+        assert!((l - 2.0 * 2.0 / 3.0 / 2.0).abs() < 1e-6, "{l}");
+        let tt = Tensor::new(&[[1f64, 0., 1., 1., 0.], [0., 1., 0., 0., 0.]], &dev).unwrap();
+        let e = grad_error(&[2, 5], 11, |x| lovasz_hinge_loss(x, &tt));
         assert!(e < 1e-6, "{e}");
     }
 

